@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="DICOM port")
     p.add_argument("--ae-title", help="the node's AE title")
     p.add_argument("--stable-seconds", type=float, help="seconds without a new instance before a series is complete")
-    p.add_argument("--allow-ae", action="append", metavar="TITLE", help="accept only these calling AE titles (repeatable)")
+    p.add_argument("--allow-ae", action="append", metavar="TITLE", help="accepted calling AE titles (repeatable)")
     p.add_argument("--destination", action="append", metavar="AET@HOST:PORT", help="where results go (repeatable)")
     p.add_argument("--model", help="nnU-Net v2 model folder")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="inference device")
