@@ -45,7 +45,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from lpm_node.pipeline import measure_command
+    from lpm_node.measurement import measure_command
 
     return measure_command(_settings(args), args)
 
