@@ -21,7 +21,7 @@ Beyond the paper, reported beside the faithful values and never instead of them:
   mm; the cut faces at the first and last slice of the scan do not count as liver edges), the HU values of the
   remaining voxels are clipped at ``ROBUST_CLIP_SD`` (3) robust SDs (1.4826 x MAD) around their median, and the
   mean of the inliers is reported. Vessels, lesions and partial-volume edges fall out; if fewer than
-  ``MIN_ROBUST_VOXELS`` voxels survive the erosion, the whole mask is used.
+  ``MIN_ROBUST_VOXELS`` voxels survive the erosion, half of it is tried, then the whole mask.
 - ``spleen_hu``: the same erosion on the spleen mask, plain mean; ``liver_minus_spleen_hu`` = DL-parenchymal minus
   spleen attenuation.
 - QC flags (stable snake_case strings, in ``Measurement.qc_flags``):
@@ -193,7 +193,9 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 def eroded_mask_values(
     values: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, float, float], erosion_mm: float, min_voxels: int
 ) -> np.ndarray:
-    """Values inside ``mask`` eroded by ``erosion_mm`` (Euclidean, in mm); the whole mask if too few survive.
+    """Values inside ``mask`` eroded by ``erosion_mm`` (Euclidean, in mm).
+
+    If fewer than ``min_voxels`` survive, half the erosion is tried, then the whole mask is used.
 
     The edges of the array do not count as the mask's edge (a liver cut by the scan is not eroded at the cut).
     """
@@ -202,9 +204,12 @@ def eroded_mask_values(
         return np.empty(0, dtype=np.float64)
     sub = mask[box]
     distance = ndimage.distance_transform_edt(sub, sampling=spacing_zyx)
-    inner = distance > erosion_mm
-    if int(inner.sum()) < min_voxels:
-        inner = sub
+    inner = sub
+    for depth in (erosion_mm, erosion_mm / 2):
+        candidate = distance > depth
+        if int(np.count_nonzero(candidate)) >= min_voxels:
+            inner = candidate
+            break
     return np.asarray(values[box][inner], dtype=np.float64)
 
 
