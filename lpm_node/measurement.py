@@ -398,9 +398,9 @@ def measure_command(settings: Settings, args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     ct = _read_image(args.ct, "CT")
-    spacing_xyz = ct.GetSpacing()
     if ct.GetDimension() != 3:
         raise ValueError(f"CT {args.ct} is not a 3-D image")
+    spacing_xyz = ct.GetSpacing()
     if not _on_method_grid((spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])):
         raise ValueError(
             f"CT {args.ct} is on a {' x '.join(f'{s:g}' for s in spacing_xyz)} mm grid; the method needs "
