@@ -1,0 +1,344 @@
+"""Writers: SEG, TID 1500 SR and key image, checked with dciodvfy, dcmqi, dsrdump and highdicom."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.uid import UID
+
+from lpm_node.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement
+from lpm_node.writers import build_key_image, build_seg, build_sr, derive_uid, segment_number, write_dataset
+from lpm_node.writers.keyimage import LIVER_COLOUR, ROI_COLOUR
+from tests.support_writers import (
+    SEGIMAGE2ITKIMAGE,
+    SyntheticSeries,
+    make_ct_datasets,
+    read_seg_with_dcmqi,
+    run_dciodvfy,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")
+needs_dsrdump = pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk (dsrdump) not installed")
+needs_dcmqi = pytest.mark.skipif(not SEGIMAGE2ITKIMAGE.exists(), reason="dcmqi not installed")
+
+
+def _measurement(**overrides) -> Measurement:
+    values = dict(
+        dl_parenchymal_hu=31.75,
+        dl_volumetric_hu=36.25,
+        liver_volume_ml=1534.5,
+        category=STEATOSIS,
+        threshold_hu=40.0,
+        roi_slices=[13, 15, 17],
+        roi_centres=[[13, 200, 150], [15, 198, 149], [17, 201, 152]],
+        roi_pixels=[401, 401, 401],
+        roi_sd_hu=7.5,
+        robust_parenchymal_hu=33.5,
+        roi_in_liver_fraction=1.0,
+        qc_flags=["liver_cut_inferior"],
+        spleen_hu=48.5,
+        liver_minus_spleen_hu=-16.75,
+    )
+    values.update(overrides)
+    return Measurement(**values)
+
+
+def _masks(series: SyntheticSeries, spleen: bool = False) -> dict[str, np.ndarray]:
+    masks = {"liver": series.liver, "roi": series.roi}
+    if spleen:
+        masks["spleen"] = np.roll(series.roi, 5, axis=2)
+    return masks
+
+
+def _grid_image(series: SyntheticSeries, mask: np.ndarray) -> sitk.Image:
+    """The mask as an image on the source grid (k order of frame_refs, geometry from the source datasets)."""
+    first = series.datasets[series.frame_refs[0][0]]
+    second = series.datasets[series.frame_refs[1][0]]
+    origin = np.array(first.ImagePositionPatient, float)
+    step = np.array(second.ImagePositionPatient, float) - origin
+    row, col = np.array(first.ImageOrientationPatient[:3], float), np.array(first.ImageOrientationPatient[3:], float)
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetOrigin(tuple(origin))
+    image.SetSpacing((float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), float(np.linalg.norm(step))))
+    image.SetDirection(tuple(np.column_stack([row, col, step / np.linalg.norm(step)]).ravel()))
+    return image
+
+
+def _on_grid(image: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(resampled)
+
+
+# --- UIDs -----------------------------------------------------------------------------------------------------------
+
+
+def test_derive_uid_is_deterministic_valid_and_distinct() -> None:
+    uid = derive_uid("1.2.840.99.1", "0.1.0", "seg-instance")
+    assert uid == derive_uid("1.2.840.99.1", "0.1.0", "seg-instance")
+    assert UID(uid).is_valid and len(uid) <= 64
+    others = {
+        derive_uid("1.2.840.99.1", "0.1.1", "seg-instance"),
+        derive_uid("1.2.840.99.2", "0.1.0", "seg-instance"),
+        derive_uid("1.2.840.99.1", "0.1.0", "sr-instance"),
+    }
+    assert uid not in others and len(others) == 3
+
+
+# --- SEG ------------------------------------------------------------------------------------------------------------
+
+
+@needs_dcmqi
+@needs_dciodvfy
+@pytest.mark.parametrize("feet_first", [False, True], ids=["head_first", "feet_first"])
+@pytest.mark.parametrize("omit_empty_frames", [True, False], ids=["omit_empty", "all_frames"])
+def test_seg_validates_and_dcmqi_reads_back_the_masks(
+    tmp_path: Path, feet_first: bool, omit_empty_frames: bool
+) -> None:
+    series = make_ct_datasets(n_slices=12, size=64, feet_first=feet_first)
+    seg = build_seg(
+        series.datasets, series.frame_refs, _masks(series, spleen=True), omit_empty_frames=omit_empty_frames
+    )
+    path = write_dataset(seg, tmp_path / "seg.dcm")
+    errors, _ = run_dciodvfy(path)
+    assert errors == []
+    expected_frames = int(np.count_nonzero(series.liver.any(axis=(1, 2)))) if omit_empty_frames else 12
+    frames_per_segment = {}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        number = item.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        frames_per_segment[number] = frames_per_segment.get(number, 0) + 1
+    assert frames_per_segment[1] == expected_frames
+    images = read_seg_with_dcmqi(path, tmp_path / "dcmqi")
+    assert set(images) == {"Liver", "DL-parenchymal ROI", "Spleen"}
+    for label, mask in (("Liver", series.liver), ("DL-parenchymal ROI", series.roi)):
+        reference = _grid_image(series, mask)
+        np.testing.assert_array_equal(_on_grid(images[label], reference), mask)
+
+
+def test_seg_is_binary_uncompressed_aligned_with_source_instances() -> None:
+    series = make_ct_datasets(n_slices=10, size=48, feet_first=True)
+    seg = build_seg(series.datasets, series.frame_refs, _masks(series), omit_empty_frames=False)
+    assert seg.SegmentationType == "BINARY"
+    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert seg.StudyInstanceUID == series.datasets[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == series.datasets[0].FrameOfReferenceUID
+    assert seg.SeriesDescription == "Liver segmentation (lpm-node)"
+    by_uid = {ds.SOPInstanceUID: ds for ds in series.datasets}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        source = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(position, [float(v) for v in by_uid[source].ImagePositionPatient])
+    labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    assert labels == ["Liver", "DL-parenchymal ROI"]
+    liver = seg.SegmentSequence[0]
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert liver.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"
+    assert liver.SegmentAlgorithmType == "AUTOMATIC"
+    assert liver.SegmentAlgorithmName == "lpm-node DL-parenchymal"
+    read = hd.seg.Segmentation.from_dataset(seg)
+    uids = [series.datasets[i].SOPInstanceUID for i, _ in series.frame_refs]
+    pixels = read.get_pixels_by_source_instance(uids, segment_numbers=[1, 2])
+    np.testing.assert_array_equal(pixels[..., 0], series.liver)
+    np.testing.assert_array_equal(pixels[..., 1], series.roi)
+
+
+def test_seg_on_a_multiframe_enhanced_ct() -> None:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    if path is None:
+        pytest.skip("pydicom-data's eCT_Supplemental.dcm not available")
+    ect = pydicom.dcmread(path)
+    rows, cols = ect.Rows, ect.Columns
+    liver = np.zeros((2, rows, cols), np.uint8)
+    liver[0, 100:200, 120:300] = 1  # k = 0 is source frame 2 (frame_refs in reverse order)
+    roi = np.zeros_like(liver)
+    roi[0, 140:150, 150:160] = 1
+    seg = build_seg([ect], [(0, 1), (0, 0)], {"liver": liver, "roi": roi})
+    assert seg.NumberOfFrames == 2  # one frame per segment on the only non-empty source frame
+    read = hd.seg.Segmentation.from_dataset(seg)
+    pixels = read.get_pixels_by_source_frame(ect.SOPInstanceUID, [1, 2], segment_numbers=[1, 2])
+    np.testing.assert_array_equal(pixels[1, ..., 0], liver[0])
+    np.testing.assert_array_equal(pixels[1, ..., 1], roi[0])
+    assert not pixels[0].any()
+
+
+def test_seg_rejects_masks_that_do_not_fit() -> None:
+    series = make_ct_datasets(n_slices=6, size=32)
+    with pytest.raises(ValueError):
+        build_seg(series.datasets, series.frame_refs, {"liver": series.liver[:5]})
+    with pytest.raises(ValueError):
+        build_seg(series.datasets, series.frame_refs, {"roi": series.roi})
+    with pytest.raises(ValueError):
+        build_seg(series.datasets, [(0, 0), (0, 0)], {"liver": series.liver[:2]})
+
+
+# --- SR -------------------------------------------------------------------------------------------------------------
+
+
+def _dsrdump(path: Path) -> str:
+    proc = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=60, check=True)
+    return proc.stdout
+
+
+@needs_dciodvfy
+@needs_dsrdump
+def test_sr_validates_and_carries_the_measurement(tmp_path: Path) -> None:
+    series = make_ct_datasets(n_slices=8, size=48)
+    seg = build_seg(series.datasets, series.frame_refs, _masks(series, spleen=True))
+    measurement = _measurement()
+    sr = build_sr(series.datasets, seg, measurement)
+    path = write_dataset(sr, tmp_path / "sr.dcm")
+    errors, _ = run_dciodvfy(path)
+    assert errors == []
+    dump = _dsrdump(path)
+    for value in ("31.75", "36.25", "1534.5", "33.5", "48.5", "-16.75"):
+        assert f'="{value}"' in dump, value
+    assert "Moderate-to-severe hepatic steatosis" in dump
+    assert "< 40 HU" in dump
+    assert '(197321007,SCT,"Steatosis of liver")' not in dump  # dsrdump prints concept names without codes
+    assert '"Steatosis of liver")=(52101004,SCT,"Present")' in dump
+    assert "Liver cut by the inferior end of the scan" in dump
+
+    read = hd.sr.srread(path)
+    assert read.StudyInstanceUID == series.datasets[0].StudyInstanceUID
+    groups = {g.tracking_identifier: g for g in read.content.get_volumetric_roi_measurement_groups()}
+    roi_group = groups["DL-parenchymal ROI"]
+    assert roi_group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert roi_group.referenced_segment.referenced_segment_numbers == [segment_number(seg, "roi")]
+    means = {
+        name: [m.value for m in g.get_measurements(name=hd.sr.CodedConcept("112031", "DCM", "Attenuation Coefficient"))]
+        for name, g in groups.items()
+    }
+    assert means["DL-parenchymal ROI"][0] == pytest.approx(measurement.dl_parenchymal_hu)
+    assert means["Whole liver (DL-volumetric)"] == [pytest.approx(measurement.dl_volumetric_hu)]
+    assert means["Liver parenchyma, robust estimate"] == [pytest.approx(measurement.robust_parenchymal_hu)]
+    assert means["Spleen"] == [pytest.approx(measurement.spleen_hu)]
+    volume = groups["Whole liver (DL-volumetric)"].get_measurements(
+        name=hd.sr.CodedConcept("118565006", "SCT", "Volume")
+    )
+    assert volume[0].value == pytest.approx(measurement.liver_volume_ml) and volume[0].unit.value == "ml"
+    assert groups["Whole liver (DL-volumetric)"].referenced_segment.referenced_segment_numbers == [1]
+    evaluations = {q.name.meaning: q.value for q in roi_group.get_qualitative_evaluations()}
+    assert evaluations["Steatosis of liver"].value == "52101004"
+    assert evaluations["Hepatic steatosis category"].meaning == "Moderate-to-severe hepatic steatosis"
+    evidence = {
+        item.SeriesInstanceUID for item in read.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    }
+    assert evidence == {series.datasets[0].SeriesInstanceUID, seg.SeriesInstanceUID}
+
+
+@needs_dciodvfy
+@needs_dsrdump
+def test_sr_not_assessable_has_no_attenuation_values(tmp_path: Path) -> None:
+    series = make_ct_datasets(n_slices=8, size=48)
+    seg = build_seg(series.datasets, series.frame_refs, {"liver": np.zeros_like(series.liver)})
+    measurement = _measurement(
+        dl_parenchymal_hu=None,
+        dl_volumetric_hu=None,
+        liver_volume_ml=0.0,
+        category=NOT_ASSESSABLE,
+        roi_sd_hu=None,
+        robust_parenchymal_hu=None,
+        spleen_hu=None,
+        liver_minus_spleen_hu=None,
+        qc_flags=["no_liver"],
+    )
+    sr = build_sr(series.datasets, seg, measurement)
+    path = write_dataset(sr, tmp_path / "sr.dcm")
+    errors, _ = run_dciodvfy(path)
+    assert errors == []
+    dump = _dsrdump(path)
+    assert "hnsf" not in dump and "NUM:" not in dump.split("Imaging Measurements")[1]
+    assert '(82334004,SCT,"Indeterminate")' in dump
+    assert "Not assessable (no_liver)" in dump
+    read = hd.sr.srread(path)
+    (group,) = read.content.get_volumetric_roi_measurement_groups()
+    assert group.get_measurements() == []
+
+
+def test_sr_no_steatosis_states_absent() -> None:
+    series = make_ct_datasets(n_slices=6, size=32)
+    seg = build_seg(series.datasets, series.frame_refs, _masks(series))
+    sr = build_sr(series.datasets, seg, _measurement(dl_parenchymal_hu=55.0, category=NO_STEATOSIS, spleen_hu=None))
+    read = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    groups = {g.tracking_identifier: g for g in read.content.get_volumetric_roi_measurement_groups()}
+    assert "Spleen" not in groups
+    evaluations = {q.name.meaning: q.value.meaning for q in groups["DL-parenchymal ROI"].get_qualitative_evaluations()}
+    assert evaluations["Steatosis of liver"] == "Absent"
+
+
+# --- key image ------------------------------------------------------------------------------------------------------
+
+
+@needs_dciodvfy
+def test_key_image_validates_in_the_source_study_with_outlines(tmp_path: Path) -> None:
+    series = make_ct_datasets(n_slices=8, size=128, feet_first=True)
+    k = 4
+    measurement = _measurement()
+    image = build_key_image(series.datasets, series.frame_refs, k, series.roi[k], series.liver[k], measurement)
+    path = write_dataset(image, tmp_path / "key.dcm")
+    errors, _ = run_dciodvfy(path)
+    assert errors == []
+    read = pydicom.dcmread(path)
+    source = series.datasets[series.frame_refs[k][0]]
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyID",
+        "AccessionNumber",
+    ):
+        assert read[keyword].value == source[keyword].value, keyword
+    assert list(read.ImageType) == ["DERIVED", "SECONDARY"]
+    assert read.BurnedInAnnotation == "YES"
+    assert read.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    rgb = read.pixel_array
+    assert rgb.shape == (128, 128, 3)
+    assert np.any(np.all(rgb == ROI_COLOUR, axis=-1)) and np.any(np.all(rgb == LIVER_COLOUR, axis=-1))
+    not_grey = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2])
+    assert not_grey[:20].sum() > 50  # the burnt-in text at the top
+
+
+# --- determinism and files ------------------------------------------------------------------------------------------
+
+
+def test_outputs_have_deterministic_uids() -> None:
+    series = make_ct_datasets(n_slices=6, size=32)
+    k = 3
+
+    def build(version: str) -> list[str]:
+        seg = build_seg(series.datasets, series.frame_refs, _masks(series), algorithm_version=version)
+        sr = build_sr(series.datasets, seg, _measurement(), algorithm_version=version)
+        key = build_key_image(
+            series.datasets,
+            series.frame_refs,
+            k,
+            series.roi[k],
+            series.liver[k],
+            _measurement(),
+            algorithm_version=version,
+        )
+        return [uid for ds in (seg, sr, key) for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID)]
+
+    first, again, other = build("1.0.0"), build("1.0.0"), build("1.0.1")
+    assert first == again
+    assert len(set(first)) == 6 and not set(first) & set(other)
+
+
+def test_write_dataset_is_atomic_and_readable(tmp_path: Path) -> None:
+    series = make_ct_datasets(n_slices=4, size=32)
+    seg = build_seg(series.datasets, series.frame_refs, _masks(series))
+    path = write_dataset(seg, tmp_path / "out" / "seg.dcm")
+    assert path.exists() and [p.name for p in path.parent.iterdir()] == ["seg.dcm"]
+    assert pydicom.dcmread(path).SOPInstanceUID == seg.SOPInstanceUID
