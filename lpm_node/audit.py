@@ -29,6 +29,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """``value`` as an aware UTC datetime (SQLite returns naive datetimes, which are UTC here)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -76,6 +83,18 @@ class Series(Base):
     status: Mapped[str] = mapped_column(String(32), default="receiving", index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    facts: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # header facts the rules used
+
+
+class SeriesDecision(Base):
+    """History of the decisions taken on a series (the series row holds the latest)."""
+
+    __tablename__ = "series_decisions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text, default="")
 
 
 class Job(Base):
