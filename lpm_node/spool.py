@@ -1,0 +1,233 @@
+"""The on-disk spool: received instances, written atomically and durably, under validated UIDs.
+
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Every path
+component is a UID that passed :func:`is_valid_uid`; nothing a peer sent is used unchecked.
+A file is written to a temporary name in its final folder, flushed and fsync'ed, then renamed,
+and the folder is fsync'ed: once :meth:`Spool.store` returns, the instance survives a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+LOG = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+TMP_SUFFIX = ".tmp"
+DICOM_SUFFIX = ".dcm"
+IMPLEMENTATION_VERSION_NAME = "LPM_NODE_01"
+
+
+def is_valid_uid(value: object) -> bool:
+    """True when ``value`` is a syntactically valid DICOM UID (PS3.5 9.1): digits and dots, <= 64 chars."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+class SpoolFull(Exception):
+    """Not enough disk space, or the spool quota is reached (answered 0xA700 out of resources)."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Where an instance landed, and whether it was already there (a duplicate)."""
+
+    path: Path
+    size_bytes: int
+    duplicate: bool
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str = "") -> bytes:
+    """The 128-byte preamble, ``DICM`` and an encoded File Meta Information group."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax_uid
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae[:16]
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Durable storage of received instances, with free-space and quota checks."""
+
+    def __init__(self, root: Path, *, quota_mb: int = 0, min_free_disk_mb: int = 0) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.quota_bytes = int(quota_mb) * 1024 * 1024
+        self.min_free_bytes = int(min_free_disk_mb) * 1024 * 1024
+        self._lock = threading.Lock()
+        self._known_dirs: set[Path] = set()
+        self.remove_stale_temporaries()
+        self._used = self.measure_usage()
+
+    # -- paths ----------------------------------------------------------------------------------
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """Folder of one series (both UIDs must be valid)."""
+        for uid in (study_uid, series_uid):
+            if not is_valid_uid(uid):
+                raise ValueError(f"invalid UID {uid!r}")
+        return self.root / study_uid / series_uid
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Final path of one instance (all UIDs must be valid)."""
+        if not is_valid_uid(sop_uid):
+            raise ValueError(f"invalid UID {sop_uid!r}")
+        return self.series_dir(study_uid, series_uid) / f"{sop_uid}{DICOM_SUFFIX}"
+
+    def series_files(self, study_uid: str, series_uid: str) -> list[Path]:
+        """The spooled files of a series, sorted by name."""
+        folder = self.series_dir(study_uid, series_uid)
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.suffix == DICOM_SUFFIX)
+
+    def iter_instances(self) -> Iterator[tuple[str, str, Path]]:
+        """Every spooled instance as (study UID, series UID, path); folders with invalid names are skipped."""
+        for study in sorted(self.root.iterdir()):
+            if not (study.is_dir() and is_valid_uid(study.name)):
+                continue
+            for series in sorted(study.iterdir()):
+                if not (series.is_dir() and is_valid_uid(series.name)):
+                    continue
+                for path in sorted(series.iterdir()):
+                    if path.suffix == DICOM_SUFFIX and is_valid_uid(path.stem):
+                        yield study.name, series.name, path
+
+    # -- space ----------------------------------------------------------------------------------
+    def measure_usage(self) -> int:
+        """Bytes currently held in the spool (walks the folder)."""
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    pass
+        return total
+
+    def refresh_usage(self) -> int:
+        """Re-measure the spool size (after files were removed by others); returns it."""
+        used = self.measure_usage()
+        with self._lock:
+            self._used = used
+        return used
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def free_bytes(self) -> int:
+        """Free space on the spool's file system, for an unprivileged writer."""
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming_bytes: int) -> None:
+        """Raise :class:`SpoolFull` when storing ``incoming_bytes`` would break the free-space floor or the quota."""
+        if self.min_free_bytes:
+            free = self.free_bytes()
+            if free - incoming_bytes < self.min_free_bytes:
+                raise SpoolFull(
+                    f"free disk space {free // 2**20} MB minus {incoming_bytes // 1024} kB incoming is below "
+                    f"min_free_disk_mb={self.min_free_bytes // 2**20}"
+                )
+        if self.quota_bytes and self._used + incoming_bytes > self.quota_bytes:
+            raise SpoolFull(
+                f"spool quota reached: {self._used // 1024} kB used + {incoming_bytes // 1024} kB incoming > "
+                f"spool_quota_mb={self.quota_bytes // 2**20}"
+            )
+
+    # -- writing --------------------------------------------------------------------------------
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
+        created: list[Path] = []
+        probe = folder
+        while not probe.exists():
+            created.append(probe)
+            probe = probe.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        # make the new folder entries themselves durable
+        for path in reversed(created):
+            _fsync_dir(path.parent)
+        self._known_dirs.add(folder)
+
+    def store(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        chunks: list[bytes | bytearray | memoryview],
+    ) -> StoredInstance:
+        """Write ``chunks`` (preamble + meta + dataset) durably as the instance's file.
+
+        An instance already in the spool is not written again (``duplicate=True``).
+        Raises :class:`SpoolFull` before writing anything when space or quota is short.
+        """
+        final = self.instance_path(study_uid, series_uid, sop_uid)
+        if final.exists():
+            return StoredInstance(final, final.stat().st_size, True)
+        size = sum(len(c) for c in chunks)
+        self.check_space(size)
+        folder = final.parent
+        self._ensure_dir(folder)
+        tmp = folder / f".{sop_uid}.{threading.get_ident()}{TMP_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            written = os.writev(fd, chunks)
+            if written != size:  # short write: start again with a plain loop
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.rename(tmp, final)
+        _fsync_dir(folder)
+        with self._lock:
+            self._used += size
+        return StoredInstance(final, size, False)
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by an interrupted write; returns how many."""
+        count = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.endswith(TMP_SUFFIX):
+                    try:
+                        os.unlink(os.path.join(dirpath, name))
+                        count += 1
+                    except OSError:
+                        pass
+        if count:
+            LOG.info("removed %d incomplete temporary file(s) from the spool", count)
+        return count
