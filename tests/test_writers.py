@@ -13,8 +13,18 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import UID
 
-from lpm_node.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement
-from lpm_node.writers import build_key_image, build_seg, build_sr, derive_uid, segment_number, write_dataset
+from lpm_node.loading import CTSeries, load_series
+from lpm_node.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement, dl_parenchymal_roi, measure
+from lpm_node.phantom import Phantom, make_phantom, write_ct_series
+from lpm_node.writers import (
+    build_key_image,
+    build_seg,
+    build_sr,
+    derive_uid,
+    nearest_source_slice,
+    segment_number,
+    write_dataset,
+)
 from lpm_node.writers.keyimage import LIVER_COLOUR, ROI_COLOUR
 from tests.support_writers import (
     SEGIMAGE2ITKIMAGE,
@@ -96,31 +106,104 @@ def test_derive_uid_is_deterministic_valid_and_distinct() -> None:
 # --- SEG ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def phantom() -> Phantom:
+    """A small chest phantom (40 slices of 128 x 128 at 2.8 mm: the whole body in view)."""
+    return make_phantom(35.0, n_slices=40, size=128, pixel_spacing=2.8)
+
+
+def _phantom_image(ph: Phantom, mask: np.ndarray) -> sitk.Image:
+    """A (z, y, x) mask on the phantom's own geometry (independent of the loader and the writers)."""
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetOrigin(ph.origin)
+    image.SetSpacing(tuple(reversed(ph.spacing)))
+    return image
+
+
+def _load(ph: Phantom, out_dir: Path, feet_first: bool, drop: int | None = None) -> CTSeries:
+    paths = write_ct_series(ph, out_dir, feet_first=feet_first)
+    if drop is not None:
+        paths[drop].unlink()
+        paths = [p for p in paths if p.exists()]
+    return load_series(paths)
+
+
 @needs_dcmqi
 @needs_dciodvfy
 @pytest.mark.parametrize("feet_first", [False, True], ids=["head_first", "feet_first"])
 @pytest.mark.parametrize("omit_empty_frames", [True, False], ids=["omit_empty", "all_frames"])
-def test_seg_validates_and_dcmqi_reads_back_the_masks(
-    tmp_path: Path, feet_first: bool, omit_empty_frames: bool
+def test_seg_of_phantom_series_validates_and_dcmqi_reads_back_the_masks(
+    tmp_path: Path, phantom: Phantom, feet_first: bool, omit_empty_frames: bool
 ) -> None:
-    series = make_ct_datasets(n_slices=12, size=64, feet_first=feet_first)
-    seg = build_seg(
-        series.datasets, series.frame_refs, _masks(series, spleen=True), omit_empty_frames=omit_empty_frames
-    )
+    series = _load(phantom, tmp_path / "ct", feet_first)
+    liver = phantom.masks["liver"]
+    roi, _, _ = dl_parenchymal_roi(liver)
+    masks = {"liver": liver, "roi": roi, "spleen": phantom.masks["spleen"]}
+    seg = build_seg(series.datasets, series.frame_refs, masks, omit_empty_frames=omit_empty_frames)
     path = write_dataset(seg, tmp_path / "seg.dcm")
-    errors, _ = run_dciodvfy(path)
-    assert errors == []
-    expected_frames = int(np.count_nonzero(series.liver.any(axis=(1, 2)))) if omit_empty_frames else 12
-    frames_per_segment = {}
-    for item in seg.PerFrameFunctionalGroupsSequence:
-        number = item.SegmentIdentificationSequence[0].ReferencedSegmentNumber
-        frames_per_segment[number] = frames_per_segment.get(number, 0) + 1
-    assert frames_per_segment[1] == expected_frames
+    errors, warnings = run_dciodvfy(path)
+    assert errors == [], warnings
+    liver_frames = [
+        item
+        for item in seg.PerFrameFunctionalGroupsSequence
+        if item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 1
+    ]
+    expected = int(np.count_nonzero(liver.any(axis=(1, 2)))) if omit_empty_frames else liver.shape[0]
+    assert len(liver_frames) == expected
+    assert not liver[0].any()  # the phantom has liver-free slices, so omitting empty frames makes a difference
     images = read_seg_with_dcmqi(path, tmp_path / "dcmqi")
     assert set(images) == {"Liver", "DL-parenchymal ROI", "Spleen"}
-    for label, mask in (("Liver", series.liver), ("DL-parenchymal ROI", series.roi)):
-        reference = _grid_image(series, mask)
-        np.testing.assert_array_equal(_on_grid(images[label], reference), mask)
+    for label, mask in (("Liver", liver), ("DL-parenchymal ROI", roi), ("Spleen", phantom.masks["spleen"])):
+        np.testing.assert_array_equal(_on_grid(images[label], _phantom_image(phantom, mask)), mask, err_msg=label)
+
+
+@needs_dcmqi
+def test_seg_leaves_out_slices_the_loader_interpolated(tmp_path: Path, phantom: Phantom) -> None:
+    series = _load(phantom, tmp_path / "ct", feet_first=False, drop=15)  # instance 16 (z index 24) missing
+    gaps = [k for k, ref in enumerate(series.frame_refs) if tuple(ref) == (-1, -1)]
+    assert gaps == [24]
+    liver = phantom.masks["liver"]
+    seg = build_seg(series.datasets, series.frame_refs, {"liver": liver}, omit_empty_frames=False)
+    assert seg.NumberOfFrames == liver.shape[0] - 1
+    images = read_seg_with_dcmqi(write_dataset(seg, tmp_path / "seg.dcm"), tmp_path / "dcmqi")
+    back = _on_grid(images["Liver"], _phantom_image(phantom, liver))
+    kept = [k for k in range(liver.shape[0]) if k not in gaps]
+    np.testing.assert_array_equal(back[kept], liver[kept])
+    assert nearest_source_slice(series.frame_refs, 24) in (23, 25)
+    with pytest.raises(ValueError, match="interpolated"):
+        build_key_image(series.datasets, series.frame_refs, 24, liver[24], liver[24], _measurement())
+
+
+@needs_dciodvfy
+@needs_dsrdump
+def test_writers_on_a_measured_phantom_are_consistent(tmp_path: Path, phantom: Phantom) -> None:
+    series = _load(phantom, tmp_path / "ct", feet_first=True)
+    hu = sitk.GetArrayFromImage(series.image)
+    liver = phantom.masks["liver"]
+    measurement, roi = measure(hu, liver, phantom.spacing, spleen=phantom.masks["spleen"])
+    seg = build_seg(series.datasets, series.frame_refs, {"liver": liver, "roi": roi, "spleen": phantom.masks["spleen"]})
+    sr = build_sr(series.datasets, seg, measurement)
+    k = measurement.roi_slices[1]
+    key = build_key_image(series.datasets, series.frame_refs, k, roi[k], liver[k], measurement)
+    for name, ds in (("seg", seg), ("sr", sr), ("key", key)):
+        errors, warnings = run_dciodvfy(write_dataset(ds, tmp_path / f"{name}.dcm"))
+        assert errors == [], (name, warnings)
+        assert ds.StudyInstanceUID == series.study_instance_uid
+        assert ds.PatientID == series.datasets[0].PatientID
+    dump = _dsrdump(tmp_path / "sr.dcm")
+    assert f'Attenuation Coefficient")="{round(measurement.dl_parenchymal_hu, 2)}"' in dump
+    read = hd.sr.srread(tmp_path / "sr.dcm")
+    groups = {g.tracking_identifier: g for g in read.content.get_volumetric_roi_measurement_groups()}
+    (mean,) = [m for m in groups["DL-parenchymal ROI"].get_measurements() if m.derivation.value == "373098007"]
+    assert mean.value == pytest.approx(measurement.dl_parenchymal_hu, abs=0.005)
+    assert groups["DL-parenchymal ROI"].referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert groups["DL-parenchymal ROI"].referenced_segment.referenced_segment_numbers == [2]
+    library = [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in hd.sr.utils.find_content_items(read.ContentSequence[-3], recursive=True)
+        if item.ValueType == "IMAGE"
+    ]
+    assert set(library) == {ds.SOPInstanceUID for ds in series.datasets}
 
 
 def test_seg_is_binary_uncompressed_aligned_with_source_instances() -> None:

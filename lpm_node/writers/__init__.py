@@ -4,10 +4,18 @@ All three reference the source series in its study, with UIDs derived from the s
 version (``derive_uid``), so a re-run replaces rather than duplicates.
 """
 
-from lpm_node.writers.common import write_dataset
+from lpm_node.writers.common import nearest_source_slice, write_dataset
 from lpm_node.writers.keyimage import build_key_image
 from lpm_node.writers.seg import build_seg, segment_number
 from lpm_node.writers.sr import build_sr
 from lpm_node.writers.uids import derive_uid
 
-__all__ = ["build_key_image", "build_seg", "build_sr", "derive_uid", "segment_number", "write_dataset"]
+__all__ = [
+    "build_key_image",
+    "build_seg",
+    "build_sr",
+    "derive_uid",
+    "nearest_source_slice",
+    "segment_number",
+    "write_dataset",
+]

@@ -35,17 +35,32 @@ def source_series_uid(datasets: Sequence[Dataset]) -> str:
     return uids.pop()
 
 
+GAP = (-1, -1)  # frame reference of a slice the loader interpolated across a gap (no source frame)
+
+
 def check_frame_refs(datasets: Sequence[Dataset], frame_refs: Sequence[tuple[int, int]]) -> None:
-    """Raise ValueError when a frame reference points outside the datasets or their frames, or repeats."""
-    if not frame_refs:
-        raise ValueError("frame_refs is empty")
-    if len(set(map(tuple, frame_refs))) != len(frame_refs):
+    """Raise ValueError when a frame reference points outside the datasets or their frames, or repeats.
+
+    ``(-1, -1)`` marks an interpolated slice without a source frame and is allowed.
+    """
+    real = [tuple(ref) for ref in frame_refs if tuple(ref) != GAP]
+    if not real:
+        raise ValueError("frame_refs holds no source frame")
+    if len(set(real)) != len(real):
         raise ValueError("frame_refs holds the same source frame twice")
-    for index, frame in frame_refs:
+    for index, frame in real:
         if not 0 <= index < len(datasets):
             raise ValueError(f"frame reference to dataset {index} out of range (0..{len(datasets) - 1})")
         if not 0 <= frame < number_of_frames(datasets[index]):
             raise ValueError(f"frame reference to frame {frame} of dataset {index} out of range")
+
+
+def nearest_source_slice(frame_refs: Sequence[tuple[int, int]], k: int) -> int:
+    """The slice index nearest to ``k`` that has a source frame (``k`` itself unless it was interpolated)."""
+    real = [i for i, ref in enumerate(frame_refs) if tuple(ref) != GAP]
+    if not real:
+        raise ValueError("frame_refs holds no source frame")
+    return min(real, key=lambda i: (abs(i - k), i))
 
 
 def _frame_group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:

@@ -14,6 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 import lpm_node
 from lpm_node.measurement import NOT_ASSESSABLE, STEATOSIS, Measurement
 from lpm_node.writers.common import (
+    GAP,
     KEY_IMAGE_SERIES_NUMBER,
     MANUFACTURER,
     check_frame_refs,
@@ -120,13 +121,16 @@ def build_key_image(
 ) -> Dataset:
     """Secondary Capture (RGB) of source slice k = ``hu_slice_index`` with outlines and the result burnt in.
 
-    The masks are (rows, cols) on that source slice. Patient and study come from the source dataset; UIDs are
-    derived from the source series and the version.
+    The masks are (rows, cols) on that source slice, which must have a source frame (see
+    ``nearest_source_slice`` for slices the loader interpolated). Patient and study come from the source
+    dataset; UIDs are derived from the source series and the version.
     """
     check_frame_refs(datasets, frame_refs)
     if not 0 <= hu_slice_index < len(frame_refs):
         raise ValueError(f"hu_slice_index {hu_slice_index} outside 0..{len(frame_refs) - 1}")
     index, frame = frame_refs[hu_slice_index]
+    if (index, frame) == GAP:
+        raise ValueError(f"slice {hu_slice_index} was interpolated (no source frame); see nearest_source_slice")
     source = datasets[index]
     hu = frame_hu(source, frame)
     for name, mask in (("roi", roi_mask_slice), ("liver", liver_mask_slice)):

@@ -14,6 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 import lpm_node
 from lpm_node.writers.common import (
     DEVICE_SERIAL,
+    GAP,
     MANUFACTURER,
     MODEL_NAME,
     SEG_SERIES_NUMBER,
@@ -78,35 +79,41 @@ def segment_number(seg: Dataset, key: str) -> int | None:
 
 def _source_layout(
     datasets: Sequence[Dataset], frame_refs: Sequence[tuple[int, int]]
-) -> tuple[list[Dataset], np.ndarray | None]:
-    """Source images for highdicom and, for a multi-frame source, the frame number of each k (else None)."""
+) -> tuple[list[Dataset], np.ndarray, np.ndarray | None]:
+    """Source images for highdicom, the slices k that have a source frame, and for a multi-frame source the frame
+    number of each of those k (None for single-frame sources)."""
     check_frame_refs(datasets, frame_refs)
-    used = sorted({index for index, _ in frame_refs})
+    ks = np.array([k for k, ref in enumerate(frame_refs) if tuple(ref) != GAP], dtype=np.int64)
+    refs = [frame_refs[k] for k in ks]
+    used = sorted({index for index, _ in refs})
     if all(number_of_frames(datasets[i]) == 1 for i in used):
-        return [datasets[index] for index, _ in frame_refs], None
+        return [datasets[index] for index, _ in refs], ks, None
     if len(used) == 1:
-        return [datasets[used[0]]], np.array([frame for _, frame in frame_refs], dtype=np.int64)
+        return [datasets[used[0]]], ks, np.array([frame for _, frame in refs], dtype=np.int64)
     raise ValueError("a SEG can reference either single-frame images or one multi-frame image, not a mix")
 
 
 def _segment_array(
-    masks: Mapping[str, np.ndarray], specs: Sequence[SegmentSpec], n_k: int, frames: np.ndarray | None, n_frames: int
+    masks: Mapping[str, np.ndarray],
+    specs: Sequence[SegmentSpec],
+    n_k: int,
+    ks: np.ndarray,
+    frames: np.ndarray | None,
+    n_frames: int,
 ) -> np.ndarray:
-    """(frames, rows, cols, segments) uint8 array in the source-image frame order."""
+    """(frames, rows, cols, segments) uint8 array in the source-image frame order (interpolated slices dropped)."""
     first = np.asarray(masks[specs[0].key])
     if first.ndim != 3 or first.shape[0] != n_k:
         raise ValueError(f"masks must be (k, rows, cols) with k = {n_k}, got {first.shape}")
     rows, cols = first.shape[1:]
-    n_out = n_k if frames is None else n_frames
+    n_out = len(ks) if frames is None else n_frames
     out = np.zeros((n_out, rows, cols, len(specs)), dtype=np.uint8)
     for s, spec in enumerate(specs):
         mask = np.asarray(masks[spec.key])
         if mask.shape != first.shape:
             raise ValueError(f"mask {spec.key!r} has shape {mask.shape}, expected {first.shape}")
-        if frames is None:
-            out[..., s] = mask != 0
-        else:
-            out[frames, :, :, s] = mask != 0
+        target = slice(None) if frames is None else frames
+        out[target, :, :, s] = mask[ks] != 0
     return out
 
 
@@ -122,16 +129,17 @@ def build_seg(
     """Build a BINARY DICOM-SEG of ``masks`` on the source CT grid.
 
     ``masks`` maps "liver" (required), "roi" and "spleen" (optional) to uint8 arrays (k, rows, cols) in the k order
-    of ``frame_refs`` (for each k: index into ``datasets``, 0-based frame number). Works for single-frame series in
-    any order and for one multi-frame (Enhanced) CT. UIDs are derived from the source series and the version.
+    of ``frame_refs`` (for each k: index into ``datasets``, 0-based frame number; ``(-1, -1)`` for a slice
+    interpolated across a gap, which is left out). Works for single-frame series in any order and for one
+    multi-frame (Enhanced) CT. UIDs are derived from the source series and the version.
     """
     unknown = set(masks) - set(SEGMENT_LABELS)
     if unknown or "liver" not in masks:
         raise ValueError(f"masks need 'liver' and may hold {sorted(SEGMENT_LABELS)}; unexpected: {sorted(unknown)}")
     specs = [spec for spec in SEGMENTS if spec.key in masks]
-    source_images, frames = _source_layout(datasets, frame_refs)
+    source_images, ks, frames = _source_layout(datasets, frame_refs)
     n_frames = number_of_frames(source_images[0])
-    pixels = _segment_array(masks, specs, len(frame_refs), frames, n_frames)
+    pixels = _segment_array(masks, specs, len(frame_refs), ks, frames, n_frames)
     series_uid = source_series_uid(datasets)
     algorithm = algorithm_identification(algorithm_version, model_description)
     descriptions = [

@@ -27,6 +27,8 @@ SERIES_DESCRIPTION = "Liver attenuation report (lpm-node)"
 LOCAL_SCHEME = "99LPM"
 ATTENUATION = Code("112031", "DCM", "Attenuation Coefficient")
 HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+HU_DECIMALS = 2  # values are written rounded to 0.01 HU and 0.1 ml
+ML_DECIMALS = 1
 ML = Code("ml", "UCUM", "milliliter")
 MEAN = Code("373098007", "SCT", "Mean")
 STANDARD_DEVIATION = Code("386136009", "SCT", "Standard Deviation")
@@ -101,7 +103,9 @@ def category_text(measurement: Measurement) -> str:
 
 
 def _attenuation(value: float, derivation: Code = MEAN, method: Code | None = None) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=ATTENUATION, value=float(value), unit=HU, derivation=derivation, method=method)
+    return hd.sr.Measurement(
+        name=ATTENUATION, value=round(float(value), HU_DECIMALS), unit=HU, derivation=derivation, method=method
+    )
 
 
 def _tracking(series_uid: str, version: str, label: str) -> hd.sr.TrackingIdentifier:
@@ -184,7 +188,9 @@ def _measurement_groups(
     if measurement.dl_volumetric_hu is not None:
         liver_measurements.append(_attenuation(measurement.dl_volumetric_hu))
     if measurement.liver_volume_ml and measurement.liver_volume_ml > 0:
-        liver_measurements.append(hd.sr.Measurement(name=VOLUME, value=float(measurement.liver_volume_ml), unit=ML))
+        liver_measurements.append(
+            hd.sr.Measurement(name=VOLUME, value=round(float(measurement.liver_volume_ml), ML_DECIMALS), unit=ML)
+        )
     if liver_measurements:
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -214,7 +220,7 @@ def _measurement_groups(
                 measurements=[
                     hd.sr.Measurement(
                         name=ATTENUATION,
-                        value=float(measurement.liver_minus_spleen_hu),
+                        value=round(float(measurement.liver_minus_spleen_hu), HU_DECIMALS),
                         unit=HU,
                         method=METHOD_LIVER_MINUS_SPLEEN,
                     )
