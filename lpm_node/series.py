@@ -134,7 +134,7 @@ class SeriesAssembler:
                     quiet = (now - last).total_seconds()
                     record_decision(
                         session, row, COMPLETE,
-                        f"complete: {row.instance_count} instance(s), nothing new for {quiet:.1f} s",
+                        f"{row.instance_count} instance(s), nothing new for {quiet:.1f} s",
                         now,
                     )
                     done.append(row.series_instance_uid)

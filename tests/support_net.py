@@ -1,0 +1,183 @@
+"""Network helpers for tests: free ports, dcmtk peers, an ``lpm-node serve`` subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+NODE_AET = "LPM_NODE"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for dcmtk tools (TCP_NODELAY=1: no 40 ms Nagle delay per C-STORE)."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def have_dcmtk() -> bool:
+    return all(shutil.which(t) for t in ("storescu", "echoscu", "storescp"))
+
+
+def echoscu(
+    port: int, *, calling: str = "ECHOSCU", called: str = NODE_AET, timeout: float = 10
+) -> subprocess.CompletedProcess:
+    """Run ``echoscu`` against 127.0.0.1:port."""
+    return subprocess.run(
+        ["echoscu", "-to", "5", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=timeout,
+    )
+
+
+def storescu(
+    port: int,
+    files: Sequence[Path | str],
+    *,
+    calling: str = "STORESCU",
+    called: str = NODE_AET,
+    extra: Sequence[str] = (),
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
+    """Send ``files`` with ``storescu`` (one association) to 127.0.0.1:port."""
+    cmd = ["storescu", "-to", "10", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port)]
+    cmd += [str(f) for f in files]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until a DICOM C-ECHO to 127.0.0.1:port succeeds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"node exited with {proc.returncode} before it was ready")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+        except OSError:
+            time.sleep(0.1)
+            continue
+        if echoscu(port).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing answers C-ECHO on port {port} after {timeout} s")
+
+
+@dataclass
+class NodeProcess:
+    """An ``lpm-node serve`` subprocess on 127.0.0.1."""
+
+    data_dir: Path
+    port: int = 0
+    stable_seconds: float = 1.0
+    allow_ae: Sequence[str] = ()
+    config: Path | None = None
+    extra: Sequence[str] = ()
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    log_path: Path | None = None
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        self.port = self.port or free_port()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "lpm_node.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--data-dir", str(self.data_dir), "--stable-seconds", str(self.stable_seconds)]
+        for title in self.allow_ae:
+            cmd += ["--allow-ae", title]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        cmd += list(self.extra)
+        self.log_path = self.data_dir / f"node-{self.port}-{int(time.time() * 1000)}.log"
+        log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the child's lifetime
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for_port(self.port, timeout, self.proc)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait (clean shutdown); returns the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all, like a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *_exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.stop()
+            except subprocess.TimeoutExpired:
+                pass
+
+    # -- reading the audit DB (read-only, plain sqlite3: independent of the code under test) ----
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "audit.sqlite"
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
+        con.row_factory = sqlite3.Row
+        try:
+            return list(con.execute(sql, params))
+        finally:
+            con.close()
+
+    def series(self, uid: str) -> sqlite3.Row | None:
+        rows = self.query("SELECT * FROM series WHERE series_instance_uid = ?", (uid,))
+        return rows[0] if rows else None
+
+    def wait_series_status(self, uid: str, statuses: Sequence[str], timeout: float = 30.0) -> sqlite3.Row:
+        """Wait until the series row has one of ``statuses``; returns the row."""
+        deadline = time.monotonic() + timeout
+        row = None
+        while time.monotonic() < deadline:
+            if self.db_path.exists():
+                try:
+                    row = self.series(uid)
+                except sqlite3.OperationalError:
+                    row = None
+                if row is not None and row["status"] in statuses:
+                    return row
+            time.sleep(0.2)
+        raise TimeoutError(f"series {uid} not in {statuses} after {timeout} s (last: {dict(row) if row else None})")
+
+    def audit_json(self) -> list[dict[str, Any]]:
+        """``lpm-node audit --data-dir ... --json``, parsed."""
+        out = subprocess.run(
+            [sys.executable, "-m", "lpm_node.cli", "audit", "--data-dir", str(self.data_dir), "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+        )
+        return json.loads(out.stdout)
