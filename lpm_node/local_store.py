@@ -19,7 +19,6 @@ from pathlib import Path
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     CTImageStorage,
@@ -28,6 +27,7 @@ from pynetdicom.sop_class import (
     SegmentationStorage,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
 LOG = logging.getLogger(__name__)
 

@@ -397,7 +397,7 @@ class Sender:
             ae.add_requested_context(sop_class, [syntax])
         with _capture_pynetdicom_errors() as capture:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-            threads = (assoc.ident, assoc.dul.ident)
+            threads = (threading.get_ident(), assoc.ident, assoc.dul.ident)
             if not assoc.is_established:
                 outcome = _association_failure(assoc, capture.messages(*threads), self.timeout_s)
                 for item in batch:

@@ -2,9 +2,9 @@
 
 Usage::
 
-    from tests.support_orthanc import Orthanc, orthanc  # ``orthanc`` is a function-scoped fixture
+    from tests.support_orthanc import Orthanc, orthanc  # noqa: F401 - ``orthanc`` is a function-scoped fixture
 
-    def test_something(orthanc: Orthanc) -> None:
+    def test_something(orthanc: Orthanc) -> None:  # noqa: F811 (or: orthanc = support_orthanc.orthanc)
         ...  # C-STORE to ("127.0.0.1", orthanc.dicom_port), called AE orthanc.aet
         assert orthanc.find_by_sop_uid(uid)
 
