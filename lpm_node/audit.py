@@ -52,6 +52,7 @@ class Association(Base):
     outcome: Mapped[str] = mapped_column(String(32), default="open")  # open|released|aborted|rejected
     reason: Mapped[str] = mapped_column(Text, default="")
     instances_received: Mapped[int] = mapped_column(Integer, default=0)
+    instances_refused: Mapped[int] = mapped_column(Integer, default=0)  # C-STORE answered with a failure
 
 
 class Instance(Base):
