@@ -198,11 +198,20 @@ class _InstanceStored:
 
 
 @dataclass
+class _InstanceRefused:
+    assoc_key: int
+    status: int
+    reason: str
+    sop_instance_uid: str
+    at: dt.datetime
+
+
+@dataclass
 class _Flush:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-_Event = _AssocOpened | _AssocEnded | _AssocRejected | _InstanceStored | _Flush
+_Event = _AssocOpened | _AssocEnded | _AssocRejected | _InstanceStored | _InstanceRefused | _Flush
 
 
 class AuditRecorder:
@@ -333,6 +342,13 @@ class AuditRecorder:
                         reason=e.reason,
                     )
                 )
+            elif isinstance(e, _InstanceRefused):
+                arow = assoc_row(e.assoc_key)
+                if arow is not None:
+                    arow.instances_refused = (arow.instances_refused or 0) + 1
+                    uid = f" (last: {e.sop_instance_uid})" if e.sop_instance_uid else ""
+                    arow.reason = (f"{arow.instances_refused} instance(s) refused with 0x{e.status:04X}: "
+                                   f"{e.reason}{uid}")
             elif isinstance(e, _InstanceStored):
                 arow = assoc_row(e.assoc_key)
                 if arow is not None:
@@ -528,11 +544,18 @@ class Listener:
     def _on_echo(self, _event: evt.Event) -> int:
         return STATUS_SUCCESS
 
+    def _refuse(self, info: _AssocInfo | None, status: int, reason: str, header: Header | None) -> Dataset:
+        sop = header.sop_instance_uid if header else ""
+        LOG.warning("C-STORE %s refused with 0x%04X: %s", sop or "(unparsed)", status, reason)
+        self.recorder.put(_InstanceRefused(info.key if info else 0, status, reason, sop, utcnow()))
+        return _status(status, reason)
+
     def _on_store(self, event: evt.Event) -> int | Dataset:
         info = self._info(event.assoc)
         ts = str(event.context.transfer_syntax)
         raw_ds = event.request.DataSet
         view: memoryview | None = None
+        header: Header | None = None
         try:
             if isinstance(raw_ds, BytesIO):
                 view = raw_ds.getbuffer()
@@ -550,14 +573,11 @@ class Listener:
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, [meta, encoded]
             )
         except CannotUnderstand as exc:
-            LOG.warning("C-STORE refused (cannot understand): %s", exc)
-            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
+            return self._refuse(info, STATUS_CANNOT_UNDERSTAND, f"cannot understand: {exc}", header)
         except SpoolFull as exc:
-            LOG.warning("C-STORE refused (out of resources): %s", exc)
-            return _status(STATUS_OUT_OF_RESOURCES, str(exc))
+            return self._refuse(info, STATUS_OUT_OF_RESOURCES, f"out of resources: {exc}", header)
         except OSError as exc:
-            LOG.error("C-STORE failed writing the spool: %s", exc)
-            return _status(STATUS_OUT_OF_RESOURCES, f"spool write failed: {exc.strerror or exc}")
+            return self._refuse(info, STATUS_OUT_OF_RESOURCES, f"spool write failed: {exc.strerror or exc}", header)
         finally:
             if view is not None:
                 view.release()
@@ -584,6 +604,7 @@ class Listener:
 
 
 def _status(code: int, comment: str) -> Dataset:
+    """A C-STORE response status with an error comment (at most 64 characters, as the VR allows)."""
     ds = Dataset()
     ds.Status = code
     ds.ErrorComment = comment[:64]

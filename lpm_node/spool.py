@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -84,6 +85,7 @@ class Spool:
         self._known_dirs: set[Path] = set()
         self.remove_stale_temporaries()
         self._used = self.measure_usage()
+        self._measured_at = time.monotonic()
 
     # -- paths ----------------------------------------------------------------------------------
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
@@ -137,6 +139,12 @@ class Spool:
             self._used = used
         return used
 
+    def _remeasure_if_stale(self, max_age_s: float = 1.0) -> None:
+        now = time.monotonic()
+        if now - self._measured_at >= max_age_s:
+            self._measured_at = now
+            self.refresh_usage()
+
     @property
     def used_bytes(self) -> int:
         return self._used
@@ -154,6 +162,8 @@ class Spool:
                     f"free disk space {free // 2**20} MB minus {incoming_bytes // 1024} kB incoming is below "
                     f"min_free_disk_mb={self.min_free_bytes // 2**20}"
                 )
+        if self.quota_bytes and self._used + incoming_bytes > self.quota_bytes:
+            self._remeasure_if_stale()  # files may have been removed since the last measurement
         if self.quota_bytes and self._used + incoming_bytes > self.quota_bytes:
             raise SpoolFull(
                 f"spool quota reached: {self._used // 1024} kB used + {incoming_bytes // 1024} kB incoming > "
