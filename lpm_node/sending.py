@@ -274,25 +274,31 @@ class Sender:
         timeout_s: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
+        AE(ae_title=calling_ae)  # a calling AE title pynetdicom cannot send fails here, not at every run
         self.sessions = sessions
         self.settings = settings
         self.calling_ae = calling_ae
         self.timeout_s = timeout_s
         self._rng = rng or random.Random()
         self._wake = threading.Event()
+        self._lock = threading.Lock()  # one run at a time per sender: a delivery is never sent twice at once
 
     # public -------------------------------------------------------------------------------------------------
 
     def run_once(self, now: dt.datetime | None = None) -> int:
         """Send every pending delivery due at ``now`` (default: the current time); return how many were sent."""
         now = _utc(now)
-        by_destination: dict[str, list[_Item]] = defaultdict(list)
-        for item in self._due(now):
-            by_destination[item.destination].append(item)
-        sent = 0
-        for destination, items in by_destination.items():
-            sent += self._send_to(destination, items, now)
-        return sent
+        with self._lock:
+            by_destination: dict[str, list[_Item]] = defaultdict(list)
+            for item in self._due(now):
+                by_destination[item.destination].append(item)
+            sent = 0
+            for destination, items in by_destination.items():
+                try:
+                    sent += self._send_to(destination, items, now)
+                except Exception:  # noqa: BLE001 - one destination's trouble must not hold back the others
+                    LOG.exception("sender: sending to %s failed", destination)
+            return sent
 
     def run_forever(self, stop: threading.Event, poll_s: float = 1.0) -> None:
         """Call ``run_once`` every ``poll_s`` seconds (or on ``wake()``) until ``stop`` is set."""
@@ -396,7 +402,12 @@ class Sender:
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, [syntax])
         with _capture_pynetdicom_errors() as capture:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            try:
+                assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            except (ValueError, TypeError, OSError) as exc:  # e.g. an AE title pynetdicom refuses to send
+                for item in batch:
+                    self._record(item, _Outcome(False, "BadDestination", str(exc)), now)
+                return 0
             threads = (threading.get_ident(), assoc.ident, assoc.dul.ident)
             if not assoc.is_established:
                 outcome = _association_failure(assoc, capture.messages(*threads), self.timeout_s)

@@ -24,6 +24,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """Last-resort cleanup (garbage collection or interpreter exit): never leave an Orthanc running."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            return
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def orthanc_available() -> bool:
@@ -131,6 +143,7 @@ class Orthanc:
             )
         finally:
             log.close()
+        weakref.finalize(self, _terminate, self._proc)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

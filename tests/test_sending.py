@@ -289,6 +289,14 @@ def test_missing_file_is_a_failed_attempt_and_ends_dead(tmp_path: Path, sessions
     assert row.status == "dead" and row.last_error.startswith("FileError")
 
 
+def test_unusable_destination_is_audited_not_raised(sessions, results: ResultFiles) -> None:
+    enqueue(sessions, results, Destination("AN_AE_TITLE_TOO_LONG_FOR_DICOM", "127.0.0.1", 104))
+    assert Sender(sessions, output(max_attempts=1), "LPM_NODE").run_once() == 0
+    assert {(r.status, r.last_error.split(":")[0]) for r in deliveries(sessions)} == {("dead", "BadDestination")}
+    with pytest.raises(ValueError):
+        Sender(sessions, output(), "")
+
+
 def test_enqueue_is_idempotent_and_reprocessing_requeues(tmp_path: Path, sessions, results: ResultFiles) -> None:
     with LocalStore(tmp_path / "store") as store:
         dest = Destination(store.ae_title, "127.0.0.1", store.port)
