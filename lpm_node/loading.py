@@ -1,0 +1,450 @@
+"""DICOM CT series -> HU volume (SimpleITK image in LPS) with its source geometry.
+
+Handles unsorted files, any slice order and axial orientation sign, per-frame rescale, pixel padding,
+single-frame and multi-frame (Enhanced CT) objects and every transfer syntax pydicom can decode
+(pylibjpeg plugins for JPEG, JPEG 2000, RLE). Missing slices or uneven spacing are detected: small gaps are
+bridged by linear interpolation along the slice normal (with a warning), larger ones are refused. Gantry
+tilt, mixed orientations and mixed image sizes are refused with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+__all__ = ["SeriesLoadError", "CTSeries", "find_series", "load_series", "HU_AIR"]
+
+log = logging.getLogger(__name__)
+
+HU_AIR = -1024.0
+_ORIENT_TOL = 1e-3  # direction cosines
+_HEADER_TAGS = ["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality"]
+
+
+class SeriesLoadError(ValueError):
+    """A series that cannot be turned into a volume; the message is a human-readable reason."""
+
+
+@dataclass
+class CTSeries:
+    """A loaded series: HU image on the source grid plus the source datasets.
+
+    ``image`` index i is the DICOM column, j the row and k the sorted slice order; ``frame_refs[k]`` is
+    (index into ``datasets``, 0-based frame number) of the source frame of slice k, or (-1, -1) for a
+    slice interpolated across a gap.
+    """
+
+    image: sitk.Image
+    datasets: list[Dataset]
+    frame_refs: list[tuple[int, int]]
+    series_instance_uid: str
+    study_instance_uid: str
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Frame:
+    ds_index: int
+    frame: int
+    position: np.ndarray  # IPP (3,)
+    orientation: np.ndarray  # IOP (6,)
+    spacing: tuple[float, float]  # (row spacing, column spacing)
+    slope: float
+    intercept: float
+
+
+# ------------------------------------------------------------------------------------------------ discovery
+
+
+def _read_header(path: Path) -> Dataset | None:
+    """Header of a DICOM file, or None for anything that is not a DICOM image instance."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except InvalidDicomError:
+        try:  # files without the 128-byte preamble
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+        except Exception:  # noqa: BLE001 - anything unreadable is skipped
+            return None
+        return ds if "SOPInstanceUID" in ds and "SeriesInstanceUID" in ds else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def find_series(root: str | Path) -> dict[str, list[Path]]:
+    """Map SeriesInstanceUID -> sorted file paths for the DICOM files under ``root`` (headers only).
+
+    Non-DICOM files, DICOMDIRs and files without a SeriesInstanceUID are skipped.
+    """
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    series: dict[str, list[Path]] = {}
+    for path in files:
+        if path.name.upper() == "DICOMDIR":
+            continue
+        ds = _read_header(path)
+        if ds is None:
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if uid:
+            series.setdefault(uid, []).append(path)
+    return series
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def _floats(value: Any, n: int, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SeriesLoadError(f"invalid {what}: {value!r}") from exc
+    if arr.shape != (n,):
+        raise SeriesLoadError(f"invalid {what}: {value!r}")
+    return arr
+
+
+def _group_attr(ds: Dataset, frame: int, seq: str, keyword: str) -> Any:
+    """An attribute from the per-frame functional groups of ``frame``, else the shared ones, else None."""
+    for groups_kw, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(groups_kw)
+        if groups is None or len(groups) <= idx:
+            continue
+        item = groups[idx].get(seq)
+        if item is not None and len(item) > 0 and keyword in item[0]:
+            return item[0].get(keyword)
+    return None
+
+
+def _frames_of(ds: Dataset, ds_index: int) -> list[_Frame]:
+    """Geometry and rescale of every frame of one dataset."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    frames: list[_Frame] = []
+    for f in range(n):
+        if enhanced:
+            ipp = _group_attr(ds, f, "PlanePositionSequence", "ImagePositionPatient")
+            iop = _group_attr(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient")
+            ps = _group_attr(ds, f, "PixelMeasuresSequence", "PixelSpacing")
+            slope = _group_attr(ds, f, "PixelValueTransformationSequence", "RescaleSlope")
+            intercept = _group_attr(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
+        else:
+            ipp, iop, ps = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
+            slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        if ipp is None or iop is None:
+            raise SeriesLoadError(f"instance {ds.get('SOPInstanceUID', ds_index)} frame {f + 1} has no image "
+                                  "position/orientation (not a cross-sectional image)")
+        if ps is None:
+            raise SeriesLoadError(f"instance {ds.get('SOPInstanceUID', ds_index)} has no PixelSpacing")
+        spacing = _floats(ps, 2, "PixelSpacing")
+        frames.append(_Frame(
+            ds_index=ds_index, frame=f, position=_floats(ipp, 3, "ImagePositionPatient"),
+            orientation=_floats(iop, 6, "ImageOrientationPatient"), spacing=(float(spacing[0]), float(spacing[1])),
+            slope=float(slope) if slope not in (None, "") else 1.0,
+            intercept=float(intercept) if intercept not in (None, "") else 0.0,
+        ))
+    return frames
+
+
+def _check_uniform(frames: list[_Frame], datasets: list[Dataset]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Common row/column/normal directions; refuses mixed orientations, sizes or pixel spacings."""
+    iop0 = frames[0].orientation
+    for fr in frames[1:]:
+        if np.abs(fr.orientation - iop0).max() > _ORIENT_TOL:
+            raise SeriesLoadError(
+                f"mixed image orientations in the series ({_fmt(iop0)} and {_fmt(fr.orientation)})")
+        if np.abs(np.subtract(fr.spacing, frames[0].spacing)).max() > 1e-3:
+            raise SeriesLoadError(f"mixed pixel spacings in the series ({frames[0].spacing} and {fr.spacing})")
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(sizes) > 1:
+        raise SeriesLoadError(f"mixed image sizes in the series: {sorted(sizes)}")
+    row, col = iop0[:3], iop0[3:]
+    if abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01 or abs(row @ col) > 0.01:
+        raise SeriesLoadError(f"invalid ImageOrientationPatient {_fmt(iop0)}")
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    return row, col, normal / np.linalg.norm(normal)
+
+
+def _nominal_thickness(ds: Dataset) -> float:
+    """Slice spacing to use for a single-slice series: SpacingBetweenSlices, else SliceThickness, else 1 mm."""
+    for kw in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            v = float(ds.get(kw) or _group_attr(ds, 0, "PixelMeasuresSequence", kw) or 0)
+        except (TypeError, ValueError):
+            v = 0.0
+        if v > 0:
+            return v
+    return 1.0
+
+
+def _fmt(v: np.ndarray) -> str:
+    return "[" + ", ".join(f"{x:.3g}" for x in v) + "]"
+
+
+@dataclass
+class _Plan:
+    order: list[int]  # frame indices, sorted along the normal
+    positions: np.ndarray  # positions along the normal of the sorted frames (mm)
+    step: float  # slice spacing of the output grid (mm)
+    n_out: int  # number of output slices
+
+
+def _plan_slices(
+    frames: list[_Frame], row: np.ndarray, col: np.ndarray, normal: np.ndarray, pixel_spacing: tuple[float, float],
+    max_gap_factor: float, max_gap_mm: float, warnings: list[str], single_step: float = 1.0,
+) -> _Plan:
+    """Sort frames along the normal; check tilt, duplicates and gaps; choose the output slice grid."""
+    pos = np.array([fr.position for fr in frames])
+    s = pos @ normal
+    order = list(np.argsort(s, kind="stable"))
+    s_sorted = s[order]
+    if len(frames) == 1:
+        return _Plan(order=order, positions=s_sorted, step=single_step, n_out=1)
+    d = np.diff(s_sorted)
+    if (d < 1e-3).any():
+        i = int(np.argmin(d))
+        raise SeriesLoadError(
+            f"several images at the same slice position ({s_sorted[i]:.2f} mm along the slice normal): "
+            "more than one acquisition or stack in the series")
+    # Gantry tilt: the in-plane drift of the image origin along the stack.
+    p_sorted = pos[order]
+    rel = p_sorted - p_sorted[0]
+    drift = np.stack([rel @ row / pixel_spacing[1], rel @ col / pixel_spacing[0]], axis=1)
+    max_drift = float(np.abs(drift).max())
+    if max_drift > 0.5:
+        span = float(s_sorted[-1] - s_sorted[0])
+        inplane = float(np.linalg.norm(rel[-1] - (rel[-1] @ normal) * normal))
+        angle = float(np.degrees(np.arctan2(inplane, span)))
+        raise SeriesLoadError(
+            f"gantry tilt of {angle:.1f} degrees (slices shift {max_drift:.1f} pixels in-plane across the series); "
+            "tilted acquisitions are not supported")
+    step = float(np.median(d))
+    tol = max(0.01 * step, 0.01)
+    if np.abs(d - step).max() <= tol:
+        return _Plan(order=order, positions=s_sorted, step=step, n_out=len(order))
+    gap_i = int(np.argmax(d))
+    gap = float(d[gap_i])
+    where = f"between {s_sorted[gap_i]:.2f} and {s_sorted[gap_i + 1]:.2f} mm"
+    if gap > max_gap_factor * step + tol or gap > max_gap_mm:
+        raise SeriesLoadError(
+            f"gap of {gap:.2f} mm in the slice positions {where} (nominal spacing {step:.2f} mm): "
+            "missing slices")
+    span = float(s_sorted[-1] - s_sorted[0])
+    n_out = int(round(span / step)) + 1
+    out_step = span / (n_out - 1)
+    n_missing = n_out - len(order)
+    what = f"{n_missing} missing slice(s)" if n_missing > 0 else "uneven slice spacing"
+    warnings.append(
+        f"{what}: largest gap {gap:.2f} mm {where} (nominal {step:.2f} mm); "
+        f"interpolated linearly onto a {out_step:.3f} mm grid")
+    return _Plan(order=order, positions=s_sorted, step=out_step, n_out=n_out)
+
+
+# ------------------------------------------------------------------------------------------------ pixels
+
+
+def _read_full(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError:
+        try:
+            return pydicom.dcmread(path, force=True)
+        except Exception as exc:  # noqa: BLE001
+            raise SeriesLoadError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise SeriesLoadError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+
+
+def _stored_pixels(ds: Dataset) -> np.ndarray:
+    """Stored pixel values as (frames, rows, cols), decoding compressed data when needed."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise SeriesLoadError("colour images are not CT")
+    tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    bits = int(ds.BitsAllocated)
+    simple = (
+        tsyntax is not None and not tsyntax.is_compressed and tsyntax.is_little_endian
+        and bits in (8, 16, 32) and int(ds.BitsStored) == bits and "PixelData" in ds
+    )
+    if simple:
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}").newbyteorder("<")
+        raw = ds.PixelData
+        need = rows * cols * n * dtype.itemsize
+        if len(raw) >= need:
+            return np.frombuffer(raw, dtype=dtype, count=rows * cols * n).reshape(n, rows, cols)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001
+        syntax = tsyntax.name if tsyntax is not None else "unknown transfer syntax"
+        raise SeriesLoadError(f"cannot decode pixel data ({syntax}): {exc}") from exc
+    return arr.reshape(n, rows, cols)
+
+
+def _to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
+    """out = max(stored * slope + intercept, -1024) in float32, in as few passes as possible."""
+    if slope == 1.0:
+        np.add(stored, np.float32(intercept), out=out, dtype=np.float32)
+    else:
+        np.multiply(stored, np.float32(slope), out=out, dtype=np.float32)
+        if intercept:
+            out += np.float32(intercept)
+    lowest = float(stored.min()) * slope + intercept if slope > 0 else float(stored.max()) * slope + intercept
+    if lowest < HU_AIR:
+        np.maximum(out, np.float32(HU_AIR), out=out)
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Stored pixels equal to PixelPaddingValue (or within the padding range), or None."""
+    pad = ds.get("PixelPaddingValue")
+    if pad is None:
+        return None
+    lim = ds.get("PixelPaddingRangeLimit")
+    pad = int(pad)
+    if int(ds.get("PixelRepresentation", 0)) == 1 and pad >= 2 ** (int(ds.BitsAllocated) - 1):
+        pad -= 2 ** int(ds.BitsAllocated)  # signed value read as unsigned (US vs SS ambiguity)
+    if lim is None:
+        return stored == pad
+    lim = int(lim)
+    lo, hi = min(pad, lim), max(pad, lim)
+    return (stored >= lo) & (stored <= hi)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_series(
+    paths: Sequence[str | Path], *, max_gap_factor: float = 2.0, max_gap_mm: float = 10.0, workers: int | None = None
+) -> CTSeries:
+    """Load one DICOM series into a float32 HU image on its own (sorted) grid.
+
+    Slices with a gap up to ``max_gap_factor`` times the nominal spacing (and at most ``max_gap_mm``) are
+    interpolated with a warning; larger gaps, gantry tilt, mixed orientations or sizes raise
+    :class:`SeriesLoadError`. Padding pixels and anything below -1024 HU become -1024 HU (air).
+    """
+    if not paths:
+        raise SeriesLoadError("no files")
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        datasets = list(pool.map(_read_full, [Path(p) for p in paths]))
+    datasets = _dedupe(datasets)
+    uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(uids) > 1:
+        raise SeriesLoadError(f"files from {len(uids)} different series")
+    for ds in datasets:
+        if "PixelData" not in ds and "FloatPixelData" not in ds:
+            raise SeriesLoadError(f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data")
+    warnings: list[str] = []
+    frames = [fr for i, ds in enumerate(datasets) for fr in _frames_of(ds, i)]
+    row, col, normal = _check_uniform(frames, datasets)
+    pixel_spacing = frames[0].spacing
+    plan = _plan_slices(frames, row, col, normal, pixel_spacing, max_gap_factor, max_gap_mm, warnings,
+                        _nominal_thickness(datasets[0]))
+    src, padded = _decode_sorted(datasets, frames, plan.order, workers)
+    if padded:
+        warnings.append(f"pixel padding set to {HU_AIR:.0f} HU on {padded} frame(s)")
+
+    sorted_refs = [(frames[i].ds_index, frames[i].frame) for i in plan.order]
+    if plan.n_out == len(plan.order):
+        vol, refs = src, sorted_refs
+    else:
+        vol, refs = _interpolate_slices(src, plan, sorted_refs)
+        src = vol
+
+    first = frames[plan.order[0]].position
+    image = sitk.GetImageFromArray(vol, isVector=False)
+    del vol, src
+    image.SetOrigin(tuple(float(v) for v in first))
+    image.SetSpacing((pixel_spacing[1], pixel_spacing[0], float(plan.step)))
+    direction = np.column_stack([row, col, normal])
+    image.SetDirection(tuple(float(v) for v in direction.ravel()))
+    ds0 = datasets[0]
+    for w in warnings:
+        log.warning("series %s: %s", ds0.get("SeriesInstanceUID", "?"), w)
+    return CTSeries(
+        image=image,
+        datasets=datasets,
+        frame_refs=refs,
+        series_instance_uid=str(ds0.get("SeriesInstanceUID", "")),
+        study_instance_uid=str(ds0.get("StudyInstanceUID", "")),
+        warnings=warnings,
+    )
+
+
+def _decode_sorted(
+    datasets: list[Dataset], frames: list[_Frame], order: list[int], workers: int
+) -> tuple[np.ndarray, int]:
+    """HU (float32) of every frame, stacked in ``order``; also the number of frames with padding."""
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    slot = {frame_i: k for k, frame_i in enumerate(order)}
+    src = np.empty((len(frames), rows, cols), dtype=np.float32)
+    frame_start = np.cumsum([0] + [int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets])
+
+    def fill(i: int) -> int:
+        ds = datasets[i]
+        stored = _stored_pixels(ds)
+        pad = _padding_mask(ds, stored)
+        n_padded = 0
+        for f in range(stored.shape[0]):
+            fr = frames[frame_start[i] + f]
+            out = src[slot[frame_start[i] + f]]
+            _to_hu(stored[f], fr.slope, fr.intercept, out)
+            if pad is not None and pad[f].any():
+                out[pad[f]] = HU_AIR
+                n_padded += 1
+        return n_padded
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        padded = sum(pool.map(fill, range(len(datasets))))
+    return src, padded
+
+
+def _dedupe(datasets: list[Dataset]) -> list[Dataset]:
+    """Drop repeated copies of the same SOP instance."""
+    seen: set[str] = set()
+    out: list[Dataset] = []
+    for ds in datasets:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if uid and uid in seen:
+            continue
+        seen.add(uid)
+        out.append(ds)
+    return out
+
+
+def _interpolate_slices(
+    src: np.ndarray, plan: _Plan, refs: list[tuple[int, int]]
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Linear interpolation of the sorted slices onto a uniform grid along the normal."""
+    s = plan.positions
+    grid = s[0] + plan.step * np.arange(plan.n_out)
+    grid[-1] = s[-1]
+    out = np.empty((plan.n_out, *src.shape[1:]), dtype=np.float32)
+    out_refs: list[tuple[int, int]] = []
+    tol = 0.01 * plan.step
+    for k, z in enumerate(grid):
+        j = int(np.clip(np.searchsorted(s, z, side="right") - 1, 0, len(s) - 2))
+        w = float((z - s[j]) / (s[j + 1] - s[j]))
+        if abs(z - s[j]) <= tol:
+            out[k] = src[j]
+            out_refs.append(refs[j])
+        elif abs(z - s[j + 1]) <= tol:
+            out[k] = src[j + 1]
+            out_refs.append(refs[j + 1])
+        else:
+            np.multiply(src[j], np.float32(1.0 - w), out=out[k])
+            out[k] += np.float32(w) * src[j + 1]
+            out_refs.append((-1, -1))
+    return out, out_refs

@@ -1,0 +1,105 @@
+"""Resampling between a source CT grid and the method grid (0.7 x 0.7 x 2.5 mm, axis-aligned LPS).
+
+On the method grid ``sitk.GetArrayFromImage`` gives (z, y, x) with z increasing toward the head and x toward
+the patient's left. When the source grid is already axis-aligned with the method spacing (the common axial
+case, in any slice order or orientation sign) the resampling is an exact flip/transpose, not an interpolation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = ["METHOD_SPACING", "resample_to_method_grid", "resample_label_like", "mask_to_source_grid"]
+
+METHOD_SPACING: tuple[float, float, float] = (0.7, 0.7, 2.5)  # (x, y, z) mm
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _direction(image: sitk.Image) -> np.ndarray:
+    return np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+
+
+def _extent(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Physical (LPS) min and max corners of the voxel centres of ``image``."""
+    size = np.asarray(image.GetSize(), dtype=np.float64) - 1.0
+    corners = np.array([[i, j, k] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])])
+    d = _direction(image)
+    pts = np.asarray(image.GetOrigin()) + (corners * np.asarray(image.GetSpacing())) @ d.T
+    return pts.min(axis=0), pts.max(axis=0)
+
+
+def _axis_permutation(image: sitk.Image, spacing: tuple[float, float, float]) -> tuple[list[int], list[bool]] | None:
+    """For an axis-aligned image with the target spacing: physical axis p <- image axis perm[p], flipped or not."""
+    d = _direction(image)
+    if not np.allclose(np.abs(d), np.round(np.abs(d)), atol=1e-6):
+        return None
+    perm = [int(np.argmax(np.abs(d[p]))) for p in range(3)]  # image axis along physical axis p
+    if sorted(perm) != [0, 1, 2]:
+        return None
+    sp = image.GetSpacing()
+    if not all(abs(sp[perm[p]] - spacing[p]) <= 1e-4 * spacing[p] for p in range(3)):
+        return None
+    flips = [bool(d[p, perm[p]] < 0) for p in range(3)]
+    return perm, flips
+
+
+def _same_geometry(image: sitk.Image, spacing: tuple[float, float, float], origin: np.ndarray) -> bool:
+    return (
+        np.allclose(image.GetSpacing(), spacing, rtol=1e-7, atol=0)
+        and np.allclose(image.GetOrigin(), origin, rtol=0, atol=1e-6)
+        and np.allclose(image.GetDirection(), _IDENTITY, rtol=0, atol=1e-9)
+    )
+
+
+def resample_to_method_grid(
+    image: sitk.Image, spacing: tuple[float, float, float] = METHOD_SPACING, default_hu: float = -1024.0
+) -> sitk.Image:
+    """Resample a CT image (linear) onto an axis-aligned LPS grid with ``spacing`` (x, y, z) mm.
+
+    The output has identity direction, float32 pixels and covers the input's physical extent (voxel centres);
+    points outside the input get ``default_hu``.
+    """
+    spacing = tuple(float(s) for s in spacing)  # type: ignore[assignment]
+    lo, hi = _extent(image)
+    exact = _axis_permutation(image, spacing)
+    if exact is not None:
+        perm, flips = exact
+        out = image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+        if perm != [0, 1, 2]:
+            out = sitk.PermuteAxes(out, perm)
+        if any(flips):
+            out = sitk.Flip(out, flips, False)
+        if out is image:
+            out = sitk.Image(image)  # shallow copy-on-write: shares the pixels until either image changes
+            if _same_geometry(out, spacing, lo):
+                return out
+        out.SetSpacing(spacing)
+        out.SetOrigin(tuple(float(v) for v in lo))
+        out.SetDirection(_IDENTITY)
+        return out
+    size = [int(np.floor((hi[p] - lo[p]) / spacing[p] + 1e-3)) + 1 for p in range(3)]
+    return sitk.Resample(
+        image, size, sitk.Transform(), sitk.sitkLinear, tuple(float(v) for v in lo), spacing, _IDENTITY,
+        float(default_hu), sitk.sitkFloat32,
+    )
+
+
+def resample_label_like(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour resampling of a label image onto ``reference``'s grid (pixel type kept)."""
+    return sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, label.GetPixelID())
+
+
+def mask_to_source_grid(mask: np.ndarray, method_image: sitk.Image, source_image: sitk.Image) -> np.ndarray:
+    """Map a binary mask (z, y, x) on ``method_image``'s grid onto ``source_image``'s grid.
+
+    Returns uint8 shaped like ``sitk.GetArrayFromImage(source_image)`` (k, rows, cols). Exact when the grids
+    are related by a flip/transpose; otherwise the mask is interpolated linearly and thresholded at 0.5.
+    """
+    mask = np.asarray(mask)
+    if mask.shape != sitk.GetArrayViewFromImage(method_image).shape:
+        raise ValueError(f"mask shape {mask.shape} does not match the method image {method_image.GetSize()[::-1]}")
+    m = sitk.GetImageFromArray((mask > 0).astype(np.float32))
+    m.CopyInformation(method_image)
+    out = sitk.Resample(m, source_image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return (sitk.GetArrayViewFromImage(out) >= 0.5).astype(np.uint8)

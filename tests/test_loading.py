@@ -1,0 +1,273 @@
+"""Loading DICOM CT series: order, orientation, rescale, padding, gaps, tilt, multi-frame, compression."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+
+from lpm_node.loading import SeriesLoadError, find_series, load_series
+from lpm_node.phantom import Phantom
+from lpm_node.resampling import resample_to_method_grid
+from tests.support_phantom import flip_columns, hu_of, new_uid, rewrite, set_pixels, small_phantom, write_series
+
+
+@pytest.fixture(scope="module")
+def ph() -> Phantom:
+    return small_phantom(38.0, n_slices=24, seed=7)
+
+
+def _grid(ph: Phantom) -> tuple[float, float, float]:
+    return (ph.spacing[2], ph.spacing[1], ph.spacing[0])
+
+
+def _on_phantom_grid(image: sitk.Image, ph: Phantom) -> np.ndarray:
+    out = resample_to_method_grid(image, spacing=_grid(ph))
+    assert out.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    assert np.allclose(out.GetOrigin(), ph.origin, atol=1e-3)
+    return sitk.GetArrayFromImage(out)
+
+
+@pytest.mark.parametrize("feet_first", [False, True])
+def test_head_first_and_feet_first_give_the_phantom(ph: Phantom, tmp_path: Path, feet_first: bool) -> None:
+    paths = write_series(ph, tmp_path, feet_first=feet_first)
+    random.Random(1).shuffle(paths)
+    series = load_series(paths)
+    assert series.warnings == []
+    assert series.image.GetPixelID() == sitk.sitkFloat32
+    assert series.image.GetSize() == (128, 128, 24)
+    assert len(series.frame_refs) == 24 and len(series.datasets) == 24
+    # k follows the slice order: ascending z (normal of IOP [1,0,0,0,1,0] is +z)
+    z = [float(series.datasets[i].ImagePositionPatient[2]) for i, _ in series.frame_refs]
+    assert np.all(np.diff(z) > 0)
+    arr = _on_phantom_grid(series.image, ph)
+    assert np.array_equal(arr, ph.hu.astype(np.float32))
+    # liver on the patient's right: low x columns
+    cols = np.nonzero(ph.masks["liver"])[2]
+    assert arr[ph.masks["liver"].astype(bool)].mean() == pytest.approx(38.0, abs=1.0)
+    assert cols.mean() < arr.shape[2] / 2
+    assert series.series_instance_uid == str(series.datasets[0].SeriesInstanceUID)
+    assert series.study_instance_uid == str(series.datasets[0].StudyInstanceUID)
+
+
+def test_flipped_orientation_same_patient(ph: Phantom, tmp_path: Path) -> None:
+    paths = write_series(ph, tmp_path)
+    flip_columns(paths)
+    series = load_series(paths)
+    d = np.asarray(series.image.GetDirection()).reshape(3, 3)
+    assert d[0, 0] == -1.0 and d[2, 2] == -1.0  # column axis toward the right, slices sorted toward the feet
+    assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
+    # the source grid keeps the DICOM columns: voxel (i=0) is the patient's leftmost column
+    src = sitk.GetArrayFromImage(series.image)
+    ds0 = series.datasets[series.frame_refs[0][0]]
+    assert np.array_equal(src[0], hu_of(ds0).astype(np.float32))
+
+
+@pytest.mark.parametrize("variant", ["slope", "signed", "per_frame"])
+def test_rescale_variants(ph: Phantom, tmp_path: Path, variant: str) -> None:
+    paths = write_series(ph, tmp_path)
+
+    def edit(ds: pydicom.Dataset, i: int) -> None:
+        hu = hu_of(ds)
+        if variant == "slope":
+            set_pixels(ds, ((hu + 1024) * 2).astype(np.uint16))
+            ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-1024"
+        elif variant == "signed":
+            set_pixels(ds, hu.astype(np.int16))
+            ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
+        else:
+            set_pixels(ds, (hu + 1024 + 10 * i).astype(np.uint16))
+            ds.RescaleIntercept = str(-1024 - 10 * i)
+
+    rewrite(paths, edit)
+    assert np.array_equal(_on_phantom_grid(load_series(paths).image, ph), ph.hu.astype(np.float32))
+
+
+def test_padding_becomes_air(ph: Phantom, tmp_path: Path) -> None:
+    paths = write_series(ph, tmp_path)
+    body = ph.masks["body"].astype(bool)
+    zs = ph.z_positions()
+
+    def edit(ds: pydicom.Dataset, _: int) -> None:
+        k = int(np.argmin(np.abs(zs - float(ds.ImagePositionPatient[2]))))
+        hu = hu_of(ds).astype(np.int16)
+        hu[~body[k]] = -2000
+        set_pixels(ds, hu)
+        ds.RescaleIntercept = "0"
+        ds.add_new(0x00280120, "SS", -2000)  # PixelPaddingValue, signed like the pixels
+
+    rewrite(paths, edit)
+    series = load_series(paths)
+    arr = _on_phantom_grid(series.image, ph)
+    assert arr.min() == -1024.0
+    assert np.array_equal(arr[body], ph.hu[body].astype(np.float32))
+    assert (arr[~body] == -1024.0).all()
+    assert any("padding" in w for w in series.warnings)
+
+
+def test_one_missing_slice_is_interpolated(ph: Phantom, tmp_path: Path) -> None:
+    paths = write_series(ph, tmp_path, feet_first=True)
+    paths[10].unlink()
+    series = load_series(paths[:10] + paths[11:])
+    assert any("missing" in w for w in series.warnings), series.warnings
+    assert series.image.GetSize()[2] == 24
+    assert series.frame_refs[10] == (-1, -1)
+    assert all(r != (-1, -1) for k, r in enumerate(series.frame_refs) if k != 10)
+    arr = _on_phantom_grid(series.image, ph)
+    keep = np.ones(24, dtype=bool)
+    keep[10] = False
+    assert np.array_equal(arr[keep], ph.hu[keep].astype(np.float32))
+    expected = (ph.hu[9].astype(np.float32) + ph.hu[11]) / 2
+    assert np.allclose(arr[10], expected, atol=1e-3)
+
+
+def test_large_gap_is_refused(ph: Phantom, tmp_path: Path) -> None:
+    paths = write_series(ph, tmp_path, feet_first=True)
+    with pytest.raises(SeriesLoadError, match=r"gap of 10\.00 mm"):
+        load_series(paths[:10] + paths[13:])
+
+
+def test_uneven_spacing_is_detected(ph: Phantom, tmp_path: Path) -> None:
+    paths = write_series(ph, tmp_path, feet_first=True)
+    rewrite(paths[12:], lambda ds, _: setattr(ds, "ImagePositionPatient",
+                                               [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 1.0]))
+    series = load_series(paths)
+    assert any("uneven" in w or "missing" in w for w in series.warnings)
+    assert series.image.GetSize()[2] in (24, 25)
+
+
+def test_gantry_tilt_is_refused(ph: Phantom, tmp_path: Path) -> None:
+    paths = write_series(ph, tmp_path, feet_first=True)
+    shift = np.tan(np.radians(15.0)) * ph.spacing[0]
+
+    def edit(ds: pydicom.Dataset, i: int) -> None:
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [ipp[0], ipp[1] + i * shift, ipp[2]]
+        ds.GantryDetectorTilt = "15"
+
+    rewrite(paths, edit)
+    with pytest.raises(SeriesLoadError, match=r"gantry tilt of 15\.0 degrees"):
+        load_series(paths)
+
+
+def test_mixed_orientation_size_and_duplicates_refused(ph: Phantom, tmp_path: Path) -> None:
+    paths = write_series(ph, tmp_path / "a")
+    rewrite(paths[3:4], lambda ds, _: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 0, -1]))
+    with pytest.raises(SeriesLoadError, match="mixed image orientations"):
+        load_series(paths)
+
+    paths = write_series(ph, tmp_path / "b")
+
+    def shrink(ds: pydicom.Dataset, _: int) -> None:
+        set_pixels(ds, ds.pixel_array[:64, :64].copy())
+        ds.Rows = ds.Columns = 64
+
+    rewrite(paths[5:6], shrink)
+    with pytest.raises(SeriesLoadError, match="mixed image sizes"):
+        load_series(paths)
+
+    paths = write_series(ph, tmp_path / "c")
+    dup = tmp_path / "c" / "dup.dcm"
+    shutil.copy(paths[4], dup)
+    rewrite([dup], lambda ds, _: new_uid(ds))
+    with pytest.raises(SeriesLoadError, match="same slice position"):
+        load_series([*paths, dup])
+    # an exact duplicate (same SOP instance) is harmless
+    shutil.copy(paths[4], dup)
+    assert load_series([*paths, dup]).image.GetSize()[2] == 24
+
+
+def test_find_series_skips_non_dicom(ph: Phantom, tmp_path: Path) -> None:
+    a = write_series(ph, tmp_path / "s" / "a", series_number=2)
+    b = write_series(ph, tmp_path / "s" / "b", series_number=3)
+    (tmp_path / "s" / "notes.txt").write_text("not dicom")
+    (tmp_path / "s" / "a" / "garbage.dcm").write_bytes(b"\x00" * 300)
+    found = find_series(tmp_path / "s")
+    assert len(found) == 2
+    assert sorted(map(len, found.values())) == [len(a), len(b)]
+    uid = str(pydicom.dcmread(a[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert sorted(found[uid]) == sorted(a)
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [pydicom.uid.RLELossless, pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEGLSLossless, pydicom.uid.JPEGLosslessSV1,
+     pydicom.uid.ImplicitVRLittleEndian],
+)
+def test_compressed_phantom(tmp_path: Path, syntax: str) -> None:
+    ph = small_phantom(20.0, n_slices=6, seed=2)
+    paths = write_series(ph, tmp_path, transfer_syntax=syntax, feet_first=True)
+    series = load_series(paths)
+    assert series.datasets[0].file_meta.TransferSyntaxUID == syntax
+    assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
+
+
+def test_legacy_converted_enhanced_ct(ph: Phantom, tmp_path: Path) -> None:
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    paths = write_series(ph, tmp_path / "single", feet_first=False)
+    legacy = [pydicom.dcmread(p) for p in paths]
+    mf = LegacyConvertedEnhancedCTImage(
+        legacy, series_instance_uid=pydicom.uid.generate_uid(), series_number=9,
+        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+    )
+    out = tmp_path / "mf.dcm"
+    mf.save_as(out)
+    series = load_series([out])
+    assert len(series.datasets) == 1 and int(series.datasets[0].NumberOfFrames) == 24
+    assert sorted(f for _, f in series.frame_refs) == list(range(24))
+    assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
+
+
+def test_pydicom_data_enhanced_ct() -> None:
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    ds = pydicom.dcmread(path)
+    series = load_series([path])
+    assert series.image.GetSize() == (512, 512, 2)
+    assert series.image.GetSpacing()[2] == pytest.approx(10.0)
+    d = np.asarray(series.image.GetDirection()).reshape(3, 3)
+    assert d[0, 0] == -1.0  # IOP [-1, 0, 0, 0, 1, 0]
+    z = [float(ds.PerFrameFunctionalGroupsSequence[f].PlanePositionSequence[0].ImagePositionPatient[2])
+         for _, f in series.frame_refs]
+    assert z[0] > z[1]  # sorted along the normal, which points to the feet here
+    src = sitk.GetArrayFromImage(series.image)
+    raw = ds.pixel_array.astype(np.float32) - 1024
+    for k, (_, f) in enumerate(series.frame_refs):
+        assert np.array_equal(src[k], np.maximum(raw[f], -1024))
+    method = resample_to_method_grid(series.image)
+    assert method.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def test_pydicom_data_jpeg2000_ct_matches_uncompressed() -> None:
+    j2k = load_series([get_testdata_file("693_J2KR.dcm")])
+    unc = load_series([get_testdata_file("693_UNCR.dcm")])
+    assert j2k.datasets[0].file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
+    a, b = sitk.GetArrayFromImage(j2k.image), sitk.GetArrayFromImage(unc.image)
+    assert a.shape == (1, 512, 512)
+    assert np.array_equal(a, b)
+    assert -1024 <= a.min() and a.max() > 500
+
+
+def test_pydicom_data_ct_small() -> None:
+    series = load_series([get_testdata_file("CT_small.dcm")])
+    ds = series.datasets[0]
+    assert series.image.GetSize() == (128, 128, 1)
+    assert np.allclose(series.image.GetOrigin(), [float(v) for v in ds.ImagePositionPatient])
+    expected = np.maximum(ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept),
+                          -1024)
+    assert np.array_equal(sitk.GetArrayFromImage(series.image)[0], expected)
+
+
+def test_unreadable_or_empty_refused(tmp_path: Path) -> None:
+    with pytest.raises(SeriesLoadError):
+        load_series([])
+    bad = tmp_path / "x.dcm"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(SeriesLoadError):
+        load_series([bad])

@@ -1,0 +1,125 @@
+"""Resampling to the 0.7 x 0.7 x 2.5 mm method grid and mapping masks back to the source grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lpm_node.loading import load_series
+from lpm_node.phantom import make_phantom, phantom_image
+from lpm_node.resampling import METHOD_SPACING, mask_to_source_grid, resample_label_like, resample_to_method_grid
+from tests.support_phantom import flip_columns, write_series
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dl-parenchymal"
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference files not available")
+def test_reference_files_share_our_convention() -> None:
+    """The published label is on the method grid: identity direction, liver at low x (right) and low z."""
+    label = sitk.ReadImage(str(REFERENCE / "LIDC-IDRI_0002_3d_liver_seg.nii.gz"))
+    assert label.GetDirection() == IDENTITY
+    assert np.allclose(label.GetSpacing(), METHOD_SPACING, atol=1e-6)
+    assert label.GetOrigin()[2] == pytest.approx(-334.5)
+    arr = sitk.GetArrayFromImage(label)
+    zz, _, xx = np.nonzero(arr)
+    assert xx.mean() < arr.shape[2] / 2  # the liver is on the patient's right = low x
+    assert zz.mean() < arr.shape[0] / 2  # chest CT: the liver is at the inferior end = low z
+    # an image already on the method grid passes through unchanged
+    ct_like = sitk.Cast(label, sitk.sitkFloat32)
+    out = resample_to_method_grid(ct_like)
+    assert out.GetSize() == label.GetSize() and out.GetOrigin() == label.GetOrigin()
+    assert np.array_equal(sitk.GetArrayViewFromImage(out), arr.astype(np.float32))
+    # so does the phantom's own grid: same orientation conventions
+    ph = make_phantom(50.0, n_slices=12, liver_cut=True, seed=0)
+    method = resample_to_method_grid(phantom_image(ph))
+    assert method.GetDirection() == IDENTITY
+    assert np.array_equal(sitk.GetArrayViewFromImage(method), ph.hu.astype(np.float32))
+    assert np.nonzero(ph.masks["liver"])[2].mean() < 256
+
+
+def test_generic_grid_is_interpolated_linearly() -> None:
+    ph = make_phantom(30.0, n_slices=20, size=256, pixel_spacing=1.4, slice_spacing=2.0, liver_cut=True,
+                      noise_sd=0.0, seed=1)
+    src = phantom_image(ph)
+    method = resample_to_method_grid(src)
+    assert method.GetDirection() == IDENTITY
+    assert method.GetSpacing() == pytest.approx(METHOD_SPACING)
+    assert method.GetOrigin() == pytest.approx(src.GetOrigin())
+    size = method.GetSize()
+    assert size == (511, 511, int((19 * 2.0) // 2.5) + 1)
+    arr = sitk.GetArrayFromImage(method)
+    assert arr.dtype == np.float32
+    liver = resample_label_like(phantom_image(ph, ph.masks["liver_parenchyma"]), method)
+    inner = sitk.GetArrayFromImage(sitk.BinaryErode(liver, [3, 3, 1]))
+    assert inner.sum() > 1000
+    assert arr[inner.astype(bool)].mean() == pytest.approx(30.0, abs=0.01)
+    # method slice 1 (z = 2.5 mm) lies a quarter of the way between source slices 1 and 2 (2.0 and 4.0 mm);
+    # method column 2c / row 2r coincide with source column c / row r
+    hu = ph.hu.astype(np.float32)
+    expected = 0.75 * hu[1] + 0.25 * hu[2]
+    assert np.allclose(arr[1, ::2, ::2], expected, atol=1e-3)
+    # method slice 4 (10 mm) is source slice 5; halfway between two source columns: the mean of the two
+    assert np.allclose(arr[4, ::2, 1::2], 0.5 * hu[5, :, :-1] + 0.5 * hu[5, :, 1:], atol=1e-3)
+
+
+def test_outside_gets_default_and_oblique_input() -> None:
+    img = sitk.Image([20, 20, 10], sitk.sitkFloat32) + 100.0
+    img.SetSpacing((1.0, 1.0, 3.0))
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    img.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    out = resample_to_method_grid(img, default_hu=-1000.0)
+    arr = sitk.GetArrayFromImage(out)
+    assert out.GetDirection() == IDENTITY
+    assert arr.max() == pytest.approx(100.0) and arr.min() == -1000.0  # the rotated box's corners are outside
+    assert np.isclose(arr, 100.0).mean() > 0.4
+
+
+def test_label_nearest_keeps_values() -> None:
+    lab = sitk.Image([10, 10, 4], sitk.sitkUInt8)
+    lab[2:5, 2:5, 1:3] = 2
+    lab[6, 6, 2] = 7
+    ref = sitk.Image([20, 20, 4], sitk.sitkFloat32)
+    ref.SetSpacing((0.5, 0.5, 1.0))
+    out = resample_label_like(lab, ref)
+    assert out.GetPixelID() == sitk.sitkUInt8
+    assert set(np.unique(sitk.GetArrayViewFromImage(out))) == {0, 2, 7}
+
+
+@pytest.mark.parametrize("variant", ["head_first", "feet_first", "flipped_iop"])
+def test_mask_round_trip_to_source_grid(tmp_path: Path, variant: str) -> None:
+    """A truth mask taken onto the method grid and back matches the phantom's own mask on the source frames."""
+    ph = make_phantom(42.0, n_slices=20, size=224, pixel_spacing=1.6, slice_spacing=2.0, liver_cut=True, seed=3)
+    paths = write_series(ph, tmp_path, feet_first=variant == "feet_first")
+    if variant == "flipped_iop":
+        flip_columns(paths)
+    series = load_series(paths)
+    method = resample_to_method_grid(series.image)
+    truth = resample_label_like(phantom_image(ph, ph.masks["liver"]), method)
+    mask = sitk.GetArrayFromImage(truth)
+    assert mask.sum() > 10000
+    back = mask_to_source_grid(mask, method, series.image)
+    assert back.dtype == np.uint8 and back.shape == sitk.GetArrayViewFromImage(series.image).shape
+    # the phantom's mask in the source frame order and column order
+    zs = ph.z_positions()
+    expected = np.empty_like(back)
+    for k, (di, _) in enumerate(series.frame_refs):
+        ds = series.datasets[di]
+        kk = int(np.argmin(np.abs(zs - float(ds.ImagePositionPatient[2]))))
+        m = ph.masks["liver"][kk]
+        expected[k] = m[:, ::-1] if float(ds.ImageOrientationPatient[0]) < 0 else m
+    assert _dice(back, expected) > 0.97
+
+
+def test_mask_shape_mismatch_is_an_error() -> None:
+    img = sitk.Image([8, 8, 4], sitk.sitkFloat32)
+    with pytest.raises(ValueError, match="does not match"):
+        mask_to_source_grid(np.zeros((3, 8, 8), np.uint8), img, img)
