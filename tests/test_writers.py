@@ -26,6 +26,7 @@ from lpm_node.writers import (
     write_dataset,
 )
 from lpm_node.writers.keyimage import LIVER_COLOUR, ROI_COLOUR
+from lpm_node.writers.sr import library_images
 from tests.support_writers import (
     SEGIMAGE2ITKIMAGE,
     SyntheticSeries,
@@ -198,12 +199,23 @@ def test_writers_on_a_measured_phantom_are_consistent(tmp_path: Path, phantom: P
     assert mean.value == pytest.approx(measurement.dl_parenchymal_hu, abs=0.005)
     assert groups["DL-parenchymal ROI"].referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
     assert groups["DL-parenchymal ROI"].referenced_segment.referenced_segment_numbers == [2]
-    library = [
+    library = {
         item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
         for item in hd.sr.utils.find_content_items(read.ContentSequence[-3], recursive=True)
         if item.ValueType == "IMAGE"
-    ]
-    assert set(library) == {ds.SOPInstanceUID for ds in series.datasets}
+    }
+    roi_images = {series.datasets[series.frame_refs[k][0]].SOPInstanceUID for k in measurement.roi_slices}
+    assert library == roi_images and len(roi_images) == 3
+    evidence_uids = {
+        item.ReferencedSOPInstanceUID
+        for study in read.CurrentRequestedProcedureEvidenceSequence
+        for series_item in study.ReferencedSeriesSequence
+        for item in series_item.ReferencedSOPSequence
+    }
+    assert {ds.SOPInstanceUID for ds in series.datasets} | {seg.SOPInstanceUID} == evidence_uids
+    # the same library when empty frames are kept in the SEG
+    seg_all = build_seg(series.datasets, series.frame_refs, {"liver": liver, "roi": roi}, omit_empty_frames=False)
+    assert {ds.SOPInstanceUID for ds in library_images(series.datasets, seg_all)} == roi_images
 
 
 def test_seg_is_binary_uncompressed_aligned_with_source_instances() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -16,6 +17,7 @@ from lpm_node.writers.common import (
     MANUFACTURER,
     MODEL_NAME,
     SR_SERIES_NUMBER,
+    number_of_frames,
     source_series_uid,
 )
 from lpm_node.writers.seg import ARTIFICIAL_INTELLIGENCE, LIVER, SPLEEN, segment_number
@@ -261,6 +263,41 @@ def _report_evaluations(measurement: Measurement) -> hd.sr.ContainerContentItem:
     return container
 
 
+def _nonempty_frames(seg: Dataset) -> np.ndarray:
+    """For each frame of a BINARY SEG: whether any pixel is set (read from the packed bits, no full decode)."""
+    n_frames, n_pixels = number_of_frames(seg), int(seg.Rows) * int(seg.Columns)
+    packed = np.frombuffer(seg.PixelData, dtype=np.uint8)
+    if n_pixels % 8 == 0:
+        return packed[: n_frames * n_pixels // 8].reshape(n_frames, n_pixels // 8).any(axis=1)
+    bits = np.unpackbits(packed, bitorder="little")[: n_frames * n_pixels]
+    return bits.reshape(n_frames, n_pixels).any(axis=1)
+
+
+def library_images(datasets: Sequence[Dataset], seg: Dataset) -> list[Dataset]:
+    """The source images the measurement was made on, for the TID 1600 image library.
+
+    Those holding the ROI segment (or, without one, the liver segment); the middle image when both are empty.
+    Every source image is referenced anyway in the evidence of the SR.
+    """
+    nonempty = _nonempty_frames(seg)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    for key in ("roi", "liver"):
+        number = segment_number(seg, key)
+        uids: dict[str, None] = {}
+        for frame, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+            identification = item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
+            if identification[0].ReferencedSegmentNumber != number or not nonempty[frame]:
+                continue
+            for derivation in item.get("DerivationImageSequence", []):
+                for source in derivation.SourceImageSequence:
+                    uids[str(source.ReferencedSOPInstanceUID)] = None
+        images = [by_uid[uid] for uid in uids if uid in by_uid]
+        if images:
+            return images
+    return [datasets[len(datasets) // 2]]
+
+
 def build_sr(
     datasets: Sequence[Dataset],
     seg: Dataset,
@@ -288,7 +325,7 @@ def build_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=COMPUTED_TOMOGRAPHY,
         imaging_measurements=_measurement_groups(seg, measurement, series_uid, algorithm_version),
-        referenced_images=list(datasets),
+        referenced_images=library_images(datasets, seg),
     )
     report[0].ContentSequence.append(_report_evaluations(measurement))
     sr = hd.sr.Comprehensive3DSR(
