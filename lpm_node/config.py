@@ -82,6 +82,8 @@ class ModelSettings:
     device: str = "auto"  # auto | cuda | cpu
     profile: str = ""  # empty: taken from the model folder or the default "liver=1"
     threads: int = 0  # 0: number of CPU cores
+    mirroring: bool = False  # test-time mirroring (slower, slightly smoother)
+    resampling: str = "fast"  # fast: SimpleITK to and from the model spacing | nnunet: nnU-Net's own resampling
 
 
 @dataclass
