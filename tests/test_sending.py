@@ -20,6 +20,7 @@ from lpm_node.audit import Delivery, DeliveryAttempt, session_factory, utcnow
 from lpm_node.cli import main as cli_main
 from lpm_node.config import Destination, OutputSettings, load_settings
 from lpm_node.local_store import LocalStore
+from lpm_node.measurement import STEATOSIS, Measurement
 from lpm_node.sending import (
     Sender,
     _store_outcome,
@@ -29,9 +30,11 @@ from lpm_node.sending import (
     retry_deliveries,
     series_delivery_status,
 )
+from lpm_node.writers import build_key_image, build_seg, build_sr, write_dataset
 from tests import support_orthanc
 from tests.support_orthanc import Orthanc, orthanc_available
 from tests.support_sending import ResultFiles, write_ct, write_results
+from tests.support_writers import make_ct_datasets
 
 orthanc = support_orthanc.orthanc  # the fixture
 
@@ -117,6 +120,39 @@ def test_delivers_seg_sr_and_key_image_to_orthanc(orthanc: Orthanc, sessions, re
     assert sender.run_once() == 0  # nothing left to send, nothing re-sent
     assert len(attempts(sessions)) == 3
     assert len(orthanc.instances()) == 3
+
+
+def test_node_writer_outputs_arrive_in_the_source_study(orthanc: Orthanc, sessions, tmp_path: Path) -> None:
+    series = make_ct_datasets(n_slices=8, size=32)
+    for i, ds in enumerate(series.datasets):
+        orthanc.post("/instances", write_dataset(ds, tmp_path / "ct" / f"{i}.dcm").read_bytes())
+    k = 4
+    measurement = Measurement(
+        dl_parenchymal_hu=31.75, dl_volumetric_hu=36.25, liver_volume_ml=1534.5, category=STEATOSIS,
+        threshold_hu=40.0, roi_slices=[k - 2, k, k + 2], roi_centres=[[k - 2, 16, 12], [k, 16, 12], [k + 2, 16, 12]],
+        roi_pixels=[36, 36, 36], roi_sd_hu=7.5, robust_parenchymal_hu=33.5, roi_in_liver_fraction=1.0,
+        qc_flags=[], spleen_hu=None, liver_minus_spleen_hu=None,
+    )
+    seg = build_seg(series.datasets, series.frame_refs, {"liver": series.liver, "roi": series.roi})
+    sr = build_sr(series.datasets, seg, measurement)
+    key = build_key_image(series.datasets, series.frame_refs, k, series.roi[k], series.liver[k], measurement)
+    objects = [
+        (kind, write_dataset(ds, tmp_path / "out" / f"{kind}.dcm"), str(ds.SOPInstanceUID))
+        for kind, ds in (("SEG", seg), ("SR", sr), ("KEY", key))
+    ]
+    source_uid = str(series.datasets[0].SeriesInstanceUID)
+    with sessions() as session, session.begin():
+        enqueue_results(
+            session, job_id=None, series_instance_uid=source_uid, objects=objects, destinations=[to_orthanc(orthanc)]
+        )
+    assert Sender(sessions, output(), "LPM_NODE", timeout_s=10).run_once() == 3
+    assert len(orthanc.studies()) == 1  # same study as the CT
+    assert len(orthanc.series()) == 4
+    for kind, _, uid in objects:
+        (found,) = orthanc.find_by_sop_uid(uid)
+        tags = orthanc.instance_tags(found)
+        assert tags["StudyInstanceUID"] == series.datasets[0].StudyInstanceUID, kind
+        assert tags["PatientID"] == series.datasets[0].PatientID, kind
 
 
 def test_pacs_down_keeps_results_queued_with_backoff_then_delivers_once(
