@@ -437,3 +437,16 @@ def test_write_dataset_is_atomic_and_readable(tmp_path: Path) -> None:
     path = write_dataset(seg, tmp_path / "out" / "seg.dcm")
     assert path.exists() and [p.name for p in path.parent.iterdir()] == ["seg.dcm"]
     assert pydicom.dcmread(path).SOPInstanceUID == seg.SOPInstanceUID
+
+
+@needs_dciodvfy
+def test_key_image_not_assessable_validates_and_says_so(tmp_path: Path) -> None:
+    series = make_ct_datasets(n_slices=6, size=96)
+    empty = np.zeros((96, 96), np.uint8)
+    measurement = _measurement(dl_parenchymal_hu=None, category=NOT_ASSESSABLE, qc_flags=["no_liver"])
+    image = build_key_image(series.datasets, series.frame_refs, 2, empty, empty, measurement)
+    errors, _ = run_dciodvfy(write_dataset(image, tmp_path / "key.dcm"))
+    assert errors == []
+    rgb = image.pixel_array
+    yellowish = (rgb[..., 0] > 150) & (rgb[..., 1] > 100) & (rgb[..., 2] < 80)  # the not-assessable text colour
+    assert yellowish[:40].sum() > 20 and not np.any(np.all(rgb == ROI_COLOUR, axis=-1))

@@ -77,6 +77,22 @@ def result_lines(measurement: Measurement) -> list[str]:
     return lines
 
 
+def _wrap(lines: list[str], draw: ImageDraw.ImageDraw, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Break lines at ", " or spaces so that each fits ``width`` pixels (a single long word stays whole)."""
+    out: list[str] = []
+    for line in lines:
+        current = ""
+        for word in line.split(" "):
+            candidate = f"{current} {word}" if current else word
+            if current and draw.textlength(candidate, font=font) > width:
+                out.append(current)
+                current = "  " + word
+            else:
+                current = candidate
+        out.append(current)
+    return out
+
+
 def render_key_image(
     hu: np.ndarray, roi_mask_slice: np.ndarray, liver_mask_slice: np.ndarray, measurement: Measurement
 ) -> np.ndarray:
@@ -93,7 +109,7 @@ def render_key_image(
     font = ImageFont.load_default(size=size)
     colour = TEXT_COLOURS.get(measurement.category, DEFAULT_TEXT_COLOUR)
     y = size // 2
-    for line in result_lines(measurement):
+    for line in _wrap(result_lines(measurement), draw, font, cols - size):
         draw.text((size // 2, y), line, fill=colour, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
         y += round(size * 1.3)
     draw.text((size // 2, rows - size * 2), "lpm-node (not for primary diagnosis)", fill=(200, 200, 200), font=font)
