@@ -165,10 +165,13 @@ class Orthanc:
         except OSError:
             return False
 
-    def stop(self) -> None:
-        """Stop Orthanc (SIGTERM, then SIGKILL after 20 s); the storage is kept."""
+    def stop(self, graceful: bool = True) -> None:
+        """Stop Orthanc (SIGTERM, then SIGKILL after 20 s; at once when not ``graceful``); the storage is kept."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
+            return
+        if not graceful:
+            _terminate(proc)
             return
         try:
             os.kill(proc.pid, signal.SIGCONT)  # in case it was frozen
@@ -202,7 +205,7 @@ class Orthanc:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.stop(graceful=False)  # the end of a test: nothing to keep, no need to wait for a clean shutdown
 
     # -- REST ----------------------------------------------------------------------------------------------
 
@@ -267,4 +270,4 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(graceful=False)
