@@ -245,7 +245,7 @@ def test_seg_is_binary_uncompressed_aligned_with_source_instances() -> None:
     np.testing.assert_array_equal(pixels[..., 1], series.roi)
 
 
-def test_seg_on_a_multiframe_enhanced_ct() -> None:
+def test_seg_and_key_image_on_a_multiframe_enhanced_ct(tmp_path: Path) -> None:
     from pydicom.data import get_testdata_file
 
     path = get_testdata_file("eCT_Supplemental.dcm")
@@ -264,6 +264,12 @@ def test_seg_on_a_multiframe_enhanced_ct() -> None:
     np.testing.assert_array_equal(pixels[1, ..., 0], liver[0])
     np.testing.assert_array_equal(pixels[1, ..., 1], roi[0])
     assert not pixels[0].any()
+    key = build_key_image([ect], [(0, 1), (0, 0)], 0, roi[0], liver[0], _measurement())
+    assert key.SourceImageSequence[0].ReferencedFrameNumber == 2
+    if shutil.which("dciodvfy"):
+        for name, ds in (("seg", seg), ("key", key)):
+            errors, warnings = run_dciodvfy(write_dataset(ds, tmp_path / f"{name}.dcm"))
+            assert errors == [], (name, warnings)
 
 
 def test_seg_rejects_masks_that_do_not_fit() -> None:

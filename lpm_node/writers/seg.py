@@ -173,7 +173,7 @@ def build_seg(
         software_versions=algorithm_version,
         device_serial_number=DEVICE_SERIAL,
         content_label="LIVER_SEG",
-        content_description="Liver and DL-parenchymal ROI"[:64],
+        content_description="Liver, DL-parenchymal ROI and spleen",
         content_creator_name=None,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=omit,
