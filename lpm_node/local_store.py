@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -29,6 +28,8 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from lpm_node.spool import is_valid_uid
+
 LOG = logging.getLogger(__name__)
 
 DEFAULT_SOP_CLASSES: tuple[str, ...] = (
@@ -38,13 +39,12 @@ DEFAULT_SOP_CLASSES: tuple[str, ...] = (
     str(CTImageStorage),
     str(EnhancedCTImageStorage),
 )
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def _safe_name(uid: str) -> str:
     """A file name from a peer-sent UID only when it is a well-formed UID; a random one otherwise."""
     uid = (uid or "").strip().rstrip("\0")
-    if len(uid) <= 64 and _UID.match(uid):
+    if is_valid_uid(uid):
         return f"{uid}.dcm"
     return f"unnamed-{uuid.uuid4().hex}.dcm"
 

@@ -30,7 +30,7 @@ from pynetdicom.status import code_to_category
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from lpm_node.audit import Delivery, DeliveryAttempt, session_factory, utcnow
+from lpm_node.audit import Delivery, DeliveryAttempt, as_utc, session_factory, utcnow
 from lpm_node.config import Destination, OutputSettings, Settings
 
 LOG = logging.getLogger(__name__)
@@ -42,23 +42,14 @@ MAX_CONTEXTS = 128  # presentation contexts per association (PS3.8: odd context 
 # -- outbox -------------------------------------------------------------------------------------------------
 
 
-def _utc(value: dt.datetime | None) -> dt.datetime:
-    """``value`` (or now) as an aware UTC datetime; naive values are taken as UTC (SQLite returns them so)."""
-    if value is None:
-        return utcnow()
-    if value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
-
-
 def _file_is_newer(path: Path, than: dt.datetime | None) -> bool:
-    if than is None:
+    reference = as_utc(than)
+    if reference is None:
         return True
     try:
-        mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+        return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC) > reference
     except OSError:
         return False
-    return mtime > _utc(than)
 
 
 def _requeue(row: Delivery, now: dt.datetime) -> None:
@@ -287,7 +278,7 @@ class Sender:
 
     def run_once(self, now: dt.datetime | None = None) -> int:
         """Send every pending delivery due at ``now`` (default: the current time); return how many were sent."""
-        now = _utc(now)
+        now = as_utc(now) or utcnow()
         with self._lock:
             by_destination: dict[str, list[_Item]] = defaultdict(list)
             for item in self._due(now):
@@ -445,7 +436,8 @@ class Sender:
 
 
 def _iso(value: dt.datetime | None) -> str | None:
-    return _utc(value).isoformat() if value is not None else None
+    utc = as_utc(value)
+    return utc.isoformat() if utc is not None else None
 
 
 def delivery_dict(row: Delivery) -> dict[str, Any]:
@@ -486,7 +478,7 @@ def retry_deliveries(session: Session, ids: Sequence[int] | None = None, now: dt
     query = query.where(Delivery.id.in_(list(ids))) if ids else query.where(Delivery.status == "dead")
     rows = session.scalars(query).all()
     for row in rows:
-        _requeue(row, _utc(now))
+        _requeue(row, as_utc(now) or utcnow())
     session.flush()
     return [row.id for row in rows]
 
