@@ -256,14 +256,24 @@ def _plan_slices(
 
 def _read_full(path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(path)
+        ds = pydicom.dcmread(path)
     except InvalidDicomError:
         try:
-            return pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(path, force=True)
         except Exception as exc:  # noqa: BLE001
             raise SeriesLoadError(f"{path.name}: not a readable DICOM file ({exc})") from exc
     except Exception as exc:  # noqa: BLE001
         raise SeriesLoadError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # raw dataset without file meta information: use the encoding it was read with
+        implicit, little = ds.original_encoding
+        if implicit is None:
+            raise SeriesLoadError(f"{path.name}: not a readable DICOM file")
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian if implicit
+            else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+        )
+    return ds
 
 
 def _stored_pixels(ds: Dataset) -> np.ndarray:

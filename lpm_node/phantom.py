@@ -142,7 +142,7 @@ def _ellipsoid_section(
     """Cross-section of an axis-aligned ellipsoid at height z (all False when z is outside it)."""
     t = 1.0 - ((z - c[2]) / ax[2]) ** 2
     if t <= 0.0:
-        return np.zeros(x.shape, dtype=bool)
+        return np.zeros(np.broadcast_shapes(x.shape, y.shape), dtype=bool)
     k = np.sqrt(t)
     return _ellipse(x, y, c[0], c[1], ax[0] * k, ax[1] * k)
 
@@ -211,7 +211,8 @@ def _render_slice(
     cy = 10.0 * t_neck
     fat = an.fat * (1 - t_neck) + 6.0 * t_neck
     body = _ellipse(x, y, 0.0, cy, a, b)
-    img = np.full(x.shape, HU_AIR, dtype=np.float32)
+    shape = (y.shape[0], x.shape[1])
+    img = np.full(shape, HU_AIR, dtype=np.float32)
     # Patient table under the back.
     table = (y > an.body_b + 14.0) & (y < an.body_b + 22.0) & (np.abs(x) < 210.0)
     img[table] = HU_TABLE
@@ -240,15 +241,15 @@ def _render_slice(
     # Abdomen below the diaphragm: soft tissue with fat, organs.
     abd = thorax_cavity & ~above
     if abd.any():
-        ff = fat_field.at(z, x.shape)
+        ff = fat_field.at(z, shape)
         img[abd] = np.where(ff[abd] > 0.35, HU_FAT, HU_BOWEL)
     # Thorax above the diaphragm: lungs with texture, mediastinum.
     tho = thorax_cavity & above
     if z < lung_top and tho.any():
         mediastinum = _ellipse(x, y, 6.0, cy - 5.0, 32.0, bc + 5.0)
         lungs = tho & ~mediastinum
-        tex = lung_field.at(z, x.shape)
-        dots = _field(rng, x.shape, 150, 0.8)
+        tex = lung_field.at(z, shape)
+        dots = _field(rng, shape, 150, 0.8)
         lung_hu = HU_LUNG + 25.0 * tex
         lung_hu = np.where(dots > 2.3, -150.0, lung_hu)
         img[lungs] = lung_hu[lungs]
@@ -257,7 +258,7 @@ def _render_slice(
         img[tho] = HU_MUSCLE * 0.8
 
     # Trachea and main bronchi.
-    airway = np.zeros(x.shape, dtype=bool)
+    airway = np.zeros(shape, dtype=bool)
     for p0, p1, r in (((0.0, -20.0, 200.0), (0.0, -15.0, 110.0), 9.0),
                       ((0.0, -15.0, 110.0), (-45.0, -5.0, 85.0), 6.0),
                       ((0.0, -15.0, 110.0), (45.0, -5.0, 82.0), 6.0)):
@@ -271,7 +272,7 @@ def _render_slice(
     heart = _ellipsoid_section(x, y, z, an.heart_c, an.heart_ax) & above & thorax_cavity
     img[heart] = HU_HEART
     desc = (18.0, sy - 28.0)
-    aorta = np.zeros(x.shape, dtype=bool)
+    aorta = np.zeros(shape, dtype=bool)
     if z < 125.0:
         aorta |= _ellipse(x, y, desc[0], desc[1], 12.0, 12.0)
     if 60.0 < z < 128.0:
@@ -304,12 +305,12 @@ def _render_slice(
     if liver.any():
         ys, xs = np.nonzero(liver)
         win = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
-        xw, yw = x[win], y[win]
-        vess = np.zeros(xw.shape, dtype=bool)
+        xw, yw = x[:, win[1]], y[win[0], :]
+        vess = np.zeros((yw.shape[0], xw.shape[1]), dtype=bool)
         for p0, p1, r in an.vessels:
             if min(p0[2], p1[2]) - r <= z <= max(p0[2], p1[2]) + r:
                 vess |= _segment_dist2(xw, yw, z, p0, p1) <= r * r
-        vfull = np.zeros(x.shape, dtype=bool)
+        vfull = np.zeros(shape, dtype=bool)
         vfull[win] = vess
         vfull &= liver
         img[vfull] = HU_BLOOD
@@ -378,8 +379,8 @@ def make_phantom(
     z0 = _scan_range(an, n_slices, slice_spacing, liver_cut)
     half = (size - 1) / 2.0 * pixel_spacing
     coords = np.arange(size, dtype=np.float32) * np.float32(pixel_spacing) - np.float32(half)
-    x = np.broadcast_to(coords[None, :], (size, size))
-    y = np.broadcast_to(coords[:, None], (size, size))
+    x = coords[None, :]  # (1, size): broadcasting keeps per-axis terms 1D
+    y = coords[:, None]  # (size, 1)
     hu = np.empty((n_slices, size, size), dtype=np.int16)
     names = ("liver", "spleen", "body", "liver_parenchyma")
     masks = {k: np.zeros((n_slices, size, size), dtype=np.uint8) for k in names}

@@ -271,3 +271,23 @@ def test_unreadable_or_empty_refused(tmp_path: Path) -> None:
     bad.write_bytes(b"garbage")
     with pytest.raises(SeriesLoadError):
         load_series([bad])
+
+
+def test_raw_datasets_without_meta_header(tmp_path: Path) -> None:
+    """Files holding only the dataset (no preamble, no file meta) are found and loaded."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ph = small_phantom(20.0, n_slices=4, seed=5)
+    paths = write_series(ph, tmp_path, transfer_syntax=pydicom.uid.ImplicitVRLittleEndian)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        del ds.file_meta
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, True
+        write_dataset(fp, ds)
+        p.write_bytes(fp.getvalue())
+    assert paths[0].read_bytes()[128:132] != b"DICM"
+    assert sorted(next(iter(find_series(tmp_path).values()))) == sorted(paths)
+    series = load_series(paths)
+    assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
