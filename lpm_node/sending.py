@@ -104,8 +104,7 @@ def enqueue_results(
                 session.add(row)
             else:
                 if row.status != "pending":
-                    last = _last_attempt_at(session, row) or row.created_at
-                    reference = row.sent_at if row.status == "sent" else last
+                    reference = row.sent_at if row.status == "sent" else _last_attempt_at(session, row)
                     if row.path != str(file_path) or _file_is_newer(file_path, reference):
                         _requeue(row, now)
                         row.last_error = ""
@@ -120,12 +119,11 @@ def enqueue_results(
     return rows
 
 
-def _last_attempt_at(session: Session, row: Delivery) -> dt.datetime | None:
-    if row.id is None:
-        return None
-    return session.scalars(
+def _last_attempt_at(session: Session, row: Delivery) -> dt.datetime:
+    last = session.scalars(
         select(DeliveryAttempt.at).where(DeliveryAttempt.delivery_id == row.id).order_by(DeliveryAttempt.id.desc())
     ).first()
+    return last or row.created_at
 
 
 def result_destinations(settings: Settings, *, calling_ae: str = "", calling_address: str = "") -> list[Destination]:

@@ -307,7 +307,7 @@ def test_store_without_the_sop_classes_refuses_them(tmp_path: Path, sessions, re
     assert outcome[("SEG_ONLY", "KEY")].status == "NoPresentationContext"
 
 
-def test_missing_file_is_a_failed_attempt_and_ends_dead(tmp_path: Path, sessions, results: ResultFiles) -> None:
+def test_missing_file_ends_dead_until_written_again(tmp_path: Path, sessions, results: ResultFiles) -> None:
     gone = tmp_path / "gone.dcm"
     shutil.copy(results.objects[0][1], gone)
     with LocalStore(tmp_path / "store") as store:
@@ -321,8 +321,20 @@ def test_missing_file_is_a_failed_attempt_and_ends_dead(tmp_path: Path, sessions
         sender = Sender(sessions, output(max_attempts=1), "LPM_NODE", timeout_s=5)
         assert sender.run_once() == 0
         assert store.received() == []
-    (row,) = deliveries(sessions)
-    assert row.status == "dead" and row.last_error.startswith("FileError")
+        (row,) = deliveries(sessions)
+        assert row.status == "dead" and row.last_error.startswith("FileError")
+
+        # the job is re-run and writes the object again: the dead delivery is queued again and goes out
+        shutil.copy(results.objects[0][1], gone)
+        with sessions() as session, session.begin():
+            (again,) = enqueue_results(
+                session, job_id=None, series_instance_uid=results.series_uid,
+                objects=[("SEG", gone, results.objects[0][2])],
+                destinations=[Destination(store.ae_title, "127.0.0.1", store.port)],
+            )
+            assert (again.id, again.status, again.attempts) == (row.id, "pending", 0)
+        assert sender.run_once() == 1
+        assert len(store.received()) == 1
 
 
 def test_unusable_destination_is_audited_not_raised(sessions, results: ResultFiles) -> None:
