@@ -45,14 +45,26 @@ def hu_of(ds: Dataset) -> np.ndarray:
 
 def flip_columns(paths: list[Path]) -> None:
     """Store every slice mirrored left-right with IOP [-1, 0, 0, 0, 1, 0]: same patient geometry."""
+    flip_stored(paths, x=True, y=False)
+
+
+def flip_stored(paths: list[Path], *, x: bool, y: bool) -> None:
+    """Mirror the stored columns (``x``) and/or rows (``y``), negating the IOP vectors: same patient geometry."""
 
     def edit(ds: Dataset, _: int) -> None:
         arr = ds.pixel_array
-        ps = float(ds.PixelSpacing[1])
-        x0 = float(ds.ImagePositionPatient[0]) + (arr.shape[1] - 1) * ps
-        set_pixels(ds, arr[:, ::-1].copy())
-        ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [x0, ds.ImagePositionPatient[1], ds.ImagePositionPatient[2]]
+        row_dir = np.array([float(v) for v in ds.ImageOrientationPatient[:3]])
+        col_dir = np.array([float(v) for v in ds.ImageOrientationPatient[3:]])
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        if x:
+            ipp = ipp + row_dir * (arr.shape[1] - 1) * float(ds.PixelSpacing[1])
+            row_dir, arr = -row_dir, arr[:, ::-1]
+        if y:
+            ipp = ipp + col_dir * (arr.shape[0] - 1) * float(ds.PixelSpacing[0])
+            col_dir, arr = -col_dir, arr[::-1, :]
+        set_pixels(ds, arr.copy())
+        ds.ImageOrientationPatient = [float(v) + 0.0 for v in (*row_dir, *col_dir)]
+        ds.ImagePositionPatient = [float(v) for v in ipp]
 
     rewrite(paths, edit)
 

@@ -15,7 +15,16 @@ from pydicom.data import get_testdata_file
 from lpm_node.loading import SeriesLoadError, find_series, load_series
 from lpm_node.phantom import Phantom
 from lpm_node.resampling import resample_to_method_grid
-from tests.support_phantom import flip_columns, hu_of, new_uid, rewrite, set_pixels, small_phantom, write_series
+from tests.support_phantom import (
+    flip_columns,
+    flip_stored,
+    hu_of,
+    new_uid,
+    rewrite,
+    set_pixels,
+    small_phantom,
+    write_series,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +76,16 @@ def test_flipped_orientation_same_patient(ph: Phantom, tmp_path: Path) -> None:
     src = sitk.GetArrayFromImage(series.image)
     ds0 = series.datasets[series.frame_refs[0][0]]
     assert np.array_equal(src[0], hu_of(ds0).astype(np.float32))
+
+
+@pytest.mark.parametrize(("x", "y"), [(False, True), (True, True)])
+def test_any_axial_orientation_sign(ph: Phantom, tmp_path: Path, x: bool, y: bool) -> None:
+    paths = write_series(ph, tmp_path, feet_first=True)
+    flip_stored(paths, x=x, y=y)
+    series = load_series(paths)
+    d = np.asarray(series.image.GetDirection()).reshape(3, 3)
+    assert d[1, 1] == -1.0 and d[0, 0] == (-1.0 if x else 1.0)
+    assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
 
 
 @pytest.mark.parametrize("variant", ["slope", "signed", "per_frame"])
