@@ -195,6 +195,7 @@ class _InstanceStored:
     calling_ae: str
     address: str
     at: dt.datetime
+    duplicate: bool = False
 
 
 @dataclass
@@ -327,7 +328,8 @@ class AuditRecorder:
                     row.ended_at = e.at
                     if row.outcome == "open":
                         row.outcome = e.outcome
-                        row.reason = e.reason
+                        if e.reason:
+                            row.reason = f"{row.reason}; {e.reason}" if row.reason else e.reason
                 self._assoc_ids.pop(e.key, None)
             elif isinstance(e, _AssocRejected):
                 session.add(
@@ -353,7 +355,7 @@ class AuditRecorder:
                 arow = assoc_row(e.assoc_key)
                 if arow is not None:
                     arow.instances_received += 1
-                if e.header.sop_instance_uid in known:
+                if e.duplicate or e.header.sop_instance_uid in known:
                     continue
                 known.add(e.header.sop_instance_uid)
                 session.add(
@@ -510,6 +512,7 @@ class Listener:
         self.recorder.put(_AssocRejected(calling, called, address, port, reason, utcnow()))
         # permanent, by the service user, calling AE title not recognised
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.kill()  # returns once the A-ASSOCIATE-RJ is sent and the peer closed (or ARTIM expired)
 
     def _on_established(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -539,7 +542,13 @@ class Listener:
         self._end(event, "aborted", "A-ABORT")
 
     def _on_conn_close(self, event: evt.Event) -> None:
-        self._end(event, "aborted", "connection closed without release")
+        assoc = event.assoc
+        if assoc.is_released:
+            self._end(event, "released")
+        elif assoc.is_aborted:
+            self._end(event, "aborted", "A-ABORT")
+        else:
+            self._end(event, "aborted", "connection closed without release")
 
     def _on_echo(self, _event: evt.Event) -> int:
         return STATUS_SUCCESS
@@ -583,23 +592,23 @@ class Listener:
                 view.release()
         if info is not None:
             info.stored += 1
-        if not stored.duplicate:
-            self.recorder.put(
-                _InstanceStored(
-                    assoc_key=info.key if info else 0,
-                    header=header,
-                    transfer_syntax=ts,
-                    path=str(stored.path),
-                    size_bytes=stored.size_bytes,
-                    calling_ae=info.calling_ae if info else "",
-                    address=info.address if info else "",
-                    at=utcnow(),
-                )
+        self.recorder.put(
+            _InstanceStored(
+                assoc_key=info.key if info else 0,
+                header=header,
+                transfer_syntax=ts,
+                path=str(stored.path),
+                size_bytes=stored.size_bytes,
+                calling_ae=info.calling_ae if info else "",
+                address=info.address if info else "",
+                at=utcnow(),
+                duplicate=stored.duplicate,
             )
-            if self.on_instance is not None:
-                self.on_instance(header)
-        else:
+        )
+        if stored.duplicate:
             LOG.debug("duplicate instance %s accepted again", header.sop_instance_uid)
+        elif self.on_instance is not None:
+            self.on_instance(header)
         return STATUS_SUCCESS
 
 

@@ -1,0 +1,235 @@
+"""The listener against real dcmtk peers: storage, selection, refusals, robustness, full disk."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from lpm_node.phantom import make_phantom, write_ct_series
+from tests.support_net import NodeProcess, dcmtk_env, echoscu, have_dcmtk, storescu
+
+pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu, echoscu) not installed")
+
+
+def _uid() -> str:
+    return f"2.25.{uuid.uuid4().int}"
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(n_slices=64)  # 512 x 512 int16, 160 mm of z-coverage
+
+
+@pytest.fixture(scope="module")
+def chest(phantom, tmp_path_factory) -> list[Path]:
+    return write_ct_series(phantom, tmp_path_factory.mktemp("chest"))
+
+
+def _spooled(node: NodeProcess) -> list[Path]:
+    return sorted((node.data_dir / "spool").rglob("*.dcm"))
+
+
+def test_series_is_stored_durably_queued_and_audited(tmp_path, chest):
+    with NodeProcess(tmp_path / "node", stable_seconds=1) as node:
+        result = storescu(node.port, chest)
+        assert result.returncode == 0, result.stderr
+        series_uid = str(dcmread(chest[0], stop_before_pixels=True).SeriesInstanceUID)
+        row = node.wait_series_status(series_uid, ["queued"])
+        assert row["instance_count"] == 64
+        assert row["reason"].startswith("selected: soft kernel B30f, 2.5 mm slices, 160 mm coverage, 64 slices")
+        jobs = node.query("SELECT series_instance_uid, status FROM jobs")
+        assert [tuple(j) for j in jobs] == [(series_uid, "queued")]
+
+        # every instance is in the spool, byte-identical in its data set
+        files = _spooled(node)
+        assert len(files) == 64
+        by_sop = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in chest}
+        for stored in files[:5]:
+            got = dcmread(stored)
+            sent = dcmread(by_sop[got.SOPInstanceUID])
+            assert got.PixelData == sent.PixelData
+            assert got.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+            assert stored.parent.name == series_uid and stored.parent.parent.name == sent.StudyInstanceUID
+
+        # the same series again: accepted, not stored twice, not queued twice
+        again = storescu(node.port, chest)
+        assert again.returncode == 0, again.stderr
+        time.sleep(1.5)
+        assert len(_spooled(node)) == 64
+        assert node.series(series_uid)["instance_count"] == 64
+        assert len(node.query("SELECT id FROM jobs")) == 1
+        assocs = node.query("SELECT calling_ae, outcome, instances_received FROM associations WHERE calling_ae = ?",
+                            ("STORESCU",))
+        assert [tuple(a) for a in assocs] == [("STORESCU", "released", 64)] * 2
+
+        listing = node.audit_json()
+        entry = next(e for e in listing if e["series_instance_uid"] == series_uid)
+        assert entry["status"] == "queued" and entry["instances"] == 64
+        assert entry["study_instance_uid"] == str(dcmread(chest[0], stop_before_pixels=True).StudyInstanceUID)
+        assert entry["job_status"] == "queued"
+        assert entry["dl_parenchymal_hu"] is None and entry["category"] is None and entry["delivery_status"] is None
+        assert node.stop() == 0
+    log = node.log()
+    assert f"listening on 127.0.0.1:{node.port} as AE title LPM_NODE" in log
+    assert "Phantom" not in log  # logs carry UIDs, not patient names
+
+
+def test_concurrent_associations_rules_and_selection(tmp_path, phantom, chest):
+    study = str(dcmread(chest[0], stop_before_pixels=True).StudyInstanceUID)
+    soft = chest
+    lung = write_ct_series(phantom, tmp_path / "lung", series_number=3, series_description="CHEST LUNG 2.5mm",
+                           overrides={"ConvolutionKernel": "B70f"})
+    localizer = write_ct_series(phantom, tmp_path / "loc", series_number=1, series_description="TOPOGRAM",
+                                overrides={"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})[:3]
+    contrast = write_ct_series(phantom, tmp_path / "contrast", study_uid=_uid(),
+                               overrides={"ContrastBolusAgent": "IOHEXOL"})[:10]
+    abdomen = write_ct_series(phantom, tmp_path / "abdomen", study_uid=_uid(), body_part="ABDOMEN",
+                              study_description="CT ABDOMEN", series_description="ABD 2.5mm")[:10]
+    uids = {name: str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+            for name, files in [("soft", soft), ("lung", lung), ("loc", localizer), ("contrast", contrast),
+                                ("abdomen", abdomen)]}
+    with NodeProcess(tmp_path / "node", stable_seconds=1) as node:
+        procs = [
+            subprocess.Popen(["storescu", "-aet", f"MOD{i}", "-aec", "LPM_NODE", "127.0.0.1", str(node.port),
+                              *map(str, files)], env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for i, files in enumerate([soft, lung, localizer, contrast, abdomen])
+        ]
+        for p in procs:
+            _out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err.decode()
+        rows = {name: node.wait_series_status(uid, ["queued", "not_selected", "rejected"])
+                for name, uid in uids.items()}
+        assert rows["soft"]["status"] == "queued"
+        assert rows["lung"]["status"] == "not_selected" and uids["soft"] in rows["lung"]["reason"]
+        assert rows["loc"]["status"] == "rejected"
+        assert rows["loc"]["reason"] == "localizer: ImageType contains LOCALIZER"
+        assert rows["contrast"]["status"] == "rejected"
+        assert rows["contrast"]["reason"] == "contrast-enhanced: ContrastBolusAgent=IOHEXOL"
+        assert rows["abdomen"]["status"] == "rejected"
+        assert rows["abdomen"]["reason"] == "abdominal study: BodyPartExamined=ABDOMEN"
+        assert rows["soft"]["study_instance_uid"] == rows["lung"]["study_instance_uid"] == study
+        sql = "SELECT calling_ae, instances_received FROM associations WHERE calling_ae LIKE 'MOD%'"
+        counts = {r["calling_ae"]: r["instances_received"] for r in node.query(sql)}
+        assert counts == {"MOD0": 64, "MOD1": 64, "MOD2": 3, "MOD3": 10, "MOD4": 10}
+        assert [tuple(j) for j in node.query("SELECT series_instance_uid, status FROM jobs")] == [
+            (uids["soft"], "queued")]
+
+
+def test_unknown_calling_ae_is_rejected_and_audited(tmp_path):
+    with NodeProcess(tmp_path / "node", allow_ae=["PACS", "ECHOSCU"]) as node:
+        refused = echoscu(node.port, calling="INTRUDER")
+        assert refused.returncode != 0
+        assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+        assert echoscu(node.port, calling="PACS").returncode == 0
+        time.sleep(0.5)
+        rows = node.query("SELECT calling_ae, outcome, reason FROM associations WHERE outcome = 'rejected'")
+        assert [r["calling_ae"] for r in rows] == ["INTRUDER"]
+        assert "not in allowed_ae_titles" in rows[0]["reason"]
+
+
+def test_unsupported_sop_class_is_refused_at_negotiation(tmp_path, chest):
+    mr = tmp_path / "mr.dcm"
+    ds = dcmread(chest[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    ds.save_as(mr)
+    with NodeProcess(tmp_path / "node") as node:
+        result = storescu(node.port, [mr])
+        assert result.returncode != 0
+        assert "no presentation context" in (result.stdout + result.stderr).lower()
+        assert _spooled(node) == []
+
+
+def _send_raw(port: int, payload: bytes, *, linger: float = 0.1) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(payload)
+        time.sleep(linger)
+
+
+def test_garbage_truncated_and_aborted_input_is_survived(tmp_path, chest):
+    bad_uid = tmp_path / "bad_uid.dcm"
+    ds = dcmread(chest[0])
+    ds.SeriesInstanceUID = "../../escape"
+    ds.save_as(bad_uid)
+    no_study = tmp_path / "no_study.dcm"
+    ds = dcmread(chest[1])
+    del ds.StudyInstanceUID
+    ds.save_as(no_study)
+    with NodeProcess(tmp_path / "node") as node:
+        _send_raw(node.port, os.urandom(4096))  # garbage bytes
+        _send_raw(node.port, struct.pack(">BBL", 0x01, 0, 5000) + b"\x00\x01" + b"x" * 100)  # truncated A-ASSOCIATE-RQ
+        _send_raw(node.port, struct.pack(">BBL", 0x04, 0, 1 << 30) + b"\x00" * 64)  # P-DATA without association
+        _send_raw(node.port, b"")  # connect and close
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5):  # an idle peer does not block others
+            assert echoscu(node.port).returncode == 0
+        # an association killed in the middle of a transfer
+        sender = subprocess.Popen(["storescu", "-aec", "LPM_NODE", "127.0.0.1", str(node.port), *map(str, chest)],
+                                  env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        sender.kill()
+        sender.wait(10)
+        # datasets with an unsafe or missing UID: refused with a cannot-understand status, nothing written
+        refused = storescu(node.port, [bad_uid, no_study], extra=["-v", "--no-halt"])
+        out = refused.stdout + refused.stderr
+        assert out.count("Error: CannotUnderstand") == 2, out
+        assert not list((node.data_dir / "spool").rglob("*escape*"))
+        assert not list(tmp_path.rglob("escape*"))
+        assert echoscu(node.port).returncode == 0
+        assert node.proc.poll() is None
+        time.sleep(0.5)
+        outcomes = [r["outcome"] for r in node.query("SELECT outcome FROM associations")]
+        assert "aborted" in outcomes
+        refusals = node.query("SELECT instances_refused, reason FROM associations WHERE instances_refused > 0")
+        assert len(refusals) == 1
+        assert refusals and refusals[0]["instances_refused"] == 2 and "cannot understand" in refusals[0]["reason"]
+
+
+def test_full_spool_answers_out_of_resources_and_recovers(tmp_path, chest):
+    data = tmp_path / "node"
+    (data / "spool").mkdir(parents=True)
+    ballast = data / "spool" / "ballast.bin"
+    ballast.write_bytes(b"\0" * (16 * 2**20))
+    config = tmp_path / "quota.toml"
+    config.write_text("[node]\nspool_quota_mb = 40\n")  # 16 MB ballast + 64 x 0.5 MB do not fit
+    series_uid = str(dcmread(chest[0], stop_before_pixels=True).SeriesInstanceUID)
+    with NodeProcess(data, config=config, stable_seconds=1) as node:
+        full = storescu(node.port, chest, extra=["-v", "--no-halt"])
+        assert "Refused: OutOfResources" in full.stdout + full.stderr
+        kept = _spooled(node)
+        assert 0 < len(kept) < 64
+        kept_bytes = {p: p.read_bytes() for p in kept}
+        time.sleep(0.5)
+        sql = "SELECT instances_received, instances_refused, reason FROM associations WHERE calling_ae = 'STORESCU'"
+        refused = node.query(sql)[0]
+        assert refused["instances_received"] == len(kept)
+        assert refused["instances_refused"] == 64 - len(kept)
+        assert "out of resources" in refused["reason"] and "spool quota" in refused["reason"]
+
+        ballast.unlink()  # free space; the node notices without a restart
+        time.sleep(1.2)
+        again = storescu(node.port, chest)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert len(_spooled(node)) == 64
+        assert all(p.read_bytes() == b for p, b in kept_bytes.items())  # nothing lost or rewritten
+        row = node.wait_series_status(series_uid, ["queued"])
+        assert row["instance_count"] == 64
+
+
+def test_low_free_disk_answers_out_of_resources(tmp_path, chest):
+    config = tmp_path / "disk.toml"
+    config.write_text("[node]\nmin_free_disk_mb = 1000000000\n")  # more than any disk has free
+    with NodeProcess(tmp_path / "node", config=config) as node:
+        result = storescu(node.port, chest[:2], extra=["-v", "--no-halt"])
+        assert "Refused: OutOfResources" in result.stdout + result.stderr
+        assert _spooled(node) == []
+        assert echoscu(node.port).returncode == 0
+        time.sleep(0.5)
+        row = node.query("SELECT instances_refused, reason FROM associations WHERE instances_refused > 0")[0]
+        assert row["instances_refused"] == 2 and "min_free_disk_mb" in row["reason"]
