@@ -145,11 +145,14 @@ def series_delivery_status(session: Session, series_instance_uid: str) -> dict[s
     return dict(counts)
 
 
-def backoff_delay(failures: int, initial_s: float, max_s: float, rng: random.Random | None = None) -> float:
-    """Seconds before the next try after ``failures`` failed ones: initial * 2**(failures-1), capped, -10 % jitter."""
+def backoff_delay(failures: int, initial_s: float, max_s: float, jitter: float | None = None) -> float:
+    """Seconds before the next try after ``failures`` failed ones: initial * 2**(failures-1), capped, minus up to 10 %.
+
+    ``jitter`` in [0, 1) picks where in that 10 % (random when None).
+    """
     exponent = min(max(failures - 1, 0), 60)
     base = min(max(max_s, 0.0), max(initial_s, 0.0) * (2.0**exponent))
-    return base * (1.0 - 0.1 * (rng or random).random())
+    return base * (1.0 - 0.1 * (random.random() if jitter is None else jitter))
 
 
 # -- sender -------------------------------------------------------------------------------------------------
@@ -314,8 +317,11 @@ class Sender:
             ).all()
             return [_Item(r.id, r.destination, r.object_kind, r.sop_instance_uid, Path(r.path)) for r in rows]
 
-    def _record(self, item: _Item, outcome: _Outcome, now: dt.datetime) -> None:
-        """Store one attempt and its effect on the delivery (sent, rescheduled or dead)."""
+    def _record(self, item: _Item, outcome: _Outcome, now: dt.datetime, jitter: float | None = None) -> None:
+        """Store one attempt and its effect on the delivery (sent, rescheduled or dead).
+
+        Deliveries that failed together share ``jitter``, so they stay due together: one association per retry.
+        """
         with self.sessions() as session, session.begin():
             row = session.get(Delivery, item.id)
             if row is None:
@@ -339,7 +345,8 @@ class Sender:
                 )
             else:
                 delay = backoff_delay(
-                    row.attempts, self.settings.backoff_initial_s, self.settings.backoff_max_s, self._rng
+                    row.attempts, self.settings.backoff_initial_s, self.settings.backoff_max_s,
+                    self._rng.random() if jitter is None else jitter,
                 )
                 row.next_attempt_at = now + dt.timedelta(seconds=delay)
                 LOG.warning(
@@ -373,6 +380,7 @@ class Sender:
             for item in items:
                 self._record(item, _Outcome(False, "BadDestination", str(exc)), now)
             return 0
+        jitter = self._rng.random()  # one draw per destination and run
         items = self._read_headers(items, now)
         contexts: list[tuple[str, str]] = []
         batch: list[_Item] = []
@@ -395,20 +403,20 @@ class Sender:
                 assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
             except (ValueError, TypeError, OSError) as exc:  # e.g. an AE title pynetdicom refuses to send
                 for item in batch:
-                    self._record(item, _Outcome(False, "BadDestination", str(exc)), now)
+                    self._record(item, _Outcome(False, "BadDestination", str(exc)), now, jitter)
                 return 0
             threads = (threading.get_ident(), assoc.ident, assoc.dul.ident)
             if not assoc.is_established:
                 outcome = _association_failure(assoc, capture.messages(*threads), self.timeout_s)
                 for item in batch:
-                    self._record(item, outcome, now)
+                    self._record(item, outcome, now, jitter)
                 ae.shutdown()
                 return 0
             sent = 0
             try:
                 for item in batch:
                     outcome = self._store_one(assoc, item, capture, threads)
-                    self._record(item, outcome, now)
+                    self._record(item, outcome, now, jitter)
                     sent += int(outcome.ok)
             finally:
                 if assoc.is_established:

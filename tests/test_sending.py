@@ -170,6 +170,7 @@ def test_pacs_down_keeps_results_queued_with_backoff_then_delivers_once(
         assert row.last_error.startswith("ConnectionRefused")
         wait = (aware(row.next_attempt_at) - t0).total_seconds()
         assert 0.9 * INITIAL_S - 1e-3 <= wait <= INITIAL_S + 1e-3
+    assert len({r.next_attempt_at for r in rows}) == 1  # failed together, due together: one association per retry
     assert {(a.ok, a.status) for a in attempts(sessions)} == {(False, "ConnectionRefused")}
 
     # not due yet: no attempt at all
@@ -404,6 +405,8 @@ def test_backoff_grows_exponentially_and_is_capped() -> None:
     for failures, expected in ((1, 5.0), (2, 10.0), (3, 20.0), (4, 40.0), (5, 60.0), (100, 60.0), (10_000, 60.0)):
         delay = backoff_delay(failures, 5.0, 60.0)
         assert 0.9 * expected <= delay <= expected, (failures, delay)
+        assert backoff_delay(failures, 5.0, 60.0, jitter=0.0) == expected
+        assert backoff_delay(failures, 5.0, 60.0, jitter=0.5) == pytest.approx(0.95 * expected)
 
 
 def test_dimse_status_categories() -> None:
