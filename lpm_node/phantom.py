@@ -512,7 +512,11 @@ def _base_dataset(
 
 
 def _apply_overrides(ds: Dataset, overrides: dict[str, Any] | None) -> None:
+    from pydicom.datadict import tag_for_keyword
+
     for keyword, value in (overrides or {}).items():
+        if tag_for_keyword(keyword) is None:
+            raise ValueError(f"overrides: {keyword!r} is not a DICOM keyword")
         if value is None:
             if keyword in ds:
                 delattr(ds, keyword)

@@ -146,6 +146,17 @@ def test_series_valid_for_dcmtk_and_dciodvfy(tmp_path: Path, syntax: str) -> Non
     assert "Error" not in report, report
 
 
+def test_overrides_set_and_delete_attributes(tmp_path: Path) -> None:
+    ph = make_phantom(20.0, n_slices=2, seed=2, liver_cut=True, **SMALL)
+    paths = write_ct_series(ph, tmp_path, overrides={"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                                                     "KVP": None, "ProtocolName": "TOPOGRAM"})
+    ds = pydicom.dcmread(paths[0])
+    assert list(ds.ImageType) == ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    assert "KVP" not in ds and ds.ProtocolName == "TOPOGRAM"
+    with pytest.raises(ValueError, match="not a DICOM keyword"):
+        write_ct_series(ph, tmp_path / "x", overrides={"NoSuchKeyword": 1})
+
+
 def test_nifti_truth_geometry(small: Phantom, tmp_path: Path) -> None:
     paths = save_masks_nifti(small, tmp_path)
     assert set(paths) == {"ct", "liver", "spleen", "body", "liver_parenchyma"}
@@ -166,3 +177,19 @@ def test_default_size_is_fast_and_realistic(tmp_path: Path) -> None:
     assert ph.hu[body].min() >= -1024 and ph.hu.max() > 600  # bone present
     paths = write_ct_series(ph, tmp_path)
     assert paths[0].stat().st_size > 512 * 512 * 2
+
+
+def test_phantom_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from lpm_node.cli import main
+
+    assert main(["phantom", str(tmp_path), "--hu", "35", "--slices", "3", "--feet-first", "--contrast",
+                 "--seed", "4"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["files"] == 3 and summary["liver_hu"] == 35.0
+    files = sorted((tmp_path / "dicom").glob("*.dcm"))
+    ds = pydicom.dcmread(files[0])
+    assert ds.PatientPosition == "FFS" and ds.ContrastBolusAgent == "IOHEXOL"
+    assert ds.SeriesInstanceUID == summary["series_instance_uid"]
+    assert (tmp_path / "truth" / "liver.nii.gz").is_file()
