@@ -26,6 +26,7 @@ from lpm_node.writers import (
     write_dataset,
 )
 from lpm_node.writers.keyimage import LIVER_COLOUR, ROI_COLOUR
+from lpm_node.writers.seg import ANATOMICAL_STRUCTURE, LIVER
 from lpm_node.writers.sr import library_images
 from tests.support_writers import (
     SEGIMAGE2ITKIMAGE,
@@ -456,3 +457,39 @@ def test_key_image_not_assessable_validates_and_says_so(tmp_path: Path) -> None:
     rgb = image.pixel_array
     yellowish = (rgb[..., 0] > 150) & (rgb[..., 1] > 100) & (rgb[..., 2] < 80)  # the not-assessable text colour
     assert yellowish[:40].sum() > 20 and not np.any(np.all(rgb == ROI_COLOUR, axis=-1))
+
+
+def test_seg_omission_matches_highdicoms_own(tmp_path: Path, phantom: Phantom) -> None:
+    """Slices without any segment are left out before highdicom runs; the result equals highdicom's omission."""
+    series = _load(phantom, tmp_path / "ct", feet_first=False)
+    liver = phantom.masks["liver"]
+    roi, _, _ = dl_parenchymal_roi(liver)
+    seg = build_seg(series.datasets, series.frame_refs, {"liver": liver, "roi": roi})
+    sources = [series.datasets[i] for i, _ in series.frame_refs]
+    plain = hd.seg.Segmentation(
+        sources,
+        np.stack([liver, roi], axis=-1),
+        "BINARY",
+        [
+            hd.seg.SegmentDescription(n, label, ANATOMICAL_STRUCTURE, LIVER, "MANUAL")
+            for n, label in ((1, "Liver"), (2, "ROI"))
+        ],
+        hd.UID(), 1, hd.UID(), 1, "x", "x", "1", "1",
+    )  # fmt: skip
+    assert seg.PixelData == plain.PixelData
+
+    def frames(ds: pydicom.Dataset) -> list[tuple]:
+        return [
+            (
+                item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID,
+                item.SegmentIdentificationSequence[0].ReferencedSegmentNumber,
+                tuple(item.FrameContentSequence[0].DimensionIndexValues),
+            )
+            for item in ds.PerFrameFunctionalGroupsSequence
+        ]
+
+    def referenced(ds: pydicom.Dataset) -> set[str]:
+        return {i.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+
+    assert frames(seg) == frames(plain)
+    assert referenced(seg) == referenced(plain) == {ds.SOPInstanceUID for ds in series.datasets}

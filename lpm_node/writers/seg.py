@@ -112,8 +112,10 @@ def _segment_array(
         mask = np.asarray(masks[spec.key])
         if mask.shape != first.shape:
             raise ValueError(f"mask {spec.key!r} has shape {mask.shape}, expected {first.shape}")
-        target = slice(None) if frames is None else frames
-        out[target, :, :, s] = mask[ks] != 0
+        # Only slices holding this segment are copied (the strided write into the last axis is the slow part).
+        present = np.flatnonzero(mask.reshape(n_k, -1).any(axis=1)[ks])
+        target = present if frames is None else frames[present]
+        out[target, :, :, s] = mask[ks[present]] != 0
     return out
 
 
@@ -159,8 +161,17 @@ def build_seg(
     ]
     # highdicom refuses a SEG without any frame: keep all frames when every mask is empty.
     omit = omit_empty_frames and bool(pixels.any())
+    further: list[Dataset] = []
+    if omit and frames is None:
+        # Same frames as highdicom's omission, but its per-frame work is done only on slices holding a segment;
+        # the other slices stay recorded as source images (Referenced Series Sequence).
+        keep = pixels.reshape(len(pixels), -1).any(axis=1)
+        further = [ds for ds, kept in zip(source_images, keep, strict=True) if not kept]
+        source_images = [ds for ds, kept in zip(source_images, keep, strict=True) if kept]
+        pixels = pixels[keep]
     seg = hd.seg.Segmentation(
         source_images=source_images,
+        further_source_images=further or None,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
