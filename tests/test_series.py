@@ -1,0 +1,83 @@
+"""Series assembly: completion after stable_seconds, and recovery after a crash."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import delete, select
+
+from lpm_node.audit import Instance, Series, session_factory, utcnow
+from lpm_node.phantom import make_phantom, write_ct_series
+from lpm_node.series import SeriesAssembler, reconcile_spool
+from lpm_node.spool import Spool
+from tests.support_net import NodeProcess, have_dcmtk, storescu
+
+
+@pytest.fixture(scope="module")
+def chest(tmp_path_factory) -> list[Path]:
+    return write_ct_series(make_phantom(n_slices=64), tmp_path_factory.mktemp("chest"))
+
+
+def test_completion_waits_for_stable_seconds(tmp_path):
+    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    now = utcnow()
+    with sessions() as s:
+        s.add(Series(series_instance_uid="1.2.3.1", study_instance_uid="1.2.3", status="receiving",
+                     instance_count=5, last_received_at=now - dt.timedelta(seconds=10)))
+        s.add(Series(series_instance_uid="1.2.3.2", study_instance_uid="1.2.3", status="receiving",
+                     instance_count=5, last_received_at=now - dt.timedelta(seconds=1)))
+        s.commit()
+    assembler = SeriesAssembler(sessions, stable_seconds=5)
+    assert assembler.complete_stable(now) == ["1.2.3.1"]
+    assert assembler.next_deadline(now) == pytest.approx(4.0, abs=0.01)
+    assert assembler.complete_stable(now + dt.timedelta(seconds=4.5)) == ["1.2.3.2"]
+    assert assembler.complete_stable(now + dt.timedelta(seconds=60)) == []
+    with sessions() as s:
+        assert set(s.scalars(select(Series.status))) == {"complete"}
+
+
+def test_reconcile_indexes_spooled_files_missing_from_the_db(tmp_path, chest):
+    spool = Spool(tmp_path / "spool")
+    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    for path in chest[:10]:
+        ds = dcmread(path, stop_before_pixels=True)
+        target = spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    (spool.root / "not-a-uid").mkdir()  # ignored
+    assert reconcile_spool(sessions, spool) == 10
+    assert reconcile_spool(sessions, spool) == 0  # idempotent
+    with sessions() as s:
+        row = s.scalars(select(Series)).one()
+        assert row.instance_count == 10 and row.status == "receiving"
+        s.execute(delete(Instance).where(Instance.sop_instance_uid.in_(
+            list(s.scalars(select(Instance.sop_instance_uid)))[:3])))
+        s.commit()
+    assert reconcile_spool(sessions, spool) == 3
+
+
+@pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")
+def test_sigkill_between_last_instance_and_completion_still_completes(tmp_path, chest):
+    series_uid = str(dcmread(chest[0], stop_before_pixels=True).SeriesInstanceUID)
+    node = NodeProcess(tmp_path / "node", stable_seconds=3).start()
+    try:
+        result = storescu(node.port, chest)
+        assert result.returncode == 0, result.stderr
+        node.kill()  # well within stable_seconds of the last instance: nothing decided yet
+        row = node.series(series_uid) if node.db_path.exists() else None
+        assert row is None or row["status"] == "receiving"
+        assert len(list((node.data_dir / "spool").rglob("*.dcm"))) == 64  # every acknowledged instance is there
+
+        time.sleep(0.5)
+        node.start()
+        row = node.wait_series_status(series_uid, ["queued"], timeout=30)
+        assert row["instance_count"] == 64
+        assert [tuple(j) for j in node.query("SELECT series_instance_uid, status FROM jobs")] == [
+            (series_uid, "queued")]
+        assert node.stop() == 0
+    finally:
+        node.kill()
