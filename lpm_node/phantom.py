@@ -546,8 +546,9 @@ def write_ct_series(
     the patient geometry is the same either way. UIDs are derived deterministically from the phantom's seed,
     the patient id and the series parameters unless given. ``overrides`` sets attributes by keyword on every
     instance (``None`` deletes one). Pixel data are stored unsigned with RescaleIntercept -1024.
-    ``transfer_syntax``: Implicit/Explicit VR Little Endian, RLE Lossless, JPEG 2000 Lossless, JPEG-LS
-    Lossless (pydicom's encoders) and JPEG Lossless (SV1, via dcmtk's ``dcmcjpeg``).
+    ``transfer_syntax``: Implicit/Explicit VR Little Endian, Deflated Explicit VR Little Endian, RLE Lossless
+    (pylibjpeg-rle), JPEG 2000 Lossless (pylibjpeg-openjpeg), JPEG-LS Lossless (pyjpegls) and JPEG Lossless
+    SV1 (dcmtk's ``dcmcjpeg``, one process per file: slower).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

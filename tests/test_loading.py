@@ -217,7 +217,7 @@ def test_find_series_skips_non_dicom(ph: Phantom, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "syntax",
     [pydicom.uid.RLELossless, pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEGLSLossless, pydicom.uid.JPEGLosslessSV1,
-     pydicom.uid.ImplicitVRLittleEndian],
+     pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.DeflatedExplicitVRLittleEndian],
 )
 def test_compressed_phantom(tmp_path: Path, syntax: str) -> None:
     ph = small_phantom(20.0, n_slices=6, seed=2)
