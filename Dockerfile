@@ -1,0 +1,36 @@
+# lpm-node on a CUDA runtime image: `lpm-node serve` as a non-root user.
+# Build:  docker build -t lpm-node .
+# Run:    see the README, section "Docker" (ports, volumes, GPU flag).
+FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    TCP_NODELAY=1 \
+    PATH=/opt/lpm-node/venv/bin:$PATH
+
+# python3 for the node, dcmtk for the health check (echoscu) and for administrators' use
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv dcmtk \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /opt/lpm-node
+COPY pyproject.toml README.md LICENSE ./
+COPY lpm_node ./lpm_node
+COPY config ./config
+# the same install as the README's production install
+RUN python3 -m venv /opt/lpm-node/venv \
+ && /opt/lpm-node/venv/bin/pip install --upgrade pip \
+ && /opt/lpm-node/venv/bin/pip install .
+
+RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin lpm \
+ && mkdir -p /data /models \
+ && chown lpm:lpm /data
+VOLUME ["/data", "/models"]
+USER lpm
+EXPOSE 11112
+
+HEALTHCHECK --interval=60s --timeout=15s --start-period=180s --retries=3 \
+  CMD echoscu -to 10 -aet HEALTHCHECK -aec LPM_NODE 127.0.0.1 11112 || exit 1
+
+CMD ["lpm-node", "serve", "--config", "/opt/lpm-node/config/docker.toml"]
