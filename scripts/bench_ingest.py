@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Ingest benchmark: the same CT series sent by dcmtk ``storescu`` to lpm-node and to dcmtk ``storescp``.
+
+Runs alternate (node, storescp, node, ...), each receiver starting from an empty folder, and the
+wall time of each ``storescu`` run is measured (TCP_NODELAY=1 for the dcmtk tools). Prints the median
+wall-time ratio node/storescp and instances per second for both. The node writes every instance
+durably (fsync) before answering; storescp does not fsync.
+
+    .venv/bin/python scripts/bench_ingest.py [--slices 300] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lpm_node.phantom import make_phantom, write_ct_series  # noqa: E402
+from tests.support_net import NodeProcess, dcmtk_env, free_port, wait_for_port  # noqa: E402
+
+
+def _send(port: int, folder: Path, called: str) -> float:
+    """Send every file of ``folder`` in one association; returns the wall time in seconds."""
+    files = sorted(str(p) for p in folder.iterdir())
+    start = time.perf_counter()
+    result = subprocess.run(["storescu", "-aec", called, "127.0.0.1", str(port), *files],
+                            env=dcmtk_env(), capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
+    return elapsed
+
+
+def run_node(series: Path, work: Path, n: int) -> float:
+    data = work / f"node-{time.monotonic_ns()}"
+    node = NodeProcess(data, stable_seconds=3600).start()  # rules stay idle during the measurement
+    try:
+        elapsed = _send(node.port, series, "LPM_NODE")
+        stored = list((data / "spool").rglob("*.dcm"))
+        if len(stored) != n:
+            raise RuntimeError(f"node stored {len(stored)} of {n} instances")
+    finally:
+        node.stop()
+    shutil.rmtree(data, ignore_errors=True)
+    return elapsed
+
+
+def run_storescp(series: Path, work: Path, n: int) -> float:
+    out = work / f"storescp-{time.monotonic_ns()}"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)], env=dcmtk_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 30, proc)
+        elapsed = _send(port, series, "STORESCP")
+        if len(list(out.iterdir())) != n:
+            raise RuntimeError("storescp did not store every instance")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    shutil.rmtree(out, ignore_errors=True)
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=5, help="runs per receiver (alternating)")
+    parser.add_argument("--work", help="working folder (default: a temporary folder on the same disk as /tmp)")
+    args = parser.parse_args()
+    for tool in ("storescu", "storescp", "echoscu"):
+        if shutil.which(tool) is None:
+            print(f"bench_ingest: {tool} (dcmtk) is not installed", file=sys.stderr)
+            return 2
+    work = Path(args.work or tempfile.mkdtemp(prefix="lpm-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        series = work / "series"
+        t0 = time.perf_counter()
+        files = write_ct_series(make_phantom(n_slices=args.slices), series)
+        size_mb = sum(f.stat().st_size for f in files) / 2**20
+        print(f"series: {len(files)} instances, 512 x 512 int16, {size_mb:.0f} MB (generated in "
+              f"{time.perf_counter() - t0:.1f} s); {os.cpu_count()} CPU(s)")
+        node_t: list[float] = []
+        scp_t: list[float] = []
+        for i in range(args.runs):
+            node_t.append(run_node(series, work, len(files)))
+            scp_t.append(run_storescp(series, work, len(files)))
+            print(f"run {i + 1}: node {node_t[-1]:.3f} s, storescp {scp_t[-1]:.3f} s, "
+                  f"ratio {node_t[-1] / scp_t[-1]:.2f}", flush=True)
+        n = len(files)
+        med_node, med_scp = statistics.median(node_t), statistics.median(scp_t)
+        ratios = [a / b for a, b in zip(node_t, scp_t, strict=True)]
+        print(f"median wall time: node {med_node:.3f} s ({n / med_node:.0f} instances/s, "
+              f"{size_mb / med_node:.0f} MB/s), storescp {med_scp:.3f} s ({n / med_scp:.0f} instances/s, "
+              f"{size_mb / med_scp:.0f} MB/s)")
+        print(f"median ratio node/storescp: {statistics.median(ratios):.2f} "
+              f"(ratio of medians {med_node / med_scp:.2f})")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
