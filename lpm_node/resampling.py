@@ -94,12 +94,60 @@ def mask_to_source_grid(mask: np.ndarray, method_image: sitk.Image, source_image
     """Map a binary mask (z, y, x) on ``method_image``'s grid onto ``source_image``'s grid.
 
     Returns uint8 shaped like ``sitk.GetArrayFromImage(source_image)`` (k, rows, cols). Exact when the grids
-    are related by a flip/transpose; otherwise the mask is interpolated linearly and thresholded at 0.5.
+    are related by a flip/transpose (the method grid made from this source); otherwise the mask is
+    interpolated linearly and thresholded at 0.5, over the mask's bounding box only.
     """
     mask = np.asarray(mask)
     if mask.shape != sitk.GetArrayViewFromImage(method_image).shape:
         raise ValueError(f"mask shape {mask.shape} does not match the method image {method_image.GetSize()[::-1]}")
+    out_shape = tuple(reversed(source_image.GetSize()))
+    exact = _exact_inverse(mask, method_image, source_image)
+    if exact is not None:
+        return exact
+    out = np.zeros(out_shape, dtype=np.uint8)
+    nz = np.nonzero(mask)
+    if len(nz[0]) == 0:
+        return out
+    # the mask's bounding box (index, with a 1-voxel margin) on the method grid, as physical corners
+    lo_idx = [max(int(a.min()) - 1, 0) for a in reversed(nz)]
+    hi_idx = [min(int(a.max()) + 1, n - 1) for a, n in zip(reversed(nz), method_image.GetSize(), strict=True)]
+    corners = [method_image.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k)))
+               for i in (lo_idx[0], hi_idx[0]) for j in (lo_idx[1], hi_idx[1]) for k in (lo_idx[2], hi_idx[2])]
+    src_idx = np.array([source_image.TransformPhysicalPointToContinuousIndex(c) for c in corners])
+    size = np.asarray(source_image.GetSize())
+    start = np.clip(np.floor(src_idx.min(axis=0)).astype(int) - 1, 0, size - 1)
+    stop = np.clip(np.ceil(src_idx.max(axis=0)).astype(int) + 1, 0, size - 1)
+    if np.any(stop < start):
+        return out
+    ref = sitk.Image([int(v) for v in stop - start + 1], sitk.sitkUInt8)
+    ref.SetSpacing(source_image.GetSpacing())
+    ref.SetDirection(source_image.GetDirection())
+    ref.SetOrigin(source_image.TransformIndexToPhysicalPoint([int(v) for v in start]))
     m = sitk.GetImageFromArray((mask > 0).astype(np.float32))
     m.CopyInformation(method_image)
-    out = sitk.Resample(m, source_image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return (sitk.GetArrayViewFromImage(out) >= 0.5).astype(np.uint8)
+    sub = sitk.Resample(m, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    out[start[2]:stop[2] + 1, start[1]:stop[1] + 1, start[0]:stop[0] + 1] = sitk.GetArrayViewFromImage(sub) >= 0.5
+    return out
+
+
+def _exact_inverse(mask: np.ndarray, method_image: sitk.Image, source_image: sitk.Image) -> np.ndarray | None:
+    """The inverse of the exact flip/transpose path of :func:`resample_to_method_grid`, when it applies."""
+    spacing = tuple(float(v) for v in method_image.GetSpacing())
+    if not np.allclose(method_image.GetDirection(), _IDENTITY, atol=1e-9):
+        return None
+    exact = _axis_permutation(source_image, spacing)  # type: ignore[arg-type]
+    if exact is None:
+        return None
+    perm, flips = exact
+    lo, _ = _extent(source_image)
+    src_size = source_image.GetSize()
+    if not np.allclose(method_image.GetOrigin(), lo, atol=1e-4 * min(spacing)):
+        return None
+    if tuple(method_image.GetSize()) != tuple(src_size[perm[p]] for p in range(3)):
+        return None
+    arr = (np.asarray(mask) > 0).astype(np.uint8)
+    flip_axes = tuple(2 - p for p in range(3) if flips[p])
+    if flip_axes:
+        arr = np.flip(arr, axis=flip_axes)
+    axes_t = [2 - perm[2], 2 - perm[1], 2 - perm[0]]  # method numpy axis a <- source numpy axis axes_t[a]
+    return np.ascontiguousarray(np.transpose(arr, np.argsort(axes_t)))
