@@ -93,27 +93,28 @@ def _source_layout(
     raise ValueError("a SEG can reference either single-frame images or one multi-frame image, not a mix")
 
 
-def _segment_array(
-    masks: Mapping[str, np.ndarray],
-    specs: Sequence[SegmentSpec],
-    n_k: int,
-    ks: np.ndarray,
-    frames: np.ndarray | None,
-    n_frames: int,
-) -> np.ndarray:
-    """(frames, rows, cols, segments) uint8 array in the source-image frame order (interpolated slices dropped)."""
-    first = np.asarray(masks[specs[0].key])
+def _checked_masks(masks: Mapping[str, np.ndarray], specs: Sequence[SegmentSpec], n_k: int) -> list[np.ndarray]:
+    """The masks of ``specs`` in order, checked to be (k, rows, cols) with the same shape."""
+    arrays = [np.asarray(masks[spec.key]) for spec in specs]
+    first = arrays[0]
     if first.ndim != 3 or first.shape[0] != n_k:
         raise ValueError(f"masks must be (k, rows, cols) with k = {n_k}, got {first.shape}")
-    rows, cols = first.shape[1:]
-    n_out = len(ks) if frames is None else n_frames
-    out = np.zeros((n_out, rows, cols, len(specs)), dtype=np.uint8)
-    for s, spec in enumerate(specs):
-        mask = np.asarray(masks[spec.key])
+    for spec, mask in zip(specs, arrays, strict=True):
         if mask.shape != first.shape:
             raise ValueError(f"mask {spec.key!r} has shape {mask.shape}, expected {first.shape}")
+    return arrays
+
+
+def _segment_array(
+    arrays: Sequence[np.ndarray], ks: np.ndarray, frames: np.ndarray | None, n_frames: int
+) -> np.ndarray:
+    """(frames, rows, cols, segments) uint8 array of slices ``ks`` in the source-image frame order."""
+    rows, cols = arrays[0].shape[1:]
+    n_out = len(ks) if frames is None else n_frames
+    out = np.zeros((n_out, rows, cols, len(arrays)), dtype=np.uint8)
+    for s, mask in enumerate(arrays):
         # Only slices holding this segment are copied (the strided write into the last axis is the slow part).
-        present = np.flatnonzero(mask.reshape(n_k, -1).any(axis=1)[ks])
+        present = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)[ks])
         target = present if frames is None else frames[present]
         out[target, :, :, s] = mask[ks[present]] != 0
     return out
@@ -139,9 +140,20 @@ def build_seg(
     if unknown or "liver" not in masks:
         raise ValueError(f"masks need 'liver' and may hold {sorted(SEGMENT_LABELS)}; unexpected: {sorted(unknown)}")
     specs = [spec for spec in SEGMENTS if spec.key in masks]
+    arrays = _checked_masks(masks, specs, len(frame_refs))
     source_images, ks, frames = _source_layout(datasets, frame_refs)
-    n_frames = number_of_frames(source_images[0])
-    pixels = _segment_array(masks, specs, len(frame_refs), ks, frames, n_frames)
+    further: list[Dataset] = []
+    if omit_empty_frames and frames is None:
+        # Same frames as highdicom's own omission, but highdicom then works only on the slices holding a segment;
+        # the other slices stay recorded as source images (Referenced Series Sequence).
+        present = np.logical_or.reduce([m.reshape(m.shape[0], -1).any(axis=1) for m in arrays])[ks]
+        if present.any():
+            further = [ds for ds, kept in zip(source_images, present, strict=True) if not kept]
+            source_images = [ds for ds, kept in zip(source_images, present, strict=True) if kept]
+            ks = ks[present]
+    pixels = _segment_array(arrays, ks, frames, number_of_frames(source_images[0]))
+    # highdicom refuses a SEG without any frame: keep all frames when every mask is empty.
+    omit = omit_empty_frames and bool(pixels.any())
     series_uid = source_series_uid(datasets)
     algorithm = algorithm_identification(algorithm_version, model_description)
     descriptions = [
@@ -159,16 +171,6 @@ def build_seg(
         )
         for number, spec in enumerate(specs, start=1)
     ]
-    # highdicom refuses a SEG without any frame: keep all frames when every mask is empty.
-    omit = omit_empty_frames and bool(pixels.any())
-    further: list[Dataset] = []
-    if omit and frames is None:
-        # Same frames as highdicom's omission, but its per-frame work is done only on slices holding a segment;
-        # the other slices stay recorded as source images (Referenced Series Sequence).
-        keep = pixels.reshape(len(pixels), -1).any(axis=1)
-        further = [ds for ds, kept in zip(source_images, keep, strict=True) if not kept]
-        source_images = [ds for ds, kept in zip(source_images, keep, strict=True) if kept]
-        pixels = pixels[keep]
     seg = hd.seg.Segmentation(
         source_images=source_images,
         further_source_images=further or None,
