@@ -237,13 +237,13 @@ def _association_failure(assoc: Association, messages: list[str], timeout_s: flo
 
 
 def _store_outcome(rsp: Dataset, messages: list[str], timeout_s: float) -> _Outcome:
-    """Outcome of one C-STORE from its response (empty when none came)."""
+    """Outcome of one C-STORE from its response (empty when none came: a DIMSE timeout, else an abort)."""
     if "Status" not in rsp:
         if any("DIMSE timeout" in m for m in messages):
             return _Outcome(False, "Timeout", f"no C-STORE response within {timeout_s:g} s")
-        if any("Connection closed" in m or "Aborted" in m for m in messages):
-            return _Outcome(False, "AssociationAborted", "the association ended before the C-STORE response")
-        return _Outcome(False, "NoResponse", "no C-STORE response (association aborted or timed out)")
+        return _Outcome(
+            False, "AssociationAborted", "the association ended before the C-STORE response (peer abort or lost link)"
+        )
     code = int(rsp.Status)
     category = code_to_category(code)
     comment = str(rsp.get("ErrorComment", "") or "")

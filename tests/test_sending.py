@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from lpm_node.sending import (
 )
 from lpm_node.writers import build_key_image, build_seg, build_sr, write_dataset
 from tests import support_orthanc
+from tests.support_net import dcmtk_env, free_port, have_dcmtk, wait_for_port
 from tests.support_orthanc import Orthanc, orthanc_available
 from tests.support_sending import ResultFiles, write_ct, write_results
 from tests.support_writers import make_ct_datasets
@@ -284,6 +286,49 @@ def test_peer_that_does_not_answer_times_out(orthanc: Orthanc, sessions, results
     assert [r.status for r in deliveries(sessions)] == ["pending"] * 3
 
 
+@pytest.fixture
+def storescp(tmp_path: Path):
+    """Start dcmtk's storescp with extra options; yields its Destination; stopped at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*options: str) -> Destination:
+        port = free_port()
+        out = tmp_path / f"storescp-{port}"
+        out.mkdir()
+        proc = subprocess.Popen(
+            ["storescp", "-aet", "STORESCP", "-od", str(out), *options, str(port)],
+            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        started.append(proc)
+        wait_for_port(port, timeout=30, proc=proc)
+        return Destination("STORESCP", "127.0.0.1", port)
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")
+def test_peer_aborting_or_stalling_mid_association_is_audited(storescp, sessions, results: ResultFiles) -> None:
+    aborting = storescp("--abort-after")
+    stalling = storescp("--sleep-during", "5")
+    enqueue(sessions, results, aborting, stalling)
+    started = time.monotonic()
+    assert Sender(sessions, output(), "LPM_NODE", timeout_s=1).run_once() == 0
+    assert time.monotonic() - started < 15
+    by_id = {r.id: r for r in deliveries(sessions)}
+    seen: dict[tuple[str, str], str] = {}
+    for attempt in attempts(sessions):
+        row = by_id[attempt.delivery_id]
+        seen[(str(row.destination), row.object_kind)] = attempt.status
+    assert seen[(str(aborting), "SEG")] == "AssociationAborted"
+    assert seen[(str(stalling), "SEG")] == "Timeout"
+    for dest in (aborting, stalling):  # the association is gone: the others are failed attempts too
+        assert seen[(str(dest), "SR")] == seen[(str(dest), "KEY")] == "AssociationAborted"
+    assert all(r.status == "pending" and r.attempts == 1 for r in by_id.values())
+
+
 def test_store_without_the_sop_classes_refuses_them(tmp_path: Path, sessions, results: ResultFiles) -> None:
     ct_only = LocalStore(tmp_path / "ct_only", ae_title="CT_ONLY", sop_classes=[CTImageStorage])
     seg_only = LocalStore(tmp_path / "seg_only", ae_title="SEG_ONLY", sop_classes=[SegmentationStorage])
@@ -424,7 +469,8 @@ def test_dimse_status_categories() -> None:
     failure = _store_outcome(status(0xA700), [], 1)
     assert not failure.ok and failure.status == "0xA700"
     assert not _store_outcome(status(0xC000, "cannot understand"), [], 1).ok
-    assert _store_outcome(Dataset(), [], 1).status == "NoResponse"
+    assert _store_outcome(Dataset(), [], 1).status == "AssociationAborted"
+    assert _store_outcome(Dataset(), ["DIMSE timeout reached while waiting"], 1).status == "Timeout"
 
 
 def test_result_destinations_add_the_sender_when_configured() -> None:
