@@ -343,9 +343,19 @@ def load_series(
     Slices with a gap up to ``max_gap_factor`` times the nominal spacing (and at most ``max_gap_mm``) are
     interpolated with a warning; larger gaps, gantry tilt, mixed orientations or sizes raise
     :class:`SeriesLoadError`. Padding pixels and anything below -1024 HU become -1024 HU (air).
+    Malformed headers are reported as :class:`SeriesLoadError` too.
     """
     if not paths:
         raise SeriesLoadError("no files")
+    try:
+        return _load(paths, max_gap_factor, max_gap_mm, workers)
+    except SeriesLoadError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise SeriesLoadError(f"malformed series ({type(exc).__name__}: {exc})") from exc
+
+
+def _load(paths: Sequence[str | Path], max_gap_factor: float, max_gap_mm: float, workers: int | None) -> CTSeries:
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         datasets = list(pool.map(_read_full, [Path(p) for p in paths]))

@@ -310,3 +310,10 @@ def test_raw_datasets_without_meta_header(tmp_path: Path) -> None:
     assert sorted(next(iter(find_series(tmp_path).values()))) == sorted(paths)
     series = load_series(paths)
     assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
+
+
+def test_malformed_header_is_a_load_error(ph: Phantom, tmp_path: Path) -> None:
+    paths = write_series(ph, tmp_path)
+    rewrite(paths[2:3], lambda ds, _: delattr(ds, "Rows"))
+    with pytest.raises(SeriesLoadError, match="malformed series|Rows"):
+        load_series(paths)
