@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     RLELossless,
 )
 MAX_PDU_BYTES = 1024 * 1024
+# pynetdicom's reactors poll every 1 ms (DUL when idle, the association loop between messages),
+# which adds up to ~2 ms to every C-STORE round trip; 0.2 ms measured ~15 % faster for a
+# 300-instance series at a small CPU cost per open association.
+POLL_S = 0.0002
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -417,12 +422,36 @@ def note_instance_on_series(session: Session, row: Series, at: dt.datetime) -> N
 # ---------------------------------------------------------------------------------------------
 # The SCP
 # ---------------------------------------------------------------------------------------------
+class _ShortSleepTime:
+    """Stands in for the ``time`` module inside ``pynetdicom.association``: its fixed 1 ms reactor
+    sleep becomes :data:`POLL_S`; everything else is the real ``time``."""
+
+    def __init__(self, poll_s: float) -> None:
+        self._poll_s = poll_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self._poll_s if seconds == 0.001 else seconds)
+
+
+def tune_pynetdicom(poll_s: float = POLL_S) -> None:
+    """Shorten pynetdicom's association reactor poll (process-wide; idempotent)."""
+    import pynetdicom.association as association_module
+
+    if not isinstance(association_module.time, _ShortSleepTime):
+        association_module.time = _ShortSleepTime(poll_s)  # type: ignore[assignment]
+
 @dataclass
 class _AssocInfo:
     key: int
     calling_ae: str
     address: str
     stored: int = 0
+    bytes_stored: int = 0
+    handler_s: float = 0.0  # time in the C-STORE handler (parse, write, sync)
+    sync_s: float = 0.0  # of which making files durable
 
 
 class Listener:
@@ -458,6 +487,7 @@ class Listener:
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.network_timeout = 60
+        tune_pynetdicom()
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
@@ -465,6 +495,7 @@ class Listener:
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_C_STORE, self._on_store),
@@ -495,6 +526,9 @@ class Listener:
     def _info(self, assoc: Any) -> _AssocInfo | None:
         with self._lock:
             return self._assocs.get(id(assoc))
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        event.assoc.dul._run_loop_delay = POLL_S  # see POLL_S
 
     def _on_requested(self, event: evt.Event) -> None:
         rq = event.assoc.requestor.primitive
@@ -533,7 +567,10 @@ class Listener:
         if info is None:
             return
         self.recorder.put(_AssocEnded(info.key, outcome, reason, utcnow()))
-        LOG.info("association %d %s after %d instance(s)", info.key, outcome, info.stored)
+        LOG.info(
+            "association %d %s after %d instance(s), %.1f MB; C-STORE handler %.3f s, of which fsync %.3f s",
+            info.key, outcome, info.stored, info.bytes_stored / 2**20, info.handler_s, info.sync_s,
+        )
 
     def _on_released(self, event: evt.Event) -> None:
         self._end(event, "released")
@@ -560,7 +597,15 @@ class Listener:
         return _status(status, reason)
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
+        started = time.perf_counter()
         info = self._info(event.assoc)
+        try:
+            return self._store(event, info)
+        finally:
+            if info is not None:
+                info.handler_s += time.perf_counter() - started
+
+    def _store(self, event: evt.Event, info: _AssocInfo | None) -> int | Dataset:
         ts = str(event.context.transfer_syntax)
         raw_ds = event.request.DataSet
         view: memoryview | None = None
@@ -592,6 +637,8 @@ class Listener:
                 view.release()
         if info is not None:
             info.stored += 1
+            info.bytes_stored += stored.size_bytes if not stored.duplicate else 0
+            info.sync_s += stored.sync_s
         self.recorder.put(
             _InstanceStored(
                 assoc_key=info.key if info else 0,

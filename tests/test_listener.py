@@ -233,3 +233,57 @@ def test_low_free_disk_answers_out_of_resources(tmp_path, chest):
         time.sleep(0.5)
         row = node.query("SELECT instances_refused, reason FROM associations WHERE instances_refused > 0")[0]
         assert row["instances_refused"] == 2 and "min_free_disk_mb" in row["reason"]
+
+
+# --- the spool on its own ----------------------------------------------------------------------
+def test_uid_validation():
+    from lpm_node.spool import is_valid_uid
+
+    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.2")
+    assert is_valid_uid("2.25." + "9" * 59)  # 64 characters
+    for bad in ("", "1", "1.2.", ".1.2", "1..2", "1.02", "../../etc", "1.2/3", "1.2 3", "2.25." + "9" * 60, None, 12):
+        assert not is_valid_uid(bad), bad
+
+
+def test_file_meta_is_what_pydicom_writes():
+    from io import BytesIO
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+    from lpm_node.spool import IMPLEMENTATION_VERSION_NAME, file_meta_bytes
+
+    for sop, ae in (("1.2.3.4", "STORESCU"), ("1.2.826.0.1.3680043.8.498.1141558326928426775568349349198520085", "")):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        if ae:
+            meta.SourceApplicationEntityTitle = ae
+        expected = BytesIO()
+        expected.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(expected, meta, enforce_standard=True)
+        assert file_meta_bytes("1.2.840.10008.5.1.4.1.1.2", sop, "1.2.840.10008.1.2.4.70", ae) == expected.getvalue()
+
+
+def test_spool_store_duplicate_quota_and_stale_temporaries(tmp_path):
+    from lpm_node.spool import Spool, SpoolFull
+
+    spool = Spool(tmp_path / "spool", quota_mb=1)
+    first = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", [b"a" * 1000, b"b" * 1000])
+    assert not first.duplicate and first.path.read_bytes() == b"a" * 1000 + b"b" * 1000
+    assert first.path == tmp_path / "spool" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    again = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", [b"c" * 10])
+    assert again.duplicate and first.path.read_bytes()[:1] == b"a"
+    with pytest.raises(SpoolFull, match="spool quota"):
+        spool.store("1.2.3", "1.2.3.4", "1.2.3.4.6", [b"x" * (2**20)])
+    assert not (first.path.parent / "1.2.3.4.6.dcm").exists()
+    with pytest.raises(ValueError):
+        spool.store("1.2.3", "../x", "1.2.3.4.7", [b"x"])
+    (first.path.parent / ".1.2.3.4.8.99.tmp").write_bytes(b"partial")
+    reopened = Spool(tmp_path / "spool")
+    assert not list(reopened.root.rglob("*.tmp"))
+    assert [p.name for _s, _r, p in reopened.iter_instances()] == ["1.2.3.4.5.dcm"]
