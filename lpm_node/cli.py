@@ -18,6 +18,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     for key in ("host", "port", "ae_title", "data_dir"):
         if getattr(args, key, None) is not None:
             node[key] = getattr(args, key)
+    if getattr(args, "no_measure", False):
+        node["measure"] = False
     if getattr(args, "allow_ae", None):
         node["allowed_ae_titles"] = list(args.allow_ae)
     overrides: dict[str, dict[str, Any]] = {"node": node}
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", action="append", metavar="AET@HOST:PORT", help="where results go (repeatable)")
     p.add_argument("--model", help="nnU-Net v2 model folder")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="inference device")
+    p.add_argument("--no-measure", action="store_true", help="receive, decide and queue only; measure nothing")
 
     p = add("audit", _cmd_audit, "what the node received, decided, measured and sent")
     _node_options(p)
@@ -182,9 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         print(f"lpm-node {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Bad settings, paths or inputs, and the node's own errors: their message is meant for the user."""
+    return isinstance(exc, (ValueError, OSError)) or type(exc).__module__.startswith("lpm_node.")
 
 
 if __name__ == "__main__":

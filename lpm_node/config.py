@@ -43,6 +43,7 @@ class NodeSettings:
     min_free_disk_mb: int = 512
     spool_quota_mb: int = 0  # 0: no quota
     max_associations: int = 16
+    measure: bool = True  # False: receive, decide and queue only (e.g. while checking the routing rules)
 
 
 @dataclass

@@ -1,9 +1,8 @@
 """``lpm-node serve``: the listener plus background loops, until SIGINT/SIGTERM.
 
 :class:`Node` owns the shared pieces (settings, audit DB sessions, spool, listener) and a list
-of :class:`Loop` objects, each a function called repeatedly in its own thread. The series
-completion and rules loop is added here; the measurement worker and the sender are added the
-same way with :meth:`Node.add_loop`.
+of :class:`Loop` objects, each a function called repeatedly in its own thread: series completion
+and rules, the measurement worker (one warm model, jobs in order) and the sender (the outbox).
 """
 
 from __future__ import annotations
@@ -21,8 +20,10 @@ from lpm_node.audit import session_factory
 from lpm_node.config import Settings
 from lpm_node.listener import Listener
 from lpm_node.rules import RuleEngine
+from lpm_node.sending import Sender
 from lpm_node.series import SeriesAssembler, reconcile_spool
 from lpm_node.spool import Spool
+from lpm_node.worker import Worker
 
 LOG = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ class Node:
         self.address: tuple[str, int] | None = None
         poll = min(0.5, max(0.05, settings.series.stable_seconds / 4))
         self.add_loop(Loop("series", self.series_step, poll))
+        self.sender = Sender(self.sessions, settings.output, node.ae_title)
+        self.worker: Worker | None = None
+        if node.measure:
+            self.worker = Worker(settings, self.sessions, self.spool, on_results=self.sender.wake)
+            self.add_loop(Loop("worker", self.worker.step, 0.5))
+        self.add_loop(Loop("sender", self.sender_step, 0.5))
 
     def add_loop(self, loop: Loop) -> None:
         """Register a background loop (before :meth:`start`)."""
@@ -78,8 +85,15 @@ class Node:
         queued = self.rules.run_once()
         return bool(queued)
 
+    def sender_step(self) -> bool:
+        """Send what is due in the outbox."""
+        return bool(self.sender.run_once())
+
     def start(self) -> tuple[str, int]:
         """Recover state from the spool, start listening, start the loops; returns the bound address."""
+        if self.worker is not None:
+            self.worker.check_model()
+            self.worker.recover()
         reconcile_spool(self.sessions, self.spool)
         self.address = self.listener.start()
         for loop in self.loops:
@@ -109,6 +123,8 @@ class Node:
 def serve(settings: Settings) -> int:
     """Run the node until SIGINT or SIGTERM; returns the process exit status."""
     node = Node(settings)
+    if not settings.node.measure:
+        LOG.warning("measurement is off (--no-measure): series are received, decided and queued only")
     previous = {sig: signal.signal(sig, node.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         host, port = node.start()

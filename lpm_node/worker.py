@@ -58,6 +58,14 @@ class Worker:
             self._segmenter = load_segmenter(self.settings.model)
         return self._segmenter
 
+    def check_model(self) -> None:
+        """Fail early, with the reason, when the configured model folder is not a usable model."""
+        from lpm_node.segmentation import bundled_model_folder, verify_model_folder
+
+        model = self.settings.model
+        verify_model_folder(model.folder or bundled_model_folder(), model.profile or None,
+                            folds=list(model.folds) or None, checkpoint=model.checkpoint, load_weights=False)
+
     def recover(self) -> int:
         """Put jobs left ``running`` by a stopped node back in the queue; returns how many."""
         with self.sessions() as session:
@@ -88,7 +96,10 @@ class Worker:
         return session.scalars(select(Series).where(Series.series_instance_uid == job.series_instance_uid)).first()
 
     def step(self) -> bool:
-        """Run the next queued job, if any; returns True when a job was taken."""
+        """Run the next queued job, if any; returns True when a job was taken.
+
+        The model is loaded at the first call, so it is warm when the first series completes."""
+        self.segmenter  # noqa: B018 - load once, keep warm
         job = self._claim()
         if job is None:
             return False

@@ -91,6 +91,7 @@ class NodeProcess:
     allow_ae: Sequence[str] = ()
     config: Path | None = None
     extra: Sequence[str] = ()
+    measure: bool = False  # front-door tests: receive, decide and queue only
     proc: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
 
@@ -103,12 +104,18 @@ class NodeProcess:
             cmd += ["--allow-ae", title]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
+        if not self.measure:
+            cmd.append("--no-measure")
         cmd += list(self.extra)
         self.log_path = self.data_dir / f"node-{self.port}-{int(time.time() * 1000)}.log"
         log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_for_port(self.port, timeout, self.proc)
+        try:
+            wait_for_port(self.port, timeout, self.proc)
+        except BaseException:
+            self.kill()  # a node that never became ready must not outlive the test
+            raise
         return self
 
     def log(self) -> str:
