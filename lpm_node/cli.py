@@ -146,9 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", _cmd_demo, "end-to-end demo on loopback: phantom CT in, SEG + SR + key image out")
     p.add_argument("--config", help="TOML settings file")
-    p.add_argument("--data-dir", help="working folder (default: a temporary folder)")
+    p.add_argument("--data-dir", help="working folder, kept afterwards (default: a new temporary folder)")
     p.add_argument("--hu", type=float, default=30.0, help="true liver attenuation of the phantom (HU)")
-    p.add_argument("--keep", action="store_true", help="keep the working folder")
 
     p = add("doctor", _cmd_doctor, "check device, model, destinations, disk space and database")
     _node_options(p)
