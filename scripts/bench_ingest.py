@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,7 +41,11 @@ def _send(port: int, folder: Path, called: str) -> float:
     return elapsed
 
 
-def run_node(series: Path, work: Path, n: int) -> float:
+_HANDLER_LOG = re.compile(r"after (\d+) instance\(s\).*C-STORE handler ([\d.]+) s, of which fsync ([\d.]+) s")
+
+
+def run_node(series: Path, work: Path, n: int) -> tuple[float, float, float]:
+    """(wall time, time in the C-STORE handler, of which fsync) for one run against a fresh node."""
     data = work / f"node-{time.monotonic_ns()}"
     node = NodeProcess(data, stable_seconds=3600).start()  # rules stay idle during the measurement
     try:
@@ -50,8 +55,12 @@ def run_node(series: Path, work: Path, n: int) -> float:
             raise RuntimeError(f"node stored {len(stored)} of {n} instances")
     finally:
         node.stop()
+    handler = sync = float("nan")
+    for m in _HANDLER_LOG.finditer(node.log()):
+        if int(m.group(1)) == n:
+            handler, sync = float(m.group(2)), float(m.group(3))
     shutil.rmtree(data, ignore_errors=True)
-    return elapsed
+    return elapsed, handler, sync
 
 
 def run_storescp(series: Path, work: Path, n: int) -> float:
@@ -93,11 +102,14 @@ def main() -> int:
               f"{time.perf_counter() - t0:.1f} s); {os.cpu_count()} CPU(s)")
         node_t: list[float] = []
         scp_t: list[float] = []
+        sync_t: list[float] = []
         for i in range(args.runs):
-            node_t.append(run_node(series, work, len(files)))
+            wall, handler, sync = run_node(series, work, len(files))
+            node_t.append(wall)
+            sync_t.append(sync)
             scp_t.append(run_storescp(series, work, len(files)))
-            print(f"run {i + 1}: node {node_t[-1]:.3f} s, storescp {scp_t[-1]:.3f} s, "
-                  f"ratio {node_t[-1] / scp_t[-1]:.2f}", flush=True)
+            print(f"run {i + 1}: node {wall:.3f} s (C-STORE handler {handler:.3f} s, of which fsync {sync:.3f} s), "
+                  f"storescp {scp_t[-1]:.3f} s, ratio {wall / scp_t[-1]:.2f}", flush=True)
         n = len(files)
         med_node, med_scp = statistics.median(node_t), statistics.median(scp_t)
         ratios = [a / b for a, b in zip(node_t, scp_t, strict=True)]
@@ -106,6 +118,10 @@ def main() -> int:
               f"{size_mb / med_scp:.0f} MB/s)")
         print(f"median ratio node/storescp: {statistics.median(ratios):.2f} "
               f"(ratio of medians {med_node / med_scp:.2f})")
+        med_sync = statistics.median(sync_t)
+        print(f"node without its fsync time (what durability costs here): median {med_node - med_sync:.3f} s, "
+              f"ratio {(med_node - med_sync) / med_scp:.2f}; fsync is {100 * med_sync / med_node:.0f} % of the "
+              f"node's wall time")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
