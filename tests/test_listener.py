@@ -287,3 +287,36 @@ def test_spool_store_duplicate_quota_and_stale_temporaries(tmp_path):
     reopened = Spool(tmp_path / "spool")
     assert not list(reopened.root.rglob("*.tmp"))
     assert [p.name for _s, _r, p in reopened.iter_instances()] == ["1.2.3.4.5.dcm"]
+
+
+def test_compressed_and_deflated_transfer_syntaxes_are_stored_as_received(tmp_path):
+    import numpy as np
+    from pydicom.uid import (
+        DeflatedExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        JPEG2000Lossless,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        RLELossless,
+    )
+
+    small = make_phantom(n_slices=2, size=64, pixel_spacing=5.6)
+    sent: dict[str, Path] = {}
+    for ts in (ImplicitVRLittleEndian, RLELossless, JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1):
+        sent[str(ts)] = write_ct_series(small, tmp_path / str(ts), transfer_syntax=ts,
+                                        series_description=f"CHEST {ts}")[0]
+    deflated = tmp_path / "deflated.dcm"
+    ds = dcmread(write_ct_series(small, tmp_path / "plain", series_description="CHEST deflated")[0])
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(deflated, enforce_file_format=True)
+    sent[str(DeflatedExplicitVRLittleEndian)] = deflated
+    propose = {str(ImplicitVRLittleEndian): "-xi", str(RLELossless): "-xr", str(JPEG2000Lossless): "-xv",
+               str(JPEGLSLossless): "-xt", str(JPEGLosslessSV1): "-xs", str(DeflatedExplicitVRLittleEndian): "-xd"}
+    with NodeProcess(tmp_path / "node") as node:
+        for ts, path in sent.items():
+            result = storescu(node.port, [path], extra=["-v", propose[ts]])
+            assert result.returncode == 0 and "Success" in result.stdout + result.stderr, (ts, result.stderr)
+        stored = {str(dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID): p for p in _spooled(node)}
+        assert set(stored) == set(sent)  # kept in the syntax it was sent in: no decoding, no re-encoding
+        for ts, path in sent.items():
+            assert np.array_equal(dcmread(stored[ts]).pixel_array, dcmread(path).pixel_array), ts
