@@ -105,7 +105,7 @@ def analyse_series(paths: Sequence[str | Path], settings: Settings, segmenter: S
     )
 
 
-def _source_masks(result: SeriesResult) -> dict[str, np.ndarray]:
+def source_masks(result: SeriesResult) -> dict[str, np.ndarray]:
     """The liver, ROI (and spleen) masks on the source series' own grid, in the loader's slice order."""
     wanted = {"liver": result.masks["liver"], "roi": result.roi}
     if "spleen" in result.masks and result.masks["spleen"].any():
@@ -127,7 +127,7 @@ def _key_slice(source_masks: dict[str, np.ndarray], frame_refs: Sequence[tuple[i
 def build_answer(result: SeriesResult, settings: Settings) -> list[tuple[str, Dataset]]:
     """The DICOM answer for one measured series: SEG, SR and (when configured) the key image."""
     source = result.source
-    masks = _source_masks(result)
+    masks = source_masks(result)
     seg = build_seg(
         source.datasets, source.frame_refs, masks,
         omit_empty_frames=settings.output.omit_empty_frames,
