@@ -101,7 +101,7 @@ HEADER_TAGS: list[BaseTag] = [
 ]
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
 # Series that get new instances after these decisions are assembled and evaluated again.
-REOPENABLE_STATUSES = ("rejected", "not_selected", "eligible", "queued")
+REOPENABLE_STATUSES = ("complete", "rejected", "not_selected", "eligible", "queued")
 
 
 @dataclass(frozen=True)
@@ -663,6 +663,9 @@ class Listener:
             return self._refuse(info, STATUS_OUT_OF_RESOURCES, f"out of resources: {exc}", header)
         except OSError as exc:
             return self._refuse(info, STATUS_OUT_OF_RESOURCES, f"spool write failed: {exc.strerror or exc}", header)
+        except Exception as exc:  # never let one dataset break the association or the listener
+            LOG.exception("C-STORE processing failed")
+            return self._refuse(info, STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}", header)
         finally:
             if view is not None:
                 view.release()

@@ -66,6 +66,7 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_u
     All values are validated UIDs or an AE title, so the few bytes are built here rather than
     through a pydicom Dataset (which costs more than the rest of the per-instance CPU work).
     """
+    ae = "".join(c for c in source_ae if 32 <= ord(c) < 127 and c != "\\").strip()[:16]
     body = b"".join(
         [
             _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
@@ -75,7 +76,7 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_u
             _element(0x0002, 0x0012, b"UI", _padded(PYDICOM_IMPLEMENTATION_UID, b"\x00")),
             _element(0x0002, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
         ]
-        + ([_element(0x0002, 0x0016, b"AE", _padded(source_ae[:16], b" "))] if source_ae else [])
+        + ([_element(0x0002, 0x0016, b"AE", _padded(ae, b" "))] if ae else [])
     )
     return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
 
