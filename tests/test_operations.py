@@ -1,0 +1,96 @@
+"""What an administrator runs: `lpm-node demo`, `lpm-node doctor`, the container image definition, the README."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lpm_node.cli import build_parser
+from tests import support_orthanc
+from tests.support_net import REPO, free_port, have_dcmtk
+
+orthanc = support_orthanc.orthanc
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lpm_node.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")
+def test_demo_runs_the_whole_flow_and_stops_everything(tmp_path):
+    result = _cli("demo", "--data-dir", str(tmp_path), "--hu", "30")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    value = float(re.search(r"DL-parenchymal attenuation: (-?[\d.]+) HU", out).group(1))
+    assert abs(value - 30) <= 1.5
+    assert "moderate_to_severe_steatosis" in out
+    assert len(re.findall(r"delivered (SEG|SR |KEY)", out)) == 3
+    assert (tmp_path / "key_image.png").stat().st_size > 0
+    assert "stopped the node and the PACS" in out
+    # nothing it started is left listening
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
+
+
+def test_doctor_says_ok_for_a_ready_node(tmp_path, orthanc):
+    config = tmp_path / "node.toml"
+    config.write_text(f'[output]\ndestinations = ["{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]\n')
+    result = _cli("doctor", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith(("OK", "PROBLEM"))}
+    assert set(lines) == {"device", "model", "destination", "disk", "database"}
+    assert all(line.startswith("OK") for line in lines.values())
+    assert "C-ECHO OK" in lines["destination"] and "liver=1" in lines["model"]
+
+
+def test_doctor_names_each_problem(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\nmin_free_disk_mb = 1000000000\n[model]\nfolder = "{tmp_path / "no-model"}"\n'
+        f'[output]\ndestinations = ["PACS@127.0.0.1:{free_port()}"]\n'
+    )
+    result = _cli("doctor", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 1
+    problems = [line for line in result.stdout.splitlines() if line.startswith("PROBLEM")]
+    assert [p.split()[1] for p in problems] == ["model", "destination", "disk"]
+    assert "model folder not found" in problems[0]
+    assert "no connection" in problems[1] or "rejected" in problems[1]
+    assert "2 OK, 3 problem(s)" in result.stdout
+
+
+def test_dockerfile_matches_the_package_and_the_cli():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert dockerfile.startswith("#") and re.search(r"^FROM nvidia/cuda:[\w.\-]+-runtime-", dockerfile, re.M)
+    assert re.search(r"pip install \.$", dockerfile, re.M), "the image installs the package like the README"
+    assert re.search(r"^USER lpm$", dockerfile, re.M) and "HEALTHCHECK" in dockerfile
+    assert re.search(r'^VOLUME \["/data", "/models"\]$', dockerfile, re.M)
+    cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1)
+    argv = [a.strip().strip('"') for a in cmd.strip("[]").split(",")]
+    assert argv[:2] == ["lpm-node", "serve"]
+    args = build_parser().parse_args(argv[1:])  # the CLI accepts the image's command line
+    config = REPO / argv[argv.index("--config") + 1].removeprefix("/opt/lpm-node/")
+    assert config.is_file()
+    from lpm_node.config import load_settings
+
+    settings = load_settings(config)
+    assert settings.node.data_dir == "/data" and settings.model.folder == "/models" and args.command == "serve"
+    for copied in re.findall(r"^COPY (.+) \./", dockerfile, re.M):
+        for name in copied.split():
+            assert (REPO / name).exists(), name
+    readme = (REPO / "README.md").read_text()
+    run = re.search(r"^docker run (?:.*\\\n)*.*$", readme, re.M)
+    assert run, "the README documents the docker run line"
+    line = run.group(0)
+    for needed in ("--gpus all", "-p 11112:11112", ":/data", ":/models:ro", "lpm-node"):
+        assert needed in line, needed
+
+
+def test_readme_and_ci_run_the_same_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "bash scripts/dev.sh test" in readme and "bash scripts/dev.sh test" in ci
+    assert "bash scripts/dev.sh demo" in readme
