@@ -95,6 +95,7 @@ def test_phantom_ct_is_measured_and_answered_at_orthanc(tmp_path, orthanc, chest
         audit = {s["series_instance_uid"]: s for s in node.audit_json()}[series_uid]
     assert abs(audit["dl_parenchymal_hu"] - TRUE_HU) <= 1.5
     assert audit["category"] == STEATOSIS
+    assert audit["status"] == "done" and audit["job_status"] == "done" and audit["delivery_status"] == "sent"
 
     found = _results_at(orthanc, study_uid)
     assert sorted(found) == sorted(KINDS) and all(len(v) == 1 for v in found.values())
