@@ -610,6 +610,13 @@ class Listener:
         self._end(event, "aborted", "A-ABORT")
 
     def _on_conn_close(self, event: evt.Event) -> None:
+        # The peer may close its end before the association thread has marked the release done,
+        # so the outcome is settled a moment later (EVT_RELEASED / EVT_ABORTED usually settle it first).
+        timer = threading.Timer(1.0, self._settle, args=(event,))
+        timer.daemon = True
+        timer.start()
+
+    def _settle(self, event: evt.Event) -> None:
         assoc = event.assoc
         if assoc.is_released:
             self._end(event, "released")
