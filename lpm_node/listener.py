@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import select as select_module
+import socket
 import threading
 import time
 import zlib
@@ -80,6 +81,7 @@ MAX_PDU_BYTES = 1024 * 1024
 # wake-up on a busy machine) to every C-STORE round trip. tune_pynetdicom() makes both waits
 # wake on the event itself (a queued message, readable socket data), polling at POLL_S at most.
 POLL_S = 0.0002
+TCP_NODELAY = True
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -560,6 +562,12 @@ class Listener:
 
     def _on_conn_open(self, event: evt.Event) -> None:
         event.assoc.dul._run_loop_delay = POLL_S  # the DUL idle wait, see tune_pynetdicom
+        raw = getattr(event.assoc.dul.socket, "socket", None)
+        if TCP_NODELAY and raw is not None:  # small C-STORE responses go out at once (no Nagle delay)
+            try:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
 
     def _on_requested(self, event: evt.Event) -> None:
         rq = event.assoc.requestor.primitive
