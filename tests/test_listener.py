@@ -320,3 +320,23 @@ def test_compressed_and_deflated_transfer_syntaxes_are_stored_as_received(tmp_pa
         assert set(stored) == set(sent)  # kept in the syntax it was sent in: no decoding, no re-encoding
         for ts, path in sent.items():
             assert np.array_equal(dcmread(stored[ts]).pixel_array, dcmread(path).pixel_array), ts
+
+
+def test_peer_address_outside_allowed_hosts_is_rejected(tmp_path):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    config = tmp_path / "hosts.toml"
+    config.write_text('[node]\nallowed_hosts = ["127.0.0.1"]\n')
+    with NodeProcess(tmp_path / "node", config=config) as node:
+        scu = AE(ae_title="ELSEWHERE")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", node.port, ae_title="LPM_NODE", bind_address=("127.0.0.2", 0))
+        assert assoc.is_rejected
+        assoc = scu.associate("127.0.0.1", node.port, ae_title="LPM_NODE")  # from an allowed address
+        assert assoc.is_established
+        assoc.release()
+        time.sleep(0.5)
+        rows = node.query("SELECT calling_ae, peer_address, reason FROM associations WHERE outcome = 'rejected'")
+        assert [(r["calling_ae"], r["peer_address"]) for r in rows] == [("ELSEWHERE", "127.0.0.2")]
+        assert "not in allowed_hosts" in rows[0]["reason"]
