@@ -445,6 +445,8 @@ class NnUNetSegmenter:
         coarse_grid = _grid_like(image, tuple(reversed(model_spacing)))
         coarse = sitk.Resample(image, coarse_grid, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
         array = sitk.GetArrayFromImage(coarse)[None]
+        if self.predictor.label_manager.num_segmentation_heads > MAX_PROBABILITY_CHANNELS:
+            return self._fast_labels(image, coarse, array)
         with _quiet():
             _, probabilities = self.predictor.predict_single_npy_array(
                 array, {"spacing": list(model_spacing)}, save_or_return_probabilities=True
@@ -452,12 +454,7 @@ class NnUNetSegmenter:
         best: np.ndarray | None = None
         seg = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
         for channel in range(probabilities.shape[0]):  # argmax of the linearly upsampled probabilities
-            prob = sitk.GetImageFromArray(np.ascontiguousarray(probabilities[channel], dtype=np.float32))
-            prob.CopyInformation(coarse)
-            fine = sitk.GetArrayFromImage(
-                sitk.Resample(prob, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32,
-                              useNearestNeighborExtrapolator=True)
-            )
+            fine = _upsample(probabilities[channel], coarse, image)
             if best is None:
                 best = fine
                 continue
@@ -465,6 +462,32 @@ class NnUNetSegmenter:
             seg[take] = channel
             best[take] = fine[take]
         return seg
+
+    def _fast_labels(self, image: sitk.Image, coarse: sitk.Image, array: np.ndarray) -> np.ndarray:
+        """Many-label models (e.g. 100+ organs): argmax at the model spacing, then each structure of the profile
+        brought back as a linearly interpolated one-hot map thresholded at 0.5 (memory stays small)."""
+        with _quiet():
+            labels = np.asarray(
+                self.predictor.predict_single_npy_array(array, {"spacing": list(self.info.spacing_zyx_mm)})
+            )
+        seg = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint16)
+        for label in self.labels.values():
+            seg[_upsample((labels == label).astype(np.float32), coarse, image) >= 0.5] = label
+        return seg
+
+
+MAX_PROBABILITY_CHANNELS = 4
+
+
+def _upsample(values: np.ndarray, coarse: sitk.Image, image: sitk.Image) -> np.ndarray:
+    """A float map on the ``coarse`` grid, linearly resampled onto ``image``'s grid (edges extended)."""
+    src = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))
+    src.CopyInformation(coarse)
+    return sitk.GetArrayFromImage(
+        sitk.Resample(src, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32,
+                      useNearestNeighborExtrapolator=True)
+    )
+
 
 _CACHE: dict[tuple[Any, ...], NnUNetSegmenter] = {}
 _CACHE_LOCK = threading.Lock()
