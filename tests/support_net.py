@@ -162,6 +162,22 @@ class NodeProcess:
         finally:
             con.close()
 
+    def wait_rows(
+        self, sql: str, params: Sequence[Any] = (), *, until: Any = bool, timeout: float = 15.0
+    ) -> list[sqlite3.Row]:
+        """Run ``sql`` until ``until(rows)`` holds (audit rows are written shortly after the event)."""
+        deadline = time.monotonic() + timeout
+        rows: list[sqlite3.Row] = []
+        while time.monotonic() < deadline:
+            try:
+                rows = self.query(sql, params)
+            except sqlite3.OperationalError:
+                rows = []
+            if until(rows):
+                return rows
+            time.sleep(0.2)
+        return rows
+
     def series(self, uid: str) -> sqlite3.Row | None:
         rows = self.query("SELECT * FROM series WHERE series_instance_uid = ?", (uid,))
         return rows[0] if rows else None

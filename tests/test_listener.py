@@ -62,12 +62,13 @@ def test_series_is_stored_durably_queued_and_audited(tmp_path, chest):
         # the same series again: accepted, not stored twice, not queued twice
         again = storescu(node.port, chest)
         assert again.returncode == 0, again.stderr
-        time.sleep(1.5)
+        time.sleep(1.5)  # past stable_seconds: a second job would have been queued by now
         assert len(_spooled(node)) == 64
         assert node.series(series_uid)["instance_count"] == 64
         assert len(node.query("SELECT id FROM jobs")) == 1
-        assocs = node.query("SELECT calling_ae, outcome, instances_received FROM associations WHERE calling_ae = ?",
-                            ("STORESCU",))
+        assocs = node.wait_rows(
+            "SELECT calling_ae, outcome, instances_received FROM associations WHERE calling_ae = ?", ("STORESCU",),
+            until=lambda rows: len(rows) == 2 and all(r["outcome"] == "released" for r in rows))
         assert [tuple(a) for a in assocs] == [("STORESCU", "released", 64)] * 2
 
         listing = node.audit_json()
@@ -129,8 +130,7 @@ def test_unknown_calling_ae_is_rejected_and_audited(tmp_path):
         assert refused.returncode != 0
         assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
         assert echoscu(node.port, calling="PACS").returncode == 0
-        time.sleep(0.5)
-        rows = node.query("SELECT calling_ae, outcome, reason FROM associations WHERE outcome = 'rejected'")
+        rows = node.wait_rows("SELECT calling_ae, outcome, reason FROM associations WHERE outcome = 'rejected'")
         assert [r["calling_ae"] for r in rows] == ["INTRUDER"]
         assert "not in allowed_ae_titles" in rows[0]["reason"]
 
@@ -183,10 +183,13 @@ def test_garbage_truncated_and_aborted_input_is_survived(tmp_path, chest):
         assert not list(tmp_path.rglob("escape*"))
         assert echoscu(node.port).returncode == 0
         assert node.proc.poll() is None
-        time.sleep(0.5)
-        outcomes = [r["outcome"] for r in node.query("SELECT outcome FROM associations")]
+        deadline = time.monotonic() + 15  # outcomes are settled shortly after each connection closes
+        outcomes: list[str] = []
+        while "aborted" not in outcomes and time.monotonic() < deadline:
+            time.sleep(0.2)
+            outcomes = [r["outcome"] for r in node.query("SELECT outcome FROM associations")]
         assert "aborted" in outcomes
-        refusals = node.query("SELECT instances_refused, reason FROM associations WHERE instances_refused > 0")
+        refusals = node.wait_rows("SELECT instances_refused, reason FROM associations WHERE instances_refused > 0")
         assert len(refusals) == 1
         assert refusals and refusals[0]["instances_refused"] == 2 and "cannot understand" in refusals[0]["reason"]
 
@@ -205,9 +208,8 @@ def test_full_spool_answers_out_of_resources_and_recovers(tmp_path, chest):
         kept = _spooled(node)
         assert 0 < len(kept) < 64
         kept_bytes = {p: p.read_bytes() for p in kept}
-        time.sleep(0.5)
         sql = "SELECT instances_received, instances_refused, reason FROM associations WHERE calling_ae = 'STORESCU'"
-        refused = node.query(sql)[0]
+        refused = node.wait_rows(sql, until=lambda rows: rows and "out of resources" in rows[0]["reason"])[0]
         assert refused["instances_received"] == len(kept)
         assert refused["instances_refused"] == 64 - len(kept)
         assert "out of resources" in refused["reason"] and "spool quota" in refused["reason"]
@@ -230,8 +232,7 @@ def test_low_free_disk_answers_out_of_resources(tmp_path, chest):
         assert "Refused: OutOfResources" in result.stdout + result.stderr
         assert _spooled(node) == []
         assert echoscu(node.port).returncode == 0
-        time.sleep(0.5)
-        row = node.query("SELECT instances_refused, reason FROM associations WHERE instances_refused > 0")[0]
+        row = node.wait_rows("SELECT instances_refused, reason FROM associations WHERE instances_refused > 0")[0]
         assert row["instances_refused"] == 2 and "min_free_disk_mb" in row["reason"]
 
 
@@ -336,7 +337,6 @@ def test_peer_address_outside_allowed_hosts_is_rejected(tmp_path):
         assoc = scu.associate("127.0.0.1", node.port, ae_title="LPM_NODE")  # from an allowed address
         assert assoc.is_established
         assoc.release()
-        time.sleep(0.5)
-        rows = node.query("SELECT calling_ae, peer_address, reason FROM associations WHERE outcome = 'rejected'")
+        rows = node.wait_rows("SELECT calling_ae, peer_address, reason FROM associations WHERE outcome = 'rejected'")
         assert [(r["calling_ae"], r["peer_address"]) for r in rows] == [("ELSEWHERE", "127.0.0.2")]
         assert "not in allowed_hosts" in rows[0]["reason"]
