@@ -413,9 +413,12 @@ class NnUNetSegmenter:
                 verbose_preprocessing=False,
                 allow_tqdm=False,
             )
-            self.predictor.initialize_from_trained_model_folder(
-                info.folder, use_folds=tuple(info.folds), checkpoint_name=info.checkpoint
-            )
+            try:
+                self.predictor.initialize_from_trained_model_folder(
+                    info.folder, use_folds=tuple(info.folds), checkpoint_name=info.checkpoint
+                )
+            except Exception as exc:  # noqa: BLE001 - nnU-Net raises RuntimeError, KeyError, AssertionError...
+                raise SegmentationError(f"nnU-Net cannot load the model in {info.folder}: {exc}") from exc
         self.predictor.network.to(torch.device(self.device))  # kept there between calls
         self.load_seconds = time.perf_counter() - t0
         log.info("loaded %s on %s in %.1f s", self.description, self.device, self.load_seconds)
