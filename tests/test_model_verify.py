@@ -166,3 +166,15 @@ def test_profiles_shipped() -> None:
     assert infer_profile({"background": 0, "liver": 1}) == "lpm"
     assert infer_profile({"background": 0, "liver": 1, "spleen": 2}) == "lpm"
     assert infer_profile({"background": 0, "spleen": 1, "liver": 2}) == "totalsegmentator"
+
+
+def test_trainer_not_in_nnunetv2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    model = _copy(tmp_path)
+    ckpt_path = model / "fold_0" / "checkpoint_final.pth"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt["trainer_name"] = "MyPrivateTrainer"
+    torch.save(ckpt, ckpt_path)
+    rc, out = _verify(capsys, str(model))
+    assert rc == 1 and "trainer class 'MyPrivateTrainer'" in out
