@@ -170,9 +170,12 @@ def test_garbage_truncated_and_aborted_input_is_survived(tmp_path, chest):
         with socket.create_connection(("127.0.0.1", node.port), timeout=5):  # an idle peer does not block others
             assert echoscu(node.port).returncode == 0
         # an association killed in the middle of a transfer
-        sender = subprocess.Popen(["storescu", "-aec", "LPM_NODE", "127.0.0.1", str(node.port), *map(str, chest)],
+        many = [str(p) for p in chest] * 20  # long enough to be killed in the middle
+        sender = subprocess.Popen(["storescu", "-aec", "LPM_NODE", "127.0.0.1", str(node.port), *many],
                                   env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while len(_spooled(node)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
         sender.kill()
         sender.wait(10)
         # datasets with an unsafe or missing UID: refused with a cannot-understand status, nothing written
