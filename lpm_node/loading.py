@@ -336,9 +336,13 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
 
 
 def load_series(
-    paths: Sequence[str | Path], *, max_gap_factor: float = 2.0, max_gap_mm: float = 10.0, workers: int | None = None
+    paths: Sequence[str | Path], *, max_gap_factor: float = 2.0, max_gap_mm: float = 10.0, workers: int | None = None,
+    keep_pixel_data: bool = True,
 ) -> CTSeries:
     """Load one DICOM series into a float32 HU image on its own (sorted) grid.
+
+    With ``keep_pixel_data=False`` the datasets keep their headers only (the pixels are in ``image``), which
+    saves the memory of a second copy of the series.
 
     Slices with a gap up to ``max_gap_factor`` times the nominal spacing (and at most ``max_gap_mm``) are
     interpolated with a warning; larger gaps, gantry tilt, mixed orientations or sizes raise
@@ -348,14 +352,16 @@ def load_series(
     if not paths:
         raise SeriesLoadError("no files")
     try:
-        return _load(paths, max_gap_factor, max_gap_mm, workers)
+        return _load(paths, max_gap_factor, max_gap_mm, workers, keep_pixel_data)
     except SeriesLoadError:
         raise
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise SeriesLoadError(f"malformed series ({type(exc).__name__}: {exc})") from exc
 
 
-def _load(paths: Sequence[str | Path], max_gap_factor: float, max_gap_mm: float, workers: int | None) -> CTSeries:
+def _load(
+    paths: Sequence[str | Path], max_gap_factor: float, max_gap_mm: float, workers: int | None, keep_pixel_data: bool
+) -> CTSeries:
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         datasets = list(pool.map(_read_full, [Path(p) for p in paths]))
@@ -372,7 +378,7 @@ def _load(paths: Sequence[str | Path], max_gap_factor: float, max_gap_mm: float,
     pixel_spacing = frames[0].spacing
     plan = _plan_slices(frames, row, col, normal, pixel_spacing, max_gap_factor, max_gap_mm, warnings,
                         _nominal_thickness(datasets[0]))
-    src, padded = _decode_sorted(datasets, frames, plan.order, workers)
+    src, padded = _decode_sorted(datasets, frames, plan.order, workers, keep_pixel_data)
     if padded:
         warnings.append(f"pixel padding set to {HU_AIR:.0f} HU on {padded} frame(s)")
 
@@ -404,9 +410,11 @@ def _load(paths: Sequence[str | Path], max_gap_factor: float, max_gap_mm: float,
 
 
 def _decode_sorted(
-    datasets: list[Dataset], frames: list[_Frame], order: list[int], workers: int
+    datasets: list[Dataset], frames: list[_Frame], order: list[int], workers: int, keep_pixel_data: bool = True
 ) -> tuple[np.ndarray, int]:
-    """HU (float32) of every frame, stacked in ``order``; also the number of frames with padding."""
+    """HU (float32) of every frame, stacked in ``order``; also the number of frames with padding.
+
+    Without ``keep_pixel_data`` each dataset's pixel data is dropped as soon as it is decoded."""
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     slot = {frame_i: k for k, frame_i in enumerate(order)}
     src = np.empty((len(frames), rows, cols), dtype=np.float32)
@@ -424,6 +432,11 @@ def _decode_sorted(
             if pad is not None and pad[f].any():
                 out[pad[f]] = HU_AIR
                 n_padded += 1
+        if not keep_pixel_data:
+            del stored
+            for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+                if keyword in ds:
+                    delattr(ds, keyword)
         return n_padded
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

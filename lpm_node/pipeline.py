@@ -88,7 +88,7 @@ def analyse_series(paths: Sequence[str | Path], settings: Settings, segmenter: S
     """Load, resample, segment and measure one series (raises SeriesLoadError for a series it cannot use)."""
     timings: dict[str, float] = {}
     with _timed(timings, "load"):
-        source = load_series(paths)
+        source = load_series(paths, keep_pixel_data=False)  # the HU image holds the pixels
     with _timed(timings, "resample"):
         method_image = resample_to_method_grid(source.image)
     with _timed(timings, "segment"):
@@ -139,7 +139,7 @@ def build_answer(result: SeriesResult, settings: Settings) -> list[tuple[str, Da
         k = _key_slice(masks, source.frame_refs)
         key = build_key_image(
             source.datasets, source.frame_refs, k, masks["roi"][k], masks["liver"][k], result.measurement,
-            algorithm_version=lpm_node.__version__,
+            algorithm_version=lpm_node.__version__, hu=sitk.GetArrayViewFromImage(source.image)[k],
         )
         objects.append(("KEY", key))
     return objects

@@ -457,13 +457,15 @@ class NnUNetSegmenter:
         best: np.ndarray | None = None
         seg = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
         for channel in range(probabilities.shape[0]):  # argmax of the linearly upsampled probabilities
-            fine = _upsample(probabilities[channel], coarse, image)
+            fine_image = _upsample_probability(probabilities[channel], coarse, image)
+            fine = sitk.GetArrayViewFromImage(fine_image)
             if best is None:
-                best = fine
+                best = np.array(fine)
                 continue
             take = fine > best
             seg[take] = channel
             best[take] = fine[take]
+            del take, fine, fine_image
         return seg
 
     def _fast_labels(self, image: sitk.Image, coarse: sitk.Image, array: np.ndarray) -> np.ndarray:
@@ -480,6 +482,18 @@ class NnUNetSegmenter:
 
 
 MAX_PROBABILITY_CHANNELS = 4
+
+
+def _upsample_probability(probability: np.ndarray, coarse: sitk.Image, image: sitk.Image) -> sitk.Image:
+    """A probability map on the ``coarse`` grid, linearly resampled onto ``image``'s grid as 0..255 (uint8).
+
+    One byte per voxel keeps the full-resolution maps small (a quarter of float32); 1/255 is far finer than
+    any decision the argmax makes."""
+    scaled = np.clip(probability, 0.0, 1.0, dtype=np.float32) * np.float32(255.0) + np.float32(0.5)  # rounds
+    src = sitk.GetImageFromArray(np.ascontiguousarray(scaled, dtype=np.float32))
+    src.CopyInformation(coarse)
+    return sitk.Resample(src, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkUInt8,
+                         useNearestNeighborExtrapolator=True)
 
 
 def _upsample(values: np.ndarray, coarse: sitk.Image, image: sitk.Image) -> np.ndarray:

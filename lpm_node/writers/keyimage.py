@@ -134,8 +134,12 @@ def build_key_image(
     measurement: Measurement,
     *,
     algorithm_version: str = lpm_node.__version__,
+    hu: np.ndarray | None = None,
 ) -> Dataset:
     """Secondary Capture (RGB) of source slice k = ``hu_slice_index`` with outlines and the result burnt in.
+
+    ``hu`` is that slice in HU (rows, cols) when the caller has it already (e.g. the source datasets were loaded
+    without their pixel data); otherwise it is decoded from the source frame.
 
     The masks are (rows, cols) on that source slice, which must have a source frame (see
     ``nearest_source_slice`` for slices the loader interpolated). Patient and study come from the source
@@ -148,7 +152,7 @@ def build_key_image(
     if (index, frame) == GAP:
         raise ValueError(f"slice {hu_slice_index} was interpolated (no source frame); see nearest_source_slice")
     source = datasets[index]
-    hu = frame_hu(source, frame)
+    hu = frame_hu(source, frame) if hu is None else np.asarray(hu)
     for name, mask in (("roi", roi_mask_slice), ("liver", liver_mask_slice)):
         if np.shape(mask) != hu.shape:
             raise ValueError(f"{name} mask slice shape {np.shape(mask)} differs from the CT slice {hu.shape}")
