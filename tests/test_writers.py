@@ -367,7 +367,7 @@ def test_sr_not_assessable_has_no_attenuation_values(tmp_path: Path) -> None:
     assert group.get_measurements() == []
 
 
-def test_sr_no_steatosis_states_absent() -> None:
+def test_sr_below_threshold_is_not_coded_as_absent_steatosis() -> None:
     series = make_ct_datasets(n_slices=6, size=32)
     seg = build_seg(series.datasets, series.frame_refs, _masks(series))
     sr = build_sr(series.datasets, seg, _measurement(dl_parenchymal_hu=55.0, category=NO_STEATOSIS, spleen_hu=None))
@@ -375,7 +375,8 @@ def test_sr_no_steatosis_states_absent() -> None:
     groups = {g.tracking_identifier: g for g in read.content.get_volumetric_roi_measurement_groups()}
     assert "Spleen" not in groups
     evaluations = {q.name.meaning: q.value.meaning for q in groups["DL-parenchymal ROI"].get_qualitative_evaluations()}
-    assert evaluations["Steatosis of liver"] == "Absent"
+    assert "Steatosis of liver" not in evaluations  # below the threshold is not "absent": mild stays possible
+    assert evaluations["Hepatic steatosis category"] == "No moderate-to-severe hepatic steatosis"
 
 
 # --- key image ------------------------------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ VOLUME = Code("118565006", "SCT", "Volume")
 PARENCHYMA = Code("91772007", "SCT", "Parenchyma")
 STEATOSIS_OF_LIVER = Code("197321007", "SCT", "Steatosis of liver")
 PRESENT = Code("52101004", "SCT", "Present")
-ABSENT = Code("2667000", "SCT", "Absent")
 INDETERMINATE = Code("82334004", "SCT", "Indeterminate")
 COMPUTED_TOMOGRAPHY = Code("77477000", "SCT", "Computed Tomography")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
@@ -55,7 +54,9 @@ CATEGORY_CODES = {
     NO_STEATOSIS: Code("NOMODSEV", LOCAL_SCHEME, "No moderate-to-severe hepatic steatosis"),
     NOT_ASSESSABLE: Code("NOTASSESSABLE", LOCAL_SCHEME, "Not assessable"),
 }
-STEATOSIS_PRESENCE = {STEATOSIS: PRESENT, NO_STEATOSIS: ABSENT, NOT_ASSESSABLE: INDETERMINATE}
+# "Steatosis of liver" is coded only where the method says something about it: present (moderate-to-severe) or
+# indeterminate. Below-threshold is not "absent" (mild steatosis stays possible): the category code says it.
+STEATOSIS_PRESENCE = {STEATOSIS: PRESENT, NOT_ASSESSABLE: INDETERMINATE}
 
 TRACKING_DL_PARENCHYMAL = "DL-parenchymal ROI"
 TRACKING_ROBUST = "Liver parenchyma, robust estimate"
@@ -142,10 +143,10 @@ def _group_kwargs(
 
 def _category_evaluations(measurement: Measurement) -> list[hd.sr.QualitativeEvaluation]:
     category = measurement.category if measurement.dl_parenchymal_hu is not None else NOT_ASSESSABLE
-    evaluations = [
-        hd.sr.QualitativeEvaluation(STEATOSIS_OF_LIVER, STEATOSIS_PRESENCE[category]),
-        hd.sr.QualitativeEvaluation(STEATOSIS_CATEGORY, CATEGORY_CODES[category]),
-    ]
+    evaluations = []
+    if category in STEATOSIS_PRESENCE:
+        evaluations.append(hd.sr.QualitativeEvaluation(STEATOSIS_OF_LIVER, STEATOSIS_PRESENCE[category]))
+    evaluations.append(hd.sr.QualitativeEvaluation(STEATOSIS_CATEGORY, CATEGORY_CODES[category]))
     evaluations += [hd.sr.QualitativeEvaluation(QC_FLAG, qc_flag_code(flag)) for flag in measurement.qc_flags]
     return evaluations
 
