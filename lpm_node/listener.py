@@ -117,6 +117,32 @@ class Header:
     modality: str
     series_description: str
 
+    @classmethod
+    def from_values(cls, values: dict[str, str]) -> Header:
+        """The header from :func:`header_values`; raises CannotUnderstand when a UID is missing or invalid."""
+        for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not values[key]:
+                raise CannotUnderstand(f"missing {key}")
+            if not is_valid_uid(values[key]):
+                raise CannotUnderstand(f"invalid {key}")
+        return cls(
+            sop_class_uid=values["SOPClassUID"],
+            sop_instance_uid=values["SOPInstanceUID"],
+            study_instance_uid=values["StudyInstanceUID"],
+            series_instance_uid=values["SeriesInstanceUID"],
+            modality=values["Modality"][:16],
+            series_description=values["SeriesDescription"][:256],
+        )
+
+
+_HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+                    "SeriesDescription")
+
+
+def header_values(ds: Dataset) -> dict[str, str]:
+    """The header elements of a dataset as stripped strings ("" when absent)."""
+    return {k: str(ds.get(k, "") or "").strip() for k in _HEADER_KEYWORDS}
+
 
 class CannotUnderstand(ValueError):
     """A dataset that does not parse or lacks required UIDs (answered 0xC000)."""
@@ -143,26 +169,10 @@ def parse_header(encoded: bytes | memoryview, transfer_syntax: str) -> Header:
             stop_when=_stop_at_pixels,
             specific_tags=HEADER_TAGS,
         )
-        values = {
-            k: str(ds.get(k, "") or "").strip()
-            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
-        }
-        description = str(ds.get("SeriesDescription", "") or "").strip()
+        values = header_values(ds)
     except Exception as exc:  # any decoding failure of peer data
         raise CannotUnderstand(f"dataset does not parse: {type(exc).__name__}") from exc
-    for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        if not values[key]:
-            raise CannotUnderstand(f"missing {key}")
-        if not is_valid_uid(values[key]):
-            raise CannotUnderstand(f"invalid {key}")
-    return Header(
-        sop_class_uid=values["SOPClassUID"],
-        sop_instance_uid=values["SOPInstanceUID"],
-        study_instance_uid=values["StudyInstanceUID"],
-        series_instance_uid=values["SeriesInstanceUID"],
-        modality=values["Modality"][:16],
-        series_description=description[:256],
-    )
+    return Header.from_values(values)
 
 
 # ---------------------------------------------------------------------------------------------

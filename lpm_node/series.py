@@ -16,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.audit import Instance, Series, SeriesDecision, as_utc, utcnow
-from lpm_node.listener import Header, note_instance_on_series
-from lpm_node.spool import Spool, is_valid_uid
+from lpm_node.listener import Header, header_values, note_instance_on_series
+from lpm_node.spool import Spool
 
 LOG = logging.getLogger(__name__)
 
@@ -42,21 +42,9 @@ def _read_header(path: Path) -> Header | None:
             specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
                            "SeriesDescription", "SpecificCharacterSet"],
         )
-    except Exception:  # a damaged file: leave it to the rules/loader to report
+        return Header.from_values(header_values(ds))
+    except Exception:  # a damaged file or bad UIDs: leave it to the rules/loader to report
         return None
-    values = {k: str(ds.get(k, "") or "").strip() for k in
-              ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-               "SeriesDescription")}
-    if not all(is_valid_uid(values[k]) for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")):
-        return None
-    return Header(
-        sop_class_uid=values["SOPClassUID"],
-        sop_instance_uid=values["SOPInstanceUID"],
-        study_instance_uid=values["StudyInstanceUID"],
-        series_instance_uid=values["SeriesInstanceUID"],
-        modality=values["Modality"][:16],
-        series_description=values["SeriesDescription"][:256],
-    )
 
 
 def reconcile_spool(sessions: sessionmaker, spool: Spool) -> int:
