@@ -258,11 +258,18 @@ def process_command(settings: Settings, args: argparse.Namespace) -> int:
     """``lpm-node process DIR [--model F] [--out D] [--dicom-out] [--json]``; exit 1 when a series failed."""
     if args.dicom_out and not args.out:
         raise ValueError("--dicom-out needs --out")
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     failed = 0
-    items = process_folder(
-        args.input, settings, out=args.out, dicom_out=args.dicom_out, progress=sys.stderr.isatty(),
-    )
-    for item in items:
-        failed += item["status"] == "failed"
-        print(json.dumps(item) if args.json else _describe(item), flush=True)
+    progress = sys.stderr.isatty()
+    items = process_folder(args.input, settings, out=args.out, dicom_out=args.dicom_out, progress=progress)
+    with logging_redirect_tqdm():  # log lines and results above the progress bar, not through it
+        for item in items:
+            failed += item["status"] == "failed"
+            line = json.dumps(item) if args.json else _describe(item)
+            if progress:
+                tqdm.write(line, file=sys.stdout)
+            else:
+                print(line, flush=True)
     return 1 if failed else 0
