@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -66,15 +64,11 @@ def test_loaded_once_and_reused(segmenter: NnUNetSegmenter) -> None:
     phantom = make_phantom(40.0, n_slices=40, size=128, pixel_spacing=2.8, slice_spacing=5.0, seed=7104)
     image = phantom_image(phantom)
     calls = segmenter.calls
-    t0 = time.perf_counter()
     first = segmenter.segment(image)
-    t1 = time.perf_counter()
     second = segmenter.segment(image)
-    t2 = time.perf_counter()
     assert segmenter.calls == calls + 2
     assert segmenter.predictor is predictor and segmenter.predictor.network is network  # no reload
     assert np.array_equal(first["liver"], second["liver"])
-    assert t2 - t1 < (t1 - t0) + segmenter.load_seconds  # a call costs no model loading
     assert segmenter.description.startswith("nnU-Net v2 3d_fullres fold 0 (phantom_liver)")
     assert segmenter.device == "cpu"
     assert segmenter.labels["liver"] == 1
