@@ -11,15 +11,13 @@ import SimpleITK as sitk
 import torch
 
 from lpm_node.phantom import Phantom, make_phantom
+from lpm_node.phantom import phantom_image as lpm_phantom_image
 from lpm_node.segmentation import bundled_model_folder
 
 
 def phantom_image(phantom: Phantom) -> sitk.Image:
     """The phantom CT as a float32 SimpleITK image on its own grid (identity direction)."""
-    img = sitk.GetImageFromArray(phantom.hu.astype(np.float32))
-    img.SetSpacing(tuple(float(s) for s in reversed(phantom.spacing)))
-    img.SetOrigin(tuple(float(o) for o in phantom.origin))
-    return img
+    return lpm_phantom_image(phantom, phantom.hu.astype(np.float32))
 
 
 def method_grid_phantom(liver_hu: float, seed: int, **kwargs: object) -> tuple[Phantom, sitk.Image]:
