@@ -94,3 +94,17 @@ def test_readme_and_ci_run_the_same_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     assert "bash scripts/dev.sh test" in readme and "bash scripts/dev.sh test" in ci
     assert "bash scripts/dev.sh demo" in readme
+
+
+def test_default_config_loads_and_documents_every_setting():
+    import dataclasses
+
+    from lpm_node.config import Settings, load_settings
+
+    path = REPO / "config" / "lpm-node.toml"
+    settings = load_settings(path)
+    text = path.read_text()
+    for section in dataclasses.fields(Settings):
+        assert re.search(rf"^\[{section.name}\]", text, re.M), section.name
+        for item in dataclasses.fields(getattr(settings, section.name)):
+            assert re.search(rf"^{item.name}\s*=.*#", text, re.M), f"{section.name}.{item.name} is not documented"
