@@ -189,16 +189,25 @@ def format_detail(d: dict[str, Any]) -> str:
     if d["jobs"]:
         out.append("jobs:")
         for j in d["jobs"]:
-            hu = j["dl_parenchymal_hu"]
             out.append(f"  #{j['id']} {j['status']} created {j['created_at']} finished {j['finished_at']} "
-                       f"DL-parenchymal {hu if hu is not None else '-'} HU {j['category'] or ''} "
                        f"{('error: ' + j['error']) if j['error'] else ''}".rstrip())
+            if j["category"]:
+                hu, vol = j["dl_parenchymal_hu"], j["dl_volumetric_hu"]
+                out.append(f"     DL-parenchymal {_hu(hu)}, whole liver {_hu(vol)}, {j['category']}; "
+                           f"QC flags: {', '.join(j['qc_flags'] or []) or 'none'}")
+            if j["timings"]:
+                stages = ", ".join(f"{k} {v:.1f} s" for k, v in j["timings"].items())
+                out.append(f"     {stages} on {j['device'] or '?'} ({j['model']})")
     if d["deliveries"]:
         out.append("deliveries:")
         for x in d["deliveries"]:
             out.append(f"  #{x['id']} {x['object']} -> {x['destination']} {x['status']} after {x['attempts']} "
                        f"attempt(s) {x['last_error']}".rstrip())
     return "\n".join(out)
+
+
+def _hu(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} HU"
 
 
 def write_csv(rows: list[dict[str, Any]], target: str) -> None:
