@@ -142,9 +142,15 @@ def _stamp(plane: np.ndarray, centre_yx: tuple[int, int], element: np.ndarray) -
     plane[cy0:cy1, cx0:cx1] |= element[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
 
 
+def _as_mask(mask: np.ndarray) -> np.ndarray:
+    """A boolean view of a mask (no copy when it is boolean already)."""
+    mask = np.asarray(mask)
+    return mask if mask.dtype == bool else mask > 0
+
+
 def _roi_with_flags(liver: np.ndarray) -> tuple[np.ndarray, list[int], list[list[int]], list[str]]:
     """The published ROI plus the flags of how it was placed."""
-    liver = np.asarray(liver) > 0
+    liver = _as_mask(liver)
     if liver.ndim != 3:
         raise ValueError(f"liver mask must be 3-D (z, y, x), got shape {liver.shape}")
     roi = np.zeros(liver.shape, dtype=np.uint8)
@@ -184,10 +190,14 @@ def dl_parenchymal_roi(liver: np.ndarray) -> tuple[np.ndarray, list[int], list[l
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Bounding box of a non-empty mask, grown by one voxel inside the array; None when empty."""
-    boxes = ndimage.find_objects(mask.astype(np.uint8))
-    if not boxes or boxes[0] is None:
-        return None
-    return tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(boxes[0], mask.shape, strict=True))
+    box = []
+    for axis, n in enumerate(mask.shape):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(np.any(mask, axis=others))  # projections: no full-size copy of the mask
+        if present.size == 0:
+            return None
+        box.append(slice(max(int(present[0]) - 1, 0), min(int(present[-1]) + 2, n)))
+    return tuple(box)
 
 
 def eroded_mask_values(
@@ -228,7 +238,7 @@ def robust_mean(values: np.ndarray, clip_sd: float = ROBUST_CLIP_SD) -> float | 
 
 def robust_parenchymal_hu(hu: np.ndarray, liver: np.ndarray, spacing_zyx: tuple[float, float, float]) -> float | None:
     """Beyond the paper: MAD-clipped mean HU over the liver eroded by 5 mm (see the module docstring)."""
-    values = eroded_mask_values(hu, np.asarray(liver) > 0, spacing_zyx, ROBUST_EROSION_MM, MIN_ROBUST_VOXELS)
+    values = eroded_mask_values(hu, _as_mask(liver), spacing_zyx, ROBUST_EROSION_MM, MIN_ROBUST_VOXELS)
     return robust_mean(values)
 
 
@@ -245,7 +255,7 @@ def _category(dl_parenchymal_hu: float | None, threshold_hu: float) -> str:
 def _spleen(
     hu: np.ndarray, spleen: np.ndarray, spacing_zyx: tuple[float, float, float], flags: list[str]
 ) -> float | None:
-    mask = np.asarray(spleen) > 0
+    mask = _as_mask(spleen)
     if mask.shape != hu.shape:
         raise ValueError(f"spleen mask shape {mask.shape} differs from the CT's {hu.shape}")
     values = eroded_mask_values(hu, mask, spacing_zyx, ROBUST_EROSION_MM, MIN_ROBUST_VOXELS // 10)
@@ -273,7 +283,7 @@ def measure(
 
         settings = MeasurementSettings()
     hu = np.asarray(hu)
-    liver = np.asarray(liver) > 0
+    liver = _as_mask(liver)
     if hu.shape != liver.shape:
         raise ValueError(f"liver mask shape {liver.shape} differs from the CT's {hu.shape}")
     spacing = tuple(float(s) for s in spacing_zyx)
@@ -297,7 +307,7 @@ def measure(
         if spleen is not None:
             result.spleen_hu = _spleen(hu, spleen, spacing, flags)
         return result, roi
-    roi_mask = roi > 0
+    roi_mask = roi.view(bool)  # the ROI holds 0 and 1 only
     roi_values = hu[roi_mask].astype(np.float64)
     result.dl_parenchymal_hu = float(roi_values.mean())
     result.dl_volumetric_hu = float(hu[liver].astype(np.float64).mean())

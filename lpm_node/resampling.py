@@ -71,9 +71,11 @@ def resample_to_method_grid(
         if any(flips):
             out = sitk.Flip(out, flips, False)
         if out is image:
-            out = sitk.Image(image)  # shallow copy-on-write: shares the pixels until either image changes
-            if _same_geometry(out, spacing, lo):
-                return out
+            if _same_geometry(image, spacing, lo):
+                # Already on the grid: the same image. (A shallow sitk copy would share the pixels only until a
+                # NumPy view of either is taken, which makes SimpleITK copy the whole volume.)
+                return image
+            out = sitk.Image(image)
         out.SetSpacing(spacing)
         out.SetOrigin(tuple(float(v) for v in lo))
         out.SetDirection(_IDENTITY)
