@@ -38,7 +38,7 @@ class SeriesLoadError(ValueError):
 
 @dataclass
 class CTSeries:
-    """A loaded series: HU image on the source grid plus the source datasets.
+    """A loaded series: HU image (int16 or float32) on the source grid plus the source datasets.
 
     ``image`` index i is the DICOM column, j the row and k the sorted slice order; ``frame_refs[k]`` is
     (index into ``datasets``, 0-based frame number) of the source frame of slice k, or (-1, -1) for a
@@ -304,7 +304,13 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
 
 
 def _to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
-    """out = max(stored * slope + intercept, -1024) in float32, in as few passes as possible."""
+    """out = max(stored * slope + intercept, -1024) in float32 (or int16, capped at 32767), in few passes."""
+    if out.dtype == np.int16:  # slope 1, whole-HU intercept
+        wide = stored.astype(np.int32)
+        wide += int(intercept)
+        np.clip(wide, int(HU_AIR), np.iinfo(np.int16).max, out=wide)
+        out[...] = wide
+        return
     if slope == 1.0:
         np.add(stored, np.float32(intercept), out=out, dtype=np.float32)
     else:
@@ -339,7 +345,10 @@ def load_series(
     paths: Sequence[str | Path], *, max_gap_factor: float = 2.0, max_gap_mm: float = 10.0, workers: int | None = None,
     keep_pixel_data: bool = True,
 ) -> CTSeries:
-    """Load one DICOM series into a float32 HU image on its own (sorted) grid.
+    """Load one DICOM series into a HU image on its own (sorted) grid.
+
+    The image is int16 when the stored values map to whole HU (slope 1, integer intercept: nearly all CT; values
+    capped at 32767), float32 otherwise or when slices were interpolated across a gap.
 
     With ``keep_pixel_data=False`` the datasets keep their headers only (the pixels are in ``image``), which
     saves the memory of a second copy of the series.
@@ -412,12 +421,17 @@ def _load(
 def _decode_sorted(
     datasets: list[Dataset], frames: list[_Frame], order: list[int], workers: int, keep_pixel_data: bool = True
 ) -> tuple[np.ndarray, int]:
-    """HU (float32) of every frame, stacked in ``order``; also the number of frames with padding.
+    """HU of every frame, stacked in ``order``; also the number of frames with padding.
 
-    Without ``keep_pixel_data`` each dataset's pixel data is dropped as soon as it is decoded."""
+    The HU are int16 when every frame maps stored values to whole HU (slope 1, integer intercept: nearly all CT),
+    which halves memory and copies; float32 otherwise. Without ``keep_pixel_data`` each dataset's pixel data is
+    dropped as soon as it is decoded."""
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     slot = {frame_i: k for k, frame_i in enumerate(order)}
-    src = np.empty((len(frames), rows, cols), dtype=np.float32)
+    whole_hu = all(fr.slope == 1.0 and float(fr.intercept).is_integer() for fr in frames) and not any(
+        "FloatPixelData" in ds or "DoubleFloatPixelData" in ds for ds in datasets
+    )
+    src = np.empty((len(frames), rows, cols), dtype=np.int16 if whole_hu else np.float32)
     frame_start = np.cumsum([0] + [int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets])
 
     def fill(i: int) -> int:

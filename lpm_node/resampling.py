@@ -52,20 +52,24 @@ def _same_geometry(image: sitk.Image, spacing: tuple[float, float, float], origi
     )
 
 
+_EXACT_PIXEL_TYPES = (sitk.sitkFloat32, sitk.sitkInt16)
+
+
 def resample_to_method_grid(
     image: sitk.Image, spacing: tuple[float, float, float] = METHOD_SPACING, default_hu: float = -1024.0
 ) -> sitk.Image:
     """Resample a CT image (linear) onto an axis-aligned LPS grid with ``spacing`` (x, y, z) mm.
 
-    The output has identity direction, float32 pixels and covers the input's physical extent (voxel centres);
-    points outside the input get ``default_hu``.
+    The output has identity direction and covers the input's physical extent (voxel centres); points outside the
+    input get ``default_hu``. A grid that only needs axes flipped or permuted is not interpolated and keeps its
+    pixel type (int16 HU stay int16); an interpolated one is float32.
     """
     spacing = tuple(float(s) for s in spacing)  # type: ignore[assignment]
     lo, hi = _extent(image)
     exact = _axis_permutation(image, spacing)
     if exact is not None:
         perm, flips = exact
-        out = image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+        out = image if image.GetPixelID() in _EXACT_PIXEL_TYPES else sitk.Cast(image, sitk.sitkFloat32)
         if perm != [0, 1, 2]:
             out = sitk.PermuteAxes(out, perm)
         if any(flips):

@@ -49,7 +49,7 @@ def test_head_first_and_feet_first_give_the_phantom(ph: Phantom, tmp_path: Path,
     random.Random(1).shuffle(paths)
     series = load_series(paths)
     assert series.warnings == []
-    assert series.image.GetPixelID() == sitk.sitkFloat32
+    assert series.image.GetPixelID() == sitk.sitkInt16  # whole HU (slope 1, integer intercept)
     assert series.image.GetSize() == (128, 128, 24)
     assert len(series.frame_refs) == 24 and len(series.datasets) == 24
     # k follows the slice order: ascending z (normal of IOP [1,0,0,0,1,0] is +z)
