@@ -306,8 +306,18 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
 def _to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
     """out = max(stored * slope + intercept, -1024) in float32 (or int16, capped at 32767), in few passes."""
     if out.dtype == np.int16:  # slope 1, whole-HU intercept
+        shift = int(intercept)
+        low, high = int(stored.min()), int(stored.max())
+        limits = np.iinfo(np.int16)
+        if high <= limits.max and high + shift <= limits.max and low + shift >= limits.min:
+            out[...] = stored  # exact: every stored value fits int16
+            if shift:
+                out += np.int16(shift)
+            if low + shift < HU_AIR:
+                np.maximum(out, np.int16(HU_AIR), out=out)
+            return
         wide = stored.astype(np.int32)
-        wide += int(intercept)
+        wide += shift
         np.clip(wide, int(HU_AIR), np.iinfo(np.int16).max, out=wide)
         out[...] = wide
         return

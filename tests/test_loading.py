@@ -317,3 +317,19 @@ def test_malformed_header_is_a_load_error(ph: Phantom, tmp_path: Path) -> None:
     rewrite(paths[2:3], lambda ds, _: delattr(ds, "Rows"))
     with pytest.raises(SeriesLoadError, match="malformed series|Rows"):
         load_series(paths)
+
+
+@pytest.mark.parametrize(
+    ("stored", "intercept"),
+    [
+        (np.array([[-32768, -2000, 0, 3000]], np.int16), -1024),  # padding-like values must not wrap around
+        (np.array([[0, 1000, 65535, 40000]], np.uint16), -1024),  # beyond int16: capped at 32767
+        (np.array([[0, 5, 2000]], np.uint16), 0),
+    ],
+)
+def test_whole_hu_conversion_to_int16_clips_and_never_wraps(stored: np.ndarray, intercept: int) -> None:
+    from lpm_node.loading import _to_hu
+
+    out = np.empty(stored.shape, np.int16)
+    _to_hu(stored, 1.0, intercept, out)
+    assert np.array_equal(out, np.clip(stored.astype(np.int64) + intercept, -1024, 32767))
