@@ -182,3 +182,15 @@ def test_corrupt_series_fails_with_its_reason_and_the_node_keeps_serving(tmp_pat
         audit = {s["series_instance_uid"]: s for s in node.audit_json()}[series_uid]
         assert audit["status"] == "failed" and audit["dl_parenchymal_hu"] is None
     assert json.dumps(audit)  # plain JSON
+
+
+def test_results_go_back_to_the_sending_ae_when_configured(tmp_path, orthanc, chest):
+    series_uid, study_uid = _uid(chest, "SeriesInstanceUID"), _uid(chest, "StudyInstanceUID")
+    config = tmp_path / "reply.toml"
+    config.write_text(f"[output]\nreply_to_sender = true\nreply_port = {orthanc.dicom_port}\n")
+    with NodeProcess(tmp_path / "node", measure=True, stable_seconds=1, config=config) as node:
+        assert storescu(node.port, chest, calling="PACS_A").returncode == 0
+        rows = _wait_delivered(node, series_uid)
+    assert {r["destination"] for r in rows} == {f"PACS_A@127.0.0.1:{orthanc.dicom_port}"}
+    found = _results_at(orthanc, study_uid)
+    assert sorted(found) == sorted(KINDS)
