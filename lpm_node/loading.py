@@ -9,8 +9,10 @@ tilt, mixed orientations and mixed image sizes are refused with a reason.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import as_pixel_options
 
 __all__ = ["SeriesLoadError", "CTSeries", "find_series", "load_series", "HU_AIR"]
 
@@ -254,26 +258,85 @@ def _plan_slices(
 # ------------------------------------------------------------------------------------------------ pixels
 
 
-def _read_full(path: Path) -> Dataset:
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError:
+def _parse(data: bytes, path: Path, *, stop_before_pixels: bool) -> tuple[Dataset, int]:
+    """Dataset in ``data`` (the bytes of ``path``) and the offset where parsing stopped."""
+    name = path.name
+    for force in (False, True):  # force: files without the 128-byte preamble
+        buf = io.BytesIO(data)
         try:
-            ds = pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(buf, stop_before_pixels=stop_before_pixels, force=force)
+            # as if read from the path: the dataset must not keep the file's bytes alive
+            ds.buffer, ds.filename, ds.fileobj_type = None, str(path), open
+            break
+        except InvalidDicomError as exc:
+            error: Exception = exc
         except Exception as exc:  # noqa: BLE001
-            raise SeriesLoadError(f"{path.name}: not a readable DICOM file ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001
-        raise SeriesLoadError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+            raise SeriesLoadError(f"{name}: not a readable DICOM file ({exc})") from exc
+    else:
+        raise SeriesLoadError(f"{name}: not a readable DICOM file ({error})") from error
     if "TransferSyntaxUID" not in ds.file_meta:
         # raw dataset without file meta information: use the encoding it was read with
         implicit, little = ds.original_encoding
         if implicit is None:
-            raise SeriesLoadError(f"{path.name}: not a readable DICOM file")
+            raise SeriesLoadError(f"{name}: not a readable DICOM file")
         ds.file_meta.TransferSyntaxUID = (
             pydicom.uid.ImplicitVRLittleEndian if implicit
             else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
         )
-    return ds
+    return ds, buf.tell()
+
+
+def _read_file(path: Path, keep_pixel_data: bool) -> tuple[Dataset, np.ndarray | None]:
+    """A file's dataset, read once; without ``keep_pixel_data`` also its native pixel data as stored frames.
+
+    The stored frames (frames, rows, cols) are decoded in place from the file's bytes when the pixel data are
+    native little-endian and end the file; the dataset then stops before them. Otherwise the whole file is
+    parsed and None is returned for the frames.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SeriesLoadError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+    if not keep_pixel_data:
+        ds, offset = _parse(data, path, stop_before_pixels=True)
+        stored = _native_frames(ds, data, offset)
+        if stored is not None:
+            return ds, stored
+    return _parse(data, path, stop_before_pixels=False)[0], None
+
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+
+
+def _native_frames(ds: Dataset, data: bytes, offset: int) -> np.ndarray | None:
+    """Stored frames of the native little-endian Pixel Data element at ``offset`` if it ends ``data``, else None.
+
+    Decoded by pydicom's native decoder as a view of ``data`` where no bit correction is needed.
+    """
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_encapsulated or syntax.is_deflated or not syntax.is_little_endian:
+        return None
+    if data[offset:offset + 4] != _PIXEL_DATA_TAG:
+        return None
+    if syntax.is_implicit_VR:
+        start = offset + 8
+        (length,) = struct.unpack_from("<I", data, offset + 4)
+    else:
+        if data[offset + 4:offset + 8] not in (b"OB\0\0", b"OW\0\0"):
+            return None
+        start = offset + 12
+        (length,) = struct.unpack_from("<I", data, offset + 8)
+    if start + length != len(data):  # undefined length or elements after the pixel data
+        return None
+    try:
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            return None
+        options = as_pixel_options(ds)
+        arr, _ = get_decoder(syntax).as_array(
+            memoryview(data)[start:], pixel_keyword="PixelData", view_only=True, raw=True, **options)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None  # the whole-file path reports what is wrong
+    return arr.reshape(int(options["number_of_frames"]), int(options["rows"]), int(options["columns"]))
 
 
 def _stored_pixels(ds: Dataset) -> np.ndarray:
@@ -382,14 +445,13 @@ def _load(
     paths: Sequence[str | Path], max_gap_factor: float, max_gap_mm: float, workers: int | None, keep_pixel_data: bool
 ) -> CTSeries:
     workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        datasets = list(pool.map(_read_full, [Path(p) for p in paths]))
-    datasets = _dedupe(datasets)
+    # parsing holds the interpreter lock: one file after the other (decoding below runs in threads)
+    datasets, native = _dedupe([_read_file(Path(p), keep_pixel_data) for p in paths])
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(uids) > 1:
         raise SeriesLoadError(f"files from {len(uids)} different series")
-    for ds in datasets:
-        if "PixelData" not in ds and "FloatPixelData" not in ds:
+    for ds, stored in zip(datasets, native, strict=True):
+        if stored is None and "PixelData" not in ds and "FloatPixelData" not in ds:
             raise SeriesLoadError(f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data")
     warnings: list[str] = []
     frames = [fr for i, ds in enumerate(datasets) for fr in _frames_of(ds, i)]
@@ -397,7 +459,7 @@ def _load(
     pixel_spacing = frames[0].spacing
     plan = _plan_slices(frames, row, col, normal, pixel_spacing, max_gap_factor, max_gap_mm, warnings,
                         _nominal_thickness(datasets[0]))
-    src, padded = _decode_sorted(datasets, frames, plan.order, workers, keep_pixel_data)
+    src, padded = _decode_sorted(datasets, native, frames, plan.order, workers, keep_pixel_data)
     if padded:
         warnings.append(f"pixel padding set to {HU_AIR:.0f} HU on {padded} frame(s)")
 
@@ -429,10 +491,12 @@ def _load(
 
 
 def _decode_sorted(
-    datasets: list[Dataset], frames: list[_Frame], order: list[int], workers: int, keep_pixel_data: bool = True
+    datasets: list[Dataset], native: list[np.ndarray | None], frames: list[_Frame], order: list[int], workers: int,
+    keep_pixel_data: bool = True,
 ) -> tuple[np.ndarray, int]:
     """HU of every frame, stacked in ``order``; also the number of frames with padding.
 
+    ``native[i]`` holds the stored frames of ``datasets[i]`` when they were read with its header, else None.
     The HU are int16 when every frame maps stored values to whole HU (slope 1, integer intercept: nearly all CT),
     which halves memory and copies; float32 otherwise. Without ``keep_pixel_data`` each dataset's pixel data is
     dropped as soon as it is decoded."""
@@ -446,7 +510,8 @@ def _decode_sorted(
 
     def fill(i: int) -> int:
         ds = datasets[i]
-        stored = _stored_pixels(ds)
+        stored = native[i] if native[i] is not None else _stored_pixels(ds)
+        native[i] = None  # frees the file's bytes once decoded
         pad = _padding_mask(ds, stored)
         n_padded = 0
         for f in range(stored.shape[0]):
@@ -468,17 +533,19 @@ def _decode_sorted(
     return src, padded
 
 
-def _dedupe(datasets: list[Dataset]) -> list[Dataset]:
-    """Drop repeated copies of the same SOP instance."""
+def _dedupe(files: list[tuple[Dataset, np.ndarray | None]]) -> tuple[list[Dataset], list[np.ndarray | None]]:
+    """Drop repeated copies of the same SOP instance; the datasets and their stored frames."""
     seen: set[str] = set()
-    out: list[Dataset] = []
-    for ds in datasets:
+    datasets: list[Dataset] = []
+    native: list[np.ndarray | None] = []
+    for ds, stored in files:
         uid = str(ds.get("SOPInstanceUID", ""))
         if uid and uid in seen:
             continue
         seen.add(uid)
-        out.append(ds)
-    return out
+        datasets.append(ds)
+        native.append(stored)
+    return datasets, native
 
 
 def _interpolate_slices(

@@ -222,9 +222,11 @@ def test_find_series_skips_non_dicom(ph: Phantom, tmp_path: Path) -> None:
 def test_compressed_phantom(tmp_path: Path, syntax: str) -> None:
     ph = small_phantom(20.0, n_slices=6, seed=2)
     paths = write_series(ph, tmp_path, transfer_syntax=syntax, feet_first=True)
-    series = load_series(paths)
-    assert series.datasets[0].file_meta.TransferSyntaxUID == syntax
-    assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
+    for keep in (True, False):
+        series = load_series(paths, keep_pixel_data=keep)
+        assert series.datasets[0].file_meta.TransferSyntaxUID == syntax
+        assert ("PixelData" in series.datasets[0]) == keep
+        assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
 
 
 def test_legacy_converted_enhanced_ct(ph: Phantom, tmp_path: Path) -> None:
@@ -238,10 +240,11 @@ def test_legacy_converted_enhanced_ct(ph: Phantom, tmp_path: Path) -> None:
     )
     out = tmp_path / "mf.dcm"
     mf.save_as(out)
-    series = load_series([out])
-    assert len(series.datasets) == 1 and int(series.datasets[0].NumberOfFrames) == 24
-    assert sorted(f for _, f in series.frame_refs) == list(range(24))
-    assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
+    for keep in (True, False):
+        series = load_series([out], keep_pixel_data=keep)
+        assert len(series.datasets) == 1 and int(series.datasets[0].NumberOfFrames) == 24
+        assert sorted(f for _, f in series.frame_refs) == list(range(24))
+        assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
 
 
 def test_pydicom_data_enhanced_ct() -> None:
@@ -333,3 +336,80 @@ def test_whole_hu_conversion_to_int16_clips_and_never_wraps(stored: np.ndarray, 
     out = np.empty(stored.shape, np.int16)
     _to_hu(stored, 1.0, intercept, out)
     assert np.array_equal(out, np.clip(stored.astype(np.int64) + intercept, -1024, 32767))
+
+
+def _twelve_bit(values: np.ndarray, signed: bool) -> np.ndarray:
+    """12-bit stored values in 16-bit words whose unused high bits hold noise (the decoder must ignore them)."""
+    words = values.astype(np.int32) & 0x0FFF
+    noise = (np.arange(values.size, dtype=np.int32).reshape(values.shape) % 16) << 12
+    return (words | noise).astype(np.uint16).view(np.int16 if signed else np.uint16)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["unsigned", "signed", "bits_stored_12", "signed_bits_stored_12", "eight_bit", "implicit", "big_endian",
+     "trailing_element", "odd_padding", "padding_value"],
+)
+def test_pixels_read_with_the_header_match_pydicom(tmp_path: Path, variant: str) -> None:
+    """Without kept pixel data, frames decoded from the file's bytes equal pydicom's decoding of the whole file."""
+    from lpm_node.loading import _read_file
+
+    ph = small_phantom(20.0, n_slices=3, seed=4)
+    syntax = pydicom.uid.ImplicitVRLittleEndian if variant == "implicit" else pydicom.uid.ExplicitVRLittleEndian
+    paths = write_series(ph, tmp_path, transfer_syntax=syntax)
+
+    def edit(ds: pydicom.Dataset, _: int) -> None:
+        hu = hu_of(ds)
+        if variant == "signed":
+            set_pixels(ds, hu.astype(np.int16))
+            ds.RescaleIntercept = "0"
+        elif variant in ("bits_stored_12", "signed_bits_stored_12"):
+            signed = variant.startswith("signed")
+            set_pixels(ds, _twelve_bit(hu if signed else hu + 1024, signed))
+            ds.BitsStored, ds.HighBit = 12, 11
+            ds.RescaleIntercept = "0" if signed else "-1024"
+        elif variant == "eight_bit":
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+            ds.PixelData = np.clip((hu + 1024) // 8, 0, 255).astype(np.uint8).tobytes()
+            ds.RescaleSlope, ds.RescaleIntercept = "8", "-1024"
+        elif variant == "big_endian":
+            ds.PixelData = ds.pixel_array.astype(">u2").tobytes()
+        elif variant == "trailing_element":
+            ds.add_new(0xFFFCFFFC, "OB", b"\0" * 6)  # Data Set Trailing Padding after the pixel data
+        elif variant == "odd_padding":
+            ds.Rows, ds.Columns = 127, 127  # 127 x 127 x 1 byte: odd length, padded to even
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+            ds.PixelData = np.clip(hu[:127, :127] + 1024, 0, 255).astype(np.uint8).tobytes() + b"\0"
+        elif variant == "padding_value":
+            ds.add_new(0x00280120, "US", 0)
+
+    big = variant == "big_endian"
+    if variant != "unsigned" and variant != "implicit":
+        for i, p in enumerate(paths):
+            ds = pydicom.dcmread(p)
+            edit(ds, i)
+            if big:
+                ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+                pydicom.dcmwrite(p, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+            else:
+                ds.save_as(p, enforce_file_format=True)
+    for p in paths:
+        full = pydicom.dcmread(p)
+        ds, stored = _read_file(p, keep_pixel_data=False)
+        expected = full.pixel_array.reshape(stored.shape if stored is not None else (1, *full.pixel_array.shape))
+        if stored is None:  # read whole: the dataset keeps everything, pixels are decoded later by pydicom
+            assert variant in ("big_endian", "trailing_element") and "PixelData" in ds
+            stored = ds.pixel_array.reshape(expected.shape)
+        else:
+            assert "PixelData" not in ds and ds.buffer is None and ds.filename == str(p)
+            del full.PixelData
+            assert ds == full
+        assert stored.dtype == expected.dtype
+        assert np.array_equal(stored, expected)
+        if variant == "trailing_element":
+            assert 0xFFFCFFFC in ds
+    kept = load_series(paths)
+    dropped = load_series(paths, keep_pixel_data=False)
+    assert dropped.image.GetPixelID() == kept.image.GetPixelID()
+    assert np.array_equal(sitk.GetArrayViewFromImage(dropped.image), sitk.GetArrayViewFromImage(kept.image))
+    assert all("PixelData" not in ds for ds in dropped.datasets)
