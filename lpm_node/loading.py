@@ -370,12 +370,13 @@ def _to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) 
     """out = max(stored * slope + intercept, -1024) in float32 (or int16, capped at 32767), in few passes."""
     if out.dtype == np.int16:  # slope 1, whole-HU intercept
         shift = int(intercept)
-        low, high = int(stored.min()), int(stored.max())
-        limits = np.iinfo(np.int16)
+        limits, kind = np.iinfo(np.int16), np.iinfo(stored.dtype)
+        # a bound is looked for (one pass) only where the stored type allows values beyond what is safe
+        low = int(stored.min()) if kind.min + shift < HU_AIR else kind.min
+        high = int(stored.max()) if max(kind.max, kind.max + shift) > limits.max else kind.max
         if high <= limits.max and high + shift <= limits.max and low + shift >= limits.min:
-            out[...] = stored  # exact: every stored value fits int16
-            if shift:
-                out += np.int16(shift)
+            # exact: every stored value and its HU fit int16
+            np.add(stored, np.int16(shift), out=out, dtype=np.int16, casting="unsafe")
             if low + shift < HU_AIR:
                 np.maximum(out, np.int16(HU_AIR), out=out)
             return

@@ -328,6 +328,12 @@ def test_malformed_header_is_a_load_error(ph: Phantom, tmp_path: Path) -> None:
         (np.array([[-32768, -2000, 0, 3000]], np.int16), -1024),  # padding-like values must not wrap around
         (np.array([[0, 1000, 65535, 40000]], np.uint16), -1024),  # beyond int16: capped at 32767
         (np.array([[0, 5, 2000]], np.uint16), 0),
+        (np.array([[0, 5, 2000, 32767]], np.uint16), 0),
+        (np.array([[0, 5, 2000, 32767]], np.uint16), 1),  # one above the int16 limit: capped
+        (np.array([[0, 17, 255]], np.uint8), -1024),
+        (np.array([[-5000, -1024, 0, 3000]], np.int32), 0),
+        (np.array([[0, 40000, 70000]], np.uint32), -1024),
+        (np.array([[-1024, 0, 3000]], np.int16), 24),
     ],
 )
 def test_whole_hu_conversion_to_int16_clips_and_never_wraps(stored: np.ndarray, intercept: int) -> None:
