@@ -27,6 +27,11 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
+try:  # copies an array into an allocated image: the second half of sitk.GetImageFromArray
+    from SimpleITK.SimpleITK import _SetImageFromArray as _copy_into_image
+except ImportError:  # pragma: no cover - then each image is allocated once its pixels are ready
+    _copy_into_image = None
+
 __all__ = ["SeriesLoadError", "CTSeries", "find_series", "load_series", "HU_AIR"]
 
 log = logging.getLogger(__name__)
@@ -446,8 +451,18 @@ def _load(
     paths: Sequence[str | Path], max_gap_factor: float, max_gap_mm: float, workers: int | None, keep_pixel_data: bool
 ) -> CTSeries:
     workers = workers or min(4, os.cpu_count() or 1)
-    # parsing holds the interpreter lock: one file after the other (decoding below runs in threads)
-    datasets, native = _dedupe([_read_file(Path(p), keep_pixel_data) for p in paths])
+    files = [Path(p) for p in paths]
+    # Parsing holds the interpreter lock, so files are read one after the other (decoding below runs in threads);
+    # meanwhile the image is allocated (zero-filled by SimpleITK, without the lock) for the likely series grid.
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        read = [_read_file(files[0], keep_pixel_data)]
+        guess = _grid_guess(read[0][0], len(files)) if _copy_into_image is not None else None
+        allocating = ahead.submit(_new_image, *guess) if guess is not None else None
+        read += [_read_file(p, keep_pixel_data) for p in files[1:]]
+    spare = allocating.result() if allocating is not None else None
+    del allocating
+    datasets, native = _dedupe(read)
+    del read
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(uids) > 1:
         raise SeriesLoadError(f"files from {len(uids)} different series")
@@ -460,7 +475,13 @@ def _load(
     pixel_spacing = frames[0].spacing
     plan = _plan_slices(frames, row, col, normal, pixel_spacing, max_gap_factor, max_gap_mm, warnings,
                         _nominal_thickness(datasets[0]))
-    src, padded = _decode_sorted(datasets, native, frames, plan.order, workers, keep_pixel_data)
+    hu_type = _hu_type(frames, datasets)
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    out_type = hu_type if plan.n_out == len(plan.order) else np.float32
+    if spare is not None and not _image_fits(spare, (plan.n_out, rows, cols), out_type):
+        spare = None
+    src = np.empty((len(frames), rows, cols), dtype=hu_type)
+    padded = _decode_sorted(datasets, native, frames, plan.order, src, workers, keep_pixel_data)
     if padded:
         warnings.append(f"pixel padding set to {HU_AIR:.0f} HU on {padded} frame(s)")
 
@@ -472,8 +493,8 @@ def _load(
         src = vol
 
     first = frames[plan.order[0]].position
-    image = sitk.GetImageFromArray(vol, isVector=False)
-    del vol, src
+    image = _image_from_array(vol, spare)
+    del vol, src, spare
     image.SetOrigin(tuple(float(v) for v in first))
     image.SetSpacing((pixel_spacing[1], pixel_spacing[0], float(plan.step)))
     direction = np.column_stack([row, col, normal])
@@ -491,22 +512,55 @@ def _load(
     )
 
 
-def _decode_sorted(
-    datasets: list[Dataset], native: list[np.ndarray | None], frames: list[_Frame], order: list[int], workers: int,
-    keep_pixel_data: bool = True,
-) -> tuple[np.ndarray, int]:
-    """HU of every frame, stacked in ``order``; also the number of frames with padding.
-
-    ``native[i]`` holds the stored frames of ``datasets[i]`` when they were read with its header, else None.
-    The HU are int16 when every frame maps stored values to whole HU (slope 1, integer intercept: nearly all CT),
-    which halves memory and copies; float32 otherwise. Without ``keep_pixel_data`` each dataset's pixel data is
-    dropped as soon as it is decoded."""
-    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
-    slot = {frame_i: k for k, frame_i in enumerate(order)}
+def _hu_type(frames: list[_Frame], datasets: list[Dataset]) -> type[np.int16] | type[np.float32]:
+    """int16 when every frame maps stored values to whole HU (slope 1, integer intercept: nearly all CT), which
+    halves memory and copies; float32 otherwise."""
     whole_hu = all(fr.slope == 1.0 and float(fr.intercept).is_integer() for fr in frames) and not any(
         "FloatPixelData" in ds or "DoubleFloatPixelData" in ds for ds in datasets
     )
-    src = np.empty((len(frames), rows, cols), dtype=np.int16 if whole_hu else np.float32)
+    return np.int16 if whole_hu else np.float32
+
+
+def _grid_guess(ds: Dataset, n_files: int) -> tuple[tuple[int, int, int], type[np.int16] | type[np.float32]] | None:
+    """Likely (slices, rows, cols) and HU type of ``n_files`` files like ``ds``; None where ``ds`` does not say."""
+    try:
+        frames = _frames_of(ds, 0)
+        return (n_files * len(frames), int(ds.Rows), int(ds.Columns)), _hu_type(frames, [ds])
+    except (SeriesLoadError, AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+_PIXEL_IDS = {np.dtype(np.int16): sitk.sitkInt16, np.dtype(np.float32): sitk.sitkFloat32}
+
+
+def _new_image(shape: tuple[int, int, int], dtype: type[np.int16] | type[np.float32]) -> sitk.Image:
+    """A zero-filled image for an array of ``shape`` (k, rows, cols)."""
+    return sitk.Image([shape[2], shape[1], shape[0]], _PIXEL_IDS[np.dtype(dtype)])
+
+
+def _image_fits(image: sitk.Image, shape: tuple[int, ...], dtype: type[np.generic]) -> bool:
+    return image.GetSize() == tuple(reversed(shape)) and image.GetPixelID() == _PIXEL_IDS.get(np.dtype(dtype))
+
+
+def _image_from_array(arr: np.ndarray, spare: sitk.Image | None = None) -> sitk.Image:
+    """``arr`` (k, rows, cols) as an image: copied into ``spare`` when that was allocated for it, else into a new
+    image (like ``sitk.GetImageFromArray``)."""
+    if spare is not None and _copy_into_image is not None and _image_fits(spare, arr.shape, arr.dtype.type):
+        _copy_into_image(np.ascontiguousarray(arr), spare)
+        return spare
+    return sitk.GetImageFromArray(arr, isVector=False)
+
+
+def _decode_sorted(
+    datasets: list[Dataset], native: list[np.ndarray | None], frames: list[_Frame], order: list[int],
+    src: np.ndarray, workers: int, keep_pixel_data: bool = True,
+) -> int:
+    """Fill ``src`` (int16 or float32) with the HU of every frame, stacked in ``order``; the number of frames with
+    padding.
+
+    ``native[i]`` holds the stored frames of ``datasets[i]`` when they were read with its header, else None.
+    Without ``keep_pixel_data`` each dataset's pixel data is dropped as soon as it is decoded."""
+    slot = {frame_i: k for k, frame_i in enumerate(order)}
     frame_start = np.cumsum([0] + [int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets])
 
     def fill(i: int) -> int:
@@ -530,8 +584,7 @@ def _decode_sorted(
         return n_padded
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        padded = sum(pool.map(fill, range(len(datasets))))
-    return src, padded
+        return sum(pool.map(fill, range(len(datasets))))
 
 
 def _dedupe(files: list[tuple[Dataset, np.ndarray | None]]) -> tuple[list[Dataset], list[np.ndarray | None]]:

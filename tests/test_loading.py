@@ -419,3 +419,54 @@ def test_pixels_read_with_the_header_match_pydicom(tmp_path: Path, variant: str)
     assert dropped.image.GetPixelID() == kept.image.GetPixelID()
     assert np.array_equal(sitk.GetArrayViewFromImage(dropped.image), sitk.GetArrayViewFromImage(kept.image))
     assert all("PixelData" not in ds for ds in dropped.datasets)
+
+
+def test_image_from_array_fills_a_spare_image_only_when_it_fits() -> None:
+    from lpm_node.loading import _image_from_array, _new_image
+
+    arr = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    spare = _new_image((2, 3, 4), np.int16)
+    assert spare.GetSize() == (4, 3, 2)
+    image = _image_from_array(arr, spare)
+    assert image is spare
+    assert np.array_equal(sitk.GetArrayViewFromImage(image), arr)
+    for other in (arr.astype(np.float32), arr[:, :, :3]):  # another pixel type or size: a new image
+        spare = _new_image((2, 3, 4), np.int16)
+        image = _image_from_array(other, spare)
+        assert image is not spare
+        assert np.array_equal(sitk.GetArrayViewFromImage(image), other)
+        assert not sitk.GetArrayViewFromImage(spare).any()
+
+
+def test_grid_guess_from_the_first_file(ph: Phantom, tmp_path: Path) -> None:
+    from lpm_node.loading import _grid_guess
+
+    paths = write_series(ph, tmp_path)
+    assert _grid_guess(pydicom.dcmread(paths[0]), 24) == ((24, 128, 128), np.int16)
+    rewrite(paths[:1], lambda ds, _: setattr(ds, "RescaleSlope", "0.5"))
+    assert _grid_guess(pydicom.dcmread(paths[0]), 5) == ((5, 128, 128), np.float32)
+    rewrite(paths[:1], lambda ds, _: delattr(ds, "ImagePositionPatient"))
+    assert _grid_guess(pydicom.dcmread(paths[0]), 5) is None
+
+
+def test_load_fills_the_image_allocated_while_parsing(
+    ph: Phantom, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lpm_node import loading
+
+    made: list[sitk.Image] = []
+
+    def new_image(*args: object) -> sitk.Image:
+        made.append(real(*args))  # type: ignore[arg-type]
+        return made[-1]
+
+    real = loading._new_image
+    monkeypatch.setattr(loading, "_new_image", new_image)
+    paths = write_series(ph, tmp_path, feet_first=True)
+    series = load_series(paths, keep_pixel_data=False)
+    assert len(made) == 1 and series.image is made[0]
+    assert np.array_equal(_on_phantom_grid(series.image, ph), ph.hu.astype(np.float32))
+    # one slice missing: 23 files guessed, 24 interpolated float32 slices made
+    series = load_series(paths[:10] + paths[11:], keep_pixel_data=False)
+    assert len(made) == 2 and series.image is not made[1]
+    assert series.image.GetPixelID() == sitk.sitkFloat32 and series.image.GetSize()[2] == 24
