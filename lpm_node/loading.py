@@ -321,7 +321,7 @@ def _native_frames(ds: Dataset, data: bytes, offset: int) -> np.ndarray | None:
     syntax = ds.file_meta.TransferSyntaxUID
     if syntax.is_encapsulated or syntax.is_deflated or not syntax.is_little_endian:
         return None
-    if data[offset:offset + 4] != _PIXEL_DATA_TAG:
+    if len(data) < offset + 12 or data[offset:offset + 4] != _PIXEL_DATA_TAG:
         return None
     if syntax.is_implicit_VR:
         start = offset + 8
@@ -337,8 +337,9 @@ def _native_frames(ds: Dataset, data: bytes, offset: int) -> np.ndarray | None:
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             return None
         options = as_pixel_options(ds)
+        view = options["bits_stored"] == options["bits_allocated"]  # else a corrected copy
         arr, _ = get_decoder(syntax).as_array(
-            memoryview(data)[start:], pixel_keyword="PixelData", view_only=True, raw=True, **options)
+            memoryview(data)[start:], pixel_keyword="PixelData", view_only=view, raw=True, **options)
     except (AttributeError, KeyError, TypeError, ValueError):
         return None  # the whole-file path reports what is wrong
     return arr.reshape(int(options["number_of_frames"]), int(options["rows"]), int(options["columns"]))
