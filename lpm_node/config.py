@@ -42,6 +42,7 @@ class NodeSettings:
     allowed_hosts: list[str] = field(default_factory=list)  # empty: any address
     min_free_disk_mb: int = 512
     spool_quota_mb: int = 0  # 0: no quota
+    journal_mb: int = 256  # write-ahead journal of the spool (preallocated); 0: each file synced on its own
     max_associations: int = 16
     measure: bool = True  # False: receive, decide and queue only (e.g. while checking the routing rules)
 
@@ -122,6 +123,10 @@ class Settings:
     @property
     def spool_path(self) -> Path:
         return self.data_path / "spool"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.data_path / "journal"
 
     @property
     def db_url(self) -> str:

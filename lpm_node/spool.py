@@ -2,8 +2,11 @@
 
 Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Every path
 component is a UID that passed :func:`is_valid_uid`; nothing a peer sent is used unchecked.
-A file is written to a temporary name in its final folder, flushed and fsync'ed, then renamed,
-and the folder is fsync'ed: once :meth:`Spool.store` returns, the instance survives a crash.
+Once :meth:`Spool.store` returns, the instance survives a crash. With a journal (the serving
+node), the instance is appended to the write-ahead journal (:mod:`lpm_node.journal`) and synced;
+a background thread then writes the spool files and syncs them in batches. Without one (or when
+the journal has no room), a file is written to a temporary name in its final folder, flushed and
+fsync'ed, then renamed, and the folder is fsync'ed.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from pathlib import Path
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from lpm_node.journal import Journal, JournalFull, JournalRecord
+
 LOG = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 TMP_SUFFIX = ".tmp"
+WRITER_IDLE_S = 0.25  # the journal writer starts once no instance arrived for this long
 DICOM_SUFFIX = ".dcm"
 IMPLEMENTATION_VERSION_NAME = "LPM_NODE_01"
 
@@ -92,7 +98,15 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Durable storage of received instances, with free-space and quota checks."""
 
-    def __init__(self, root: Path, *, quota_mb: int = 0, min_free_disk_mb: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        quota_mb: int = 0,
+        min_free_disk_mb: int = 0,
+        journal_dir: Path | None = None,
+        journal_mb: int = 256,
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.quota_bytes = int(quota_mb) * 1024 * 1024
@@ -102,6 +116,163 @@ class Spool:
         self.remove_stale_temporaries()
         self._used = self.measure_usage()
         self._measured_at = time.monotonic()
+        self.journal: Journal | None = None
+        self._pending: dict[Path, JournalRecord] = {}  # journalled, spool file not yet written
+        self._queue: list[JournalRecord] = []
+        self._wake = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
+        self._stopping = False
+        self._waiters = 0  # threads waiting for spool files (the writer does not hold back then)
+        self._last_append = 0.0
+        self._queued_bytes = 0
+        if journal_dir is not None and journal_mb > 0:
+            self._open_journal(Path(journal_dir), journal_mb)
+
+    # -- the journal --------------------------------------------------------------------------------
+    def _open_journal(self, folder: Path, journal_mb: int) -> None:
+        segments = 4
+        journal = Journal(folder, segment_bytes=max(1, journal_mb // segments) << 20, segments=segments)
+        recovered = journal.recover()
+        if recovered:
+            LOG.info("writing %d journalled instance(s) to the spool after a restart", len(recovered))
+            self._used += sum(r.length for r in recovered if not (self.root / r.relpath).exists())
+            try:
+                self._write_from_journal(journal, recovered)
+            except OSError as exc:  # kept in the journal; the writer thread tries again
+                LOG.error("journalled instances not yet written to the spool: %s", exc.strerror or exc)
+                for rec in recovered:
+                    self._pending[self.root / rec.relpath] = rec
+                    self._queued_bytes += rec.length
+                self._queue.extend(recovered)
+        journal.prepare(background=True)
+        self.journal = journal
+        self._writer = threading.Thread(target=self._run_writer, args=(journal,), name="spool-writer", daemon=True)
+        self._writer.start()
+
+    def _writer_due(self) -> float:
+        """0 when the writer should copy records out now, else how long it may still wait.
+
+        The writer keeps out of the way of a transfer in progress (its file-system syncs would slow
+        the journal's): it starts once arrivals pause, when the journal is half full, or when
+        someone waits for the files.
+        """
+        if self._stopping or self._waiters or self.journal is None:
+            return 0.0
+        if self._queued_bytes >= self.journal.capacity_bytes // 2:
+            return 0.0
+        return max(0.0, self._last_append + WRITER_IDLE_S - time.monotonic())
+
+    def _next_batch(self) -> list[JournalRecord]:
+        """The next records to write out (the lock is held); [] when the spool is closing."""
+        while not self._stopping:
+            if not self._queue:
+                self._wake.wait()
+                continue
+            wait = self._writer_due()
+            if wait <= 0:
+                return self._queue[:64]
+            self._wake.wait(wait)
+        return []
+
+    def _run_writer(self, journal: Journal) -> None:
+        failures = 0
+        while True:
+            with self._wake:
+                batch = self._next_batch()
+            if not batch:
+                return
+            try:
+                self._write_from_journal(journal, batch)
+            except OSError as exc:  # the records stay journalled; try again a little later
+                failures += 1
+                delay = min(0.5 * 2 ** (failures - 1), 30.0)
+                LOG.error("%d instance(s) not yet written from the journal to the spool (%s); retrying in %.1f s",
+                          len(self._queue), exc.strerror or exc, delay)
+                deadline = time.monotonic() + delay
+                with self._wake:
+                    while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
+                        self._wake.wait(remaining)
+                continue
+            failures = 0
+            with self._wake:
+                del self._queue[: len(batch)]
+                for rec in batch:
+                    self._pending.pop(self.root / rec.relpath, None)
+                    self._queued_bytes -= rec.length
+                self._wake.notify_all()
+
+    def _write_from_journal(self, journal: Journal, records: list[JournalRecord]) -> None:
+        """Write journalled instances as spool files, sync them, then checkpoint the journal."""
+        written: list[tuple[int, Path, Path]] = []
+        try:
+            for rec in records:
+                final = self.root / rec.relpath
+                if final.exists():
+                    continue
+                fd, tmp = self._create_temporary(final.parent, f".{final.stem}.j{rec.seq}{TMP_SUFFIX}")
+                written.append((fd, tmp, final))
+                journal.copy_payload(rec, fd)
+            for fd, _tmp, _final in written:  # the first sync commits them all
+                os.fdatasync(fd)
+        except BaseException:
+            for fd, tmp, _final in written:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+            raise
+        folders = set()
+        for fd, tmp, final in written:
+            os.close(fd)
+            os.rename(tmp, final)
+            folders.add(final.parent)
+        for folder in folders:
+            _fsync_dir(folder)
+        journal.checkpoint(records[-1].seq)
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every journalled instance is in the spool as a file; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            self._waiters += 1
+            self._wake.notify_all()
+            try:
+                while self._pending:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._wake.wait(remaining)
+            finally:
+                self._waiters -= 1
+        return True
+
+    def _wait_for_folder(self, folder: Path, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            self._waiters += 1
+            self._wake.notify_all()
+            try:
+                while any(p.parent == folder for p in self._pending):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        LOG.warning("instances of %s are still being written from the journal", folder.name)
+                        return
+                    self._wake.wait(remaining)
+            finally:
+                self._waiters -= 1
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Write what the journal holds to the spool, then stop the writer and close the journal."""
+        if self.journal is None:
+            return
+        if not self.flush(timeout):
+            LOG.warning("%d instance(s) stay in the journal; they are written to the spool at the next start",
+                        len(self._pending))
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._writer is not None:
+            self._writer.join(30)
+        self.journal.close()
+        self.journal = None
 
     # -- paths ----------------------------------------------------------------------------------
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
@@ -120,6 +291,8 @@ class Spool:
     def series_files(self, study_uid: str, series_uid: str) -> list[Path]:
         """The spooled files of a series, sorted by name."""
         folder = self.series_dir(study_uid, series_uid)
+        if self._pending:
+            self._wait_for_folder(folder)
         if not folder.is_dir():
             return []
         return sorted(p for p in folder.iterdir() if p.suffix == DICOM_SUFFIX)
@@ -187,6 +360,18 @@ class Spool:
             )
 
     # -- writing --------------------------------------------------------------------------------
+    def _create_temporary(self, folder: Path, name: str) -> tuple[int, Path]:
+        """Create a new temporary file in ``folder`` (made, durably, when missing); returns (fd, path)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self._ensure_dir(folder)
+        tmp = folder / name
+        try:
+            return os.open(tmp, flags, 0o644), tmp
+        except FileNotFoundError:  # the folder was removed since it was made: make it again
+            self._known_dirs.discard(folder)
+            self._ensure_dir(folder)
+            return os.open(tmp, flags, 0o644), tmp
+
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._known_dirs:
             return
@@ -214,14 +399,33 @@ class Spool:
         Raises :class:`SpoolFull` before writing anything when space or quota is short.
         """
         final = self.instance_path(study_uid, series_uid, sop_uid)
+        pending = self._pending.get(final)
+        if pending is not None:
+            return StoredInstance(final, pending.length, True)
         if final.exists():
             return StoredInstance(final, final.stat().st_size, True)
         size = sum(len(c) for c in chunks)
         self.check_space(size)
+        if self.journal is not None:
+            def queue_record(record: JournalRecord) -> None:
+                with self._wake:
+                    self._used += size
+                    self._pending[final] = record
+                    self._queue.append(record)
+                    self._queued_bytes += record.length
+                    self._last_append = time.monotonic()
+                    if len(self._queue) == 1 or self._waiters:  # else the writer wakes by itself when due
+                        self._wake.notify_all()
+
+            try:
+                _record, sync_s = self.journal.append(f"{study_uid}/{series_uid}/{sop_uid}{DICOM_SUFFIX}", chunks,
+                                                      queue_record)
+            except JournalFull:
+                pass  # written directly below
+            else:
+                return StoredInstance(final, size, False, sync_s)
         folder = final.parent
-        self._ensure_dir(folder)
-        tmp = folder / f".{sop_uid}.{threading.get_ident()}{TMP_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd, tmp = self._create_temporary(folder, f".{sop_uid}.{threading.get_ident()}{TMP_SUFFIX}")
         try:
             written = os.writev(fd, chunks)
             if written != size:  # short write: start again with a plain loop

@@ -33,8 +33,18 @@ def chest(phantom, tmp_path_factory) -> list[Path]:
     return write_ct_series(phantom, tmp_path_factory.mktemp("chest"))
 
 
-def _spooled(node: NodeProcess) -> list[Path]:
-    return sorted((node.data_dir / "spool").rglob("*.dcm"))
+def _spooled(node: NodeProcess, expect: int = 0, timeout: float = 15.0) -> list[Path]:
+    """The node's spool files, waiting up to ``timeout`` for ``expect`` of them.
+
+    An acknowledged instance is durable in the node's journal first; its spool file follows
+    within moments (see lpm_node.journal).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted((node.data_dir / "spool").rglob("*.dcm"))
+        if len(files) >= expect or time.monotonic() > deadline:
+            return files
+        time.sleep(0.02)
 
 
 def test_series_is_stored_durably_queued_and_audited(tmp_path, chest):
@@ -49,7 +59,7 @@ def test_series_is_stored_durably_queued_and_audited(tmp_path, chest):
         assert [tuple(j) for j in jobs] == [(series_uid, "queued")]
 
         # every instance is in the spool, byte-identical in its data set
-        files = _spooled(node)
+        files = _spooled(node, 64)
         assert len(files) == 64
         by_sop = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in chest}
         for stored in files[:5]:
@@ -209,12 +219,12 @@ def test_full_spool_answers_out_of_resources_and_recovers(tmp_path, chest):
     with NodeProcess(data, config=config, stable_seconds=1) as node:
         full = storescu(node.port, chest, extra=["-v", "--no-halt"])
         assert "Refused: OutOfResources" in full.stdout + full.stderr
-        kept = _spooled(node)
-        assert 0 < len(kept) < 64
-        kept_bytes = {p: p.read_bytes() for p in kept}
         sql = "SELECT instances_received, instances_refused, reason FROM associations WHERE calling_ae = 'STORESCU'"
         refused = node.wait_rows(
             sql, until=lambda rows: rows and rows[0]["instances_received"] + rows[0]["instances_refused"] == 64)[0]
+        kept = _spooled(node, refused["instances_received"])
+        assert 0 < len(kept) < 64
+        kept_bytes = {p: p.read_bytes() for p in kept}
         assert refused["instances_received"] == len(kept)
         assert refused["instances_refused"] == 64 - len(kept)
         assert "out of resources" in refused["reason"] and "spool quota" in refused["reason"]
@@ -223,7 +233,7 @@ def test_full_spool_answers_out_of_resources_and_recovers(tmp_path, chest):
         time.sleep(1.2)
         again = storescu(node.port, chest)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert len(_spooled(node)) == 64
+        assert len(_spooled(node, 64)) == 64
         assert all(p.read_bytes() == b for p, b in kept_bytes.items())  # nothing lost or rewritten
         row = node.wait_series_status(series_uid, ["queued"])
         assert row["instance_count"] == 64
@@ -323,7 +333,8 @@ def test_compressed_and_deflated_transfer_syntaxes_are_stored_as_received(tmp_pa
         for ts, path in sent.items():
             result = storescu(node.port, [path], extra=["-v", propose[ts]])
             assert result.returncode == 0 and "Success" in result.stdout + result.stderr, (ts, result.stderr)
-        stored = {str(dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID): p for p in _spooled(node)}
+        spooled = _spooled(node, len(sent))
+        stored = {str(dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID): p for p in spooled}
         assert set(stored) == set(sent)  # kept in the syntax it was sent in: no decoding, no re-encoding
         for ts, path in sent.items():
             assert np.array_equal(dcmread(stored[ts]).pixel_array, dcmread(path).pixel_array), ts

@@ -11,6 +11,7 @@ from pydicom import dcmread
 from sqlalchemy import delete, select
 
 from lpm_node.audit import Instance, Series, session_factory, utcnow
+from lpm_node.journal import Journal
 from lpm_node.phantom import make_phantom, write_ct_series
 from lpm_node.series import SeriesAssembler, reconcile_spool
 from lpm_node.spool import Spool
@@ -70,12 +71,18 @@ def test_sigkill_between_last_instance_and_completion_still_completes(tmp_path, 
         node.kill()  # well within stable_seconds of the last instance: nothing decided yet
         row = node.series(series_uid) if node.db_path.exists() else None
         assert row is None or row["status"] == "receiving"
-        assert len(list((node.data_dir / "spool").rglob("*.dcm"))) == 64  # every acknowledged instance is there
+        # every acknowledged instance is there: as a spool file, or in the journal not yet copied out
+        spooled = {p.relative_to(node.data_dir / "spool").as_posix() for p in (node.data_dir / "spool").rglob("*.dcm")}
+        journal = Journal(node.data_dir / "journal")
+        journalled = {r.relpath for r in journal.recover()}
+        journal.close()
+        assert len(spooled | journalled) == 64
 
         time.sleep(0.5)
         node.start()
         row = node.wait_series_status(series_uid, ["queued"], timeout=30)
         assert row["instance_count"] == 64
+        assert len(list((node.data_dir / "spool").rglob("*.dcm"))) == 64
         assert [tuple(j) for j in node.query("SELECT series_instance_uid, status FROM jobs")] == [
             (series_uid, "queued")]
         assert node.stop() == 0
