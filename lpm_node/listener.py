@@ -1,4 +1,4 @@
-"""The DICOM front door: a pynetdicom C-STORE / C-ECHO SCP writing to the spool and the audit DB.
+"""The DICOM front door: a C-STORE / C-ECHO SCP writing to the spool and the audit DB.
 
 Each received dataset is written to the spool as it arrived on the wire (no pixel decoding),
 durably, before the success status is returned. Only a few header elements are parsed. Audit
@@ -12,19 +12,18 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import logging
-import queue
-import select as select_module
-import socket
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any
 
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     JPEG2000,
@@ -39,22 +38,20 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
-from pynetdicom.association import Association as _Association
-from pynetdicom.dul import DULServiceProvider as _DUL
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
     LegacyConvertedEnhancedCTImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.audit import Association, Instance, Job, Series, SeriesDecision, as_utc, utcnow
 from lpm_node.config import Settings
 from lpm_node.spool import Spool, SpoolFull, file_meta_bytes, is_valid_uid
+from lpm_node.upper_layer import Association as PeerAssociation
+from lpm_node.upper_layer import AssociationServer, ServerOptions, StoreRequest
 
 LOG = logging.getLogger(__name__)
 
@@ -76,19 +73,13 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     RLELossless,
 )
 MAX_PDU_BYTES = 1024 * 1024
-# pynetdicom's reactor threads poll: the association loop sleeps 1 ms between looks at its DIMSE
-# queue, the DUL loop 1 ms whenever its socket is quiet. That adds up to ~2 ms (plus a thread
-# wake-up on a busy machine) to every C-STORE round trip. tune_pynetdicom() makes both waits
-# wake on the event itself (a queued message, readable socket data), polling at POLL_S at most.
-POLL_S = 0.0002
-TCP_NODELAY = True
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 
-# Elements the listener reads from each received dataset (all before the pixel data).
+# Elements the listener reads from each received dataset (groups 0008 and 0020, before the pixel data).
 HEADER_TAGS: list[BaseTag] = [
     Tag(k)
     for k in (
@@ -101,7 +92,6 @@ HEADER_TAGS: list[BaseTag] = [
         "SpecificCharacterSet",
     )
 ]
-_PIXEL_DATA = Tag(0x7FE0, 0x0010)
 # Series that get new instances after these decisions are assembled and evaluated again.
 REOPENABLE_STATUSES = ("complete", "rejected", "not_selected", "eligible", "queued")
 
@@ -148,29 +138,71 @@ class CannotUnderstand(ValueError):
     """A dataset that does not parse or lacks required UIDs (answered 0xC000)."""
 
 
-def _stop_at_pixels(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return tag >= _PIXEL_DATA
+_LAST_HEADER_TAG = int(max(HEADER_TAGS))
+_KEYWORD_OF_TAG = {tag: keyword_for_tag(tag) for tag in HEADER_TAGS}
+
+
+class _PastHeader:
+    """``stop_when`` for pydicom's element generator: true after the last wanted element.
+
+    Data set elements come in ascending tag order, so nothing wanted follows; ``fired`` tells
+    that the walk ended there (and not at the end of the bytes it was given).
+    """
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __call__(self, tag: BaseTag, _vr: str | None, _length: int) -> bool:
+        if int.__gt__(tag, _LAST_HEADER_TAG):
+            self.fired = True
+        return self.fired
 
 
 def parse_header(encoded: bytes | memoryview, transfer_syntax: str) -> Header:
-    """Read the UIDs, modality and series description from an encoded dataset (no pixel data)."""
-    ts = UID(transfer_syntax)
-    data: bytes | memoryview = encoded
+    """Read the UIDs, modality and series description from an encoded data set (no pixel data).
+
+    pydicom's element generator walks the data set up to the last wanted element and hands over
+    only the wanted ones, still encoded; they are decoded here (the character set applied to the
+    series description), which costs a fraction of building a pydicom Dataset.
+    """
+    header = _parse(encoded, str(transfer_syntax), complete=True)
+    assert header is not None
+    return header
+
+
+def parse_header_fragments(fragments: list[memoryview], transfer_syntax: str) -> Header:
+    """:func:`parse_header` of a data set received in fragments, reading the first one alone when it suffices."""
+    ts = str(transfer_syntax)
+    if len(fragments) > 1 and ts != DeflatedExplicitVRLittleEndian:
+        header = _parse(fragments[0], ts, complete=False)
+        if header is not None:
+            return header
+    return _parse(fragments[0] if len(fragments) == 1 else b"".join(fragments), ts, complete=True)  # type: ignore[return-value]
+
+
+def _parse(data: bytes | memoryview, ts: str, *, complete: bool) -> Header | None:
+    """The header; None when ``data`` is only the start of a data set and may end before the wanted elements."""
     if ts == DeflatedExplicitVRLittleEndian:
         try:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(encoded))
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(data))
         except zlib.error as exc:
             raise CannotUnderstand(f"deflated dataset does not inflate: {exc}") from exc
+    raw: dict[str, bytes] = {}
+    stop = _PastHeader()
     try:
-        ds = read_dataset(
-            BytesIO(data),
-            is_implicit_VR=ts == ImplicitVRLittleEndian,
-            is_little_endian=True,
-            stop_when=_stop_at_pixels,
-            specific_tags=HEADER_TAGS,
-        )
-        values = header_values(ds)
+        for elem in data_element_generator(BytesIO(data), ts == ImplicitVRLittleEndian, True, stop_when=stop,
+                                           specific_tags=HEADER_TAGS):
+            if isinstance(elem.value, bytes):
+                raw[_KEYWORD_OF_TAG[elem.tag]] = elem.value
+        if not complete and not stop.fired:
+            return None
+        charsets = raw.get("SpecificCharacterSet", b"").decode("ascii", "replace").split("\\")
+        encodings = convert_encodings([c.strip() for c in charsets] if any(c.strip() for c in charsets) else None)
+        values = {k: raw.get(k, b"").decode("ascii", "replace").strip("\0 ") for k in _HEADER_KEYWORDS}
+        values["SeriesDescription"] = decode_bytes(raw.get("SeriesDescription", b""), encodings, set()).strip("\0 ")
     except Exception as exc:  # any decoding failure of peer data
+        if not complete:
+            return None
         raise CannotUnderstand(f"dataset does not parse: {type(exc).__name__}") from exc
     return Header.from_values(values)
 
@@ -237,14 +269,24 @@ _Event = _AssocOpened | _AssocEnded | _AssocRejected | _InstanceStored | _Instan
 
 
 class AuditRecorder:
-    """Writes listener events to the audit DB from one thread, committing in batches."""
+    """Writes listener events to the audit DB from one thread, committing in batches.
 
-    def __init__(self, sessions: sessionmaker, *, max_batch: int = 500, max_delay_s: float = 0.1) -> None:
+    A burst of events (a series arriving) is written once it pauses for ``quiet_s``, or when the
+    oldest waiting event is ``max_age_s`` old, so the database work stays out of the way of the
+    transfer itself. :meth:`flush` writes at once.
+    """
+
+    def __init__(self, sessions: sessionmaker, *, max_batch: int = 5000, quiet_s: float = 0.15,
+                 max_age_s: float = 2.0) -> None:
         self._sessions = sessions
-        self._queue: queue.Queue[_Event | None] = queue.Queue()
+        self._items: deque[_Event] = deque()
+        self._signal = threading.Event()  # set when the queue becomes non-empty, and by flush() / stop()
+        self._urgent = False
+        self._stopping = False
         self._assoc_ids: dict[int, int] = {}
         self._max_batch = max_batch
-        self._max_delay_s = max_delay_s
+        self._quiet_s = quiet_s
+        self._max_age_s = max_age_s
         self._thread = threading.Thread(target=self._run, name="audit-recorder", daemon=True)
 
     def start(self) -> None:
@@ -254,47 +296,44 @@ class AuditRecorder:
         """Write what is queued, then stop."""
         if not self._thread.is_alive():
             return
-        self._queue.put(None)
+        self._stopping = True
+        self._signal.set()
         self._thread.join(timeout=30)
 
     def put(self, item: _Event) -> None:
-        self._queue.put(item)
+        self._items.append(item)
+        if len(self._items) == 1:  # wake an idle recorder; during a burst it looks by itself
+            self._signal.set()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is committed."""
         marker = _Flush()
-        self._queue.put(marker)
+        self._items.append(marker)
+        self._urgent = True
+        self._signal.set()
         return marker.done.wait(timeout)
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
+        while True:
+            self._signal.wait()
+            started = time.monotonic()
+            seen = -1
+            while not (self._urgent or self._stopping):  # let a burst finish first
+                count = len(self._items)
+                if count >= self._max_batch or count == seen or time.monotonic() - started >= self._max_age_s:
+                    break
+                seen = count
+                self._signal.clear()
+                self._signal.wait(self._quiet_s)
+            self._signal.clear()
+            self._urgent = False
             batch: list[_Event] = []
-            if item is None:
-                stopping = True
-            else:
-                batch.append(item)
-            deadline = utcnow().timestamp() + self._max_delay_s
-            while not stopping and len(batch) < self._max_batch:
-                remaining = deadline - utcnow().timestamp()
-                try:
-                    nxt = self._queue.get(timeout=max(remaining, 0.0)) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            if stopping:  # drain whatever is left
-                while True:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is not None:
-                        batch.append(nxt)
-            self._write(batch)
+            while self._items:
+                batch.append(self._items.popleft())
+            if batch:
+                self._write(batch)
+            if self._stopping and not self._items:
+                return
 
     def _write(self, batch: list[_Event]) -> None:
         flushes = [e for e in batch if isinstance(e, _Flush)]
@@ -438,54 +477,6 @@ def note_instance_on_series(session: Session, row: Series, at: dt.datetime) -> N
 # ---------------------------------------------------------------------------------------------
 # The SCP
 # ---------------------------------------------------------------------------------------------
-class _EventWaitTime:
-    """Stands in for the ``time`` module inside pynetdicom's ``association`` and ``dul`` modules.
-
-    Only the reactors' idle sleeps change: an association thread sleeping between looks at its
-    DIMSE message queue waits on that queue instead (woken by the next message), and a DUL thread
-    sleeping on a quiet socket waits in ``select`` on the socket (woken by the next bytes).
-    Every other call is the real ``time`` module.
-    """
-
-    def __init__(self, poll_s: float, max_wait_s: float = 0.005) -> None:
-        self._poll_s = poll_s
-        self._max_wait_s = max_wait_s
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        thread = threading.current_thread()
-        if isinstance(thread, _Association) and seconds == 0.001:
-            msg_queue = getattr(getattr(thread, "dimse", None), "msg_queue", None)
-            if isinstance(msg_queue, queue.Queue):
-                with msg_queue.not_empty:
-                    if not msg_queue.queue:  # the mutex is held: no qsize() here
-                        msg_queue.not_empty.wait(self._max_wait_s)
-                return
-        elif isinstance(thread, _DUL) and seconds == getattr(thread, "_run_loop_delay", None):
-            sock = getattr(getattr(thread, "socket", None), "socket", None)
-            if sock is not None and thread.to_provider_queue.empty():
-                try:
-                    select_module.select([sock], [], [], self._poll_s)
-                    return
-                except (OSError, ValueError):  # closed socket: fall back to a plain sleep
-                    pass
-            time.sleep(min(seconds, self._poll_s))
-            return
-        time.sleep(seconds)
-
-
-def tune_pynetdicom(poll_s: float = POLL_S) -> None:
-    """Make pynetdicom's reactor threads wait on events instead of 1 ms sleeps (process-wide, idempotent)."""
-    import pynetdicom.association as association_module
-    import pynetdicom.dul as dul_module
-
-    for module in (association_module, dul_module):
-        if not isinstance(module.time, _EventWaitTime):
-            module.time = _EventWaitTime(poll_s)  # type: ignore[assignment]
-
-
 @dataclass
 class _AssocInfo:
     key: int
@@ -494,7 +485,7 @@ class _AssocInfo:
     stored: int = 0
     bytes_stored: int = 0
     handler_s: float = 0.0  # time in the C-STORE handler (parse, write, sync)
-    sync_s: float = 0.0  # of which making files durable
+    sync_s: float = 0.0  # of which making instances durable
 
 
 class Listener:
@@ -511,176 +502,95 @@ class Listener:
         self.allowed_ae_titles = {t.strip() for t in node.allowed_ae_titles if t.strip()}
         self.allowed_hosts = {h.strip() for h in node.allowed_hosts if h.strip()}
         self._keys = itertools.count(1)
-        self._assocs: dict[int, _AssocInfo] = {}
-        self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: AssociationServer | None = None
         self.on_instance: Callable[[Header], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def build_ae(self) -> AE:
-        """The configured pynetdicom application entity."""
-        _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom would log identifiers (patient names)
-        _config.LOG_REQUEST_IDENTIFIERS = False
-        _config.LOG_RESPONSE_IDENTIFIERS = False
-        _config.STORE_RECV_CHUNKED_DATASET = False  # keep datasets in memory, written once by the spool
+    def server_options(self) -> ServerOptions:
+        """Address, AE title, presentation contexts and limits of the SCP."""
         node = self.settings.node
-        ae = AE(ae_title=node.ae_title)
-        ae.maximum_pdu_size = MAX_PDU_BYTES
-        ae.maximum_associations = max(1, int(node.max_associations))
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.network_timeout = 60
-        tune_pynetdicom()
-        ae.add_supported_context(Verification)
+        contexts: dict[UID, list[UID]] = {Verification: [ImplicitVRLittleEndian, ExplicitVRLittleEndian]}
         for sop_class in STORAGE_SOP_CLASSES:
-            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-        return ae
-
-    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
-        return [
-            (evt.EVT_CONN_OPEN, self._on_conn_open),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_ESTABLISHED, self._on_established),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_ABORTED, self._on_aborted),
-            (evt.EVT_CONN_CLOSE, self._on_conn_close),
-        ]
+            contexts[sop_class] = list(TRANSFER_SYNTAXES)
+        return ServerOptions(host=node.host, port=int(node.port), ae_title=node.ae_title, contexts=contexts,
+                             max_pdu=MAX_PDU_BYTES, max_associations=max(1, int(node.max_associations)))
 
     def start(self) -> tuple[str, int]:
         """Start accepting associations in background threads; returns the bound (host, port)."""
         self.recorder.start()
-        node = self.settings.node
-        ae = self.build_ae()
-        self._server = ae.start_server((node.host, int(node.port)), block=False, evt_handlers=self.handlers())
-        host, port = self._server.server_address[:2]
-        LOG.info("listening on %s:%d as AE title %s", host, port, node.ae_title)
-        return str(host), int(port)
+        self._server = AssociationServer(self.server_options(), self)
+        host, port = self._server.start()
+        LOG.info("listening on %s:%d as AE title %s", host, port, self.settings.node.ae_title)
+        return host, port
 
     def stop(self) -> None:
         """Stop accepting, end open associations, and write the remaining audit rows."""
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop()
             self._server = None
         self.recorder.stop()
 
-    # -- handlers -------------------------------------------------------------------------------
-    def _info(self, assoc: Any) -> _AssocInfo | None:
-        with self._lock:
-            return self._assocs.get(id(assoc))
+    # -- association events (the upper layer calls these) ---------------------------------------------
+    def on_request(self, assoc: PeerAssociation) -> str | None:
+        """Reject callers outside the allowlists."""
+        if self.allowed_ae_titles and assoc.calling_ae not in self.allowed_ae_titles:
+            return f"calling AE title {assoc.calling_ae!r} is not in allowed_ae_titles"
+        if self.allowed_hosts and assoc.address not in self.allowed_hosts:
+            return f"peer address {assoc.address} is not in allowed_hosts"
+        return None
 
-    def _on_conn_open(self, event: evt.Event) -> None:
-        event.assoc.dul._run_loop_delay = POLL_S  # the DUL idle wait, see tune_pynetdicom
-        raw = getattr(event.assoc.dul.socket, "socket", None)
-        if TCP_NODELAY and raw is not None:  # small C-STORE responses go out at once (no Nagle delay)
-            try:
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+    def on_rejected(self, assoc: PeerAssociation, reason: str) -> None:
+        self.recorder.put(_AssocRejected(assoc.calling_ae, assoc.called_ae, assoc.address, assoc.port, reason,
+                                         utcnow()))
 
-    def _on_requested(self, event: evt.Event) -> None:
-        rq = event.assoc.requestor.primitive
-        calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
-        called = str(getattr(rq, "called_ae_title", "") or "").strip()
-        address, port = event.assoc.requestor.address, int(event.assoc.requestor.port or 0)
-        reason = ""
-        if self.allowed_ae_titles and calling not in self.allowed_ae_titles:
-            reason = f"calling AE title {calling!r} is not in allowed_ae_titles"
-        elif self.allowed_hosts and address not in self.allowed_hosts:
-            reason = f"peer address {address} is not in allowed_hosts"
-        if not reason:
-            return
-        LOG.warning("association from %s:%d rejected: %s", address, port, reason)
-        self.recorder.put(_AssocRejected(calling, called, address, port, reason, utcnow()))
-        # permanent, by the service user, calling AE title not recognised
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-        event.assoc.kill()  # returns once the A-ASSOCIATE-RJ is sent and the peer closed (or ARTIM expired)
+    def on_established(self, assoc: PeerAssociation) -> None:
+        info = _AssocInfo(key=next(self._keys), calling_ae=assoc.calling_ae, address=assoc.address)
+        assoc.data["info"] = info
+        self.recorder.put(_AssocOpened(info.key, assoc.calling_ae, assoc.called_ae, assoc.address, assoc.port,
+                                       utcnow()))
+        LOG.info("association %d from %s (%s) established", info.key, assoc.calling_ae, assoc.address)
 
-    def _on_established(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        key = next(self._keys)
-        calling = str(assoc.requestor.ae_title or "").strip()
-        info = _AssocInfo(key=key, calling_ae=calling, address=assoc.requestor.address)
-        with self._lock:
-            self._assocs[id(assoc)] = info
-        called = str(assoc.acceptor.ae_title or "").strip()
-        self.recorder.put(
-            _AssocOpened(key, calling, called, info.address, int(assoc.requestor.port or 0), utcnow())
-        )
-        LOG.info("association %d from %s (%s) established", key, calling, info.address)
-
-    def _end(self, event: evt.Event, outcome: str, reason: str = "") -> None:
-        with self._lock:
-            info = self._assocs.pop(id(event.assoc), None)
-        if info is None:
+    def on_end(self, assoc: PeerAssociation, outcome: str, reason: str) -> None:
+        info = assoc.data.get("info")
+        if not isinstance(info, _AssocInfo):
             return
         self.recorder.put(_AssocEnded(info.key, outcome, reason, utcnow()))
         LOG.info(
-            "association %d %s after %d instance(s), %.1f MB; C-STORE handler %.3f s, of which fsync %.3f s",
+            "association %d %s after %d instance(s), %.1f MB; C-STORE handler %.3f s, of which syncing %.3f s",
             info.key, outcome, info.stored, info.bytes_stored / 2**20, info.handler_s, info.sync_s,
         )
 
-    def _on_released(self, event: evt.Event) -> None:
-        self._end(event, "released")
-
-    def _on_aborted(self, event: evt.Event) -> None:
-        self._end(event, "aborted", "A-ABORT")
-
-    def _on_conn_close(self, event: evt.Event) -> None:
-        # The peer may close its end before the association thread has marked the release done,
-        # so the outcome is settled a moment later (EVT_RELEASED / EVT_ABORTED usually settle it first).
-        timer = threading.Timer(1.0, self._settle, args=(event,))
-        timer.daemon = True
-        timer.start()
-
-    def _settle(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        if assoc.is_released:
-            self._end(event, "released")
-        elif assoc.is_aborted:
-            self._end(event, "aborted", "A-ABORT")
-        else:
-            self._end(event, "aborted", "connection closed without release")
-
-    def _on_echo(self, _event: evt.Event) -> int:
-        return STATUS_SUCCESS
-
-    def _refuse(self, info: _AssocInfo | None, status: int, reason: str, header: Header | None) -> Dataset:
+    def _refuse(self, info: _AssocInfo | None, status: int, reason: str, header: Header | None) -> tuple[int, str]:
         sop = header.sop_instance_uid if header else ""
         LOG.warning("C-STORE %s refused with 0x%04X: %s", sop or "(unparsed)", status, reason)
         self.recorder.put(_InstanceRefused(info.key if info else 0, status, reason, sop, utcnow()))
-        return _status(status, reason)
+        return status, reason
 
-    def _on_store(self, event: evt.Event) -> int | Dataset:
+    def on_store(self, assoc: PeerAssociation, request: StoreRequest) -> tuple[int, str]:
+        """Parse the header, write the instance durably, record it; returns (status, error comment)."""
         started = time.perf_counter()
-        info = self._info(event.assoc)
+        info = assoc.data.get("info")
+        info = info if isinstance(info, _AssocInfo) else None
         try:
-            return self._store(event, info)
+            return self._store(request, info)
         finally:
             if info is not None:
                 info.handler_s += time.perf_counter() - started
 
-    def _store(self, event: evt.Event, info: _AssocInfo | None) -> int | Dataset:
-        ts = str(event.context.transfer_syntax)
-        raw_ds = event.request.DataSet
-        view: memoryview | None = None
+    def _store(self, request: StoreRequest, info: _AssocInfo | None) -> tuple[int, str]:
+        ts = str(request.transfer_syntax)
+        fragments = request.fragments
         header: Header | None = None
         try:
-            if isinstance(raw_ds, BytesIO):
-                view = raw_ds.getbuffer()
-                encoded: bytes | memoryview = view
-            else:
-                encoded = event.encoded_dataset(include_meta=False)
-            header = parse_header(encoded, ts)
+            header = parse_header_fragments(fragments, ts)
             meta = file_meta_bytes(
-                header.sop_class_uid or str(event.request.AffectedSOPClassUID),
+                header.sop_class_uid or request.sop_class_uid,
                 header.sop_instance_uid,
                 ts,
                 info.calling_ae if info else "",
             )
             stored = self.spool.store(
-                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, [meta, encoded]
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, [meta, *fragments]
             )
         except CannotUnderstand as exc:
             return self._refuse(info, STATUS_CANNOT_UNDERSTAND, f"cannot understand: {exc}", header)
@@ -691,9 +601,6 @@ class Listener:
         except Exception as exc:  # never let one dataset break the association or the listener
             LOG.exception("C-STORE processing failed")
             return self._refuse(info, STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}", header)
-        finally:
-            if view is not None:
-                view.release()
         if info is not None:
             info.stored += 1
             info.bytes_stored += stored.size_bytes if not stored.duplicate else 0
@@ -715,12 +622,4 @@ class Listener:
             LOG.debug("duplicate instance %s accepted again", header.sop_instance_uid)
         elif self.on_instance is not None:
             self.on_instance(header)
-        return STATUS_SUCCESS
-
-
-def _status(code: int, comment: str) -> Dataset:
-    """A C-STORE response status with an error comment (at most 64 characters, as the VR allows)."""
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]
-    return ds
+        return STATUS_SUCCESS, ""

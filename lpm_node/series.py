@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import dcmread
@@ -110,8 +111,17 @@ class SeriesAssembler:
         self.sessions = sessions
         self.stable_seconds = float(stable_seconds)
 
-    def complete_stable(self, now: dt.datetime | None = None) -> list[str]:
-        """Mark every ``receiving`` series quiet for ``stable_seconds`` as ``complete``; returns their UIDs."""
+    def complete_stable(self, now: dt.datetime | None = None, settle: Callable[[], object] | None = None) -> list[str]:
+        """Mark every ``receiving`` series quiet for ``stable_seconds`` as ``complete``; returns their UIDs.
+
+        ``settle`` (the listener's audit flush) is called first when a series looks quiet, so that
+        instances received but not yet recorded count before anything is completed.
+        """
+        if settle is not None and now is None:
+            deadline = self.next_deadline()
+            if deadline is None or deadline > 0:
+                return []
+            settle()
         now = now or utcnow()
         cutoff = now - dt.timedelta(seconds=self.stable_seconds)
         done: list[str] = []

@@ -59,7 +59,8 @@ class Node:
         self.settings = settings
         self.sessions: sessionmaker = session_factory(settings.db_url)
         node = settings.node
-        self.spool = Spool(settings.spool_path, quota_mb=node.spool_quota_mb, min_free_disk_mb=node.min_free_disk_mb)
+        self.spool = Spool(settings.spool_path, quota_mb=node.spool_quota_mb, min_free_disk_mb=node.min_free_disk_mb,
+                           journal_dir=settings.journal_path, journal_mb=node.journal_mb)
         self.listener = Listener(settings, self.sessions, self.spool)
         self.assembler = SeriesAssembler(self.sessions, settings.series.stable_seconds)
         self.rules = RuleEngine(self.sessions, self.spool, settings.rules)
@@ -81,7 +82,7 @@ class Node:
 
     def series_step(self) -> bool:
         """Complete quiet series, decide on complete ones, queue one per study."""
-        self.assembler.complete_stable()
+        self.assembler.complete_stable(settle=self.listener.recorder.flush)
         queued = self.rules.run_once()
         return bool(queued)
 
@@ -108,6 +109,7 @@ class Node:
         for loop in self.loops:
             if loop.thread is not None:
                 loop.thread.join(timeout=30)
+        self.spool.close()
         self.sessions.kw["bind"].dispose()
         LOG.info("node stopped")
 

@@ -1,0 +1,210 @@
+"""The listener's DICOM upper layer: encodings checked against pydicom, limits, and a second peer (pynetdicom)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import select
+
+from lpm_node.audit import Association as AssociationRow
+from lpm_node.audit import session_factory
+from lpm_node.config import Settings
+from lpm_node.listener import CannotUnderstand, Listener, parse_header, parse_header_fragments
+from lpm_node.phantom import make_phantom, write_ct_series
+from lpm_node.spool import Spool
+from lpm_node.upper_layer import Command, encode_response
+from tests.support_net import echoscu, have_dcmtk
+
+
+def _pydicom_command(ds: Dataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = True
+    write_dataset(fp, ds)
+    body = fp.getvalue()
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+@pytest.mark.parametrize("field, message_id, status, sop_class, sop_instance, comment", [
+    (0x8001, 7, 0x0000, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.44", ""),
+    (0x8001, 65535, 0xA700, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4",
+     "out of resources: spool quota reached: 123 kB used + 512 kB incoming > spool_quota_mb=1"),
+    (0x8001, 3, 0xC000, "1.2.840.10008.5.1.4.1.1.2.1", "1.2.3", "cannot understand: missing StudyInstanceUID"),
+    (0x8030, 1, 0x0000, "1.2.840.10008.1.1", "", ""),
+])
+def test_responses_are_what_pydicom_encodes(field, message_id, status, sop_class, sop_instance, comment):
+    ds = Dataset()
+    ds.AffectedSOPClassUID = sop_class
+    ds.CommandField = field
+    ds.MessageIDBeingRespondedTo = message_id
+    ds.CommandDataSetType = 0x0101
+    ds.Status = status
+    if comment:
+        ds.ErrorComment = comment[:64].strip()
+    if sop_instance:
+        ds.AffectedSOPInstanceUID = sop_instance
+    assert encode_response(field, message_id, status, sop_class, sop_instance, comment) == _pydicom_command(ds)
+
+
+def test_command_decoding():
+    ds = Dataset()
+    ds.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.CommandField = 0x0001
+    ds.MessageID = 513
+    ds.Priority = 0
+    ds.CommandDataSetType = 0x0000
+    ds.AffectedSOPInstanceUID = "1.2.3.4.5"
+    ds.MoveOriginatorApplicationEntityTitle = "MOVER"
+    command = Command.decode(_pydicom_command(ds))
+    assert command == Command(field=1, message_id=513, data_set_type=0, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                              sop_instance_uid="1.2.3.4.5")
+    with pytest.raises(ValueError):
+        Command.decode(b"\x00" * 3)
+
+
+@pytest.fixture(scope="module")
+def one_slice(tmp_path_factory) -> Path:
+    return write_ct_series(make_phantom(n_slices=1, size=64, pixel_spacing=5.6), tmp_path_factory.mktemp("one"),
+                           series_description="CHEST Thorax")[0]
+
+
+def _encoded(ds: Dataset, implicit: bool = False) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = implicit
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:Unknown encoding")  # a first fragment cut inside SpecificCharacterSet
+def test_header_from_fragments_matches_the_whole(one_slice):
+    ds = dcmread(one_slice)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SeriesDescription = "Thorax nativ Übersicht"
+    whole = _encoded(ds)
+    expected = parse_header(whole, ExplicitVRLittleEndian)
+    assert expected.series_description == "Thorax nativ Übersicht"
+    assert expected.series_instance_uid == ds.SeriesInstanceUID and expected.modality == "CT"
+    view = memoryview(bytearray(whole))
+    cut_in_uid = whole.index(ds.SeriesInstanceUID.encode()) + 5  # the first fragment ends inside a UID
+    for cut in (16, 200, cut_in_uid, 4000, len(whole) - 10):
+        assert parse_header_fragments([view[:cut], view[cut:]], ExplicitVRLittleEndian) == expected, cut
+    implicit = _encoded(ds, implicit=True)
+    assert parse_header(implicit, ImplicitVRLittleEndian) == expected
+
+
+def test_header_refusals(one_slice):
+    ds = dcmread(one_slice)
+    del ds.SeriesInstanceUID
+    with pytest.raises(CannotUnderstand, match="missing SeriesInstanceUID"):
+        parse_header(_encoded(ds), ExplicitVRLittleEndian)
+    with pytest.raises(CannotUnderstand):
+        parse_header(b"\x08\x00\x18\x00UI\xff\xff" + b"1.2", ExplicitVRLittleEndian)
+
+
+@pytest.fixture()
+def listener(tmp_path):
+    settings = Settings()
+    settings.node.data_dir = str(tmp_path / "node")
+    settings.node.port = 0
+    settings.node.max_associations = 1
+    sessions = session_factory(settings.db_url)
+    spool = Spool(settings.spool_path, journal_dir=settings.journal_path, journal_mb=16)
+    node = Listener(settings, sessions, spool)
+    node.start()
+    yield node
+    node.stop()
+    spool.close()
+
+
+def test_pynetdicom_peer_stores_and_echoes(listener, one_slice, tmp_path):
+    port = listener._server.address[1]
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian])
+    ae.maximum_pdu_size = 16384  # the data set arrives in many small fragments
+    assoc = ae.associate("127.0.0.1", port, ae_title="LPM_NODE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    status = assoc.send_c_store(dcmread(one_slice))
+    assert status.Status == 0
+    assoc.release()
+    listener.spool.flush()
+    stored = list(Path(listener.settings.spool_path).rglob("*.dcm"))
+    assert len(stored) == 1
+    got, sent = dcmread(stored[0]), dcmread(one_slice)
+    assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert got.PixelData == sent.PixelData and got.SOPInstanceUID == sent.SOPInstanceUID
+    assert got.file_meta.SourceApplicationEntityTitle == "PYNETDICOM"
+
+
+@pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")
+def test_association_limit_is_answered_with_a_transient_rejection(listener):
+    port = listener._server.address[1]
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", port, ae_title="LPM_NODE")
+    assert held.is_established
+    busy = echoscu(port)
+    assert busy.returncode != 0 and "Association Rejected" in busy.stdout + busy.stderr
+    held.release()
+    deadline = time.monotonic() + 5
+    while echoscu(port).returncode != 0:  # the slot is free again once the first association ended
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    listener.recorder.flush()
+    with listener.sessions() as session:
+        rejected = select(AssociationRow).where(AssociationRow.outcome == "rejected")
+        reasons = [r.reason for r in session.scalars(rejected)]
+    assert reasons == ["1 associations already open"]
+
+
+def test_garbage_in_data_phase_is_aborted(listener):
+    """A P-DATA-TF with an unaccepted context ID, after a good association: A-ABORT, then the port still works."""
+    port = listener._server.address[1]
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "RAW"
+    primitive.called_ae_title = "LPM_NODE"
+    cx = build_context("1.2.840.10008.1.1")
+    cx.context_id = 1
+    primitive.presentation_context_definition_list = [cx]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    primitive.user_information = [max_length]
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(primitive)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(rq.encode())
+        assert sock.recv(1)[0] == 0x02  # A-ASSOCIATE-AC
+        sock.recv(65536)
+        sock.sendall(struct.pack(">BBIIBB", 0x04, 0, 8, 4, 9, 0x03) + b"xx")  # context 9 was never proposed
+        reply = b""
+        while len(reply) < 10:
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            reply += chunk
+        assert reply[:1] == b"\x07"  # A-ABORT
+    deadline = time.monotonic() + 5
+    rows: list[AssociationRow] = []
+    while not any("presentation context 9" in (r.reason or "") for r in rows) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the connection thread records the end once the peer has closed
+        listener.recorder.flush()
+        with listener.sessions() as session:
+            rows = list(session.scalars(select(AssociationRow)))
+    assert any(r.outcome == "aborted" and "presentation context 9" in (r.reason or "") for r in rows)
