@@ -8,9 +8,9 @@ journal in the background, syncs them in batches and then records a durable chec
 sequence number whose file is safely in the spool. On start, records after the checkpoint are
 written to the spool again, so an instance acknowledged before a crash is never lost.
 
-A record is a header (magic, version, path length, sequence number, payload length, CRC-32 of
-everything else), the spool-relative path (ASCII, built from validated UIDs) and the payload (the
-instance file's bytes). Records are appended in sequence order, each synced before the next is
+A record is a header (magic, version, path length, sequence number, payload length, XXH3-64
+checksum of everything else), the spool-relative path (ASCII, built from validated UIDs) and the
+payload (the instance file's bytes). Records are appended in sequence order, each synced before the next is
 written, so only the last record of a segment can be torn by a crash; a scan stops at the first
 record that does not check out.
 """
@@ -24,17 +24,18 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 LOG = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<4sHHQQI")  # magic, version, path length, sequence, payload length, crc32
+_HEADER = struct.Struct("<4sHHQQQ")  # magic, version, path length, sequence, payload length, checksum
 _MAGIC = b"LPMJ"
 _VERSION = 1
-_CHECKPOINT = struct.Struct("<4sQI")  # magic, sequence, crc32
+_CHECKPOINT = struct.Struct("<4sQQ")  # magic, sequence, checksum
 _CHECKPOINT_MAGIC = b"LPMC"
 _CHECKPOINT_SLOT = 512  # two slots, written alternately: a torn write leaves the other one valid
 _FILL_CHUNK = 1 << 20
@@ -71,12 +72,13 @@ class _Segment:
     ready: bool = False
 
 
-def _crc(fields: bytes, path: bytes, chunks: Sequence[Chunk]) -> int:
-    crc = zlib.crc32(fields)
-    crc = zlib.crc32(path, crc)
+def _checksum(fields: bytes, path: bytes, chunks: Sequence[Chunk]) -> int:
+    """XXH3-64 of a record (fast enough to sit on the C-STORE path: about 20 GB/s)."""
+    digest = xxhash.xxh3_64(fields)
+    digest.update(path)
     for chunk in chunks:
-        crc = zlib.crc32(chunk, crc)
-    return crc
+        digest.update(chunk)
+    return digest.intdigest()
 
 
 class Journal:
@@ -133,7 +135,7 @@ class Journal:
         while offset + _HEADER.size <= self.segment_bytes:
             f.seek(offset)
             raw = f.read(_HEADER.size)
-            magic, version, path_len, seq, length, crc = _HEADER.unpack(raw)
+            magic, version, path_len, seq, length, checksum = _HEADER.unpack(raw)
             end = offset + _HEADER.size + path_len + length
             if magic != _MAGIC or version != _VERSION or seq == 0 or end > self.segment_bytes:
                 break
@@ -141,15 +143,16 @@ class Journal:
                 offset = end
                 continue
             path = f.read(path_len)
-            payload_crc = zlib.crc32(path, zlib.crc32(raw[: _HEADER.size - 4]))
+            digest = xxhash.xxh3_64(raw[: _HEADER.size - 8])
+            digest.update(path)
             remaining = length
             while remaining:
                 block = f.read(min(remaining, _FILL_CHUNK))
                 if not block:
                     break
-                payload_crc = zlib.crc32(block, payload_crc)
+                digest.update(block)
                 remaining -= len(block)
-            if remaining or payload_crc != crc:
+            if remaining or digest.intdigest() != checksum:
                 break  # the torn last record of this segment
             try:
                 relpath = path.decode("ascii")
@@ -273,8 +276,8 @@ class Journal:
                 raise JournalFull("journal closed")
             seg = self._room_for(total)
             seq = self._next_seq
-            fields = _HEADER.pack(_MAGIC, _VERSION, len(path), seq, length, 0)[:-4]
-            header = fields + struct.pack("<I", _crc(fields, path, chunks))
+            fields = _HEADER.pack(_MAGIC, _VERSION, len(path), seq, length, 0)[:-8]
+            header = fields + struct.pack("<Q", _checksum(fields, path, chunks))
             buffers: list[Chunk] = [header, path, *chunks]
             written = os.pwritev(seg.fd, buffers, seg.offset)
             if written != total:  # a short write: finish it piece by piece
@@ -323,8 +326,8 @@ class Journal:
         """Durably record that every record up to ``seq`` is in the spool."""
         if seq <= self.checkpointed:
             return
-        fields = _CHECKPOINT.pack(_CHECKPOINT_MAGIC, seq, 0)[:-4]
-        slot = fields + struct.pack("<I", zlib.crc32(fields))
+        fields = _CHECKPOINT.pack(_CHECKPOINT_MAGIC, seq, 0)[:-8]
+        slot = fields + struct.pack("<Q", xxhash.xxh3_64_intdigest(fields))
         self._checkpoint_writes += 1
         os.pwrite(self._checkpoint_fd, slot, (self._checkpoint_writes % 2) * _CHECKPOINT_SLOT)
         os.fdatasync(self._checkpoint_fd)
@@ -337,8 +340,8 @@ class Journal:
             raw = os.pread(self._checkpoint_fd, _CHECKPOINT.size, slot * _CHECKPOINT_SLOT)
             if len(raw) < _CHECKPOINT.size:
                 continue
-            magic, seq, crc = _CHECKPOINT.unpack(raw)
-            if magic == _CHECKPOINT_MAGIC and crc == zlib.crc32(raw[:-4]):
+            magic, seq, checksum = _CHECKPOINT.unpack(raw)
+            if magic == _CHECKPOINT_MAGIC and checksum == xxhash.xxh3_64_intdigest(raw[:-8]):
                 best = max(best, seq)
         return best
 
