@@ -378,7 +378,7 @@ class _Connection:
             self.sock.settimeout(self.options.network_timeout)
             outcome, reason = self._data_phase()
         except PeerClosed:
-            reason = "connection closed without release"
+            reason = "node stopping" if self.server._stopping.is_set() else "connection closed without release"
         except TimeoutError:
             reason = f"no PDU for {self.options.network_timeout:.0f} s"
             self._send_abort(0x00)

@@ -7,6 +7,7 @@ import struct
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -208,3 +209,27 @@ def test_garbage_in_data_phase_is_aborted(listener):
         with listener.sessions() as session:
             rows = list(session.scalars(select(AssociationRow)))
     assert any(r.outcome == "aborted" and "presentation context 9" in (r.reason or "") for r in rows)
+
+
+def test_orthanc_as_the_sending_pacs(listener, tmp_path):
+    """The deployment case: a PACS (Orthanc) C-STOREs a series to the node."""
+    import json
+
+    from lpm_node.orthanc import Orthanc, orthanc_available
+
+    if not orthanc_available():
+        pytest.skip("Orthanc not installed")
+    files = write_ct_series(make_phantom(n_slices=6, size=128, pixel_spacing=2.8), tmp_path / "series")
+    port = listener._server.address[1]
+    with Orthanc(tmp_path / "orthanc") as pacs:
+        ids = [pacs.post("/instances", f.read_bytes())["ID"] for f in files]
+        pacs.put("/modalities/lpm", json.dumps({"AET": "LPM_NODE", "Host": "127.0.0.1", "Port": port}))
+        pacs.post("/modalities/lpm/store", {"Resources": ids, "Synchronous": True})
+    assert listener.spool.flush(timeout=30)
+    stored = sorted(Path(listener.settings.spool_path).rglob("*.dcm"))
+    assert len(stored) == len(files)
+    sent = {dcmread(f).SOPInstanceUID: dcmread(f) for f in files}
+    for path in stored:
+        got = dcmread(path)
+        assert np.array_equal(got.pixel_array, sent[got.SOPInstanceUID].pixel_array)
+        assert got.file_meta.SourceApplicationEntityTitle == "ORTHANC"
