@@ -1,10 +1,12 @@
 """The DICOM front door: a C-STORE / C-ECHO SCP writing to the spool and the audit DB.
 
-Each received dataset is written to the spool as it arrived on the wire (no pixel decoding),
-durably, before the success status is returned. Only a few header elements are parsed. Audit
-rows (associations, instances, series) are written by one background thread in batches, so
-the database never sits between the peer and its C-STORE response; the spool is the source of
-truth and :func:`lpm_node.series.reconcile_spool` restores any row lost in a crash.
+The DICOM upper layer is :mod:`lpm_node.upper_layer`; this module decides what to accept and
+keeps the records. Each received dataset is written to the spool as it arrived on the wire (no
+pixel decoding), durably (synced to the spool's journal), before the success status is returned.
+Only a few header elements are parsed. Audit rows (associations, instances, series) are written
+by one background thread in batches, so the database never sits between the peer and its
+C-STORE response; the spool is the source of truth and :func:`lpm_node.series.reconcile_spool`
+restores any row lost in a crash.
 """
 
 from __future__ import annotations
