@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -527,6 +528,9 @@ def load_segmenter(settings: ModelSettings) -> Segmenter:
                                        checkpoint=settings.checkpoint, load_weights=False)
             _CACHE[key] = NnUNetSegmenter(info, device, settings.threads, mirroring=mirroring,
                                           resampling=resampling)
+            # The model and its libraries live as long as the process: keep their objects out of every
+            # later garbage collection (a full one otherwise costs ~0.3 s in the middle of a series load).
+            gc.freeze()
         return _CACHE[key]
 
 

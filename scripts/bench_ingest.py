@@ -50,6 +50,13 @@ def _send(port: int, folder: Path, called: str) -> float:
 _HANDLER_LOG = re.compile(r"after (\d+) instance\(s\).*C-STORE handler ([\d.]+) s, of which syncing ([\d.]+) s")
 
 
+def _clean(folder: Path) -> None:
+    """Remove a receiver's files and let the disk settle (writeback, discards), so the next run starts even."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.sync()
+    time.sleep(0.2)
+
+
 def run_node(series: Path, work: Path, n: int) -> tuple[float, float, float, float]:
     """(wall time, time in the C-STORE handler, of which syncing, spool files written) for one run."""
     data = work / f"node-{time.monotonic_ns()}"
@@ -73,7 +80,7 @@ def run_node(series: Path, work: Path, n: int) -> tuple[float, float, float, flo
     for m in _HANDLER_LOG.finditer(node.log()):
         if int(m.group(1)) == n:
             handler, sync = float(m.group(2)), float(m.group(3))
-    shutil.rmtree(data, ignore_errors=True)
+    _clean(data)
     return elapsed, handler, sync, files_s
 
 
@@ -91,7 +98,7 @@ def run_storescp(series: Path, work: Path, n: int) -> float:
     finally:
         proc.terminate()
         proc.wait(10)
-    shutil.rmtree(out, ignore_errors=True)
+    _clean(out)
     return elapsed
 
 
