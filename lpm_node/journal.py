@@ -70,6 +70,7 @@ class _Segment:
     offset: int = 0  # where the next record goes
     last_seq: int = 0  # highest sequence number written in the current use
     ready: bool = False
+    kept: bool = False  # holds records of another segment size: neither recreated nor written this run
 
 
 def _checksum(fields: bytes, path: bytes, chunks: Sequence[Chunk]) -> int:
@@ -117,10 +118,10 @@ class Journal:
         found: list[JournalRecord] = []
         highest = self.checkpointed
         for seg in self._segments:
-            if not seg.path.exists() or seg.path.stat().st_size != self.segment_bytes:
+            if not seg.path.exists():
                 continue
-            with open(seg.path, "rb") as f:
-                for rec in self._scan(f, seg.index):
+            with open(seg.path, "rb") as f:  # its own size: journal_mb may have changed since it was written
+                for rec in self._scan(f, seg.index, seg.path.stat().st_size):
                     highest = max(highest, rec.seq)
                     if rec.seq > self.checkpointed:
                         found.append(rec)
@@ -129,15 +130,15 @@ class Journal:
         found.sort(key=lambda r: r.seq)
         return found
 
-    def _scan(self, f, index: int) -> list[JournalRecord]:  # noqa: ANN001 - a binary file
+    def _scan(self, f, index: int, size: int) -> list[JournalRecord]:  # noqa: ANN001 - a binary file
         records: list[JournalRecord] = []
         offset = 0
-        while offset + _HEADER.size <= self.segment_bytes:
+        while offset + _HEADER.size <= size:
             f.seek(offset)
             raw = f.read(_HEADER.size)
             magic, version, path_len, seq, length, checksum = _HEADER.unpack(raw)
             end = offset + _HEADER.size + path_len + length
-            if magic != _MAGIC or version != _VERSION or seq == 0 or end > self.segment_bytes:
+            if magic != _MAGIC or version != _VERSION or seq == 0 or end > size:
                 break
             if seq <= self.checkpointed:  # already in the spool: skipped without reading it
                 offset = end
@@ -173,6 +174,10 @@ class Journal:
         for seg in self._segments:
             if seg.path.exists() and seg.path.stat().st_size == self.segment_bytes:
                 self._open(seg)
+            elif seg.path.exists() and seg.last_seq > self.checkpointed:
+                LOG.warning("journal segment %s has another size and records not yet in the spool: kept unused",
+                            seg.path.name)
+                seg.kept = True
         self._wanted = 2
         if all(seg.ready for seg in self._segments):
             return
@@ -190,7 +195,7 @@ class Journal:
                     self._want_more.wait()
                 if self._closed:
                     return
-            if seg.ready:
+            if seg.ready or seg.kept:
                 continue
             try:
                 self._create(seg)

@@ -152,3 +152,19 @@ def test_one_journal_one_process(tmp_path):
     finally:
         first.close()
     Journal(tmp_path / "journal").close()  # free again once closed
+
+
+def test_records_survive_a_change_of_journal_size(tmp_path):
+    payloads = {i: _payload(i) for i in range(3)}
+    _journal_in_child(tmp_path / "journal", payloads)  # 1 MB segments
+    spool = Spool(tmp_path / "spool", journal_dir=tmp_path / "journal", journal_mb=16)  # now 4 MB segments
+    try:
+        for i, p in payloads.items():
+            assert (tmp_path / "spool" / _relpath(i)).read_bytes() == p
+        assert spool.journal is not None and spool.journal.wait_ready()
+        assert all(p.stat().st_size == 4 << 20 for p in (tmp_path / "journal").glob("segment-*.wal"))
+        spool.store(STUDY, SERIES, "1.2.3.4.7", [b"z" * 3000])
+        assert spool.flush(timeout=30)
+        assert (tmp_path / "spool" / _relpath(7)).read_bytes() == b"z" * 3000
+    finally:
+        spool.close()
