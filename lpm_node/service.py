@@ -95,6 +95,7 @@ class Node:
         if self.worker is not None:
             self.worker.check_model()
             self.worker.recover()
+            self.worker.segmenter  # noqa: B018 - loaded before listening: importing it would slow the first transfers
         reconcile_spool(self.sessions, self.spool)
         self.address = self.listener.start()
         for loop in self.loops:
