@@ -18,7 +18,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,12 +230,20 @@ class Spool:
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every journalled instance is in the spool as a file; False on timeout."""
+        return self._wait_for_writer(lambda: bool(self._pending), timeout)
+
+    def _wait_for_folder(self, folder: Path, timeout: float = 60.0) -> None:
+        if not self._wait_for_writer(lambda: any(p.parent == folder for p in self._pending), timeout):
+            LOG.warning("instances of %s are still being written from the journal", folder.name)
+
+    def _wait_for_writer(self, busy: Callable[[], bool], timeout: float) -> bool:
+        """Wait while ``busy()`` (checked under the lock); the writer starts at once meanwhile. False on timeout."""
         deadline = time.monotonic() + timeout
         with self._wake:
             self._waiters += 1
             self._wake.notify_all()
             try:
-                while self._pending:
+                while busy():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
@@ -243,21 +251,6 @@ class Spool:
             finally:
                 self._waiters -= 1
         return True
-
-    def _wait_for_folder(self, folder: Path, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._wake:
-            self._waiters += 1
-            self._wake.notify_all()
-            try:
-                while any(p.parent == folder for p in self._pending):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        LOG.warning("instances of %s are still being written from the journal", folder.name)
-                        return
-                    self._wake.wait(remaining)
-            finally:
-                self._waiters -= 1
 
     def close(self, timeout: float = 120.0) -> None:
         """Write what the journal holds to the spool, then stop the writer and close the journal."""
