@@ -10,7 +10,7 @@ until the node has also written every spool file from its journal is printed bes
 The node's journal is created once (as at installation) and kept from run to run, as a running
 node keeps it; each run starts a fresh node with an empty spool and audit database.
 
-    .venv/bin/python scripts/bench_ingest.py [--slices 300] [--runs 5]
+    .venv/bin/python scripts/bench_ingest.py [--slices 300] [--runs 7]
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run_storescp(series: Path, work: Path, n: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--runs", type=int, default=5, help="runs per receiver (alternating)")
+    parser.add_argument("--runs", type=int, default=7, help="runs per receiver (alternating)")
     parser.add_argument("--work", help="working folder (default: a temporary folder on the same disk as /tmp)")
     args = parser.parse_args()
     for tool in ("storescu", "storescp", "echoscu"):
@@ -144,7 +144,7 @@ def main() -> int:
               f"{size_mb / med_node:.0f} MB/s), storescp {med_scp:.3f} s ({n / med_scp:.0f} instances/s, "
               f"{size_mb / med_scp:.0f} MB/s)")
         print(f"median ratio node/storescp: {statistics.median(ratios):.2f} "
-              f"(ratio of medians {med_node / med_scp:.2f})")
+              f"(ratio of medians {med_node / med_scp:.2f}; runs from {min(ratios):.2f} to {max(ratios):.2f})")
         med_sync = statistics.median(sync_t)
         print(f"durability: syncing the journal is {100 * med_sync / med_node:.0f} % of the node's wall time "
               f"(median {med_sync:.3f} s)")
