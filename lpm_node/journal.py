@@ -10,9 +10,9 @@ written to the spool again, so an instance acknowledged before a crash is never 
 
 A record is a header (magic, version, path length, sequence number, payload length, XXH3-64
 checksum of everything else), the spool-relative path (ASCII, built from validated UIDs) and the
-payload (the instance file's bytes). Records are appended in sequence order, each synced before the next is
-written, so only the last record of a segment can be torn by a crash; a scan stops at the first
-record that does not check out.
+payload (the instance file's bytes), padded with zeros to whole pages. Records are appended in
+sequence order, each synced before the next is written, so only the last record of a segment can
+be torn by a crash; a scan stops at the first record that does not check out.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ _CHECKPOINT = struct.Struct("<4sQQ")  # magic, sequence, checksum
 _CHECKPOINT_MAGIC = b"LPMC"
 _CHECKPOINT_SLOT = 512  # two slots, written alternately: a torn write leaves the other one valid
 _FILL_CHUNK = 1 << 20
+_PAGE = 4096  # records start on page boundaries and fill whole pages: no page is read before it is written
+_PAGE_OF_ZEROS = bytes(_PAGE)
 
 Chunk = bytes | bytearray | memoryview
 
@@ -141,7 +143,7 @@ class Journal:
             if magic != _MAGIC or version != _VERSION or seq == 0 or end > size:
                 break
             if seq <= self.checkpointed:  # already in the spool: skipped without reading it
-                offset = end
+                offset = _aligned(end)
                 continue
             path = f.read(path_len)
             digest = xxhash.xxh3_64(raw[: _HEADER.size - 8])
@@ -160,7 +162,7 @@ class Journal:
             except UnicodeDecodeError:
                 break
             records.append(JournalRecord(seq, index, offset + _HEADER.size + path_len, length, relpath))
-            offset = end
+            offset = _aligned(end)
         return records
 
     # -- segments ---------------------------------------------------------------------------------
@@ -275,7 +277,8 @@ class Journal:
         """
         path = relpath.encode("ascii")
         length = sum(len(c) for c in chunks)
-        total = _HEADER.size + len(path) + length
+        end = _HEADER.size + len(path) + length
+        total = _aligned(end)
         with self._lock:
             if self._closed:
                 raise JournalFull("journal closed")
@@ -283,7 +286,7 @@ class Journal:
             seq = self._next_seq
             fields = _HEADER.pack(_MAGIC, _VERSION, len(path), seq, length, 0)[:-8]
             header = fields + struct.pack("<Q", _checksum(fields, path, chunks))
-            buffers: list[Chunk] = [header, path, *chunks]
+            buffers: list[Chunk] = [header, path, *chunks, _PAGE_OF_ZEROS[: total - end]]
             written = os.pwritev(seg.fd, buffers, seg.offset)
             if written != total:  # a short write: finish it piece by piece
                 _pwrite_all(seg.fd, b"".join(bytes(b) for b in buffers)[written:], seg.offset + written)
@@ -364,6 +367,11 @@ class Journal:
             seg.ready = False
         os.close(self._checkpoint_fd)
         os.close(self._lock_fd)
+
+
+def _aligned(offset: int) -> int:
+    """``offset`` rounded up to a page boundary."""
+    return -(-offset // _PAGE) * _PAGE
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
