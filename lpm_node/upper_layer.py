@@ -44,7 +44,7 @@ _PDV_HEADER = struct.Struct(">IBB")
 MAX_ASSOCIATE_RQ_BYTES = 1 << 20  # an A-ASSOCIATE-RQ is a few kB; more is not a DICOM peer
 MAX_PDATA_BYTES = 64 << 20  # hard ceiling on one P-DATA-TF PDU, whatever the peer was told
 _MIN_POOLED_BYTES = 64 << 10
-_MAX_POOLED_BUFFERS = 64  # kept between data sets
+_MAX_POOLED_BYTES = 8 << 20  # kept between data sets, per association
 
 # PDU types (PS3.8 9.3)
 A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
@@ -323,6 +323,15 @@ class _Connection:
         self._read_into(body)
         return body
 
+    def _trim_pool(self) -> None:
+        """Keep at most _MAX_POOLED_BYTES of buffers between data sets (a huge instance must not stay in memory)."""
+        kept = 0
+        for i, buffer in enumerate(self._pool):
+            kept += len(buffer)
+            if kept > _MAX_POOLED_BYTES:
+                del self._pool[i:]
+                return
+
     def _read_pdata(self, length: int) -> memoryview:
         """Read a P-DATA-TF body into the next pooled buffer (reused from one data set to the next)."""
         index = self._pool_used
@@ -496,7 +505,7 @@ class _Connection:
                                     ABORT_INVALID_PARAMETER)
             if not fragments:  # nothing refers to the pooled buffers any more
                 self._pool_used = 0
-                del self._pool[_MAX_POOLED_BUFFERS:]
+                self._trim_pool()
             body = self._read_pdata(length)
             offset = 0
             while offset < length:

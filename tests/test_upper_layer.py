@@ -233,3 +233,29 @@ def test_orthanc_as_the_sending_pacs(listener, tmp_path):
         got = dcmread(path)
         assert np.array_equal(got.pixel_array, sent[got.SOPInstanceUID].pixel_array)
         assert got.file_meta.SourceApplicationEntityTitle == "ORTHANC"
+
+
+def test_a_multiframe_larger_than_a_journal_segment_in_small_pdus(listener, tmp_path):
+    """Legacy Converted Enhanced CT of 40 frames (5 MB, more than a 4 MB journal segment) in 16 kB PDUs."""
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+    from pydicom.uid import generate_uid
+    from pynetdicom.sop_class import LegacyConvertedEnhancedCTImageStorage
+
+    frames = [dcmread(p) for p in write_ct_series(make_phantom(n_slices=40, size=256, pixel_spacing=1.4),
+                                                  tmp_path / "frames")]
+    mf = LegacyConvertedEnhancedCTImage(frames, series_instance_uid=generate_uid(), series_number=9,
+                                        sop_instance_uid=generate_uid(), instance_number=1)
+    port = listener._server.address[1]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(LegacyConvertedEnhancedCTImageStorage, [ExplicitVRLittleEndian])
+    ae.maximum_pdu_size = 16384
+    assoc = ae.associate("127.0.0.1", port, ae_title="LPM_NODE")
+    assert assoc.is_established
+    for _ in range(2):  # the second time over the same association: a duplicate, accepted
+        assert assoc.send_c_store(mf).Status == 0
+    assoc.release()
+    assert listener.spool.flush(timeout=30)
+    stored = list(Path(listener.settings.spool_path).rglob("*.dcm"))
+    assert len(stored) == 1 and stored[0].stat().st_size > listener.spool.journal.segment_bytes
+    got = dcmread(stored[0])
+    assert int(got.NumberOfFrames) == 40 and got.PixelData == mf.PixelData
