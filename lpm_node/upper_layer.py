@@ -56,6 +56,11 @@ C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
 NO_DATA_SET = 0x0101
 
 
+def _abort_reason(pdu_type: int) -> int:
+    """A-ABORT reason for a PDU that may not come now: unexpected if it is a PDU type at all, else unrecognized."""
+    return ABORT_UNEXPECTED_PDU if A_ASSOCIATE_RQ_TYPE <= pdu_type <= A_ABORT_TYPE else ABORT_UNRECOGNIZED_PDU
+
+
 class ProtocolError(Exception):
     """The peer broke PS3.8 or PS3.7; the association is aborted."""
 
@@ -78,7 +83,6 @@ class Association:
     port: int
     contexts: dict[int, tuple[UID, UID]] = field(default_factory=dict)  # id -> (abstract, transfer syntax)
     peer_max_pdu: int = 0  # 0: unlimited
-    established: bool = False
     data: dict[str, object] = field(default_factory=dict)  # the handler's own per-association state
 
 
@@ -154,7 +158,6 @@ class ServerOptions:
 
     host: str
     port: int
-    ae_title: str
     contexts: dict[UID, list[UID]]  # SOP class -> transfer syntaxes, in order of preference
     max_pdu: int = 1 << 20
     max_associations: int = 16
@@ -357,10 +360,12 @@ class _Connection:
         self._send_and_close(pdu.encode())
 
     def _send_and_close(self, data: bytes) -> None:
-        """Send a last PDU, then give the peer time to read it and close first (no reset)."""
+        """Send a last PDU, then wait (ARTIM, at most 2 s) for the peer to read it and close first (PS3.8 Sta13).
+
+        No half-close before that: a peer may see the end of the stream before it has handled the PDU.
+        """
         try:
             self.sock.sendall(data)
-            self.sock.shutdown(socket.SHUT_WR)
             self.sock.settimeout(min(self.options.acse_timeout, 2.0))
             while self.sock.recv(65536):
                 pass
@@ -372,11 +377,16 @@ class _Connection:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(self.options.acse_timeout)
         try:
+            self._run()
+        finally:
+            if self._admitted:
+                self.server._leave()
+
+    def _run(self) -> None:
+        try:
             if not self._associate():
                 return
         except (PeerClosed, OSError):
-            if self._admitted:
-                self.server._leave()
             return
         except ProtocolError as exc:
             LOG.warning("association request from %s refused: %s", self.assoc.address, exc)
@@ -398,18 +408,14 @@ class _Connection:
         except OSError as exc:
             reason = "node stopping" if self.server._stopping.is_set() else f"connection error: {exc}"
         finally:
-            self.server._leave()
             self.handler.on_end(self.assoc, outcome, reason)
 
     def _associate(self) -> bool:
         pdu_type, length = self._read_pdu_header()
         if pdu_type != A_ASSOCIATE_RQ_TYPE:
-            known = pdu_type in (A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE, P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE,
-                                 A_RELEASE_RP_TYPE, A_ABORT_TYPE)
             if pdu_type == A_ABORT_TYPE:
                 return False
-            raise ProtocolError(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ",
-                                ABORT_UNEXPECTED_PDU if known else ABORT_UNRECOGNIZED_PDU)
+            raise ProtocolError(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ", _abort_reason(pdu_type))
         if length > MAX_ASSOCIATE_RQ_BYTES:
             raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes", ABORT_INVALID_PARAMETER)
         raw = bytes(self._header) + bytes(self._read_body(length))
@@ -446,7 +452,6 @@ class _Connection:
             if cx.result == 0x00:
                 assoc.contexts[int(cx.context_id)] = (UID(cx.abstract_syntax), UID(cx.transfer_syntax[0]))
         self._accept(request, results)
-        assoc.established = True
         self.handler.on_established(assoc)
         return True
 
@@ -496,10 +501,7 @@ class _Connection:
             if pdu_type == A_ABORT_TYPE:
                 return "aborted", "A-ABORT from the peer"
             if pdu_type != P_DATA_TF_TYPE:
-                known = pdu_type in (A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE,
-                                     A_RELEASE_RP_TYPE)
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}",
-                                    ABORT_UNEXPECTED_PDU if known else ABORT_UNRECOGNIZED_PDU)
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}", _abort_reason(pdu_type))
             if length > limit:
                 raise ProtocolError(f"P-DATA-TF of {length} bytes (maximum {self.options.max_pdu})",
                                     ABORT_INVALID_PARAMETER)
