@@ -509,13 +509,13 @@ class Listener:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def server_options(self) -> ServerOptions:
-        """Address, AE title, presentation contexts and limits of the SCP."""
+        """Address, presentation contexts and limits of the SCP (any called AE title is accepted)."""
         node = self.settings.node
         contexts: dict[UID, list[UID]] = {Verification: [ImplicitVRLittleEndian, ExplicitVRLittleEndian]}
         for sop_class in STORAGE_SOP_CLASSES:
             contexts[sop_class] = list(TRANSFER_SYNTAXES)
-        return ServerOptions(host=node.host, port=int(node.port), ae_title=node.ae_title, contexts=contexts,
-                             max_pdu=MAX_PDU_BYTES, max_associations=max(1, int(node.max_associations)))
+        return ServerOptions(host=node.host, port=int(node.port), contexts=contexts, max_pdu=MAX_PDU_BYTES,
+                             max_associations=max(1, int(node.max_associations)))
 
     def start(self) -> tuple[str, int]:
         """Start accepting associations in background threads; returns the bound (host, port)."""

@@ -16,10 +16,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+
 from lpm_node.orthanc import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_AET = "LPM_NODE"
+
+
+def associate_rq(calling_ae: str, abstract_syntax: str = "1.2.840.10008.1.1") -> bytes:
+    """An encoded A-ASSOCIATE-RQ PDU proposing one presentation context (ID 1), for raw-socket peers."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling_ae
+    primitive.called_ae_title = NODE_AET
+    cx = build_context(abstract_syntax)
+    cx.context_id = 1
+    primitive.presentation_context_definition_list = [cx]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    primitive.user_information = [max_length]
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(primitive)
+    return rq.encode()
+
+
+def read_pdu(sock: socket.socket) -> bytes:
+    """One whole PDU (header and body) from ``sock``; b"" when the peer closed first."""
+    data = b""
+    while len(data) < 6 or len(data) < 6 + int.from_bytes(data[2:6], "big"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
 
 
 def dcmtk_env() -> dict[str, str]:

@@ -14,7 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from lpm_node.phantom import make_phantom, write_ct_series
-from tests.support_net import NodeProcess, dcmtk_env, echoscu, have_dcmtk, storescu
+from tests.support_net import NodeProcess, associate_rq, dcmtk_env, echoscu, have_dcmtk, read_pdu, storescu
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu, echoscu) not installed")
 
@@ -347,10 +347,13 @@ def test_peer_address_outside_allowed_hosts_is_rejected(tmp_path):
     config = tmp_path / "hosts.toml"
     config.write_text('[node]\nallowed_hosts = ["127.0.0.1"]\n')
     with NodeProcess(tmp_path / "node", config=config) as node:
+        # read on the wire: a pynetdicom requestor may take an RJ this quick for a lost connection
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5, source_address=("127.0.0.2", 0)) as sock:
+            sock.sendall(associate_rq("ELSEWHERE"))
+            # A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised
+            assert read_pdu(sock) == bytes([0x03, 0, 0, 0, 0, 4, 0, 0x01, 0x01, 0x03])
         scu = AE(ae_title="ELSEWHERE")
         scu.add_requested_context(Verification)
-        assoc = scu.associate("127.0.0.1", node.port, ae_title="LPM_NODE", bind_address=("127.0.0.2", 0))
-        assert assoc.is_rejected
         assoc = scu.associate("127.0.0.1", node.port, ae_title="LPM_NODE")  # from an allowed address
         assert assoc.is_established
         assoc.release()

@@ -15,9 +15,6 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
@@ -28,15 +25,20 @@ from lpm_node.listener import CannotUnderstand, Listener, parse_header, parse_he
 from lpm_node.phantom import make_phantom, write_ct_series
 from lpm_node.spool import Spool
 from lpm_node.upper_layer import Command, encode_response
-from tests.support_net import echoscu, have_dcmtk
+from tests.support_net import associate_rq, echoscu, have_dcmtk, read_pdu
+
+
+def _encoded(ds: Dataset, implicit: bool = False) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = implicit
+    write_dataset(fp, ds)
+    return fp.getvalue()
 
 
 def _pydicom_command(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = True
-    write_dataset(fp, ds)
-    body = fp.getvalue()
+    """A command set as pydicom writes it, with its group length first."""
+    body = _encoded(ds, implicit=True)
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
@@ -81,14 +83,6 @@ def test_command_decoding():
 def one_slice(tmp_path_factory) -> Path:
     return write_ct_series(make_phantom(n_slices=1, size=64, pixel_spacing=5.6), tmp_path_factory.mktemp("one"),
                            series_description="CHEST Thorax")[0]
-
-
-def _encoded(ds: Dataset, implicit: bool = False) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = implicit
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 @pytest.mark.filterwarnings("ignore:Unknown encoding")  # a first fragment cut inside SpecificCharacterSet
@@ -177,22 +171,9 @@ def test_association_limit_is_answered_with_a_transient_rejection(listener):
 def test_garbage_in_data_phase_is_aborted(listener):
     """A P-DATA-TF with an unaccepted context ID, after a good association: A-ABORT, then the port still works."""
     port = listener._server.address[1]
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "RAW"
-    primitive.called_ae_title = "LPM_NODE"
-    cx = build_context("1.2.840.10008.1.1")
-    cx.context_id = 1
-    primitive.presentation_context_definition_list = [cx]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    primitive.user_information = [max_length]
-    rq = A_ASSOCIATE_RQ()
-    rq.from_primitive(primitive)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(rq.encode())
-        assert sock.recv(1)[0] == 0x02  # A-ASSOCIATE-AC
-        sock.recv(65536)
+        sock.sendall(associate_rq("RAW"))
+        assert read_pdu(sock)[:1] == b"\x02"  # A-ASSOCIATE-AC
         sock.sendall(struct.pack(">BBIIBB", 0x04, 0, 8, 4, 9, 0x03) + b"xx")  # context 9 was never proposed
         reply = b""
         while len(reply) < 10:
