@@ -227,11 +227,7 @@ class Journal:
             raise
         os.close(fd)
         os.rename(tmp, seg.path)
-        dfd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.folder)
 
     def _open(self, seg: _Segment) -> None:
         if seg.fd < 0:
@@ -367,6 +363,15 @@ class Journal:
             seg.ready = False
         os.close(self._checkpoint_fd)
         os.close(self._lock_fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (new, renamed or removed files) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _aligned(offset: int) -> int:

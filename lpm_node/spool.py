@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from lpm_node.journal import Journal, JournalFull, JournalRecord
+from lpm_node.journal import Journal, JournalFull, JournalRecord, fsync_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -85,14 +85,6 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_u
         + ([_element(0x0002, 0x0016, b"AE", _padded(ae, b" "))] if ae else [])
     )
     return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -225,7 +217,7 @@ class Spool:
             os.rename(tmp, final)
             folders.add(final.parent)
         for folder in folders:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         journal.checkpoint(records[-1].seq)
 
     def flush(self, timeout: float = 60.0) -> bool:
@@ -376,7 +368,7 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         # make the new folder entries themselves durable
         for path in reversed(created):
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         self._known_dirs.add(folder)
 
     def store(
@@ -438,7 +430,7 @@ class Spool:
         os.close(fd)
         os.rename(tmp, final)
         t_sync = time.perf_counter()
-        _fsync_dir(folder)
+        fsync_dir(folder)
         sync_s += time.perf_counter() - t_sync
         with self._lock:
             self._used += size
