@@ -30,13 +30,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lpm_node.config import Settings  # noqa: E402
-from lpm_node.orthanc import Orthanc, free_port  # noqa: E402
-from lpm_node.phantom import make_phantom, write_ct_series  # noqa: E402
-from lpm_node.pipeline import analyse_series, source_masks  # noqa: E402
-from lpm_node.segmentation import load_segmenter  # noqa: E402
-from lpm_node.writers import build_seg  # noqa: E402
-from lpm_node.writers.seg import SEGMENTS  # noqa: E402
+from lpm_node.answer import build_seg  # noqa: E402
+from lpm_node.answer.seg import SEGMENTS  # noqa: E402
+from lpm_node.core.config import Settings  # noqa: E402
+from lpm_node.demo.orthanc import Orthanc, free_port  # noqa: E402
+from lpm_node.demo.phantom import make_phantom, write_ct_series  # noqa: E402
+from lpm_node.imaging.segmentation import load_segmenter  # noqa: E402
+from lpm_node.node.pipeline import analyse_series, source_masks  # noqa: E402
 
 
 def _ts(value: str | None) -> float:

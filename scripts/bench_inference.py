@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lpm_node.config import ModelSettings  # noqa: E402
-from lpm_node.phantom import make_phantom  # noqa: E402
-from lpm_node.segmentation import NnUNetSegmenter, load_segmenter  # noqa: E402
+from lpm_node.core.config import ModelSettings  # noqa: E402
+from lpm_node.demo.phantom import make_phantom  # noqa: E402
+from lpm_node.imaging.segmentation import NnUNetSegmenter, load_segmenter  # noqa: E402
 
 
 def _image(n_slices: int, size: int):  # noqa: ANN202 - SimpleITK image

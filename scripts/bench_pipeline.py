@@ -27,13 +27,13 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lpm_node.config import Settings  # noqa: E402
-from lpm_node.loading import load_series  # noqa: E402
-from lpm_node.measurement import measure  # noqa: E402
-from lpm_node.phantom import make_phantom, write_ct_series  # noqa: E402
-from lpm_node.pipeline import build_answer  # noqa: E402
-from lpm_node.resampling import resample_to_method_grid  # noqa: E402
-from lpm_node.segmentation import load_segmenter  # noqa: E402
+from lpm_node.core.config import Settings  # noqa: E402
+from lpm_node.demo.phantom import make_phantom, write_ct_series  # noqa: E402
+from lpm_node.imaging.loading import load_series  # noqa: E402
+from lpm_node.imaging.measurement import measure  # noqa: E402
+from lpm_node.imaging.resampling import resample_to_method_grid  # noqa: E402
+from lpm_node.imaging.segmentation import load_segmenter  # noqa: E402
+from lpm_node.node.pipeline import build_answer  # noqa: E402
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -115,7 +115,7 @@ def main() -> int:
         hu = sitk.GetArrayViewFromImage(image)
         spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
         m, roi = stage("measure", lambda: measure(hu, masks["liver"], spacing, spleen=masks.get("spleen")))
-        from lpm_node.pipeline import SeriesResult
+        from lpm_node.node.pipeline import SeriesResult
 
         result = SeriesResult(source=source, method_image=image, masks=masks, roi=roi, measurement=m,
                               device=segmenter.device, model=segmenter.description)

@@ -6,7 +6,7 @@ Input, one of:
                   the published DL-parenchymal method: ``<case>_3d_liver_seg.nii.gz`` next to ``<case>.nii.gz``
                   (also accepted: ``<case>_0000.nii.gz`` / ``<case>_ct.nii.gz`` for the CT, ``*_liver_seg``,
                   ``*_liver``, ``*_seg`` for the mask, or an nnU-Net ``imagesTr``/``labelsTr`` pair of folders);
-  --phantoms N    N synthetic chest CT phantoms (lpm_node.phantom) with liver and spleen labels.
+  --phantoms N    N synthetic chest CT phantoms (lpm_node.demo.phantom) with liver and spleen labels.
 
 Steps: raw dataset (imagesTr/labelsTr, dataset.json with channel "CT") -> fingerprint -> plans (target spacing and
 network size as asked) -> preprocessing -> training of one fold -> model folder (dataset.json, plans.json,
@@ -121,7 +121,7 @@ def phantom_params(index: int, seed: int) -> dict[str, Any]:
 def phantom_images(params: dict[str, Any], *, size: int, pixel_spacing: float,
                    slice_spacing: float, spleen: bool) -> tuple[sitk.Image, sitk.Image]:
     """A phantom CT and its label map (liver 1, spleen 2 when asked) as SimpleITK images."""
-    from lpm_node.phantom import make_phantom
+    from lpm_node.demo.phantom import make_phantom
 
     fov_z = params["n_slices"] * 2.5
     ph = make_phantom(
@@ -303,8 +303,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def evaluate_holdout(model: Path, n: int, *, seed: int, size: int, device: str) -> list[dict[str, Any]]:
     """Dice of the exported model on ``n`` new phantoms on the method grid (liver HU from -10 to 60)."""
-    from lpm_node.config import ModelSettings
-    from lpm_node.segmentation import load_segmenter
+    from lpm_node.core.config import ModelSettings
+    from lpm_node.imaging.segmentation import load_segmenter
 
     seg = load_segmenter(ModelSettings(folder=str(model), device=device))
     results = []

@@ -20,7 +20,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
-from lpm_node.orthanc import free_port
+from lpm_node.demo.orthanc import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_AET = "LPM_NODE"

@@ -1,4 +1,4 @@
-"""A real Orthanc on 127.0.0.1 for tests (see lpm_node.orthanc), as a pytest fixture.
+"""A real Orthanc on 127.0.0.1 for tests (see lpm_node.demo.orthanc), as a pytest fixture.
 
 Usage::
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lpm_node.orthanc import ORTHANC_BIN, Orthanc, free_port, orthanc_available
+from lpm_node.demo.orthanc import ORTHANC_BIN, Orthanc, free_port, orthanc_available
 
 __all__ = ["ORTHANC_BIN", "Orthanc", "free_port", "orthanc", "orthanc_available"]
 

@@ -10,7 +10,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from lpm_node.phantom import Phantom, make_phantom, write_ct_series
+from lpm_node.demo.phantom import Phantom, make_phantom, write_ct_series
 
 SMALL = {"size": 128, "pixel_spacing": 2.8}
 

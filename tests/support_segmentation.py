@@ -10,9 +10,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from lpm_node.phantom import Phantom, make_phantom
-from lpm_node.phantom import phantom_image as lpm_phantom_image
-from lpm_node.segmentation import bundled_model_folder
+from lpm_node.demo.model import bundled_model_folder
+from lpm_node.demo.phantom import Phantom, make_phantom
+from lpm_node.demo.phantom import phantom_image as lpm_phantom_image
 
 
 def phantom_image(phantom: Phantom) -> sitk.Image:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lpm_node.audit import Association, Delivery, Instance, Job, Series, SeriesDecision, session_factory, utcnow
+from lpm_node.core.audit import Association, Delivery, Instance, Job, Series, SeriesDecision, session_factory, utcnow
 from tests.support_net import REPO
 
 MEASURED = "1.2.840.1.2.1"

@@ -16,8 +16,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
-from lpm_node.measurement import STEATOSIS
-from lpm_node.phantom import make_phantom, write_ct_series
+from lpm_node.demo.phantom import make_phantom, write_ct_series
+from lpm_node.imaging.measurement import STEATOSIS
 from tests import support_orthanc
 from tests.support_net import REPO, NodeProcess, echoscu, have_dcmtk, storescu
 from tests.support_orthanc import Orthanc

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lpm_node.journal import Journal, JournalInUse
-from lpm_node.spool import Spool
+from lpm_node.intake.journal import Journal, JournalInUse
+from lpm_node.intake.spool import Spool
 
 STUDY, SERIES = "1.2.3", "1.2.3.4"
 
@@ -33,7 +33,7 @@ def _journal_in_child(folder: Path, payloads: dict[int, bytes]) -> None:
     code = textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
-        from lpm_node.journal import Journal
+        from lpm_node.intake.journal import Journal
         j = Journal(Path({str(folder)!r}), segment_bytes=1 << 20, segments=4)
         j.recover()
         j.prepare(background=False)

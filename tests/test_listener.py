@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from lpm_node.phantom import make_phantom, write_ct_series
+from lpm_node.demo.phantom import make_phantom, write_ct_series
 from tests.support_net import NodeProcess, associate_rq, dcmtk_env, echoscu, have_dcmtk, read_pdu, storescu
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu, echoscu) not installed")
@@ -37,7 +37,7 @@ def _spooled(node: NodeProcess, expect: int = 0, timeout: float = 15.0) -> list[
     """The node's spool files, waiting up to ``timeout`` for ``expect`` of them.
 
     An acknowledged instance is durable in the node's journal first; its spool file follows
-    within moments (see lpm_node.journal).
+    within moments (see lpm_node.intake.journal).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -254,7 +254,7 @@ def test_low_free_disk_answers_out_of_resources(tmp_path, chest):
 
 # --- the spool on its own ----------------------------------------------------------------------
 def test_uid_validation():
-    from lpm_node.spool import is_valid_uid
+    from lpm_node.intake.spool import is_valid_uid
 
     assert is_valid_uid("1.2.840.10008.5.1.4.1.1.2")
     assert is_valid_uid("2.25." + "9" * 59)  # 64 characters
@@ -269,7 +269,7 @@ def test_file_meta_is_what_pydicom_writes():
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-    from lpm_node.spool import IMPLEMENTATION_VERSION_NAME, file_meta_bytes
+    from lpm_node.intake.spool import IMPLEMENTATION_VERSION_NAME, file_meta_bytes
 
     for sop, ae in (("1.2.3.4", "STORESCU"), ("1.2.826.0.1.3680043.8.498.1141558326928426775568349349198520085", "")):
         meta = FileMetaDataset()
@@ -287,7 +287,7 @@ def test_file_meta_is_what_pydicom_writes():
 
 
 def test_spool_store_duplicate_quota_and_stale_temporaries(tmp_path):
-    from lpm_node.spool import Spool, SpoolFull
+    from lpm_node.intake.spool import Spool, SpoolFull
 
     spool = Spool(tmp_path / "spool", quota_mb=1)
     first = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", [b"a" * 1000, b"b" * 1000])

@@ -13,9 +13,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
-from lpm_node.loading import SeriesLoadError, find_series, load_series
-from lpm_node.phantom import Phantom
-from lpm_node.resampling import resample_to_method_grid
+from lpm_node.demo.phantom import Phantom
+from lpm_node.imaging.loading import SeriesLoadError, find_series, load_series
+from lpm_node.imaging.resampling import resample_to_method_grid
 from tests.support_phantom import (
     flip_columns,
     flip_stored,
@@ -338,7 +338,7 @@ def test_malformed_header_is_a_load_error(ph: Phantom, tmp_path: Path) -> None:
     ],
 )
 def test_whole_hu_conversion_to_int16_clips_and_never_wraps(stored: np.ndarray, intercept: int) -> None:
-    from lpm_node.loading import _to_hu
+    from lpm_node.imaging.loading import _to_hu
 
     out = np.empty(stored.shape, np.int16)
     _to_hu(stored, 1.0, intercept, out)
@@ -361,7 +361,7 @@ def test_pixels_read_with_the_header_match_pydicom(
     tmp_path: Path, variant: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without kept pixel data, frames decoded from the file's bytes equal pydicom's decoding of the whole file."""
-    from lpm_node.loading import _read_file
+    from lpm_node.imaging.loading import _read_file
 
     ph = small_phantom(20.0, n_slices=3, seed=4)
     syntax = pydicom.uid.ImplicitVRLittleEndian if variant == "implicit" else pydicom.uid.ExplicitVRLittleEndian
@@ -427,7 +427,7 @@ def test_pixels_read_with_the_header_match_pydicom(
 
 
 def test_image_from_array_fills_a_spare_image_only_when_it_fits() -> None:
-    from lpm_node.loading import _image_from_array, _new_image
+    from lpm_node.imaging.loading import _image_from_array, _new_image
 
     arr = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
     spare = _new_image((2, 3, 4), np.int16)
@@ -444,7 +444,7 @@ def test_image_from_array_fills_a_spare_image_only_when_it_fits() -> None:
 
 
 def test_grid_guess_from_the_first_file(ph: Phantom, tmp_path: Path) -> None:
-    from lpm_node.loading import _grid_guess
+    from lpm_node.imaging.loading import _grid_guess
 
     paths = write_series(ph, tmp_path)
     assert _grid_guess(pydicom.dcmread(paths[0]), 24) == ((24, 128, 128), np.int16)
@@ -457,7 +457,7 @@ def test_grid_guess_from_the_first_file(ph: Phantom, tmp_path: Path) -> None:
 def test_load_fills_the_image_allocated_while_parsing(
     ph: Phantom, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lpm_node import loading
+    from lpm_node.imaging import loading
 
     made: list[sitk.Image] = []
 

@@ -12,7 +12,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from lpm_node.local_store import LocalStore, _safe_name
+from lpm_node.demo.local_store import LocalStore, _safe_name
 from tests.support_sending import ResultFiles, write_results
 
 STORESCU = shutil.which("storescu")

@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from lpm_node.config import MeasurementSettings
-from lpm_node.measurement import (
+from lpm_node.core.config import MeasurementSettings
+from lpm_node.imaging.measurement import (
     NO_STEATOSIS,
     NOT_ASSESSABLE,
     STEATOSIS,

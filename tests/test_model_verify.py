@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from lpm_node.cli import main
-from lpm_node.config import ModelSettings
-from lpm_node.segmentation import (
+from lpm_node.core.config import ModelSettings
+from lpm_node.demo.model import bundled_model_folder
+from lpm_node.imaging.segmentation import (
     SegmentationError,
-    bundled_model_folder,
     infer_profile,
     load_profile,
     load_segmenter,

@@ -74,7 +74,7 @@ def test_dockerfile_matches_the_package_and_the_cli():
     args = build_parser().parse_args(argv[1:])  # the CLI accepts the image's command line
     config = REPO / argv[argv.index("--config") + 1].removeprefix("/opt/lpm-node/")
     assert config.is_file()
-    from lpm_node.config import load_settings
+    from lpm_node.core.config import load_settings
 
     settings = load_settings(config)
     assert settings.node.data_dir == "/data" and settings.model.folder == "/models" and args.command == "serve"
@@ -99,7 +99,7 @@ def test_readme_and_ci_run_the_same_test_command():
 def test_default_config_loads_and_documents_every_setting():
     import dataclasses
 
-    from lpm_node.config import Settings, load_settings
+    from lpm_node.core.config import Settings, load_settings
 
     path = REPO / "config" / "lpm-node.toml"
     settings = load_settings(path)

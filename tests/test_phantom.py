@@ -11,7 +11,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from lpm_node.phantom import Phantom, make_phantom, save_masks_nifti, write_ct_series
+from lpm_node.demo.phantom import Phantom, make_phantom, save_masks_nifti, write_ct_series
 
 SMALL = {"size": 256, "pixel_spacing": 1.4}
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from lpm_node.measurement import NO_STEATOSIS, STEATOSIS
-from lpm_node.phantom import make_phantom, write_ct_series
+from lpm_node.demo.phantom import make_phantom, write_ct_series
+from lpm_node.imaging.measurement import NO_STEATOSIS, STEATOSIS
 
 REPO = Path(__file__).resolve().parents[1]
 TRUE_HU = (-10.0, 25.0, 39.0, 41.0, 60.0)

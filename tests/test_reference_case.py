@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from lpm_node.measurement import NO_STEATOSIS, dl_parenchymal_roi, roi_structuring_element
+from lpm_node.imaging.measurement import NO_STEATOSIS, dl_parenchymal_roi, roi_structuring_element
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "dl-parenchymal"
 LABEL = REFERENCE_DIR / "LIDC-IDRI_0002_3d_liver_seg.nii.gz"

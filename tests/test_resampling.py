@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lpm_node.loading import load_series
-from lpm_node.phantom import make_phantom, phantom_image
-from lpm_node.resampling import METHOD_SPACING, mask_to_source_grid, resample_label_like, resample_to_method_grid
+from lpm_node.demo.phantom import make_phantom, phantom_image
+from lpm_node.imaging.loading import load_series
+from lpm_node.imaging.resampling import (
+    METHOD_SPACING,
+    mask_to_source_grid,
+    resample_label_like,
+    resample_to_method_grid,
+)
 from tests.support_phantom import flip_columns, flip_stored, write_series
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dl-parenchymal"

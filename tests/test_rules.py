@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from lpm_node.audit import Job, Series, SeriesDecision, session_factory, utcnow
-from lpm_node.config import RuleSettings
-from lpm_node.phantom import make_phantom, write_ct_series
-from lpm_node.rules import (
+from lpm_node.core.audit import Job, Series, SeriesDecision, session_factory, utcnow
+from lpm_node.core.config import RuleSettings
+from lpm_node.demo.phantom import make_phantom, write_ct_series
+from lpm_node.intake.rules import (
     RuleEngine,
     classify_kernel,
     eligibility,
@@ -18,7 +18,7 @@ from lpm_node.rules import (
     read_series_facts,
     strip_negated_contrast,
 )
-from lpm_node.spool import Spool
+from lpm_node.intake.spool import Spool
 
 RULES = RuleSettings()
 

@@ -7,12 +7,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from lpm_node.config import ModelSettings
-from lpm_node.phantom import make_phantom
-from lpm_node.segmentation import (
+from lpm_node.core.config import ModelSettings
+from lpm_node.demo.model import bundled_model_folder
+from lpm_node.demo.phantom import make_phantom
+from lpm_node.imaging.segmentation import (
     NnUNetSegmenter,
     SegmentationError,
-    bundled_model_folder,
     largest_component,
     load_segmenter,
 )

@@ -17,12 +17,8 @@ from pynetdicom.sop_class import CTImageStorage, SegmentationStorage
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from lpm_node.audit import Delivery, DeliveryAttempt, session_factory, utcnow
-from lpm_node.cli import main as cli_main
-from lpm_node.config import Destination, OutputSettings, load_settings
-from lpm_node.local_store import LocalStore
-from lpm_node.measurement import STEATOSIS, Measurement
-from lpm_node.sending import (
+from lpm_node.answer import build_key_image, build_seg, build_sr, write_dataset
+from lpm_node.answer.sending import (
     Sender,
     _store_outcome,
     backoff_delay,
@@ -31,7 +27,11 @@ from lpm_node.sending import (
     retry_deliveries,
     series_delivery_status,
 )
-from lpm_node.writers import build_key_image, build_seg, build_sr, write_dataset
+from lpm_node.cli import main as cli_main
+from lpm_node.core.audit import Delivery, DeliveryAttempt, session_factory, utcnow
+from lpm_node.core.config import Destination, OutputSettings, load_settings
+from lpm_node.demo.local_store import LocalStore
+from lpm_node.imaging.measurement import STEATOSIS, Measurement
 from tests import support_orthanc
 from tests.support_net import dcmtk_env, free_port, have_dcmtk, wait_for_port
 from tests.support_orthanc import Orthanc, orthanc_available

@@ -12,7 +12,7 @@ import highdicom as hd
 import pytest
 from pydicom import dcmread
 
-from lpm_node.phantom import make_phantom, write_ct_series
+from lpm_node.demo.phantom import make_phantom, write_ct_series
 from tests.support_segmentation import third_party_copy
 
 REPO = Path(__file__).resolve().parents[1]

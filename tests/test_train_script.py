@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from lpm_node.config import ModelSettings
-from lpm_node.phantom import make_phantom
-from lpm_node.segmentation import load_segmenter, verify_model_folder
+from lpm_node.core.config import ModelSettings
+from lpm_node.demo.phantom import make_phantom
+from lpm_node.imaging.segmentation import load_segmenter, verify_model_folder
 from tests.support_segmentation import phantom_image
 
 ROOT = Path(__file__).resolve().parents[1]

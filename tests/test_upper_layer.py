@@ -18,13 +18,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
-from lpm_node.audit import Association as AssociationRow
-from lpm_node.audit import session_factory
-from lpm_node.config import Settings
-from lpm_node.listener import CannotUnderstand, Listener, parse_header, parse_header_fragments
-from lpm_node.phantom import make_phantom, write_ct_series
-from lpm_node.spool import Spool
-from lpm_node.upper_layer import Command, encode_response
+from lpm_node.core.audit import Association as AssociationRow
+from lpm_node.core.audit import session_factory
+from lpm_node.core.config import Settings
+from lpm_node.demo.phantom import make_phantom, write_ct_series
+from lpm_node.intake.listener import CannotUnderstand, Listener, parse_header, parse_header_fragments
+from lpm_node.intake.spool import Spool
+from lpm_node.intake.upper_layer import Command, encode_response
 from tests.support_net import associate_rq, echoscu, have_dcmtk, read_pdu
 
 
@@ -196,7 +196,7 @@ def test_orthanc_as_the_sending_pacs(listener, tmp_path):
     """The deployment case: a PACS (Orthanc) C-STOREs a series to the node."""
     import json
 
-    from lpm_node.orthanc import Orthanc, orthanc_available
+    from lpm_node.demo.orthanc import Orthanc, orthanc_available
 
     if not orthanc_available():
         pytest.skip("Orthanc not installed")

@@ -13,10 +13,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import UID
 
-from lpm_node.loading import CTSeries, load_series
-from lpm_node.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement, dl_parenchymal_roi, measure
-from lpm_node.phantom import Phantom, make_phantom, write_ct_series
-from lpm_node.writers import (
+from lpm_node.answer import (
     build_key_image,
     build_seg,
     build_sr,
@@ -25,9 +22,19 @@ from lpm_node.writers import (
     segment_number,
     write_dataset,
 )
-from lpm_node.writers.keyimage import LIVER_COLOUR, ROI_COLOUR
-from lpm_node.writers.seg import ANATOMICAL_STRUCTURE, LIVER
-from lpm_node.writers.sr import library_images
+from lpm_node.answer.keyimage import LIVER_COLOUR, ROI_COLOUR
+from lpm_node.answer.seg import ANATOMICAL_STRUCTURE, LIVER
+from lpm_node.answer.sr import library_images
+from lpm_node.demo.phantom import Phantom, make_phantom, write_ct_series
+from lpm_node.imaging.loading import CTSeries, load_series
+from lpm_node.imaging.measurement import (
+    NO_STEATOSIS,
+    NOT_ASSESSABLE,
+    STEATOSIS,
+    Measurement,
+    dl_parenchymal_roi,
+    measure,
+)
 from tests.support_writers import (
     SEGIMAGE2ITKIMAGE,
     SyntheticSeries,

@@ -1,0 +1,107 @@
+"""Helpers shared by the writers: the node's equipment identity, source-frame access and atomic writes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.pixels import pixel_array as read_pixel_array
+
+import lpm_node
+from lpm_node.core.files import atomic_write
+
+MANUFACTURER = "lpm-node"
+MODEL_NAME = lpm_node.ALGORITHM_NAME
+DEVICE_SERIAL = "lpm-node"
+
+SEG_SERIES_NUMBER = 9901
+SR_SERIES_NUMBER = 9902
+KEY_IMAGE_SERIES_NUMBER = 9903
+
+
+def number_of_frames(ds: Dataset) -> int:
+    """NumberOfFrames of a dataset (1 when absent)."""
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def source_series_uid(datasets: Sequence[Dataset]) -> str:
+    """The one SeriesInstanceUID shared by the source datasets (ValueError when they differ or none is given)."""
+    uids = {str(ds.SeriesInstanceUID) for ds in datasets}
+    if len(uids) != 1:
+        raise ValueError(f"source datasets must belong to exactly one series, got {len(uids)}")
+    return uids.pop()
+
+
+GAP = (-1, -1)  # frame reference of a slice the loader interpolated across a gap (no source frame)
+
+
+def check_frame_refs(datasets: Sequence[Dataset], frame_refs: Sequence[tuple[int, int]]) -> None:
+    """Raise ValueError when a frame reference points outside the datasets or their frames, or repeats.
+
+    ``(-1, -1)`` marks an interpolated slice without a source frame and is allowed.
+    """
+    real = [tuple(ref) for ref in frame_refs if tuple(ref) != GAP]
+    if not real:
+        raise ValueError("frame_refs holds no source frame")
+    if len(set(real)) != len(real):
+        raise ValueError("frame_refs holds the same source frame twice")
+    for index, frame in real:
+        if not 0 <= index < len(datasets):
+            raise ValueError(f"frame reference to dataset {index} out of range (0..{len(datasets) - 1})")
+        if not 0 <= frame < number_of_frames(datasets[index]):
+            raise ValueError(f"frame reference to frame {frame} of dataset {index} out of range")
+
+
+def nearest_source_slice(frame_refs: Sequence[tuple[int, int]], k: int) -> int:
+    """The slice index nearest to ``k`` that has a source frame (``k`` itself unless it was interpolated)."""
+    real = [i for i, ref in enumerate(frame_refs) if tuple(ref) != GAP]
+    if not real:
+        raise ValueError("frame_refs holds no source frame")
+    return min(real, key=lambda i: (abs(i - k), i))
+
+
+def _frame_group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
+    """The functional-group item ``sequence`` for ``frame`` (per-frame first, then shared), or None."""
+    for groups_keyword, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(groups_keyword)
+        if groups is not None and len(groups) > index and sequence in groups[index]:
+            return groups[index][sequence][0]
+    return None
+
+
+def frame_rescale(ds: Dataset, frame: int) -> tuple[float, float]:
+    """(slope, intercept) of the modality LUT for one frame."""
+    item = _frame_group(ds, frame, "PixelValueTransformationSequence")
+    src = item if item is not None else ds
+    return float(src.get("RescaleSlope", 1.0) or 1.0), float(src.get("RescaleIntercept", 0.0) or 0.0)
+
+
+def frame_hu(ds: Dataset, frame: int) -> np.ndarray:
+    """HU values (float32, rows x cols) of one frame of a CT dataset."""
+    if number_of_frames(ds) > 1:
+        stored = read_pixel_array(ds, index=frame)
+    else:
+        stored = ds.pixel_array
+    slope, intercept = frame_rescale(ds, frame)
+    return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def frame_orientation(ds: Dataset, frame: int) -> tuple[float, ...]:
+    """ImageOrientationPatient (six direction cosines) of one frame."""
+    item = _frame_group(ds, frame, "PlaneOrientationSequence")
+    src = item if item is not None else ds
+    return tuple(float(v) for v in src.ImageOrientationPatient)
+
+
+def frame_pixel_spacing(ds: Dataset, frame: int) -> tuple[float, float]:
+    """PixelSpacing (row spacing, column spacing) in mm of one frame."""
+    item = _frame_group(ds, frame, "PixelMeasuresSequence")
+    src = item if item is not None else ds
+    return float(src.PixelSpacing[0]), float(src.PixelSpacing[1])
+
+
+def write_dataset(ds: Dataset, path: str | Path) -> Path:
+    """Write ``ds`` as a DICOM file atomically (see :func:`lpm_node.core.files.atomic_write`); return the path."""
+    return atomic_write(path, lambda handle: ds.save_as(handle, enforce_file_format=True))

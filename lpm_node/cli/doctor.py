@@ -1,0 +1,158 @@
+"""``lpm-node doctor``: is this node ready to serve? Device, model, destinations, disk space, database."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lpm_node.core.config import Destination, Settings
+
+
+@dataclass
+class Check:
+    """One line of the doctor's report."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{'OK     ' if self.ok else 'PROBLEM'}  {self.name:<12} {self.detail}"
+
+
+def check_device(settings: Settings) -> Check:
+    """The inference device the model settings ask for, and whether it is there."""
+    import torch
+
+    wanted = settings.model.device
+    cuda = torch.cuda.is_available()
+    if cuda:
+        gpu = f"CUDA {torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    else:
+        gpu = f"no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})"
+    if wanted == "cuda" and not cuda:
+        return Check("device", False, f"device = cuda is configured but there is {gpu}")
+    used = "cuda" if wanted == "cuda" or (wanted == "auto" and cuda) else "cpu"
+    threads = settings.model.threads or torch.get_num_threads()
+    return Check("device", True, f"{used}: {gpu}" + ("" if used == "cuda" else f", {threads} CPU threads"))
+
+
+def check_model(settings: Settings) -> Check:
+    """The configured model folder loads, with the labels the measurement needs."""
+    from lpm_node.demo.model import bundled_model_folder
+    from lpm_node.imaging.segmentation import SegmentationError, verify_model_folder
+
+    folder = settings.model.folder or str(bundled_model_folder())
+    try:
+        info = verify_model_folder(
+            folder, settings.model.profile or None, folds=list(settings.model.folds) or None,
+            checkpoint=settings.model.checkpoint,
+        )
+    except SegmentationError as exc:
+        return Check("model", False, str(exc))
+    labels = ", ".join(f"{k}={v}" for k, v in info.labels.items())
+    note = "" if settings.model.folder else " (bundled phantom model: for tests and the demo only)"
+    return Check("model", True, f"{info.folder}: {info.configuration}, folds {','.join(info.folds)}, {labels}{note}")
+
+
+def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> str | None:
+    """C-ECHO ``destination``; None when it answered success, else what went wrong."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        return "association rejected or no answer" if assoc.is_rejected or assoc.is_aborted else "no connection"
+    try:
+        status = assoc.send_c_echo()
+        code = getattr(status, "Status", None)
+        return None if code == 0x0000 else f"C-ECHO status {code if code is not None else 'none (timeout)'}"
+    finally:
+        assoc.release()
+
+
+def check_destinations(settings: Settings) -> list[Check]:
+    """A C-ECHO to every configured destination."""
+    if not settings.destinations:
+        detail = "none configured: results stay in the outbox folder"
+        if settings.output.reply_to_sender:
+            detail = "none configured; results go back to each sending AE (reply_to_sender)"
+        return [Check("destination", settings.output.reply_to_sender, detail)]
+    checks = []
+    for dest in settings.destinations:
+        problem = echo(dest, settings.node.ae_title)
+        checks.append(Check("destination", problem is None, f"{dest}: " + (problem or "C-ECHO OK")))
+    return checks
+
+
+def check_disk(settings: Settings) -> Check:
+    """Free space where the spool lives, against the configured minimum."""
+    path = settings.data_path
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free_mb = shutil.disk_usage(probe).free / 2**20
+    need = settings.node.min_free_disk_mb
+    ok = free_mb >= need * 2
+    state = "" if ok else f" (C-STORE is refused below {need} MB: free space or lower min_free_disk_mb)"
+    return Check("disk", ok, f"{path}: {free_mb:,.0f} MB free, minimum {need} MB{state}")
+
+
+def check_database(settings: Settings) -> Check:
+    """The audit database opens, is consistent, and what waits in it."""
+    from sqlalchemy import func, select, text
+
+    from lpm_node.core.audit import Delivery, Job, open_engine
+
+    try:
+        engine = open_engine(settings.db_url)
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                integrity = conn.execute(text("PRAGMA integrity_check")).scalar()
+                mode = conn.execute(text("PRAGMA journal_mode")).scalar()
+                if integrity != "ok":
+                    return Check("database", False, f"{engine.url}: integrity check says {integrity}")
+            else:
+                conn.execute(text("SELECT 1"))
+                mode = engine.dialect.name
+            queued = conn.execute(select(func.count()).select_from(Job).where(Job.status == "queued")).scalar()
+            failed = conn.execute(select(func.count()).select_from(Job).where(Job.status == "failed")).scalar()
+            pending = conn.execute(
+                select(func.count()).select_from(Delivery).where(Delivery.status == "pending")).scalar()
+            dead = conn.execute(select(func.count()).select_from(Delivery).where(Delivery.status == "dead")).scalar()
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - any database error is the report
+        return Check("database", False, f"{settings.db_url}: {type(exc).__name__}: {exc}")
+    detail = (f"{engine.url} ({mode}): {queued} jobs queued, {failed} failed, "
+              f"{pending} deliveries pending, {dead} dead")
+    return Check("database", dead == 0, detail + ("" if dead == 0 else " (see `lpm-node outbox list`)"))
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """Every check, in the order a PACS administrator reads them."""
+    checks: list[Check] = []
+    steps: list[Callable[[Settings], Check | list[Check]]] = [
+        check_device, check_model, check_destinations, check_disk, check_database,
+    ]
+    for step in steps:
+        try:
+            found = step(settings)
+        except Exception as exc:  # noqa: BLE001 - a crashing check is itself a problem to report
+            found = Check(step.__name__.removeprefix("check_"), False, f"{type(exc).__name__}: {exc}")
+        checks.extend(found if isinstance(found, list) else [found])
+    return checks
+
+
+def doctor(settings: Settings, args: argparse.Namespace) -> int:
+    """Print one line per check; exit 0 when all are OK, 1 otherwise."""
+    checks = run_checks(settings)
+    for check in checks:
+        print(check, flush=True)
+    problems = sum(not c.ok for c in checks)
+    print(f"{len(checks) - problems} OK, {problems} problem(s)")
+    return 1 if problems else 0

@@ -1,0 +1,103 @@
+"""``lpm-node process``: every CT series in a folder, with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lpm_node.core.config import Settings
+from lpm_node.imaging.loading import SeriesLoadError, find_series
+from lpm_node.imaging.segmentation import Segmenter, load_segmenter
+from lpm_node.intake.rules import eligibility, read_series_facts
+from lpm_node.node.pipeline import analyse_series, preview_png, save_nifti, write_answer
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+
+
+def _safe_name(uid: str) -> str:
+    return "".join(c for c in uid if c.isdigit() or c == ".")[:64] or "series"
+
+
+def _describe(item: dict[str, Any]) -> str:
+    uid = item["series_instance_uid"]
+    if item["status"] != "measured":
+        return f"{uid}: {item['status']}: {item['reason']}"
+    hu = item["dl_parenchymal_hu"]
+    value = "n/a" if hu is None else f"{hu:.1f} HU"
+    flags = ", ".join(item["qc_flags"]) or "none"
+    return (f"{uid}: DL-parenchymal {value}, category {item['category']}, "
+            f"liver {item['liver_volume_ml']:.0f} ml, QC flags: {flags}")
+
+
+def process_folder(
+    folder: str | Path, settings: Settings, *, out: str | Path | None = None, dicom_out: bool = False,
+    progress: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Measure every eligible CT series under ``folder``; yield one JSON-ready dict per series found.
+
+    Refused series come with ``status`` "rejected" and their reason; series the loader cannot use with
+    "failed". The model is loaded once, at the first eligible series.
+    """
+    from tqdm import tqdm
+
+    series = find_series(folder)
+    if not series:
+        raise FileNotFoundError(f"no DICOM series under {folder}")
+    segmenter: Segmenter | None = None
+    bar = tqdm(total=len(series), unit="series", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for uid, paths in sorted(series.items()):
+            bar.set_postfix_str(f"{uid[-12:]} rules")
+            ok, reason = eligibility(read_series_facts(paths), settings.rules)
+            if not ok:
+                yield {"series_instance_uid": uid, "status": "rejected", "reason": reason}
+                bar.update()
+                continue
+            if segmenter is None:
+                bar.set_postfix_str("loading model")
+                segmenter = load_segmenter(settings.model)
+            bar.set_postfix_str(f"{uid[-12:]} measuring")
+            try:
+                result = analyse_series(paths, settings, segmenter)
+            except SeriesLoadError as exc:
+                yield {"series_instance_uid": uid, "status": "failed", "reason": str(exc)}
+                bar.update()
+                continue
+            item = result.summary()
+            if out is not None:
+                target = Path(out) / _safe_name(uid)
+                item["files"] = {k: str(v) for k, v in save_nifti(result, target).items()}
+                item["files"]["preview"] = str(preview_png(result, target / "preview.png"))
+                if dicom_out:
+                    for obj in write_answer(result, settings, target / "dicom"):
+                        item["files"][obj.kind] = str(obj.path)
+                    item["timings_s"] = {k: round(v, 3) for k, v in result.timings.items()}
+            yield item
+            bar.update()
+    finally:
+        bar.close()
+
+
+def process_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``lpm-node process DIR [--model F] [--out D] [--dicom-out] [--json]``; exit 1 when a series failed."""
+    if args.dicom_out and not args.out:
+        raise ValueError("--dicom-out needs --out")
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    failed = 0
+    progress = sys.stderr.isatty()
+    items = process_folder(args.input, settings, out=args.out, dicom_out=args.dicom_out, progress=progress)
+    with logging_redirect_tqdm():  # log lines and results above the progress bar, not through it
+        for item in items:
+            failed += item["status"] == "failed"
+            line = json.dumps(item) if args.json else _describe(item)
+            if progress:
+                tqdm.write(line, file=sys.stdout)
+            else:
+                print(line, flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,36 @@
+"""Which model produced a result: named in every output (SR, SEG, key image, audit row, JSON)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The identity of a segmentation model: what a result's provenance and its output UIDs depend on."""
+
+    name: str  # e.g. the model folder's dataset name ("Dataset001_Liver") or "phantom_liver"
+    version: str  # e.g. "nnU-Net v2 3d_fullres fold 0, nnUNetTrainer, nnUNetPlans"
+    weights_sha256: str  # checksum of the checkpoint file(s), hex
+    test_model: bool = False  # True for the bundled phantom-trained model: never for clinical use
+
+    def short(self) -> str:
+        """One line for logs, SR text and the key image."""
+        text = f"{self.name} ({self.version}, weights {self.weights_sha256[:12]})"
+        return f"{text}, TEST MODEL, not for clinical use" if self.test_model else text
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+def file_sha256(*paths: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 over the bytes of the given files, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Intake: the DICOM listener, the durable spool, series assembly and the eligibility rules."""

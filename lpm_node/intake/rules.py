@@ -1,0 +1,417 @@
+"""Eligibility on DICOM headers, and the choice of one series per study.
+
+:func:`evaluate_series` reads the headers of a complete series (no pixel data) and decides
+``rejected`` (with a human-readable reason) or ``eligible``. :func:`select_for_studies` then
+picks one eligible series per study, once none of the study's series is still being received,
+and queues it in the ``jobs`` table for the measurement worker.
+
+Selection rule (HU accuracy first): soft-tissue reconstruction kernel over unknown over
+lung/bone/sharp kernels (sharp kernels add noise and edge overshoot to attenuation values);
+then the thinner slices (within the configured bounds); then the longer z-coverage (more of the
+liver in view); then more slices; then the earliest received.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from lpm_node.core.audit import Job, Series, utcnow
+from lpm_node.core.config import RuleSettings
+from lpm_node.intake.series import COMPLETE, RECEIVING, record_decision
+from lpm_node.intake.spool import Spool
+
+LOG = logging.getLogger(__name__)
+
+ELIGIBLE = "eligible"
+REJECTED = "rejected"
+QUEUED = "queued"
+NOT_SELECTED = "not_selected"
+ACTIVE_JOB_STATUSES = ("queued", "running")
+STARTED_JOB_STATUSES = ("running", "done", "failed")
+
+_HEADER_TAGS = [
+    "SOPClassUID", "Modality", "ImageType", "StudyDescription", "SeriesDescription", "ProtocolName",
+    "BodyPartExamined", "ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusVolume",
+    "ContrastBolusIngredient", "ContrastBolusStartTime", "SliceThickness", "SpacingBetweenSlices",
+    "ImagePositionPatient", "ImageOrientationPatient", "ConvolutionKernel", "NumberOfFrames", "InstanceNumber",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "SpecificCharacterSet",
+]
+_DESCRIPTION_FIELDS = ("StudyDescription", "SeriesDescription", "ProtocolName")
+_CONTRAST_FIELDS = ("ContrastBolusAgent", "ContrastBolusIngredient", "ContrastBolusRoute", "ContrastBolusVolume")
+_EMPTY_CONTRAST_VALUES = {"", "NONE", "NO", "N/A", "NA", "0", "0.0", "NIL", "WITHOUT", "NO CONTRAST", "-"}
+# "w/o contrast", "non-contrast", "without IV contrast", "no contrast", "sin contraste", "ohne KM"...
+_NEGATED_CONTRAST = re.compile(
+    r"(?<![a-z0-9])(w/o|wo|without|no|non|sin|ohne|sans|nc)[\s\-_/]*(iv[\s\-_]*|i\.v\.[\s\-_]*)?"
+    r"(contrast|contraste|kontrast|km|enhanced|enhancement|con)(?![a-z0-9])",
+    re.IGNORECASE,
+)
+_SHARP_KERNEL_WORDS = ("LUNG", "BONE", "SHARP", "EDGE", "DETAIL", "HIGH", "ULTRA", "BONEPLUS", "YA", "YB", "YC", "YD")
+_SOFT_KERNEL_WORDS = ("SOFT", "STANDARD", "STND", "SMOOTH", "BODY", "ABDOMEN", "MEDIASTINUM", "BRAIN")
+
+
+@dataclass
+class SeriesFacts:
+    """What the rules know about a series, from its headers and its file count."""
+
+    modality: str = ""
+    image_type: list[str] = field(default_factory=list)
+    descriptions: dict[str, str] = field(default_factory=dict)
+    body_part: str = ""
+    contrast: dict[str, str] = field(default_factory=dict)
+    slices: int = 0
+    instances: int = 0
+    slice_thickness_mm: float | None = None
+    z_coverage_mm: float | None = None
+    axial: bool | None = None
+    kernel: str = ""
+    kernel_class: str = "unknown"  # soft | unknown | sharp
+    unreadable: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keyword matching
+# ---------------------------------------------------------------------------------------------
+def keyword_pattern(keyword: str) -> re.Pattern[str]:
+    """Case-insensitive pattern for a keyword at the start of a word.
+
+    Keywords of up to 4 characters must be whole words ("abd" does not match "abdication", "CTA"
+    not "CTAB"); longer ones may start a word ("angio" matches "angiography", "urogra" matches
+    "urography"). Words are separated by anything that is not a letter or a digit.
+    """
+    body = re.escape(keyword.strip())
+    tail = r"(?![a-z0-9])" if len(keyword.strip()) <= 4 and keyword.strip()[-1:].isalnum() else ""
+    return re.compile(rf"(?<![a-z0-9]){body}{tail}", re.IGNORECASE)
+
+
+def find_keyword(text: str, keywords: Iterable[str]) -> str | None:
+    """The first keyword found in ``text`` (see :func:`keyword_pattern`), or None."""
+    for kw in keywords:
+        if kw.strip() and keyword_pattern(kw).search(text or ""):
+            return kw
+    return None
+
+
+def strip_negated_contrast(text: str) -> str:
+    """``text`` without negated contrast phrases such as "WO CONTRAST" or "non-contrast"."""
+    return _NEGATED_CONTRAST.sub(" ", text or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Header facts
+# ---------------------------------------------------------------------------------------------
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()
+
+
+def _float(value: Any) -> float | None:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def classify_kernel(kernel: str) -> str:
+    """``soft``, ``sharp`` or ``unknown`` for a ConvolutionKernel value (vendor heuristics)."""
+    k = kernel.upper().strip()
+    if not k:
+        return "unknown"
+    words = set(re.split(r"[^A-Z0-9]+", k))
+    if words & set(_SHARP_KERNEL_WORDS) or k.startswith("BL"):
+        return "sharp"
+    if words & set(_SOFT_KERNEL_WORDS):
+        return "soft"
+    siemens = re.match(r"^[BIQDH][RFSVLA]?(\d{2})", k)  # B30f, Br40d, I31f, Qr40...
+    if siemens:
+        return "soft" if int(siemens.group(1)) < 50 else "sharp"
+    canon = re.match(r"^FC(\d{2})", k)  # Canon/Toshiba FC01-FC18 body, FC5x lung/bone
+    if canon:
+        return "soft" if int(canon.group(1)) < 30 else "sharp"
+    if re.fullmatch(r"[ABC]", k):  # Philips body filters
+        return "soft"
+    if re.fullmatch(r"[LDEY][A-D]?", k):
+        return "sharp"
+    return "unknown"
+
+
+def _frame_geometry(ds: Dataset) -> tuple[list[list[float]], list[float] | None, float | None]:
+    """Positions, orientation and thickness of a multi-frame (Enhanced CT) instance."""
+    positions: list[list[float]] = []
+    orientation: list[float] | None = None
+    thickness: float | None = None
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        item = shared[0]
+        if "PlaneOrientationSequence" in item:
+            orientation = [float(v) for v in item.PlaneOrientationSequence[0].ImageOrientationPatient]
+        if "PixelMeasuresSequence" in item:
+            thickness = _float(item.PixelMeasuresSequence[0].get("SliceThickness"))
+    for item in ds.get("PerFrameFunctionalGroupsSequence") or []:
+        if "PlanePositionSequence" in item:
+            positions.append([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient])
+        if orientation is None and "PlaneOrientationSequence" in item:
+            orientation = [float(v) for v in item.PlaneOrientationSequence[0].ImageOrientationPatient]
+        if thickness is None and "PixelMeasuresSequence" in item:
+            thickness = _float(item.PixelMeasuresSequence[0].get("SliceThickness"))
+    return positions, orientation, thickness
+
+
+def read_series_facts(paths: Sequence[Path]) -> SeriesFacts:
+    """Facts from the headers of a series' files (pixel data are not read)."""
+    facts = SeriesFacts(instances=len(paths))
+    positions: list[list[float]] = []
+    orientation: list[float] | None = None
+    thicknesses: list[float] = []
+    first: Dataset | None = None
+    for path in paths:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except Exception:
+            facts.unreadable += 1
+            continue
+        if first is None:
+            first = ds
+        frames = int(_float(ds.get("NumberOfFrames")) or 1)
+        if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            pos, ori, thick = _frame_geometry(ds)
+            positions.extend(pos)
+            orientation = orientation or ori
+            if thick:
+                thicknesses.append(thick)
+            facts.slices += frames
+        else:
+            ipp = ds.get("ImagePositionPatient")
+            if ipp is not None and len(ipp) == 3:
+                positions.append([float(v) for v in ipp])
+            iop = ds.get("ImageOrientationPatient")
+            if orientation is None and iop is not None and len(iop) == 6:
+                orientation = [float(v) for v in iop]
+            thick = _float(ds.get("SliceThickness"))
+            if thick:
+                thicknesses.append(thick)
+            facts.slices += 1
+    if first is None:
+        return facts
+    facts.modality = _text(first, "Modality").upper()
+    facts.image_type = [v.strip().upper() for v in _text(first, "ImageType").split("\\") if v.strip()]
+    facts.descriptions = {k: _text(first, k) for k in _DESCRIPTION_FIELDS}
+    facts.body_part = _text(first, "BodyPartExamined")
+    facts.contrast = {k: _text(first, k) for k in _CONTRAST_FIELDS if _text(first, k)}
+    facts.kernel = _text(first, "ConvolutionKernel")
+    facts.kernel_class = classify_kernel(facts.kernel)
+    if thicknesses:
+        facts.slice_thickness_mm = float(np.median(thicknesses))
+    if orientation is not None:
+        row, col = np.array(orientation[:3]), np.array(orientation[3:])
+        normal = np.cross(row, col)
+        facts.axial = bool(abs(normal[2]) > 0.95)
+        if positions:
+            z = np.sort(np.array(positions) @ normal)
+            spacing = float(np.median(np.diff(z))) if len(z) > 1 else 0.0
+            extra = facts.slice_thickness_mm or spacing
+            facts.z_coverage_mm = float(z[-1] - z[0] + extra)
+            if facts.slice_thickness_mm is None and spacing > 0:
+                facts.slice_thickness_mm = spacing
+    return facts
+
+
+# ---------------------------------------------------------------------------------------------
+# Eligibility
+# ---------------------------------------------------------------------------------------------
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def eligibility(facts: SeriesFacts, rules: RuleSettings) -> tuple[bool, str]:
+    """(eligible, reason) for one series; the reason names the first rule that failed, or what passed."""
+    if facts.slices == 0:
+        return False, "no readable DICOM headers in the series"
+    allowed = [m.upper() for m in rules.modalities]
+    if facts.modality not in allowed:
+        return False, f"modality {facts.modality or '(none)'} not in {', '.join(allowed)}"
+    excluded = [w.upper() for w in rules.excluded_image_type_words]
+    for word in facts.image_type:
+        if word in excluded:
+            kind = {"LOCALIZER": "localizer", "PROJECTION": "localizer", "DERIVED": "derived image",
+                    "SECONDARY": "derived image", "MPR": "reformat", "REFORMATTED": "reformat",
+                    "MIP": "reformat"}.get(word, "excluded image type")
+            return False, f"{kind}: ImageType contains {word}"
+    if facts.image_type and facts.image_type[0] != "ORIGINAL":
+        return False, f"not an original image: ImageType={'/'.join(facts.image_type)}"
+    if facts.axial is False:
+        return False, "not axial: ImageOrientationPatient is not transverse"
+    for key, value in facts.contrast.items():
+        if value.strip().upper() not in _EMPTY_CONTRAST_VALUES:
+            return False, f"contrast-enhanced: {key}={value}"
+    for key, text in facts.descriptions.items():
+        kw = find_keyword(strip_negated_contrast(text), rules.contrast_keywords)
+        if kw:
+            return False, f"contrast-enhanced: {key} {text!r} contains {kw!r}"
+    places = {"BodyPartExamined": facts.body_part, **facts.descriptions}
+    for key, text in places.items():
+        kw = find_keyword(text, rules.abdomen_keywords)
+        if kw:
+            return False, f"abdominal study: {key}={text}" if key == "BodyPartExamined" else (
+                f"abdominal study: {key} {text!r} contains {kw!r}")
+    if not any(find_keyword(text, rules.chest_keywords) for text in places.values()):
+        return False, "not identified as chest CT: no chest keyword in BodyPartExamined or the descriptions"
+    if facts.slices < rules.min_slices:
+        return False, f"too few slices: {facts.slices} < {rules.min_slices}"
+    t = facts.slice_thickness_mm
+    if t is None:
+        return False, "slice thickness unknown (no SliceThickness and no positions)"
+    if not rules.min_slice_thickness_mm <= t <= rules.max_slice_thickness_mm:
+        return False, (f"slice thickness {_fmt(t)} mm outside {_fmt(rules.min_slice_thickness_mm)}-"
+                       f"{_fmt(rules.max_slice_thickness_mm)} mm")
+    if facts.z_coverage_mm is None:
+        return False, "z-coverage unknown (no ImagePositionPatient)"
+    if facts.z_coverage_mm < rules.min_z_coverage_mm:
+        return False, f"z-coverage {facts.z_coverage_mm:.0f} mm < {_fmt(rules.min_z_coverage_mm)} mm"
+    return True, (f"eligible: unenhanced chest CT, {facts.slices} slices of {_fmt(round(t, 3))} mm, "
+                  f"{facts.z_coverage_mm:.0f} mm z-coverage, kernel {facts.kernel or '(none)'} ({facts.kernel_class})")
+
+
+def evaluate_series(session: Session, row: Series, spool: Spool, rules: RuleSettings) -> bool:
+    """Decide on one complete series (``rejected`` or ``eligible``), storing facts and reason; True if eligible."""
+    paths = spool.series_files(row.study_instance_uid, row.series_instance_uid)
+    facts = read_series_facts(paths)
+    ok, reason = eligibility(facts, rules)
+    row.facts = facts.to_dict()
+    record_decision(session, row, ELIGIBLE if ok else REJECTED, reason)
+    LOG.info("series %s %s: %s", row.series_instance_uid, "eligible" if ok else "rejected", reason)
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# One series per study
+# ---------------------------------------------------------------------------------------------
+_KERNEL_RANK = {"soft": 0, "unknown": 1, "sharp": 2}
+
+
+def selection_key(row: Series) -> tuple:
+    """Sort key: the best series for measurement sorts first."""
+    f = row.facts or {}
+    return (
+        _KERNEL_RANK.get(f.get("kernel_class", "unknown"), 1),
+        f.get("slice_thickness_mm") or 99.0,
+        -(f.get("z_coverage_mm") or 0.0),
+        -(f.get("slices") or 0),
+        str(row.first_received_at),
+        row.series_instance_uid,
+    )
+
+
+def _describe(row: Series) -> str:
+    f = row.facts or {}
+    parts = [f"{f.get('kernel_class', 'unknown')} kernel {f.get('kernel') or '(none)'}"]
+    if f.get("slice_thickness_mm"):
+        parts.append(f"{_fmt(round(f['slice_thickness_mm'], 3))} mm slices")
+    if f.get("z_coverage_mm"):
+        parts.append(f"{f['z_coverage_mm']:.0f} mm coverage")
+    parts.append(f"{f.get('slices', 0)} slices")
+    return ", ".join(parts)
+
+
+RULE_TEXT = "soft-tissue kernel > thinner slices > longer z-coverage > more slices"
+
+
+def select_for_study(session: Session, study_uid: str) -> str | None:
+    """Choose and queue one series of a study, if the study is ready; returns the queued series UID."""
+    rows = list(session.scalars(select(Series).where(Series.study_instance_uid == study_uid)))
+    pending = [r for r in rows if r.status in (RECEIVING, COMPLETE)]
+    eligible = [r for r in rows if r.status == ELIGIBLE]
+    if not eligible:
+        return None
+    if pending:
+        for r in eligible:
+            if "waiting" not in r.reason:
+                r.reason = f"{r.reason}; waiting for {len(pending)} other series of the study to complete"
+        return None
+    jobs = list(session.scalars(select(Job).where(Job.study_instance_uid == study_uid)))
+    started = [j for j in jobs if j.status in STARTED_JOB_STATUSES]
+    if started:
+        ref = started[-1]
+        for r in eligible:
+            record_decision(session, r, NOT_SELECTED,
+                            f"not selected: the study is already measured on series {ref.series_instance_uid} "
+                            f"(job {ref.id} {ref.status})")
+        return None
+    queued_rows = [r for r in rows if r.status == QUEUED]
+    candidates = sorted(eligible + queued_rows, key=selection_key)
+    best = candidates[0]
+    others = len(candidates) - 1
+    if best.status != QUEUED:
+        for r in queued_rows:  # a better series arrived while the study's job was still waiting
+            for job in jobs:
+                if job.series_instance_uid == r.series_instance_uid and job.status == "queued":
+                    job.status = "cancelled"
+                    job.error = f"replaced by series {best.series_instance_uid}"
+            record_decision(session, r, NOT_SELECTED,
+                            f"not selected: replaced by series {best.series_instance_uid} ({_describe(best)}); "
+                            f"rule: {RULE_TEXT}")
+        record_decision(session, best, QUEUED,
+                        f"selected: {_describe(best)}; best of {others + 1} eligible series; rule: {RULE_TEXT}")
+        active = [j for j in jobs if j.series_instance_uid == best.series_instance_uid
+                  and j.status in ACTIVE_JOB_STATUSES]
+        if not active:
+            session.add(Job(series_instance_uid=best.series_instance_uid, study_instance_uid=study_uid,
+                            status="queued", created_at=utcnow()))
+        LOG.info("series %s selected for measurement (study %s)", best.series_instance_uid, study_uid)
+    for r in eligible:
+        if r is not best:
+            record_decision(session, r, NOT_SELECTED,
+                            f"not selected: series {best.series_instance_uid} is measured instead "
+                            f"({_describe(best)}); rule: {RULE_TEXT}")
+    return best.series_instance_uid if best.status == QUEUED else None
+
+
+class RuleEngine:
+    """Evaluates complete series and queues one per study."""
+
+    def __init__(self, sessions: sessionmaker, spool: Spool, rules: RuleSettings) -> None:
+        self.sessions = sessions
+        self.spool = spool
+        self.rules = rules
+
+    def run_once(self) -> list[str]:
+        """Evaluate every complete series, then select per study; returns the newly queued series UIDs."""
+        queued: list[str] = []
+        with self.sessions() as session:
+            complete = list(session.scalars(select(Series).where(Series.status == COMPLETE)))
+            studies = set()
+            for row in complete:
+                try:
+                    evaluate_series(session, row, self.spool, self.rules)
+                except Exception as exc:  # a broken header must not stop the node
+                    LOG.exception("rules failed on series %s", row.series_instance_uid)
+                    record_decision(session, row, REJECTED, f"header evaluation failed: {type(exc).__name__}: {exc}")
+                studies.add(row.study_instance_uid)
+            session.flush()
+            waiting = session.scalars(select(Series.study_instance_uid).where(Series.status == ELIGIBLE))
+            studies.update(waiting)
+            for study_uid in sorted(studies):
+                uid = select_for_study(session, study_uid)
+                if uid:
+                    queued.append(uid)
+            session.commit()
+        return queued

@@ -1,0 +1,183 @@
+"""One series from DICOM files to a measurement and the DICOM answer: load -> resample -> segment -> measure -> write.
+
+This module only orchestrates the steps; each step lives in its own module. ``lpm-node process`` is its CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom import Dataset
+
+import lpm_node
+from lpm_node.answer import build_key_image, build_seg, build_sr, nearest_source_slice, write_dataset
+from lpm_node.answer.keyimage import render_key_image
+from lpm_node.core.config import Settings
+from lpm_node.imaging.loading import CTSeries, load_series
+from lpm_node.imaging.measurement import Measurement, measure
+from lpm_node.imaging.resampling import mask_to_source_grid, resample_to_method_grid
+from lpm_node.imaging.segmentation import Segmenter
+
+log = logging.getLogger(__name__)
+
+STAGES = ("load", "resample", "segment", "measure", "write")
+
+
+@dataclass
+class SeriesResult:
+    """Everything one run of the pipeline produced for one series."""
+
+    source: CTSeries
+    method_image: sitk.Image  # HU on the 0.7 x 0.7 x 2.5 mm grid
+    masks: dict[str, np.ndarray]  # structure -> uint8 (z, y, x) on the method grid
+    roi: np.ndarray  # uint8 (z, y, x) on the method grid
+    measurement: Measurement
+    device: str
+    model: str
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+
+    @property
+    def series_instance_uid(self) -> str:
+        return self.source.series_instance_uid
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: the measurement plus identity, device, model, timings and loader warnings."""
+        return {
+            "series_instance_uid": self.source.series_instance_uid,
+            "study_instance_uid": self.source.study_instance_uid,
+            "status": "measured",
+            **self.measurement.to_dict(),
+            "device": self.device,
+            "model": self.model,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "warnings": list(self.source.warnings),
+        }
+
+
+@dataclass
+class ResultObject:
+    """One DICOM object of the answer, written to disk."""
+
+    kind: str  # SEG | SR | KEY
+    path: Path
+    sop_instance_uid: str
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def analyse_series(paths: Sequence[str | Path], settings: Settings, segmenter: Segmenter) -> SeriesResult:
+    """Load, resample, segment and measure one series (raises SeriesLoadError for a series it cannot use)."""
+    timings: dict[str, float] = {}
+    with _timed(timings, "load"):
+        source = load_series(paths, keep_pixel_data=False)  # the HU image holds the pixels
+    with _timed(timings, "resample"):
+        method_image = resample_to_method_grid(source.image)
+    with _timed(timings, "segment"):
+        masks = segmenter.segment(method_image)
+    with _timed(timings, "measure"):
+        hu = sitk.GetArrayViewFromImage(method_image)
+        spacing_zyx = tuple(float(s) for s in reversed(method_image.GetSpacing()))
+        measurement, roi = measure(
+            hu, masks["liver"], spacing_zyx, spleen=masks.get("spleen"), settings=settings.measurement
+        )
+    return SeriesResult(
+        source=source, method_image=method_image, masks=masks, roi=roi, measurement=measurement,
+        device=segmenter.device, model=segmenter.description, timings=timings,
+    )
+
+
+def source_masks(result: SeriesResult) -> dict[str, np.ndarray]:
+    """The liver, ROI (and spleen) masks on the source series' own grid, in the loader's slice order."""
+    wanted = {"liver": result.masks["liver"], "roi": result.roi}
+    if "spleen" in result.masks and result.masks["spleen"].any():
+        wanted["spleen"] = result.masks["spleen"]
+    return {
+        name: mask_to_source_grid(mask, result.method_image, result.source.image) for name, mask in wanted.items()
+    }
+
+
+def _key_slice(source_masks: dict[str, np.ndarray], frame_refs: Sequence[tuple[int, int]]) -> int:
+    """The source slice to show: most ROI pixels, else most liver, else the middle; always a real source frame."""
+    for name in ("roi", "liver"):
+        areas = source_masks[name].reshape(len(frame_refs), -1).sum(axis=1)
+        if areas.any():
+            return nearest_source_slice(frame_refs, int(np.argmax(areas)))
+    return nearest_source_slice(frame_refs, len(frame_refs) // 2)
+
+
+def build_answer(result: SeriesResult, settings: Settings) -> list[tuple[str, Dataset]]:
+    """The DICOM answer for one measured series: SEG, SR and (when configured) the key image."""
+    source = result.source
+    masks = source_masks(result)
+    seg = build_seg(
+        source.datasets, source.frame_refs, masks,
+        omit_empty_frames=settings.output.omit_empty_frames,
+        algorithm_version=lpm_node.__version__, model_description=result.model,
+    )
+    sr = build_sr(source.datasets, seg, result.measurement, algorithm_version=lpm_node.__version__)
+    objects = [("SEG", seg), ("SR", sr)]
+    if settings.output.key_image:
+        k = _key_slice(masks, source.frame_refs)
+        key = build_key_image(
+            source.datasets, source.frame_refs, k, masks["roi"][k], masks["liver"][k], result.measurement,
+            algorithm_version=lpm_node.__version__, hu=sitk.GetArrayViewFromImage(source.image)[k],
+        )
+        objects.append(("KEY", key))
+    return objects
+
+
+def write_answer(result: SeriesResult, settings: Settings, folder: str | Path) -> list[ResultObject]:
+    """Build the answer and write each object atomically into ``folder`` (named by kind and SOP Instance UID)."""
+    written: list[ResultObject] = []
+    with _timed(result.timings, "write"):
+        for kind, ds in build_answer(result, settings):
+            path = write_dataset(ds, Path(folder) / f"{kind}_{ds.SOPInstanceUID}.dcm")
+            written.append(ResultObject(kind, path, str(ds.SOPInstanceUID)))
+    return written
+
+
+def preview_png(result: SeriesResult, path: str | Path) -> Path:
+    """A picture of the ROI's central slice on the method grid: CT, liver and ROI outlines, the result."""
+    from PIL import Image
+
+    m = result.measurement
+    hu = sitk.GetArrayViewFromImage(result.method_image)
+    if m.roi_slices:
+        z = m.roi_slices[len(m.roi_slices) // 2]
+    else:
+        areas = result.masks["liver"].reshape(hu.shape[0], -1).sum(axis=1)
+        z = int(np.argmax(areas)) if areas.any() else hu.shape[0] // 2
+    rgb = render_key_image(np.asarray(hu[z]), result.roi[z], result.masks["liver"][z], m)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(target)
+    return target
+
+
+def save_nifti(result: SeriesResult, folder: str | Path) -> dict[str, Path]:
+    """CT, masks and ROI on the method grid as NIfTI (the inputs of ``lpm-node measure``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {"ct": folder / "ct.nii.gz"}
+    sitk.WriteImage(result.method_image, str(out["ct"]), useCompression=True)
+    for name, mask in {**result.masks, "roi": result.roi}.items():
+        image = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
+        image.CopyInformation(result.method_image)
+        out[name] = folder / f"{name}.nii.gz"
+        sitk.WriteImage(image, str(out[name]), useCompression=True)
+    return out

@@ -1,0 +1,142 @@
+"""``lpm-node serve``: the listener plus background loops, until SIGINT/SIGTERM.
+
+:class:`Node` owns the shared pieces (settings, audit DB sessions, spool, listener) and a list
+of :class:`Loop` objects, each a function called repeatedly in its own thread: series completion
+and rules, the measurement worker (one warm model, jobs in order) and the sender (the outbox).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import sessionmaker
+
+from lpm_node.answer.sending import Sender
+from lpm_node.core.audit import session_factory
+from lpm_node.core.config import Settings
+from lpm_node.intake.listener import Listener
+from lpm_node.intake.rules import RuleEngine
+from lpm_node.intake.series import SeriesAssembler, reconcile_spool
+from lpm_node.intake.spool import Spool
+from lpm_node.node.worker import Worker
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class Loop:
+    """A background task: ``step()`` is called every ``interval_s`` seconds until the node stops.
+
+    ``step`` returns True when it did work (it is then called again at once) and False when idle.
+    Exceptions are logged and the loop goes on: one bad item never stops the node.
+    """
+
+    name: str
+    step: Callable[[], bool | None]
+    interval_s: float = 0.5
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                busy = bool(self.step())
+            except Exception:
+                LOG.exception("loop %s failed; continuing", self.name)
+                busy = False
+            if not busy:
+                stop.wait(self.interval_s)
+
+
+class Node:
+    """The running node: listener, series completion, rules, and any further loops."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sessions: sessionmaker = session_factory(settings.db_url)
+        node = settings.node
+        self.spool = Spool(settings.spool_path, quota_mb=node.spool_quota_mb, min_free_disk_mb=node.min_free_disk_mb,
+                           journal_dir=settings.journal_path, journal_mb=node.journal_mb)
+        self.listener = Listener(settings, self.sessions, self.spool)
+        self.assembler = SeriesAssembler(self.sessions, settings.series.stable_seconds)
+        self.rules = RuleEngine(self.sessions, self.spool, settings.rules)
+        self.loops: list[Loop] = []
+        self._stop = threading.Event()
+        self.address: tuple[str, int] | None = None
+        poll = min(0.5, max(0.05, settings.series.stable_seconds / 4))
+        self.add_loop(Loop("series", self.series_step, poll))
+        self.sender = Sender(self.sessions, settings.output, node.ae_title)
+        self.worker: Worker | None = None
+        if node.measure:
+            self.worker = Worker(settings, self.sessions, self.spool, on_results=self.sender.wake)
+            self.add_loop(Loop("worker", self.worker.step, 0.5))
+        self.add_loop(Loop("sender", self.sender_step, 0.5))
+
+    def add_loop(self, loop: Loop) -> None:
+        """Register a background loop (before :meth:`start`)."""
+        self.loops.append(loop)
+
+    def series_step(self) -> bool:
+        """Complete quiet series, decide on complete ones, queue one per study."""
+        self.assembler.complete_stable(settle=self.listener.recorder.flush)
+        queued = self.rules.run_once()
+        return bool(queued)
+
+    def sender_step(self) -> bool:
+        """Send what is due in the outbox."""
+        return bool(self.sender.run_once())
+
+    def start(self) -> tuple[str, int]:
+        """Recover state from the spool, start listening, start the loops; returns the bound address."""
+        if self.worker is not None:
+            self.worker.check_model()
+            self.worker.recover()
+            self.worker.segmenter  # noqa: B018 - loaded before listening: importing it would slow the first transfers
+        reconcile_spool(self.sessions, self.spool)
+        self.address = self.listener.start()
+        for loop in self.loops:
+            loop.thread = threading.Thread(target=loop.run, args=(self._stop,), name=f"loop-{loop.name}", daemon=True)
+            loop.thread.start()
+        return self.address
+
+    def stop(self) -> None:
+        """Stop accepting, stop the loops, write the remaining audit rows."""
+        self._stop.set()
+        self.listener.stop()
+        for loop in self.loops:
+            if loop.thread is not None:
+                loop.thread.join(timeout=30)
+        self.spool.close()
+        self.sessions.kw["bind"].dispose()
+        LOG.info("node stopped")
+
+    def wait(self) -> None:
+        """Block until :meth:`request_stop` (or a signal) is called."""
+        while not self._stop.wait(0.5):
+            pass
+
+    def request_stop(self, *_args: Any) -> None:
+        self._stop.set()
+
+
+def serve(settings: Settings) -> int:
+    """Run the node until SIGINT or SIGTERM; returns the process exit status."""
+    node = Node(settings)
+    if not settings.node.measure:
+        LOG.warning("measurement is off (--no-measure): series are received, decided and queued only")
+    previous = {sig: signal.signal(sig, node.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        host, port = node.start()
+        LOG.info("lpm-node ready: AE title %s on %s:%d, data in %s", settings.node.ae_title, host, port,
+                 settings.data_path)
+        node.wait()
+        LOG.info("stopping")
+    finally:
+        node.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

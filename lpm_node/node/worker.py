@@ -1,0 +1,188 @@
+"""The measurement worker: takes queued jobs in order, runs the pipeline, writes the answer into the outbox.
+
+One segmenter (model) is loaded once and kept warm; jobs run one at a time. A job's state lives in the audit DB,
+so a node killed mid-job finds it again as ``running`` at the next start and runs it again (its output UIDs are
+deterministic, so the PACS gets the same objects, never duplicates). A job that fails is recorded with its reason
+and the worker goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from lpm_node.answer.sending import enqueue_results, result_destinations
+from lpm_node.core.audit import Job, Series, utcnow
+from lpm_node.core.config import Settings
+from lpm_node.imaging.segmentation import Segmenter, load_segmenter
+from lpm_node.intake.series import record_decision
+from lpm_node.intake.spool import Spool
+from lpm_node.node.pipeline import analyse_series, write_answer
+
+LOG = logging.getLogger(__name__)
+
+MAX_JOB_STARTS = 3  # a job whose run was cut short (node killed) this often is failed, not retried forever
+
+PROCESSING = "processing"
+DONE = "done"
+FAILED = "failed"
+
+
+def release_freed_memory() -> None:
+    """Hand the memory a finished job freed back to the system (glibc), so an idle node stays small."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps it, nothing is lost
+        pass
+
+
+class Worker:
+    """Runs measurement jobs from the ``jobs`` table, oldest first."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker,
+        spool: Spool,
+        *,
+        on_results: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.spool = spool
+        self.on_results = on_results
+        self.outbox_path = settings.data_path / "outbox"
+        self._segmenter: Segmenter | None = None
+
+    @property
+    def segmenter(self) -> Segmenter:
+        """The model, loaded at first use and kept."""
+        if self._segmenter is None:
+            self._segmenter = load_segmenter(self.settings.model)
+        return self._segmenter
+
+    def check_model(self) -> None:
+        """Fail early, with the reason, when the configured model folder is not a usable model."""
+        from lpm_node.demo.model import bundled_model_folder
+        from lpm_node.imaging.segmentation import verify_model_folder
+
+        model = self.settings.model
+        verify_model_folder(model.folder or bundled_model_folder(), model.profile or None,
+                            folds=list(model.folds) or None, checkpoint=model.checkpoint, load_weights=False)
+
+    def recover(self) -> int:
+        """Put jobs left ``running`` by a stopped node back in the queue; returns how many."""
+        with self.sessions() as session:
+            jobs = list(session.scalars(select(Job).where(Job.status == "running")))
+            for job in jobs:
+                job.status = "queued"
+                job.error = "interrupted (node stopped during the job); queued again"
+                LOG.warning("job %d (series %s) was interrupted; queued again", job.id, job.series_instance_uid)
+            session.commit()
+        return len(jobs)
+
+    def _claim(self) -> Job | None:
+        with self.sessions() as session:
+            job = session.scalars(select(Job).where(Job.status == "queued").order_by(Job.id).limit(1)).first()
+            if job is None:
+                return None
+            job.status = "running"
+            job.started_at = utcnow()
+            job.attempts += 1
+            series = self._series(session, job)
+            if series is not None:
+                record_decision(session, series, PROCESSING, f"measuring (job {job.id}, start {job.attempts})")
+            session.commit()
+            return job
+
+    @staticmethod
+    def _series(session, job: Job) -> Series | None:  # noqa: ANN001
+        return session.scalars(select(Series).where(Series.series_instance_uid == job.series_instance_uid)).first()
+
+    def step(self) -> bool:
+        """Run the next queued job, if any; returns True when a job was taken.
+
+        The model is loaded at the first call, so it is warm when the first series completes."""
+        self.segmenter  # noqa: B018 - load once, keep warm
+        job = self._claim()
+        if job is None:
+            return False
+        if job.attempts > MAX_JOB_STARTS:
+            self._fail(job, f"gave up: the job was started {job.attempts - 1} times and never finished")
+            return True
+        try:
+            self._run(job)
+        except Exception as exc:  # one bad series never stops the node
+            LOG.exception("job %d (series %s) failed", job.id, job.series_instance_uid)
+            self._fail(job, f"{type(exc).__name__}: {exc}")
+        finally:
+            release_freed_memory()
+        return True
+
+    def _run(self, job: Job) -> None:
+        paths = self.spool.series_files(job.study_instance_uid, job.series_instance_uid)
+        if not paths:
+            raise FileNotFoundError(f"no spooled files for series {job.series_instance_uid}")
+        segmenter = self.segmenter
+        result = analyse_series(paths, self.settings, segmenter)
+        folder = self.outbox_path / job.series_instance_uid
+        if folder.exists():  # an earlier, interrupted run: its files are replaced by this one
+            shutil.rmtree(folder)
+        objects = write_answer(result, self.settings, folder)
+        m = result.measurement
+        with self.sessions() as session:
+            row = session.get(Job, job.id)
+            series = self._series(session, row)
+            row.status = DONE
+            row.finished_at = utcnow()
+            row.error = ""
+            row.device = result.device
+            row.model = result.model
+            row.timings = {k: round(v, 3) for k, v in result.timings.items()}
+            row.result = {**m.to_dict(), "warnings": list(result.source.warnings)}
+            row.dl_parenchymal_hu = m.dl_parenchymal_hu
+            row.dl_volumetric_hu = m.dl_volumetric_hu
+            row.category = m.category
+            row.qc_flags = list(m.qc_flags)
+            destinations = result_destinations(
+                self.settings,
+                calling_ae=series.calling_ae if series else "",
+                calling_address=series.calling_address if series else "",
+            )
+            enqueue_results(
+                session,
+                job_id=row.id,
+                series_instance_uid=row.series_instance_uid,
+                objects=[(o.kind, o.path, o.sop_instance_uid) for o in objects],
+                destinations=destinations,
+            )
+            value = "n/a" if m.dl_parenchymal_hu is None else f"{m.dl_parenchymal_hu:.1f} HU"
+            where = ", ".join(str(d) for d in destinations) or "no destination configured"
+            if series is not None:
+                record_decision(session, series, DONE, f"measured: DL-parenchymal {value}, {m.category}; "
+                                f"results to {where}")
+            session.commit()
+        LOG.info("job %d series %s: DL-parenchymal %s, %s, %s in %.1f s", job.id, job.series_instance_uid, value,
+                 m.category, result.device, sum(result.timings.values()))
+        if not destinations:
+            LOG.warning("no destination configured: results of series %s stay in %s", job.series_instance_uid,
+                        Path(folder))
+        if self.on_results is not None:
+            self.on_results()
+
+    def _fail(self, job: Job, error: str) -> None:
+        with self.sessions() as session:
+            row = session.get(Job, job.id)
+            row.status = FAILED
+            row.finished_at = utcnow()
+            row.error = error
+            series = self._series(session, row)
+            if series is not None:
+                record_decision(session, series, FAILED, f"job {row.id} failed: {error}")
+            session.commit()
