@@ -7,6 +7,9 @@ deliveries (the outbox) and delivery_attempts. Rows carry UIDs, never patient na
 from __future__ import annotations
 
 import datetime as dt
+import getpass
+import os
+import socket
 from pathlib import Path
 
 from sqlalchemy import (
@@ -19,6 +22,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -110,6 +114,7 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    stopped_starts: Mapped[int] = mapped_column(Integer, default=0)  # starts cut short by an orderly stop
     error: Mapped[str] = mapped_column(Text, default="")
     device: Mapped[str] = mapped_column(String(32), default="")
     model: Mapped[str] = mapped_column(Text, default="")
@@ -137,6 +142,7 @@ class Delivery(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    queued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # last (re)queue
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
@@ -148,6 +154,34 @@ class DeliveryAttempt(Base):
     ok: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(64), default="")  # DIMSE status or error class
     error: Mapped[str] = mapped_column(Text, default="")
+
+
+class OperatorAction(Base):
+    """What an operator asked the node to do (rerun, outbox retry, reindex): who, what, when, and the effect."""
+
+    __tablename__ = "operator_actions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[str] = mapped_column(String(128), default="")  # login name @ host
+    command: Mapped[str] = mapped_column(Text, default="")  # the command line as given
+    target: Mapped[str] = mapped_column(Text, default="")  # series UID, delivery ids, ...
+    outcome: Mapped[str] = mapped_column(Text, default="")
+
+
+def operator_name() -> str:
+    """Who runs this command: login name @ host (recorded with each operator action)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def record_operator_action(session, command: str, target: str, outcome: str) -> OperatorAction:  # noqa: ANN001
+    """Add one operator action (who, what, when, effect) to ``session``; the caller commits."""
+    row = OperatorAction(at=utcnow(), user=operator_name(), command=command, target=target, outcome=outcome)
+    session.add(row)
+    return row
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
@@ -167,7 +201,23 @@ def open_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+# Columns added after a table's first release: (table, column, SQL type and default) for databases made before.
+_LATER_COLUMNS = (
+    ("jobs", "stopped_starts", "INTEGER NOT NULL DEFAULT 0"),
+    ("deliveries", "queued_at", "DATETIME"),
+)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    with engine.begin() as conn:
+        for table, column, ddl in _LATER_COLUMNS:
+            present = {c["name"] for c in inspect(conn).get_columns(table)}
+            if column not in present:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
 
 
 def session_factory(url: str) -> sessionmaker:

@@ -45,11 +45,13 @@ class NodeSettings:
     journal_mb: int = 256  # write-ahead journal of the spool (preallocated); 0: each file synced on its own
     max_associations: int = 16
     measure: bool = True  # False: receive, decide and queue only (e.g. while checking the routing rules)
+    stop_grace_seconds: float = 10.0  # a job still running this long after a stop is queued again (not a crash)
 
 
 @dataclass
 class SeriesSettings:
     stable_seconds: float = 30.0
+    release_grace_seconds: float = 2.0  # complete this long after its associations were released; < 0: off
 
 
 @dataclass
@@ -102,7 +104,8 @@ class OutputSettings:
     destinations: list[str] = field(default_factory=list)  # "AET@HOST:PORT"
     reply_to_sender: bool = False
     reply_port: int = 104
-    max_attempts: int = 10
+    max_attempts: int = 0  # 0: no limit by count, only retry_hours
+    retry_hours: float = 48.0  # a delivery failing for this long since it was queued is dead-lettered
     backoff_initial_s: float = 5.0
     backoff_max_s: float = 600.0
 
@@ -127,6 +130,11 @@ class Settings:
     @property
     def journal_path(self) -> Path:
         return self.data_path / "journal"
+
+    @property
+    def delivered_path(self) -> Path:
+        """Where each delivered result is also noted outside the database (read by ``lpm-node reindex``)."""
+        return self.data_path / "delivered"
 
     @property
     def db_url(self) -> str:

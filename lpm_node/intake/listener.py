@@ -49,8 +49,9 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from lpm_node.core.audit import Association, Instance, Job, Series, SeriesDecision, as_utc, utcnow
+from lpm_node.core.audit import Association, Instance, Series, utcnow
 from lpm_node.core.config import Settings
+from lpm_node.intake.series import note_instance_on_series
 from lpm_node.intake.spool import Spool, SpoolFull, file_meta_bytes, is_valid_uid
 from lpm_node.intake.upper_layer import Association as PeerAssociation
 from lpm_node.intake.upper_layer import AssociationServer, ServerOptions, StoreRequest
@@ -94,8 +95,6 @@ HEADER_TAGS: list[BaseTag] = [
         "SpecificCharacterSet",
     )
 ]
-# Series that get new instances after these decisions are assembled and evaluated again.
-REOPENABLE_STATUSES = ("complete", "rejected", "not_selected", "eligible", "queued")
 
 
 @dataclass(frozen=True)
@@ -453,27 +452,6 @@ class AuditRecorder:
                         session.add(srow)
                     series_cache[e.header.series_instance_uid] = srow
                 note_instance_on_series(session, srow, e.at)
-
-
-def note_instance_on_series(session: Session, row: Series, at: dt.datetime) -> None:
-    """Count one new instance on a series row; reopen a decided series so that it is evaluated again."""
-    row.instance_count = (row.instance_count or 0) + 1
-    last = as_utc(row.last_received_at)
-    if last is None or at > last:
-        row.last_received_at = at
-    if row.status in REOPENABLE_STATUSES:
-        previous = f"{row.status}: {row.reason}" if row.reason else row.status
-        if row.status == "queued":
-            for job in session.scalars(
-                select(Job).where(Job.series_instance_uid == row.series_instance_uid, Job.status == "queued")
-            ):
-                job.status = "cancelled"
-                job.error = "more instances arrived; the series is evaluated again"
-        row.status = "receiving"
-        row.reason = f"more instances arrived after the decision ({previous})"
-        row.decided_at = None
-        session.add(SeriesDecision(series_instance_uid=row.series_instance_uid, at=at, status="receiving",
-                                   reason=row.reason))
 
 
 # ---------------------------------------------------------------------------------------------

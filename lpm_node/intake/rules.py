@@ -38,7 +38,6 @@ ELIGIBLE = "eligible"
 REJECTED = "rejected"
 QUEUED = "queued"
 NOT_SELECTED = "not_selected"
-ACTIVE_JOB_STATUSES = ("queued", "running")
 STARTED_JOB_STATUSES = ("running", "done", "failed")
 
 _HEADER_TAGS = [
@@ -348,7 +347,8 @@ def select_for_study(session: Session, study_uid: str) -> str | None:
                 r.reason = f"{r.reason}; waiting for {len(pending)} other series of the study to complete"
         return None
     jobs = list(session.scalars(select(Job).where(Job.study_instance_uid == study_uid)))
-    started = [j for j in jobs if j.status in STARTED_JOB_STATUSES]
+    reopened = {r.series_instance_uid for r in eligible}  # a measured series with new instances is measured again
+    started = [j for j in jobs if j.status in STARTED_JOB_STATUSES and j.series_instance_uid not in reopened]
     if started:
         ref = started[-1]
         for r in eligible:
@@ -371,9 +371,8 @@ def select_for_study(session: Session, study_uid: str) -> str | None:
                             f"rule: {RULE_TEXT}")
         record_decision(session, best, QUEUED,
                         f"selected: {_describe(best)}; best of {others + 1} eligible series; rule: {RULE_TEXT}")
-        active = [j for j in jobs if j.series_instance_uid == best.series_instance_uid
-                  and j.status in ACTIVE_JOB_STATUSES]
-        if not active:
+        waiting = [j for j in jobs if j.series_instance_uid == best.series_instance_uid and j.status == "queued"]
+        if not waiting:  # a job still running measures the instances it started with: a new one is made
             session.add(Job(series_instance_uid=best.series_instance_uid, study_instance_uid=study_uid,
                             status="queued", created_at=utcnow()))
         LOG.info("series %s selected for measurement (study %s)", best.series_instance_uid, study_uid)
