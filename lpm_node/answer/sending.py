@@ -531,7 +531,6 @@ class RetryResult:
 
     requeued: list[int]
     redirected: dict[int, list[str]]  # old delivery id -> the destinations it now goes to
-    no_destination: list[int]  # dead letters left as they are: no destination is configured
 
 
 def retry_deliveries(
@@ -547,11 +546,11 @@ def retry_deliveries(
     Each goes to ``destinations`` when given, else to the destinations configured now in ``settings`` (with the
     CT's sender when ``reply_to_sender``). A row whose destination is among them is queued again; any other is
     marked ``redirected`` and its object queued for each current destination (one already delivered there is not
-    sent again). Without ``settings`` and ``destinations`` every row is queued again where it was."""
+    sent again). When no destination is configured (or neither is given), a row is queued again where it was."""
     now = as_utc(now) or utcnow()
     query = select(Delivery).order_by(Delivery.id)
     query = query.where(Delivery.id.in_(list(ids))) if ids else query.where(Delivery.status == DeliveryStatus.DEAD)
-    result = RetryResult([], {}, [])
+    result = RetryResult([], {})
     for row in session.scalars(query).all():
         if destinations is not None:
             targets = list(destinations)
@@ -563,9 +562,8 @@ def retry_deliveries(
                                           calling_address=series.calling_address if series else "")
         else:
             targets = [Destination.parse(row.destination)]
-        if not targets:
-            result.no_destination.append(row.id)
-            continue
+        if not targets:  # nothing configured now: where it was meant to go
+            targets = [Destination.parse(row.destination)]
         if row.destination in {str(t) for t in targets}:
             _requeue(row, now)
             result.requeued.append(row.id)

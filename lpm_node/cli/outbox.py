@@ -34,21 +34,19 @@ def outbox_command(settings: Settings, args: argparse.Namespace) -> int:
                 _print_table(rows)
             return 0
         result = retry_deliveries(session, ids, settings=settings, destinations=explicit)
-        touched = set(result.requeued) | set(result.redirected) | set(result.no_destination)
+        touched = set(result.requeued) | set(result.redirected)
         missing = sorted(set(ids) - touched)
         summary = (f"requeued {len(result.requeued)} deliveries"
                    + (f": {', '.join(map(str, result.requeued))}" if result.requeued else ""))
         lines = [summary]
         lines += [f"delivery {old} redirected to {', '.join(to)}" for old, to in result.redirected.items()]
-        if result.no_destination:
-            lines.append(f"no destination configured for: {', '.join(map(str, result.no_destination))}")
         if missing:
             lines.append(f"unknown delivery ids: {', '.join(map(str, missing))}")
         record_operator_action(session, command_line(), ", ".join(map(str, ids)) or "dead letters",
                                "; ".join(lines))
     if as_json:
         print(json.dumps({"requeued": result.requeued, "redirected": result.redirected,
-                          "no_destination": result.no_destination, "unknown_ids": missing}))
+                          "unknown_ids": missing}))
     else:
         print("\n".join(lines))
     return 1 if missing else 0
