@@ -20,7 +20,7 @@ def command_line() -> str:
 def rerun_command(settings: Settings, args: argparse.Namespace) -> int:
     """Re-queue ``--series UID`` (repeatable) and, with ``--failed``, every failed series."""
     if audit_instance_count(settings.db_url) is None:
-        raise FileNotFoundError(f"no audit database with instances at {settings.db_url} (check --data-dir)")
+        raise FileNotFoundError(f"no audit database at {settings.db_url} (check --data-dir)")
     sessions = session_factory(settings.db_url)
     problems = 0
     try:

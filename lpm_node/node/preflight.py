@@ -47,6 +47,9 @@ def _spool_has_files(spool: Path) -> bool:
 def audit_instance_count(url: str) -> int | None:
     """Instances recorded in the audit database at ``url``; None when it is missing, empty or has no tables.
 
+    A database with the node's tables and no instance yet (made at a start, then a crash before the first rows
+    were written) counts 0: it is the node's own, not a reset one.
+
     Reads without creating anything (a SQLite file is opened read-only)."""
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
@@ -74,7 +77,7 @@ def check_audit_beside_spool(settings: Settings) -> None:
     """Refuse to start when the audit database is missing or empty but the spool holds instances.
 
     Starting anyway would take every spooled series for new: measured and sent again, its history gone."""
-    if audit_instance_count(settings.db_url):
+    if audit_instance_count(settings.db_url) is not None:
         return
     if not _spool_has_files(settings.spool_path):
         return
