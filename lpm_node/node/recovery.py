@@ -39,9 +39,10 @@ def rerun_series(session: Session, series_uid: str, command: str) -> tuple[bool,
     elif row.status in NOT_RERUNNABLE:
         outcome = (False, f"not re-run: {NOT_RERUNNABLE[SeriesStatus(row.status)]}")
     else:
-        previous = f"{row.status}: {row.reason}"
-        record_decision(session, row, SeriesStatus.COMPLETE, f"re-run requested by the operator (was {previous})")
-        outcome = (True, f"re-queued (was {row.status})")
+        was = row.status
+        record_decision(session, row, SeriesStatus.COMPLETE, f"re-run requested by the operator (was {was}: "
+                        f"{row.reason})")
+        outcome = (True, f"re-queued (was {was})")
     record_operator_action(session, command, series_uid, outcome[1])
     return outcome
 
