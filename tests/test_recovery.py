@@ -13,7 +13,8 @@ import pytest
 from pydicom import dcmread
 
 from lpm_node.demo.phantom import make_phantom, write_ct_series
-from tests.support_net import REPO, NodeProcess, have_dcmtk, storescu
+from tests import support_orthanc
+from tests.support_net import REPO, NodeProcess, free_port, have_dcmtk, storescu
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")
 
@@ -227,3 +228,81 @@ def test_full_disk_at_start_is_one_line_and_an_exit_code(tmp_path):
         assert result.stderr.count("\n") == 1 and "is full" in result.stderr, result.stderr
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+# -- the audit database lost, re-indexing, and destinations -------------------------------------------------------
+
+orthanc = support_orthanc.orthanc
+
+
+def _delivered(node: NodeProcess, uid: str, timeout: float = 300) -> list:
+    return node.wait_rows("SELECT * FROM deliveries WHERE series_instance_uid = ?", (uid,),
+                          until=lambda rows: len(rows) == 3 and all(r["status"] == "sent" for r in rows),
+                          timeout=timeout)
+
+
+@pytest.mark.skipif(not support_orthanc.orthanc_available(), reason="Orthanc not installed")
+def test_lost_database_is_refused_and_reindex_never_resends(tmp_path, orthanc, chest):
+    uid = _uid(chest)
+    data = tmp_path / "node"
+    destination = ["--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]
+    with NodeProcess(data, stable_seconds=1, measure=True, extra=destination) as node:
+        _sent(chest, node)
+        assert len(_delivered(node, uid)) == 3
+    assert len(orthanc.instances()) == 3
+
+    for leftover in data.glob("audit.sqlite*"):
+        leftover.unlink()
+    (data / "audit.sqlite").write_bytes(b"")  # zero-length
+    refused = _cli("serve", "--data-dir", str(data), "--port", "0", timeout=60)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "missing or empty but the spool" in refused.stderr and "lpm-node reindex" in refused.stderr
+    (data / "audit.sqlite").unlink()  # missing
+    assert _cli("serve", "--data-dir", str(data), "--port", "0", timeout=60).returncode == 2
+
+    reindexed = _cli("reindex", "--data-dir", str(data))
+    assert reindexed.returncode == 0, reindexed.stderr
+    assert "indexed 64 spooled instance(s)" in reindexed.stdout and f"{uid}: results were delivered" in reindexed.stdout
+
+    with NodeProcess(data, stable_seconds=1, measure=True, extra=destination) as node:
+        time.sleep(6)  # several times stable_seconds: nothing is measured or sent again
+        assert node.series(uid)["status"] == "done"
+        assert node.query("SELECT id FROM jobs") == []
+        assert [r["status"] for r in node.query("SELECT status FROM deliveries")] == ["sent"] * 3
+    assert len(orthanc.instances()) == 3
+    actions = json.loads(_cli("audit", "--actions", "--json", "--data-dir", str(data)).stdout)
+    assert actions[0]["command"].startswith("lpm-node reindex") and "1 series already delivered" in \
+        actions[0]["outcome"]
+
+
+@pytest.mark.skipif(not support_orthanc.orthanc_available(), reason="Orthanc not installed")
+def test_dead_letters_go_to_the_corrected_destination(tmp_path, orthanc, chest):
+    uid = _uid(chest)
+    data = tmp_path / "node"
+    wrong = _config(tmp_path, "[output]\nretry_hours = 0.001\nbackoff_initial_s = 0.5\nbackoff_max_s = 1.0\n"
+                              f'destinations = ["{orthanc.aet}@127.0.0.1:{free_port()}"]\n')
+    right = tmp_path / "right.toml"
+    right.write_text(f'[output]\ndestinations = ["{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]\n')
+    with NodeProcess(data, stable_seconds=1, measure=True, config=wrong) as node:
+        _sent(chest, node)
+        node.wait_rows("SELECT * FROM deliveries", until=lambda rows: len(rows) == 3 and all(
+            r["status"] == "dead" for r in rows), timeout=300)
+        listed = json.loads(_cli("outbox", "list", "--json", "--data-dir", str(data)).stdout)
+        assert all(d["status"] == "dead" and d["next_attempt_at"] is None for d in listed)
+
+        retried = _cli("outbox", "retry", "--config", str(right), "--data-dir", str(data))
+        assert retried.returncode == 0, retried.stderr
+        assert retried.stdout.count("redirected to") == 3
+        rows = _delivered_to(node, f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+        assert len(rows) == 3
+    assert sorted(r["status"] for r in node.query("SELECT status FROM deliveries")) == ["redirected"] * 3 + ["sent"] * 3
+    assert len(orthanc.instances()) == 3
+    actions = json.loads(_cli("audit", "--actions", "--json", "--data-dir", str(data)).stdout)
+    assert actions[0]["command"].startswith("lpm-node outbox retry") and "redirected" in actions[0]["outcome"]
+    detail = json.loads(_cli("audit", "--series", uid, "--json", "--data-dir", str(data)).stdout)
+    assert len(detail["deliveries"]) == 6
+
+
+def _delivered_to(node: NodeProcess, destination: str) -> list:
+    return node.wait_rows("SELECT * FROM deliveries WHERE destination = ? AND status = 'sent'", (destination,),
+                          until=lambda rows: len(rows) == 3, timeout=120)
