@@ -165,6 +165,8 @@ class Worker:
         m = result.measurement
         with self.sessions() as session:
             row = session.get(Job, job.id)
+            if row.status != JobStatus.RUNNING:  # put back in the queue by a stop meanwhile: it runs again
+                return
             series = self._series(session, row)
             row.status = DONE
             row.finished_at = utcnow()
@@ -213,6 +215,8 @@ class Worker:
     def _fail(self, job: Job, error: str) -> None:
         with self.sessions() as session:
             row = session.get(Job, job.id)
+            if row.status != JobStatus.RUNNING:  # put back in the queue by a stop meanwhile: it runs again
+                return
             row.status = FAILED
             row.finished_at = utcnow()
             row.error = error
