@@ -8,7 +8,9 @@ and rules, the measurement worker (one warm model, jobs in order) and the sender
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +71,7 @@ class Node:
         self.rules = RuleEngine(self.sessions, self.spool, settings.rules)
         self.loops: list[Loop] = []
         self._stop = threading.Event()
+        self.job_left_running = False  # set by stop(): a job's thread was still at work (its job is re-queued)
         self.address: tuple[str, int] | None = None
         poll = min(0.5, max(0.05, settings.series.stable_seconds / 4))
         self.add_loop(Loop("series", self.series_step, poll))
@@ -120,6 +123,7 @@ class Node:
                 loop.thread.join(timeout=wait)
                 if loop.name == "worker" and loop.thread.is_alive() and self.worker is not None:
                     self.worker.release_running()
+                    self.job_left_running = True
         self.spool.close()
         self.sessions.kw["bind"].dispose()
         LOG.info("node stopped")
@@ -150,4 +154,11 @@ def serve(settings: Settings) -> int:
         node.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if node.job_left_running:
+        # the model's threads are mid-computation: ending the interpreter around them can crash it, so the
+        # process ends here, its state already saved (the job is queued again)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
