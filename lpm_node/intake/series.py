@@ -239,7 +239,9 @@ class SeriesAssembler:
         if cached is not None and cached.instance_count == row.instance_count:
             return cached
         paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_instance_uid == uid))]
-        slices = read_slices(paths) if all(p.exists() for p in paths) else None
+        if not all(p.exists() for p in paths):  # not all in the spool yet: look again later
+            return _Contiguity(row.instance_count, False, "instances not yet in the spool")
+        slices = read_slices(paths)
         ok, why = contiguity(*slices) if slices is not None else (False, "headers not readable")
         result = _Contiguity(row.instance_count, ok, why)
         self._contiguity[uid] = result
