@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lpm_node.core.config import Destination, Settings
+from lpm_node.core.states import DeliveryStatus, JobStatus
 
 
 @dataclass
@@ -120,11 +121,12 @@ def check_database(settings: Settings) -> Check:
             else:
                 conn.execute(text("SELECT 1"))
                 mode = engine.dialect.name
-            queued = conn.execute(select(func.count()).select_from(Job).where(Job.status == "queued")).scalar()
-            failed = conn.execute(select(func.count()).select_from(Job).where(Job.status == "failed")).scalar()
+            queued = conn.execute(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)).scalar()
+            failed = conn.execute(select(func.count()).select_from(Job).where(Job.status == JobStatus.FAILED)).scalar()
             pending = conn.execute(
-                select(func.count()).select_from(Delivery).where(Delivery.status == "pending")).scalar()
-            dead = conn.execute(select(func.count()).select_from(Delivery).where(Delivery.status == "dead")).scalar()
+                select(func.count()).select_from(Delivery).where(Delivery.status == DeliveryStatus.PENDING)).scalar()
+            dead = conn.execute(
+                select(func.count()).select_from(Delivery).where(Delivery.status == DeliveryStatus.DEAD)).scalar()
         engine.dispose()
     except Exception as exc:  # noqa: BLE001 - any database error is the report
         return Check("database", False, f"{settings.db_url}: {type(exc).__name__}: {exc}")
