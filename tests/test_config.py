@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from lpm_node.core.config import ConfigError, Settings, load_settings
+from tests.support_net import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTED = REPO / "config" / "lpm-node.toml"
@@ -24,7 +24,8 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_documented_file_holds_every_key_with_the_code_default() -> None:
     """Generic over the dataclasses: a key added in the code must be added to the file with its default."""
-    documented = tomllib.loads(DOCUMENTED.read_text())
+    text = DOCUMENTED.read_text()
+    documented = tomllib.loads(text)
     defaults = Settings()
     missing, different = [], []
     for section in dataclasses.fields(defaults):
@@ -33,6 +34,8 @@ def test_documented_file_holds_every_key_with_the_code_default() -> None:
             default = getattr(getattr(defaults, section.name), key.name)
             if key.name not in values:
                 missing.append(f"[{section.name}] {key.name} = {default!r}")
+            elif not re.search(rf"^{key.name}\s*=.*#", text, re.M):
+                missing.append(f"[{section.name}] {key.name}: no comment that says what it does")
             elif values[key.name] != default or isinstance(values[key.name], bool) != isinstance(default, bool):
                 different.append(f"[{section.name}] {key.name}: file {values[key.name]!r}, code {default!r}")
     assert missing == [], "keys missing from config/lpm-node.toml:\n" + "\n".join(missing)
@@ -80,7 +83,6 @@ def test_floats_take_integers_and_overrides_are_checked_too(tmp_path: Path) -> N
 
 def test_command_names_the_file_and_key(tmp_path: Path) -> None:
     path = _write(tmp_path, "[output]\nbackoff_max_s = -1\n")
-    done = subprocess.run([sys.executable, "-m", "lpm_node.cli", "doctor", "--config", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    done = run_cli("doctor", "--config", str(path), timeout=120)
     assert done.returncode == 2
     assert f"config file {path}: [output] backoff_max_s = -1: Input should be greater than 0" in done.stderr
