@@ -7,6 +7,7 @@ mirrored storage and file order may differ between the two loaders without hidin
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import dicom2nifti.convert_dicom as dicom2nifti
@@ -17,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from lpm_node.imaging.loading import load_series
-from tests.support_phantom import flip_stored, small_phantom, write_series
+from tests.support_phantom import flip_stored
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -38,9 +39,10 @@ def _theirs(paths: list[Path], out: Path) -> nib.Nifti1Image:
 
 
 @pytest.mark.parametrize("variant", ["head_first", "feet_first", "mirrored_rows_and_columns", "shuffled_files"])
-def test_loader_agrees_with_dicom2nifti(tmp_path: Path, variant: str) -> None:
-    phantom = small_phantom(liver_hu=47.0, n_slices=16)
-    paths = write_series(phantom, tmp_path / "ct", feet_first=variant == "feet_first")
+def test_loader_agrees_with_dicom2nifti(
+    tmp_path: Path, phantom_series: Callable[..., list[Path]], variant: str
+) -> None:
+    paths = phantom_series(liver_hu=47.0, n_slices=16, feet_first=variant == "feet_first")
     if variant == "mirrored_rows_and_columns":
         flip_stored(paths, x=True, y=True)
     if variant == "shuffled_files":
