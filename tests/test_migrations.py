@@ -4,6 +4,7 @@ models never drift from the revisions (a schema change needs `python scripts/new
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from lpm_node.core.audit import Base, Delivery, DeliveryAttempt, Job, Series, session_factory
 from lpm_node.core.migrations import BASELINE, SchemaTooNew, alembic_config, head_revision
+from tests.support_net import free_port, run_cli
 
 T0 = "2026-01-02 03:04:05.000000"
 
@@ -116,3 +118,15 @@ def test_models_match_the_migrations(tmp_path: Path) -> None:
         for constraint in table.constraints:
             if constraint.__class__.__name__ == "CheckConstraint":
                 assert str(constraint.sqltext) in checks[table.name], (table.name, constraint.name)
+
+
+def test_commands_upgrade_an_old_database_and_refuse_a_newer_one(tmp_path: Path) -> None:
+    _baseline_database(tmp_path / "audit.sqlite")
+    listed = run_cli("audit", "--data-dir", str(tmp_path), "--json", timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert [row["series_instance_uid"] for row in json.loads(listed.stdout)] == ["1.2.3.1"]
+    with sqlite3.connect(tmp_path / "audit.sqlite") as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999'")
+    refused = run_cli("serve", "--data-dir", str(tmp_path), "--port", str(free_port()), timeout=120)
+    assert refused.returncode == 2
+    assert "lpm-node serve: error: the audit database" in refused.stderr and "revision 9999" in refused.stderr

@@ -13,14 +13,18 @@ A schema change is a change to lpm_node.core.audit plus a revision in ``versions
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, inspect
-from sqlalchemy.engine import Connection, Engine
+# alembic logs one INFO line per built-in plugin when it is imported: noise in every command's output
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from sqlalchemy import MetaData, inspect  # noqa: E402
+from sqlalchemy.engine import Connection, Engine  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parent
 BASELINE = "0001"  # the schema of lpm-node 0.1.0, created by Base.metadata.create_all before migrations
