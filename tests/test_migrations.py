@@ -12,7 +12,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import IntegrityError
 
 from lpm_node.core.audit import Base, Delivery, DeliveryAttempt, Job, Series, session_factory
@@ -67,6 +67,7 @@ def test_baseline_database_is_upgraded_with_its_rows(tmp_path: Path) -> None:
         assert (delivery.id, delivery.status) == (1, "sent")  # the oldest row, with the newest state
         attempts = session.scalars(select(DeliveryAttempt)).all()
         assert [a.delivery_id for a in attempts] == [1, 1]
+        assert session.execute(text("PRAGMA foreign_keys")).scalar() == 1  # switched off for the upgrade only
     with sqlite3.connect(tmp_path / "audit.sqlite") as db:
         assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(head_revision(),)]
 

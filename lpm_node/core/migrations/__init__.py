@@ -61,29 +61,40 @@ def upgrade_database(engine: Engine, metadata: MetaData) -> None:
     script = ScriptDirectory.from_config(alembic_config())
     head = script.get_current_head()
     with engine.connect() as connection:
-        if engine.dialect.name == "sqlite":
-            # batch migrations copy tables; foreign keys are checked again when they are back
-            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-        current = current_revision(connection)
-        if current == head:
+        if current_revision(connection) == head:
             return
-        if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
-            raise SchemaTooNew(
-                f"the audit database {engine.url!r} has schema revision {current}, newer than this lpm-node "
-                f"(newest known: {head}); run the lpm-node version that wrote it, or restore a backup"
-            )
-        tables = set(inspect(connection).get_table_names())
-        config = alembic_config(connection)
-        if current is None and not tables & set(metadata.tables):
-            metadata.create_all(connection)
-            command.stamp(config, "head")
-        else:
-            if current is None:
-                command.stamp(config, BASELINE)
-            command.upgrade(config, "head")
-        connection.commit()
-        if engine.dialect.name == "sqlite":
-            problems = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-            if problems:
-                raise RuntimeError(f"the upgraded audit database breaks foreign keys: {problems[:5]}")
-            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        sqlite = engine.dialect.name == "sqlite"
+        if sqlite:
+            connection.rollback()
+            # batch migrations copy tables; the foreign keys are checked once they are all back
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        try:
+            _upgrade(connection, script, head, metadata)
+            if sqlite:
+                problems = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if problems:
+                    raise RuntimeError(f"the upgraded audit database breaks foreign keys: {problems[:5]}")
+        finally:
+            if sqlite:
+                connection.rollback()
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+
+
+def _upgrade(connection: Connection, script: ScriptDirectory, head: str | None, metadata: MetaData) -> None:
+    current = current_revision(connection)
+    if current == head:  # another process upgraded it meanwhile
+        return
+    if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
+        raise SchemaTooNew(
+            f"the audit database {connection.engine.url!r} has schema revision {current}, newer than this "
+            f"lpm-node (newest known: {head}); run the lpm-node version that wrote it, or restore a backup"
+        )
+    config = alembic_config(connection)
+    if current is None and not set(inspect(connection).get_table_names()) & set(metadata.tables):
+        metadata.create_all(connection)
+        command.stamp(config, "head")
+    else:
+        if current is None:  # made by create_all before migrations existed
+            command.stamp(config, BASELINE)
+        command.upgrade(config, "head")
+    connection.commit()
