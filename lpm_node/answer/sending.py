@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Delivery, DeliveryAttempt, as_utc, utcnow
 from lpm_node.core.config import Destination, OutputSettings, Settings
+from lpm_node.core.states import DeliveryStatus
 
 LOG = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _file_is_newer(path: Path, than: dt.datetime | None) -> bool:
 
 
 def _requeue(row: Delivery, now: dt.datetime) -> None:
-    row.status = "pending"
+    row.status = DeliveryStatus.PENDING
     row.attempts = 0
     row.next_attempt_at = now
     row.sent_at = None
@@ -93,7 +94,7 @@ def enqueue_results(
                     object_kind=kind,
                     sop_instance_uid=sop_uid,
                     path=str(file_path),
-                    status="pending",
+                    status=DeliveryStatus.PENDING,
                     attempts=0,
                     next_attempt_at=now,
                     last_error="",
@@ -101,12 +102,12 @@ def enqueue_results(
                 )
                 session.add(row)
             else:
-                if row.status != "pending":
-                    reference = row.sent_at if row.status == "sent" else _last_attempt_at(session, row)
+                if row.status != DeliveryStatus.PENDING:
+                    reference = row.sent_at if row.status == DeliveryStatus.SENT else _last_attempt_at(session, row)
                     if row.path != str(file_path) or _file_is_newer(file_path, reference):
                         _requeue(row, now)
                         row.last_error = ""
-                if row.status == "pending":
+                if row.status == DeliveryStatus.PENDING:
                     row.path = str(file_path)
                     row.object_kind = kind
                     row.series_instance_uid = series_instance_uid
@@ -310,7 +311,7 @@ class Sender:
         with self.sessions() as session:
             rows = session.scalars(
                 select(Delivery)
-                .where(Delivery.status == "pending", Delivery.next_attempt_at <= now)
+                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now)
                 .order_by(Delivery.id)
             ).all()
             return [_Item(r.id, r.destination, r.object_kind, r.sop_instance_uid, Path(r.path)) for r in rows]
@@ -329,14 +330,14 @@ class Sender:
             )
             row.attempts += 1
             if outcome.ok:
-                row.status = "sent"
+                row.status = DeliveryStatus.SENT
                 row.sent_at = now
                 row.last_error = outcome.error  # empty, or the warning text
                 LOG.info("sent %s %s to %s", item.kind, item.sop_uid, item.destination)
                 return
             row.last_error = f"{outcome.status}: {outcome.error}" if outcome.error else outcome.status
             if row.attempts >= max(1, self.settings.max_attempts):
-                row.status = "dead"
+                row.status = DeliveryStatus.DEAD
                 LOG.error(
                     "delivery %d (%s %s to %s) is dead after %d attempts: %s",
                     item.id, item.kind, item.sop_uid, item.destination, row.attempts, row.last_error,
@@ -457,7 +458,7 @@ def delivery_dict(row: Delivery) -> dict[str, Any]:
         "status": row.status,
         "attempts": row.attempts,
         "last_error": row.last_error,
-        "next_attempt_at": _iso(row.next_attempt_at) if row.status == "pending" else None,
+        "next_attempt_at": _iso(row.next_attempt_at) if row.status == DeliveryStatus.PENDING else None,
         "created_at": _iso(row.created_at),
         "sent_at": _iso(row.sent_at),
     }
@@ -479,7 +480,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 def retry_deliveries(session: Session, ids: Sequence[int] | None = None, now: dt.datetime | None = None) -> list[int]:
     """Put dead deliveries (or the given ones, whatever their status) back to pending with attempts reset."""
     query = select(Delivery).order_by(Delivery.id)
-    query = query.where(Delivery.id.in_(list(ids))) if ids else query.where(Delivery.status == "dead")
+    query = query.where(Delivery.id.in_(list(ids))) if ids else query.where(Delivery.status == DeliveryStatus.DEAD)
     rows = session.scalars(query).all()
     for row in rows:
         _requeue(row, as_utc(now) or utcnow())

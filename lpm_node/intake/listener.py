@@ -51,6 +51,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Association, Instance, Job, Series, SeriesDecision, as_utc, utcnow
 from lpm_node.core.config import Settings
+from lpm_node.core.states import AssociationOutcome, JobStatus, SeriesStatus
 from lpm_node.intake.spool import Spool, SpoolFull, file_meta_bytes, is_valid_uid
 from lpm_node.intake.upper_layer import Association as PeerAssociation
 from lpm_node.intake.upper_layer import AssociationServer, ServerOptions, StoreRequest
@@ -95,7 +96,9 @@ HEADER_TAGS: list[BaseTag] = [
     )
 ]
 # Series that get new instances after these decisions are assembled and evaluated again.
-REOPENABLE_STATUSES = ("complete", "rejected", "not_selected", "eligible", "queued")
+REOPENABLE_STATUSES = (
+    SeriesStatus.COMPLETE, SeriesStatus.REJECTED, SeriesStatus.NOT_SELECTED, SeriesStatus.ELIGIBLE, SeriesStatus.QUEUED,
+)
 
 
 @dataclass(frozen=True)
@@ -378,7 +381,7 @@ class AuditRecorder:
                     peer_address=e.address,
                     peer_port=e.port,
                     started_at=e.at,
-                    outcome="open",
+                    outcome=AssociationOutcome.OPEN,
                 )
                 session.add(row)
                 session.flush()
@@ -388,7 +391,7 @@ class AuditRecorder:
                 row = assoc_row(e.key)
                 if row is not None:
                     row.ended_at = e.at
-                    if row.outcome == "open":
+                    if row.outcome == AssociationOutcome.OPEN:
                         row.outcome = e.outcome
                         if e.reason:
                             row.reason = f"{row.reason}; {e.reason}" if row.reason else e.reason
@@ -402,7 +405,7 @@ class AuditRecorder:
                         peer_port=e.port,
                         started_at=e.at,
                         ended_at=e.at,
-                        outcome="rejected",
+                        outcome=AssociationOutcome.REJECTED,
                         reason=e.reason,
                     )
                 )
@@ -448,7 +451,7 @@ class AuditRecorder:
                             first_received_at=e.at,
                             last_received_at=e.at,
                             instance_count=0,
-                            status="receiving",
+                            status=SeriesStatus.RECEIVING,
                         )
                         session.add(srow)
                     series_cache[e.header.series_instance_uid] = srow
@@ -463,16 +466,16 @@ def note_instance_on_series(session: Session, row: Series, at: dt.datetime) -> N
         row.last_received_at = at
     if row.status in REOPENABLE_STATUSES:
         previous = f"{row.status}: {row.reason}" if row.reason else row.status
-        if row.status == "queued":
+        if row.status == SeriesStatus.QUEUED:
             for job in session.scalars(
-                select(Job).where(Job.series_instance_uid == row.series_instance_uid, Job.status == "queued")
+                select(Job).where(Job.series_instance_uid == row.series_instance_uid, Job.status == JobStatus.QUEUED)
             ):
-                job.status = "cancelled"
+                job.status = JobStatus.CANCELLED
                 job.error = "more instances arrived; the series is evaluated again"
-        row.status = "receiving"
+        row.status = SeriesStatus.RECEIVING
         row.reason = f"more instances arrived after the decision ({previous})"
         row.decided_at = None
-        session.add(SeriesDecision(series_instance_uid=row.series_instance_uid, at=at, status="receiving",
+        session.add(SeriesDecision(series_instance_uid=row.series_instance_uid, at=at, status=SeriesStatus.RECEIVING,
                                    reason=row.reason))
 
 

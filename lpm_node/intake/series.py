@@ -17,14 +17,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.core.audit import Instance, Series, SeriesDecision, as_utc, utcnow
+from lpm_node.core.states import SeriesStatus
 from lpm_node.intake.listener import Header, header_values, note_instance_on_series
 from lpm_node.intake.spool import Spool
 
 LOG = logging.getLogger(__name__)
-
-COMPLETE = "complete"  # assembled, waiting for the eligibility rules
-RECEIVING = "receiving"
-
 
 def record_decision(session, row: Series, status: str, reason: str, at: dt.datetime | None = None) -> None:  # noqa: ANN001
     """Set a series' status and reason, and keep the decision in its history."""
@@ -91,7 +88,7 @@ def reconcile_spool(sessions: sessionmaker, spool: Spool) -> int:
                     first_received_at=at,
                     last_received_at=at,
                     instance_count=0,
-                    status=RECEIVING,
+                    status=SeriesStatus.RECEIVING,
                     reason="recovered from the spool after a restart",
                 )
                 session.add(row)
@@ -126,12 +123,12 @@ class SeriesAssembler:
         cutoff = now - dt.timedelta(seconds=self.stable_seconds)
         done: list[str] = []
         with self.sessions() as session:
-            for row in session.scalars(select(Series).where(Series.status == RECEIVING)):
+            for row in session.scalars(select(Series).where(Series.status == SeriesStatus.RECEIVING)):
                 last = as_utc(row.last_received_at)
                 if last is not None and last <= cutoff:
                     quiet = (now - last).total_seconds()
                     record_decision(
-                        session, row, COMPLETE,
+                        session, row, SeriesStatus.COMPLETE,
                         f"{row.instance_count} instance(s), nothing new for {quiet:.1f} s",
                         now,
                     )
@@ -145,7 +142,7 @@ class SeriesAssembler:
         """Seconds until the earliest receiving series becomes complete (None when there is none)."""
         now = now or utcnow()
         with self.sessions() as session:
-            query = select(Series.last_received_at).where(Series.status == RECEIVING)
+            query = select(Series.last_received_at).where(Series.status == SeriesStatus.RECEIVING)
             lasts = [v for v in (as_utc(x) for x in session.scalars(query)) if v is not None]
         if not lasts:
             return None
