@@ -9,7 +9,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     TCP_NODELAY=1 \
     PATH=/opt/lpm-node/venv/bin:$PATH
 
-# python3 for the node, dcmtk for the health check (echoscu) and for administrators' use
+# python3 for the node, dcmtk for administrators' use (echoscu, storescu, dcmdump)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv dcmtk \
  && rm -rf /var/lib/apt/lists/*
@@ -30,7 +30,8 @@ VOLUME ["/data", "/models"]
 USER lpm
 EXPOSE 11112
 
+# C-ECHO to the node's own listener, calling as its first allowed AE title (works with an allowlist)
 HEALTHCHECK --interval=60s --timeout=15s --start-period=180s --retries=3 \
-  CMD echoscu -to 10 -aet HEALTHCHECK -aec LPM_NODE 127.0.0.1 11112 || exit 1
+  CMD ["lpm-node", "doctor", "--liveness", "--config", "/opt/lpm-node/config/docker.toml"]
 
 CMD ["lpm-node", "serve", "--config", "/opt/lpm-node/config/docker.toml"]

@@ -1,4 +1,4 @@
-"""Network helpers for tests: free ports, dcmtk peers, an ``lpm-node serve`` subprocess."""
+"""Network helpers for tests: free ports, dcmtk peers, an ``lpm-node serve`` subprocess (fixtures: conftest.py)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,21 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
-from lpm_node.demo.orthanc import free_port
-
 REPO = Path(__file__).resolve().parents[1]
 NODE_AET = "LPM_NODE"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m lpm_node.cli ARGS`` in the repository, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "lpm_node.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def associate_rq(calling_ae: str, abstract_syntax: str = "1.2.840.10008.1.1") -> bytes:
@@ -90,8 +101,10 @@ def storescu(
     return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
 
 
-def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    """Wait until a DICOM C-ECHO to 127.0.0.1:port succeeds."""
+def wait_for_port(
+    port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None, *, echo: bool = True
+) -> None:
+    """Wait until a DICOM C-ECHO to 127.0.0.1:port succeeds (``echo=False``: until it accepts connections)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -102,7 +115,7 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
         except OSError:
             time.sleep(0.1)
             continue
-        if echoscu(port).returncode == 0:
+        if not echo or echoscu(port).returncode == 0:
             return
         time.sleep(0.1)
     raise TimeoutError(f"nothing answers C-ECHO on port {port} after {timeout} s")
@@ -119,6 +132,7 @@ class NodeProcess:
     config: Path | None = None
     extra: Sequence[str] = ()
     measure: bool = False  # front-door tests: receive, decide and queue only
+    ready_by_echo: bool = True  # False: ready once it accepts connections (allow-lists that refuse ECHOSCU here)
     proc: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
 
@@ -139,7 +153,7 @@ class NodeProcess:
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         try:
-            wait_for_port(self.port, timeout, self.proc)
+            wait_for_port(self.port, timeout, self.proc, echo=self.ready_by_echo)
         except BaseException:
             self.kill()  # a node that never became ready must not outlive the test
             raise

@@ -6,13 +6,12 @@ import csv
 import datetime as dt
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from lpm_node.core.audit import Association, Delivery, Instance, Job, Series, SeriesDecision, session_factory, utcnow
-from tests.support_net import REPO
+from lpm_node.core.audit import Association, Delivery, Instance, Job, Series, SeriesDecision, utcnow
+from tests.support_net import run_cli
 
 MEASURED = "1.2.840.1.2.1"
 REJECTED = "1.2.840.1.2.2"
@@ -20,13 +19,12 @@ STUDY = "1.2.840.1.1"
 
 
 def _audit(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lpm_node.cli", "audit", "--data-dir", str(data_dir), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return run_cli("audit", "--data-dir", str(data_dir), *args, timeout=60)
 
 
 @pytest.fixture()
-def data_dir(tmp_path) -> Path:
-    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+def data_dir(tmp_path, audit_sessions) -> Path:
+    sessions = audit_sessions
     t0 = utcnow() - dt.timedelta(minutes=5)
     with sessions() as s:
         assoc = Association(calling_ae="PACS", called_ae="LPM_NODE", peer_address="127.0.0.1", peer_port=4242,

@@ -16,17 +16,14 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
+from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.imaging.measurement import STEATOSIS
-from tests import support_orthanc
 from tests.support_net import REPO, NodeProcess, echoscu, have_dcmtk, storescu
-from tests.support_orthanc import Orthanc
-
-orthanc = support_orthanc.orthanc
 
 pytestmark = [
     pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed"),
-    pytest.mark.skipif(not support_orthanc.orthanc_available(), reason="Orthanc not installed"),
+    pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed"),
 ]
 
 TRUE_HU = 30.0

@@ -74,3 +74,15 @@ def test_tests_helpers_do_not_leak_into_the_package_or_scripts() -> None:
             if module == "tests" or module.startswith("tests."):
                 offenders.append(f"{path.relative_to(root)}:{line} imports {module}")
     assert offenders == []
+
+
+def test_tests_take_their_helpers_from_tests() -> None:
+    """Ports, dcmtk runners and fixtures are the tests' own (tests/support_*.py, conftest.py), not the demo's."""
+    own = {"free_port", "wait_for_port", "dcmtk_env", "have_dcmtk", "storescu", "echoscu", "run_cli"}
+    offenders = []
+    for path in sorted((PACKAGE.parent / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lpm_node"):
+                offenders += [f"{path.name}:{node.lineno} {a.name}" for a in node.names if a.name in own]
+    assert offenders == []

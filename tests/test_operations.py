@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
 from lpm_node.cli import build_parser
-from tests import support_orthanc
-from tests.support_net import REPO, free_port, have_dcmtk
-
-orthanc = support_orthanc.orthanc
-
-
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lpm_node.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+from tests.support_net import REPO, echoscu, free_port, have_dcmtk, run_cli
 
 
 @pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")
 def test_demo_runs_the_whole_flow_and_stops_everything(tmp_path):
-    result = _cli("demo", "--data-dir", str(tmp_path), "--hu", "30")
+    result = run_cli("demo", "--data-dir", str(tmp_path), "--hu", "30")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     value = float(re.search(r"DL-parenchymal attenuation: (-?[\d.]+) HU", out).group(1))
@@ -39,7 +32,7 @@ def test_demo_runs_the_whole_flow_and_stops_everything(tmp_path):
 def test_doctor_says_ok_for_a_ready_node(tmp_path, orthanc):
     config = tmp_path / "node.toml"
     config.write_text(f'[output]\ndestinations = ["{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]\n')
-    result = _cli("doctor", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    result = run_cli("doctor", "--config", str(config), "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith(("OK", "PROBLEM"))}
     assert set(lines) == {"device", "model", "destination", "disk", "database"}
@@ -53,7 +46,7 @@ def test_doctor_names_each_problem(tmp_path):
         f'[node]\nmin_free_disk_mb = 1000000000\n[model]\nfolder = "{tmp_path / "no-model"}"\n'
         f'[output]\ndestinations = ["PACS@127.0.0.1:{free_port()}"]\n'
     )
-    result = _cli("doctor", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    result = run_cli("doctor", "--config", str(config), "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 1
     problems = [line for line in result.stdout.splitlines() if line.startswith("PROBLEM")]
     assert [p.split()[1] for p in problems] == ["model", "destination", "disk"]
@@ -66,7 +59,7 @@ def test_dockerfile_matches_the_package_and_the_cli():
     dockerfile = (REPO / "Dockerfile").read_text()
     assert dockerfile.startswith("#") and re.search(r"^FROM nvidia/cuda:[\w.\-]+-runtime-", dockerfile, re.M)
     assert re.search(r"pip install \.$", dockerfile, re.M), "the image installs the package like the README"
-    assert re.search(r"^USER lpm$", dockerfile, re.M) and "HEALTHCHECK" in dockerfile
+    assert re.search(r"^USER lpm$", dockerfile, re.M)
     assert re.search(r'^VOLUME \["/data", "/models"\]$', dockerfile, re.M)
     cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1)
     argv = [a.strip().strip('"') for a in cmd.strip("[]").split(",")]
@@ -78,6 +71,9 @@ def test_dockerfile_matches_the_package_and_the_cli():
 
     settings = load_settings(config)
     assert settings.node.data_dir == "/data" and settings.model.folder == "/models" and args.command == "serve"
+    health = json.loads(re.search(r"^HEALTHCHECK .*\\\n\s*CMD (\[.*\])$", dockerfile, re.M).group(1))
+    assert health == ["lpm-node", "doctor", "--liveness", "--config", argv[argv.index("--config") + 1]]
+    assert build_parser().parse_args(health[1:]).liveness  # the health check reads the node's own settings
     for copied in re.findall(r"^COPY (.+) \./", dockerfile, re.M):
         for name in copied.split():
             assert (REPO / name).exists(), name
@@ -96,15 +92,27 @@ def test_readme_and_ci_run_the_same_test_command():
     assert "bash scripts/dev.sh demo" in readme
 
 
-def test_default_config_loads_and_documents_every_setting():
-    import dataclasses
+def _liveness(config: Path) -> subprocess.CompletedProcess:
+    return run_cli("doctor", "--liveness", "--config", str(config), timeout=60)
 
-    from lpm_node.core.config import Settings, load_settings
 
-    path = REPO / "config" / "lpm-node.toml"
-    settings = load_settings(path)
-    text = path.read_text()
-    for section in dataclasses.fields(Settings):
-        assert re.search(rf"^\[{section.name}\]", text, re.M), section.name
-        for item in dataclasses.fields(getattr(settings, section.name)):
-            assert re.search(rf"^{item.name}\s*=.*#", text, re.M), f"{section.name}.{item.name} is not documented"
+def test_liveness_check_works_with_allow_lists(tmp_path, start_node, port):
+    """The container health check: a node that only accepts PACS, or only another host, is still seen alive."""
+    only_pacs = tmp_path / "only-pacs.toml"
+    only_pacs.write_text(f'[node]\nport = {port}\nallowed_ae_titles = ["PACS"]\n')
+    node = start_node(port=port, config=only_pacs, allow_ae=["PACS"], ready_by_echo=False)
+    assert echoscu(port, calling="HEALTHCHECK").returncode != 0  # what the old health check did: refused
+    alive = _liveness(only_pacs)
+    assert alive.returncode == 0, alive.stdout + alive.stderr
+    assert f"LPM_NODE@127.0.0.1:{port} as PACS: C-ECHO OK" in alive.stdout
+    node.stop()
+    dead = _liveness(only_pacs)
+    assert dead.returncode == 1 and "PROBLEM  listener" in dead.stdout and "no association" in dead.stdout
+
+    other_host = tmp_path / "other-host.toml"
+    other_port = free_port()
+    other_host.write_text(f'[node]\nport = {other_port}\nallowed_hosts = ["10.9.9.9"]\n')
+    start_node(port=other_port, config=other_host, ready_by_echo=False)
+    alive = _liveness(other_host)
+    assert alive.returncode == 0, alive.stdout + alive.stderr
+    assert "association rejected by the node's allow-lists" in alive.stdout

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from lpm_node.demo.orthanc import orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
-from tests import support_orthanc
 from tests.support_net import REPO, NodeProcess, free_port, have_dcmtk, storescu
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")
@@ -232,8 +232,6 @@ def test_full_disk_at_start_is_one_line_and_an_exit_code(tmp_path):
 
 # -- the audit database lost, re-indexing, and destinations -------------------------------------------------------
 
-orthanc = support_orthanc.orthanc
-
 
 def _delivered(node: NodeProcess, uid: str, timeout: float = 300) -> list:
     return node.wait_rows("SELECT * FROM deliveries WHERE series_instance_uid = ?", (uid,),
@@ -241,7 +239,7 @@ def _delivered(node: NodeProcess, uid: str, timeout: float = 300) -> list:
                           timeout=timeout)
 
 
-@pytest.mark.skipif(not support_orthanc.orthanc_available(), reason="Orthanc not installed")
+@pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed")
 def test_lost_database_is_refused_and_reindex_never_resends(tmp_path, orthanc, chest):
     uid = _uid(chest)
     data = tmp_path / "node"
@@ -275,7 +273,7 @@ def test_lost_database_is_refused_and_reindex_never_resends(tmp_path, orthanc, c
         actions[0]["outcome"]
 
 
-@pytest.mark.skipif(not support_orthanc.orthanc_available(), reason="Orthanc not installed")
+@pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed")
 def test_dead_letters_go_to_the_corrected_destination(tmp_path, orthanc, chest):
     uid = _uid(chest)
     data = tmp_path / "node"

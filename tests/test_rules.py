@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from lpm_node.core.audit import Job, Series, SeriesDecision, session_factory, utcnow
+from lpm_node.core.audit import Job, Series, SeriesDecision, utcnow
 from lpm_node.core.config import RuleSettings
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.intake.rules import (
@@ -119,8 +119,8 @@ def _spool_series(spool: Spool, sessions, paths, status="complete"):
     return ds.SeriesInstanceUID
 
 
-def test_one_series_per_study_prefers_soft_kernel_and_waits_for_siblings(small_phantom, tmp_path):
-    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+def test_one_series_per_study_prefers_soft_kernel_and_waits_for_siblings(small_phantom, tmp_path, audit_sessions):
+    sessions = audit_sessions
     spool = Spool(tmp_path / "spool")
     study = "1.2.3.4.5.6.7"
     lung = _spool_series(spool, sessions, write_ct_series(
@@ -153,8 +153,8 @@ def test_one_series_per_study_prefers_soft_kernel_and_waits_for_siblings(small_p
         assert len(s.scalars(select(Job)).all()) == 1
 
 
-def test_better_series_replaces_a_queued_job(small_phantom, tmp_path):
-    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+def test_better_series_replaces_a_queued_job(small_phantom, tmp_path, audit_sessions):
+    sessions = audit_sessions
     spool = Spool(tmp_path / "spool")
     study = "1.2.3.4.5.6.8"
     lung = _spool_series(spool, sessions, write_ct_series(

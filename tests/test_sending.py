@@ -31,14 +31,11 @@ from lpm_node.cli import main as cli_main
 from lpm_node.core.audit import Delivery, DeliveryAttempt, session_factory, utcnow
 from lpm_node.core.config import Destination, OutputSettings, load_settings
 from lpm_node.demo.local_store import LocalStore
+from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.imaging.measurement import STEATOSIS, Measurement
-from tests import support_orthanc
 from tests.support_net import dcmtk_env, free_port, have_dcmtk, wait_for_port
-from tests.support_orthanc import Orthanc, orthanc_available
 from tests.support_sending import ResultFiles, write_ct, write_results
 from tests.support_writers import make_ct_datasets
-
-orthanc = support_orthanc.orthanc  # the fixture
 
 INITIAL_S = 10.0
 MAX_S = 40.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -13,6 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from lpm_node.demo.phantom import make_phantom, write_ct_series
+from tests.support_net import run_cli
 from tests.support_segmentation import third_party_copy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,8 +20,7 @@ LIVER_HU, SPLEEN_HU = 45.0, 52.0
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lpm_node.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+    return run_cli(*args, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import Dataset
@@ -11,6 +12,7 @@ from pydicom.pixels import pixel_array as read_pixel_array
 
 import lpm_node
 from lpm_node.core.files import atomic_write
+from lpm_node.imaging.functional_groups import functional_group_value
 
 MANUFACTURER = "lpm-node"
 MODEL_NAME = lpm_node.ALGORITHM_NAME
@@ -62,20 +64,17 @@ def nearest_source_slice(frame_refs: Sequence[tuple[int, int]], k: int) -> int:
     return min(real, key=lambda i: (abs(i - k), i))
 
 
-def _frame_group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
-    """The functional-group item ``sequence`` for ``frame`` (per-frame first, then shared), or None."""
-    for groups_keyword, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        groups = ds.get(groups_keyword)
-        if groups is not None and len(groups) > index and sequence in groups[index]:
-            return groups[index][sequence][0]
-    return None
+def _frame_value(ds: Dataset, frame: int, sequence: str, keyword: str) -> Any:
+    """``keyword`` of one frame: its functional groups first, then the top-level dataset (single-frame)."""
+    value = functional_group_value(ds, frame, sequence, keyword)
+    return ds.get(keyword) if value is None else value
 
 
 def frame_rescale(ds: Dataset, frame: int) -> tuple[float, float]:
     """(slope, intercept) of the modality LUT for one frame."""
-    item = _frame_group(ds, frame, "PixelValueTransformationSequence")
-    src = item if item is not None else ds
-    return float(src.get("RescaleSlope", 1.0) or 1.0), float(src.get("RescaleIntercept", 0.0) or 0.0)
+    slope = _frame_value(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _frame_value(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+    return float(slope or 1.0), float(intercept or 0.0)
 
 
 def frame_hu(ds: Dataset, frame: int) -> np.ndarray:
@@ -90,16 +89,13 @@ def frame_hu(ds: Dataset, frame: int) -> np.ndarray:
 
 def frame_orientation(ds: Dataset, frame: int) -> tuple[float, ...]:
     """ImageOrientationPatient (six direction cosines) of one frame."""
-    item = _frame_group(ds, frame, "PlaneOrientationSequence")
-    src = item if item is not None else ds
-    return tuple(float(v) for v in src.ImageOrientationPatient)
+    return tuple(float(v) for v in _frame_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"))
 
 
 def frame_pixel_spacing(ds: Dataset, frame: int) -> tuple[float, float]:
     """PixelSpacing (row spacing, column spacing) in mm of one frame."""
-    item = _frame_group(ds, frame, "PixelMeasuresSequence")
-    src = item if item is not None else ds
-    return float(src.PixelSpacing[0]), float(src.PixelSpacing[1])
+    spacing = _frame_value(ds, frame, "PixelMeasuresSequence", "PixelSpacing")
+    return float(spacing[0]), float(spacing[1])
 
 
 def write_dataset(ds: Dataset, path: str | Path) -> Path:

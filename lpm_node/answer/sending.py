@@ -57,7 +57,7 @@ def _file_is_newer(path: Path, than: dt.datetime | None) -> bool:
 
 
 def _requeue(row: Delivery, now: dt.datetime) -> None:
-    row.status = "pending"
+    row.status = DeliveryStatus.PENDING
     row.attempts = 0
     row.next_attempt_at = now
     row.queued_at = now
@@ -100,7 +100,7 @@ def enqueue_results(
                     object_kind=kind,
                     sop_instance_uid=sop_uid,
                     path=str(file_path),
-                    status="pending",
+                    status=DeliveryStatus.PENDING,
                     attempts=0,
                     next_attempt_at=now,
                     last_error="",
@@ -109,12 +109,12 @@ def enqueue_results(
                 )
                 session.add(row)
             else:
-                if row.status != "pending":
-                    reference = row.sent_at if row.status == "sent" else _last_attempt_at(session, row)
+                if row.status != DeliveryStatus.PENDING:
+                    reference = row.sent_at if row.status == DeliveryStatus.SENT else _last_attempt_at(session, row)
                     if row.path != str(file_path) or _file_is_newer(file_path, reference):
                         _requeue(row, now)
                         row.last_error = ""
-                if row.status == "pending":
+                if row.status == DeliveryStatus.PENDING:
                     row.path = str(file_path)
                     row.object_kind = kind
                     row.series_instance_uid = series_instance_uid
@@ -320,7 +320,7 @@ class Sender:
         with self.sessions() as session:
             rows = session.scalars(
                 select(Delivery)
-                .where(Delivery.status == "pending", Delivery.next_attempt_at <= now)
+                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now)
                 .order_by(Delivery.id)
             ).all()
             return [_Item(r.id, r.destination, r.object_kind, r.sop_instance_uid, Path(r.path)) for r in rows]
@@ -340,7 +340,7 @@ class Sender:
             )
             row.attempts += 1
             if outcome.ok:
-                row.status = "sent"
+                row.status = DeliveryStatus.SENT
                 row.sent_at = now
                 row.last_error = outcome.error  # empty, or the warning text
                 LOG.info("sent %s %s to %s", item.kind, item.sop_uid, item.destination)
@@ -482,7 +482,7 @@ def delivery_dict(row: Delivery) -> dict[str, Any]:
         "status": row.status,
         "attempts": row.attempts,
         "last_error": row.last_error,
-        "next_attempt_at": _iso(row.next_attempt_at) if row.status == "pending" else None,
+        "next_attempt_at": _iso(row.next_attempt_at) if row.status == DeliveryStatus.PENDING else None,
         "created_at": _iso(row.created_at),
         "sent_at": _iso(row.sent_at),
     }

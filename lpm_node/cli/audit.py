@@ -26,6 +26,7 @@ from lpm_node.core.audit import (
     session_factory,
 )
 from lpm_node.core.config import Settings
+from lpm_node.core.states import DeliveryStatus
 
 COLUMNS = [
     "study_instance_uid", "series_instance_uid", "modality", "series_description", "status", "reason", "instances",
@@ -44,11 +45,11 @@ def _delivery_status(deliveries: list[Delivery]) -> str | None:
     if not deliveries:
         return None
     statuses = {d.status for d in deliveries}
-    if statuses == {"sent"}:
-        return "sent"
-    if "dead" in statuses:
-        return "dead" if statuses == {"dead"} else "partial"
-    return "pending"
+    if statuses == {DeliveryStatus.SENT}:
+        return DeliveryStatus.SENT
+    if DeliveryStatus.DEAD in statuses:
+        return DeliveryStatus.DEAD if statuses == {DeliveryStatus.DEAD} else "partial"
+    return DeliveryStatus.PENDING
 
 
 def _latest_job(session: Session, series_uid: str) -> Job | None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lpm_node.core.config import Destination, Settings
+from lpm_node.core.states import DeliveryStatus, JobStatus
 
 
 @dataclass
@@ -76,6 +77,41 @@ def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> 
         assoc.release()
 
 
+HEALTHCHECK_AE = "HEALTHCHECK"  # calling AE title of the liveness check when any caller is allowed
+
+
+def check_listener(settings: Settings, timeout_s: float = 10.0) -> Check:
+    """Does the node's own DICOM listener answer? (``doctor --liveness``, the container health check)
+
+    A C-ECHO from this machine, calling as the first allowed AE title (``HEALTHCHECK`` when any caller is
+    allowed). An association rejected by the allow-lists (``allowed_hosts`` without this address) still proves
+    that the listener reads and answers requests: alive. No connection, no answer or an abort is not.
+    """
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    node = settings.node
+    host = "127.0.0.1" if node.host in ("", "0.0.0.0") else "::1" if node.host == "::" else node.host
+    calling = node.allowed_ae_titles[0] if node.allowed_ae_titles else HEALTHCHECK_AE
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    where = f"{node.ae_title}@{host}:{node.port} as {calling}"
+    assoc = ae.associate(host, node.port, ae_title=node.ae_title)
+    if assoc.is_rejected:
+        return Check("listener", True, f"{where}: association rejected by the node's allow-lists, so it answers")
+    if not assoc.is_established:
+        return Check("listener", False, f"{where}: no association (nothing listening, no answer, or aborted)")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        return Check("listener", False, f"{where}: C-ECHO status {code if code is not None else 'none (timeout)'}")
+    return Check("listener", True, f"{where}: C-ECHO OK")
+
+
 def check_destinations(settings: Settings) -> list[Check]:
     """A C-ECHO to every configured destination."""
     if not settings.destinations:
@@ -120,11 +156,12 @@ def check_database(settings: Settings) -> Check:
             else:
                 conn.execute(text("SELECT 1"))
                 mode = engine.dialect.name
-            queued = conn.execute(select(func.count()).select_from(Job).where(Job.status == "queued")).scalar()
-            failed = conn.execute(select(func.count()).select_from(Job).where(Job.status == "failed")).scalar()
+            queued = conn.execute(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)).scalar()
+            failed = conn.execute(select(func.count()).select_from(Job).where(Job.status == JobStatus.FAILED)).scalar()
             pending = conn.execute(
-                select(func.count()).select_from(Delivery).where(Delivery.status == "pending")).scalar()
-            dead = conn.execute(select(func.count()).select_from(Delivery).where(Delivery.status == "dead")).scalar()
+                select(func.count()).select_from(Delivery).where(Delivery.status == DeliveryStatus.PENDING)).scalar()
+            dead = conn.execute(
+                select(func.count()).select_from(Delivery).where(Delivery.status == DeliveryStatus.DEAD)).scalar()
         engine.dispose()
     except Exception as exc:  # noqa: BLE001 - any database error is the report
         return Check("database", False, f"{settings.db_url}: {type(exc).__name__}: {exc}")
@@ -149,8 +186,8 @@ def run_checks(settings: Settings) -> list[Check]:
 
 
 def doctor(settings: Settings, args: argparse.Namespace) -> int:
-    """Print one line per check; exit 0 when all are OK, 1 otherwise."""
-    checks = run_checks(settings)
+    """Print one line per check; exit 0 when all are OK, 1 otherwise (``--liveness``: the listener only)."""
+    checks = [check_listener(settings)] if getattr(args, "liveness", False) else run_checks(settings)
     for check in checks:
         print(check, flush=True)
     problems = sum(not c.ok for c in checks)

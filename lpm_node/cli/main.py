@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("doctor", _cmd_doctor, "check device, model, destinations, disk space and database")
     _node_options(p)
     p.add_argument("--model", help="nnU-Net v2 model folder")
+    p.add_argument("--liveness", action="store_true",
+                   help="only check that the node's DICOM listener answers (the container health check)")
 
     p = add("outbox", _cmd_outbox, "list or retry result deliveries")
     _node_options(p)

@@ -2,6 +2,8 @@
 
 Tables: associations, instances, series, jobs (the measurement queue and its results),
 deliveries (the outbox) and delivery_attempts. Rows carry UIDs, never patient names.
+Status columns hold the words of lpm_node.core.states, enforced by CHECK constraints. The schema is
+versioned by the Alembic revisions in lpm_node.core.migrations: opening a database upgrades it.
 """
 
 from __future__ import annotations
@@ -10,22 +12,37 @@ import datetime as dt
 import getpass
 import os
 import socket
+from enum import StrEnum
 from pathlib import Path
 
 from sqlalchemy import (
     JSON,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
     Integer,
+    MetaData,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
-    inspect,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from lpm_node.core.migrations import upgrade_database
+from lpm_node.core.states import AssociationOutcome, DeliveryStatus, JobStatus, SeriesStatus, values
+
+# Constraint names are fixed so that later migrations can find them (SQLite keeps no other name).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
 
 
 def utcnow() -> dt.datetime:
@@ -41,11 +58,18 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
 
 
 class Base(DeclarativeBase):
-    pass
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def one_of(column: str, enum: type[StrEnum]) -> CheckConstraint:
+    """CHECK that ``column`` holds one of the words of a state enum (constraint named after the column)."""
+    words = ", ".join(f"'{word}'" for word in values(enum))
+    return CheckConstraint(f"{column} IN ({words})", name=column)
 
 
 class Association(Base):
     __tablename__ = "associations"
+    __table_args__ = (one_of("outcome", AssociationOutcome),)
     id: Mapped[int] = mapped_column(primary_key=True)
     calling_ae: Mapped[str] = mapped_column(String(64), default="")
     called_ae: Mapped[str] = mapped_column(String(64), default="")
@@ -53,7 +77,7 @@ class Association(Base):
     peer_port: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    outcome: Mapped[str] = mapped_column(String(32), default="open")  # open|released|aborted|rejected
+    outcome: Mapped[str] = mapped_column(String(32), default=AssociationOutcome.OPEN)
     reason: Mapped[str] = mapped_column(Text, default="")
     instances_received: Mapped[int] = mapped_column(Integer, default=0)
     instances_refused: Mapped[int] = mapped_column(Integer, default=0)  # C-STORE answered with a failure
@@ -74,6 +98,7 @@ class Instance(Base):
 
 class Series(Base):
     __tablename__ = "series"
+    __table_args__ = (one_of("status", SeriesStatus),)
     id: Mapped[int] = mapped_column(primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
@@ -84,8 +109,7 @@ class Series(Base):
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
-    # receiving | rejected | eligible | not_selected | queued | processing | done | failed
-    status: Mapped[str] = mapped_column(String(32), default="receiving", index=True)
+    status: Mapped[str] = mapped_column(String(32), default=SeriesStatus.RECEIVING, index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     facts: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # header facts the rules used
@@ -95,6 +119,7 @@ class SeriesDecision(Base):
     """History of the decisions taken on a series (the series row holds the latest)."""
 
     __tablename__ = "series_decisions"
+    __table_args__ = (one_of("status", SeriesStatus),)
     id: Mapped[int] = mapped_column(primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -106,15 +131,16 @@ class Job(Base):
     """One measurement of one series: the queue the worker takes from, and its results."""
 
     __tablename__ = "jobs"
+    __table_args__ = (one_of("status", JobStatus),)
     id: Mapped[int] = mapped_column(primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
-    status: Mapped[str] = mapped_column(String(32), default="queued", index=True)  # queued|running|done|failed
+    status: Mapped[str] = mapped_column(String(32), default=JobStatus.QUEUED, index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    stopped_starts: Mapped[int] = mapped_column(Integer, default=0)  # starts cut short by an orderly stop
+    stopped_starts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # cut short by a stop
     error: Mapped[str] = mapped_column(Text, default="")
     device: Mapped[str] = mapped_column(String(32), default="")
     model: Mapped[str] = mapped_column(Text, default="")
@@ -127,9 +153,17 @@ class Job(Base):
 
 
 class Delivery(Base):
-    """One result object for one destination: the persistent outbox."""
+    """One result object for one destination: the persistent outbox.
+
+    One row per (SOPInstanceUID, destination), enforced by a unique constraint: the UIDs are deterministic,
+    so a later job that writes the same object again re-queues that row (and takes it over) instead of adding one.
+    """
 
     __tablename__ = "deliveries"
+    __table_args__ = (
+        one_of("status", DeliveryStatus),
+        UniqueConstraint("sop_instance_uid", "destination"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
@@ -137,7 +171,7 @@ class Delivery(Base):
     object_kind: Mapped[str] = mapped_column(String(16))  # SEG | SR | KEY
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending|sent|dead
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")
@@ -194,30 +228,17 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
 
 
 def open_engine(url: str) -> Engine:
-    """Create the engine for ``url`` (creating the SQLite folder and the tables if needed)."""
+    """Create the engine for ``url``: the SQLite folder and the tables are created, an older schema upgraded.
+
+    Raises lpm_node.core.migrations.SchemaTooNew for a database written by a newer lpm-node.
+    """
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
+    upgrade_database(engine, Base.metadata)
     return engine
-
-
-# Columns added after a table's first release: (table, column, SQL type and default) for databases made before.
-_LATER_COLUMNS = (
-    ("jobs", "stopped_starts", "INTEGER NOT NULL DEFAULT 0"),
-    ("deliveries", "queued_at", "DATETIME"),
-)
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    with engine.begin() as conn:
-        for table, column, ddl in _LATER_COLUMNS:
-            present = {c["name"] for c in inspect(conn).get_columns(table)}
-            if column not in present:
-                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
 
 
 def session_factory(url: str) -> sessionmaker:

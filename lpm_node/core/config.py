@@ -1,12 +1,31 @@
-"""Node configuration: a TOML file (see config/lpm-node.toml) plus command-line overrides."""
+"""Node configuration: a TOML file (see config/lpm-node.toml) plus command-line overrides.
+
+Every value is checked against the type and bounds of its field (pydantic, strict: no "11112" for a port, no
+1 for true); a wrong or unknown key is refused with the key and the file named (``ConfigError``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+Count = Annotated[int, Field(ge=0)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+Amount = Annotated[float, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used: the message names the source (file or command line) and the key."""
 
 
 @dataclass
@@ -33,34 +52,34 @@ class Destination:
 
 @dataclass
 class NodeSettings:
-    ae_title: str = "LPM_NODE"
+    ae_title: AETitle = "LPM_NODE"
     host: str = "127.0.0.1"
-    port: int = 11112
+    port: Port = 11112
     data_dir: str = "./lpm-data"
     database_url: str = ""  # empty: sqlite:///<data_dir>/audit.sqlite
     allowed_ae_titles: list[str] = field(default_factory=list)  # empty: any caller
     allowed_hosts: list[str] = field(default_factory=list)  # empty: any address
-    min_free_disk_mb: int = 512
-    spool_quota_mb: int = 0  # 0: no quota
-    journal_mb: int = 256  # write-ahead journal of the spool (preallocated); 0: each file synced on its own
-    max_associations: int = 16
+    min_free_disk_mb: Count = 512
+    spool_quota_mb: Count = 0  # 0: no quota
+    journal_mb: Count = 256  # write-ahead journal of the spool (preallocated); 0: each file synced on its own
+    max_associations: AtLeastOne = 16
     measure: bool = True  # False: receive, decide and queue only (e.g. while checking the routing rules)
-    stop_grace_seconds: float = 10.0  # a job still running this long after a stop is queued again (not a crash)
+    stop_grace_seconds: Amount = 10.0  # a job still running this long after a stop is queued again (not a crash)
 
 
 @dataclass
 class SeriesSettings:
-    stable_seconds: float = 30.0
+    stable_seconds: Positive = 30.0
     release_grace_seconds: float = 2.0  # complete this long after its associations were released; < 0: off
 
 
 @dataclass
 class RuleSettings:
     modalities: list[str] = field(default_factory=lambda: ["CT"])
-    min_slices: int = 40
-    min_z_coverage_mm: float = 150.0
-    min_slice_thickness_mm: float = 0.5
-    max_slice_thickness_mm: float = 5.0
+    min_slices: Count = 40
+    min_z_coverage_mm: Amount = 150.0
+    min_slice_thickness_mm: Amount = 0.5
+    max_slice_thickness_mm: Positive = 5.0
     contrast_keywords: list[str] = field(
         default_factory=lambda: [
             "C+", "contrast", "arterial", "venous", "portal", "delayed", "angio", "CTA",
@@ -83,18 +102,18 @@ class ModelSettings:
     folder: str = ""  # empty: the bundled tiny phantom model (test and demo only)
     folds: list[str] = field(default_factory=lambda: ["0"])
     checkpoint: str = "checkpoint_final.pth"
-    device: str = "auto"  # auto | cuda | cpu
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     profile: str = ""  # empty: taken from the model folder or the default "liver=1"
-    threads: int = 0  # 0: number of CPU cores
+    threads: Count = 0  # 0: number of CPU cores
     mirroring: bool = False  # test-time mirroring (slower, slightly smoother)
-    resampling: str = "fast"  # fast: SimpleITK to and from the model spacing | nnunet: nnU-Net's own resampling
+    resampling: Literal["fast", "nnunet"] = "fast"  # fast: SimpleITK to/from the model spacing; nnunet: its own
 
 
 @dataclass
 class MeasurementSettings:
     threshold_hu: float = 40.0
-    min_liver_volume_ml: float = 200.0
-    max_roi_sd_hu: float = 30.0
+    min_liver_volume_ml: Amount = 200.0
+    max_roi_sd_hu: Positive = 30.0
 
 
 @dataclass
@@ -103,11 +122,11 @@ class OutputSettings:
     key_image: bool = True
     destinations: list[str] = field(default_factory=list)  # "AET@HOST:PORT"
     reply_to_sender: bool = False
-    reply_port: int = 104
-    max_attempts: int = 0  # 0: no limit by count, only retry_hours
-    retry_hours: float = 48.0  # a delivery failing for this long since it was queued is dead-lettered
-    backoff_initial_s: float = 5.0
-    backoff_max_s: float = 600.0
+    reply_port: Port = 104
+    max_attempts: Count = 0  # 0: no limit by count, only retry_hours
+    retry_hours: Positive = 48.0  # a delivery failing for this long since it was queued is dead-lettered
+    backoff_initial_s: Positive = 5.0
+    backoff_max_s: Positive = 600.0
 
 
 @dataclass
@@ -145,26 +164,64 @@ class Settings:
         return [Destination.parse(d) for d in self.output.destinations]
 
 
-def _merge(section: Any, values: dict[str, Any], where: str) -> None:
-    known = {f.name for f in dataclasses.fields(section)}
+@functools.cache
+def _field_adapters(section_type: type) -> dict[str, TypeAdapter]:
+    hints = typing.get_type_hints(section_type, include_extras=True)
+    return {f.name: TypeAdapter(hints[f.name]) for f in dataclasses.fields(section_type)}
+
+
+def _merge(section: Any, values: dict[str, Any], where: str, source: str) -> None:
+    adapters = _field_adapters(type(section))
     for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"unknown setting {where}.{key} (known: {', '.join(sorted(known))})")
-        setattr(section, key, value)
+        if key not in adapters:
+            raise ConfigError(f"{source}: unknown setting [{where}] {key} (known: {', '.join(sorted(adapters))})")
+        try:
+            checked = adapters[key].validate_python(value, strict=True)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'item ' + '.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"{source}: [{where}] {key} = {value!r}: {problems}") from None
+        setattr(section, key, checked)
+
+
+def _check_together(settings: Settings, source: str) -> None:
+    rules, output = settings.rules, settings.output
+    if rules.min_slice_thickness_mm > rules.max_slice_thickness_mm:
+        raise ConfigError(f"{source}: [rules] min_slice_thickness_mm ({rules.min_slice_thickness_mm}) is above "
+                          f"max_slice_thickness_mm ({rules.max_slice_thickness_mm})")
+    if output.backoff_initial_s > output.backoff_max_s:
+        raise ConfigError(f"{source}: [output] backoff_initial_s ({output.backoff_initial_s}) is above "
+                          f"backoff_max_s ({output.backoff_max_s})")
+    for dest in output.destinations:
+        try:
+            Destination.parse(dest)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [output] destinations: {exc}") from None
 
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
-    """Read settings from a TOML file (optional), then apply ``{section: {key: value}}`` overrides."""
+    """Read settings from a TOML file (optional), then apply ``{section: {key: value}}`` overrides.
+
+    Raises ConfigError (a ValueError) naming the file or "command line" and the key for an unknown key, a wrong
+    type or an out-of-range value.
+    """
     settings = Settings()
     sections = {f.name for f in dataclasses.fields(settings)}
-    data: dict[str, Any] = {}
+    sources: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    for name, values in list(data.items()) + list((overrides or {}).items()):
-        if name not in sections:
-            raise ValueError(f"unknown settings section [{name}] (known: {', '.join(sorted(sections))})")
-        _merge(getattr(settings, name), {k: v for k, v in values.items() if v is not None}, name)
-    for dest in settings.output.destinations:
-        Destination.parse(dest)
+            try:
+                sources.append((f"config file {path}", tomllib.load(fh)))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    sources.append(("command line", overrides or {}))
+    for source, data in sources:
+        for name, values in data.items():
+            if name not in sections:
+                raise ConfigError(f"{source}: unknown settings section [{name}] (known: {', '.join(sorted(sections))})")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: {name} must be a [{name}] section, not a value")
+            _merge(getattr(settings, name), {k: v for k, v in values.items() if v is not None}, name, source)
+        _check_together(settings, source)
     return settings

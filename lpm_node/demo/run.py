@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from lpm_node.core.audit import Delivery, Job, Series
 from lpm_node.core.config import Destination, Settings
+from lpm_node.core.states import DeliveryStatus, JobStatus, SeriesStatus
 from lpm_node.demo.local_store import LocalStore
 from lpm_node.demo.orthanc import Orthanc, free_port, orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
@@ -78,14 +79,15 @@ def _wait_for_results(node: Node, series_uid: str, say) -> tuple[Series, Job | N
             series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).first()
             job = session.scalars(select(Job).where(Job.series_instance_uid == series_uid).order_by(Job.id)).first()
             deliveries = list(session.scalars(select(Delivery).where(Delivery.series_instance_uid == series_uid)))
-        state = series.status if series else "receiving"
-        sent = sum(d.status == "sent" for d in deliveries)
+        state = series.status if series else SeriesStatus.RECEIVING
+        sent = sum(d.status == DeliveryStatus.SENT for d in deliveries)
         if deliveries:
             state = f"sending ({sent}/{len(deliveries)} delivered)"
         if state != last:
             say(f"node: {state}")
             last = state
-        if series is not None and series.status in ("rejected", "failed", "not_selected"):
+        finished = (SeriesStatus.REJECTED, SeriesStatus.FAILED, SeriesStatus.NOT_SELECTED)
+        if series is not None and series.status in finished:
             return series, job, deliveries
         if deliveries and sent == len(deliveries):
             return series, job, deliveries
@@ -132,7 +134,7 @@ def demo(settings: Settings, args: argparse.Namespace) -> int:
         send_series(files, port, node_settings.node.ae_title)
         say("sent by C-STORE; waiting for the series to complete, be measured and answered")
         series, job, deliveries = _wait_for_results(node, series_uid, say)
-        if job is None or job.status != "done":
+        if job is None or job.status != JobStatus.DONE:
             reason = job.error if job is not None and job.error else series.reason
             say(f"no measurement: {series.status}: {reason}")
             return 1

@@ -27,6 +27,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
+from lpm_node.imaging.functional_groups import functional_group_value
+
 try:  # copies an array into an allocated image: the second half of sitk.GetImageFromArray
     from SimpleITK.SimpleITK import _SetImageFromArray as _copy_into_image
 except ImportError:  # pragma: no cover - then each image is allocated once its pixels are ready
@@ -123,18 +125,6 @@ def _floats(value: Any, n: int, what: str) -> np.ndarray:
     return arr
 
 
-def _group_attr(ds: Dataset, frame: int, seq: str, keyword: str) -> Any:
-    """An attribute from the per-frame functional groups of ``frame``, else the shared ones, else None."""
-    for groups_kw, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        groups = ds.get(groups_kw)
-        if groups is None or len(groups) <= idx:
-            continue
-        item = groups[idx].get(seq)
-        if item is not None and len(item) > 0 and keyword in item[0]:
-            return item[0].get(keyword)
-    return None
-
-
 def _frames_of(ds: Dataset, ds_index: int) -> list[_Frame]:
     """Geometry and rescale of every frame of one dataset."""
     n = int(ds.get("NumberOfFrames", 1) or 1)
@@ -142,11 +132,11 @@ def _frames_of(ds: Dataset, ds_index: int) -> list[_Frame]:
     frames: list[_Frame] = []
     for f in range(n):
         if enhanced:
-            ipp = _group_attr(ds, f, "PlanePositionSequence", "ImagePositionPatient")
-            iop = _group_attr(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient")
-            ps = _group_attr(ds, f, "PixelMeasuresSequence", "PixelSpacing")
-            slope = _group_attr(ds, f, "PixelValueTransformationSequence", "RescaleSlope")
-            intercept = _group_attr(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
+            ipp = functional_group_value(ds, f, "PlanePositionSequence", "ImagePositionPatient")
+            iop = functional_group_value(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient")
+            ps = functional_group_value(ds, f, "PixelMeasuresSequence", "PixelSpacing")
+            slope = functional_group_value(ds, f, "PixelValueTransformationSequence", "RescaleSlope")
+            intercept = functional_group_value(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
         else:
             ipp, iop, ps = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
             slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
@@ -189,7 +179,7 @@ def _nominal_thickness(ds: Dataset) -> float:
     """Slice spacing to use for a single-slice series: SpacingBetweenSlices, else SliceThickness, else 1 mm."""
     for kw in ("SpacingBetweenSlices", "SliceThickness"):
         try:
-            v = float(ds.get(kw) or _group_attr(ds, 0, "PixelMeasuresSequence", kw) or 0)
+            v = float(ds.get(kw) or functional_group_value(ds, 0, "PixelMeasuresSequence", kw) or 0)
         except (TypeError, ValueError):
             v = 0.0
         if v > 0:

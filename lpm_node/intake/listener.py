@@ -51,6 +51,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Association, Instance, Series, utcnow
 from lpm_node.core.config import Settings
+from lpm_node.core.states import AssociationOutcome, SeriesStatus
 from lpm_node.intake.series import note_instance_on_series
 from lpm_node.intake.spool import Spool, SpoolFull, file_meta_bytes, is_valid_uid
 from lpm_node.intake.upper_layer import Association as PeerAssociation
@@ -377,7 +378,7 @@ class AuditRecorder:
                     peer_address=e.address,
                     peer_port=e.port,
                     started_at=e.at,
-                    outcome="open",
+                    outcome=AssociationOutcome.OPEN,
                 )
                 session.add(row)
                 session.flush()
@@ -387,7 +388,7 @@ class AuditRecorder:
                 row = assoc_row(e.key)
                 if row is not None:
                     row.ended_at = e.at
-                    if row.outcome == "open":
+                    if row.outcome == AssociationOutcome.OPEN:
                         row.outcome = e.outcome
                         if e.reason:
                             row.reason = f"{row.reason}; {e.reason}" if row.reason else e.reason
@@ -401,7 +402,7 @@ class AuditRecorder:
                         peer_port=e.port,
                         started_at=e.at,
                         ended_at=e.at,
-                        outcome="rejected",
+                        outcome=AssociationOutcome.REJECTED,
                         reason=e.reason,
                     )
                 )
@@ -447,7 +448,7 @@ class AuditRecorder:
                             first_received_at=e.at,
                             last_received_at=e.at,
                             instance_count=0,
-                            status="receiving",
+                            status=SeriesStatus.RECEIVING,
                         )
                         session.add(srow)
                     series_cache[e.header.series_instance_uid] = srow

@@ -29,16 +29,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Job, Series, utcnow
 from lpm_node.core.config import RuleSettings
-from lpm_node.intake.series import COMPLETE, RECEIVING, record_decision
+from lpm_node.core.states import JobStatus, SeriesStatus
+from lpm_node.intake.series import record_decision
 from lpm_node.intake.spool import Spool
 
 LOG = logging.getLogger(__name__)
 
-ELIGIBLE = "eligible"
-REJECTED = "rejected"
-QUEUED = "queued"
-NOT_SELECTED = "not_selected"
-STARTED_JOB_STATUSES = ("running", "done", "failed")
+STARTED_JOB_STATUSES = (JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED)
 
 _HEADER_TAGS = [
     "SOPClassUID", "Modality", "ImageType", "StudyDescription", "SeriesDescription", "ProtocolName",
@@ -296,8 +293,9 @@ def evaluate_series(session: Session, row: Series, spool: Spool, rules: RuleSett
     facts = read_series_facts(paths)
     ok, reason = eligibility(facts, rules)
     row.facts = facts.to_dict()
-    record_decision(session, row, ELIGIBLE if ok else REJECTED, reason)
-    LOG.info("series %s %s: %s", row.series_instance_uid, "eligible" if ok else "rejected", reason)
+    status = SeriesStatus.ELIGIBLE if ok else SeriesStatus.REJECTED
+    record_decision(session, row, status, reason)
+    LOG.info("series %s %s: %s", row.series_instance_uid, status, reason)
     return ok
 
 
@@ -337,8 +335,8 @@ RULE_TEXT = "soft-tissue kernel > thinner slices > longer z-coverage > more slic
 def select_for_study(session: Session, study_uid: str) -> str | None:
     """Choose and queue one series of a study, if the study is ready; returns the queued series UID."""
     rows = list(session.scalars(select(Series).where(Series.study_instance_uid == study_uid)))
-    pending = [r for r in rows if r.status in (RECEIVING, COMPLETE)]
-    eligible = [r for r in rows if r.status == ELIGIBLE]
+    pending = [r for r in rows if r.status in (SeriesStatus.RECEIVING, SeriesStatus.COMPLETE)]
+    eligible = [r for r in rows if r.status == SeriesStatus.ELIGIBLE]
     if not eligible:
         return None
     if pending:
@@ -352,36 +350,37 @@ def select_for_study(session: Session, study_uid: str) -> str | None:
     if started:
         ref = started[-1]
         for r in eligible:
-            record_decision(session, r, NOT_SELECTED,
+            record_decision(session, r, SeriesStatus.NOT_SELECTED,
                             f"not selected: the study is already measured on series {ref.series_instance_uid} "
                             f"(job {ref.id} {ref.status})")
         return None
-    queued_rows = [r for r in rows if r.status == QUEUED]
+    queued_rows = [r for r in rows if r.status == SeriesStatus.QUEUED]
     candidates = sorted(eligible + queued_rows, key=selection_key)
     best = candidates[0]
     others = len(candidates) - 1
-    if best.status != QUEUED:
+    if best.status != SeriesStatus.QUEUED:
         for r in queued_rows:  # a better series arrived while the study's job was still waiting
             for job in jobs:
-                if job.series_instance_uid == r.series_instance_uid and job.status == "queued":
-                    job.status = "cancelled"
+                if job.series_instance_uid == r.series_instance_uid and job.status == JobStatus.QUEUED:
+                    job.status = JobStatus.CANCELLED
                     job.error = f"replaced by series {best.series_instance_uid}"
-            record_decision(session, r, NOT_SELECTED,
+            record_decision(session, r, SeriesStatus.NOT_SELECTED,
                             f"not selected: replaced by series {best.series_instance_uid} ({_describe(best)}); "
                             f"rule: {RULE_TEXT}")
-        record_decision(session, best, QUEUED,
+        record_decision(session, best, SeriesStatus.QUEUED,
                         f"selected: {_describe(best)}; best of {others + 1} eligible series; rule: {RULE_TEXT}")
-        waiting = [j for j in jobs if j.series_instance_uid == best.series_instance_uid and j.status == "queued"]
+        waiting = [j for j in jobs
+                   if j.series_instance_uid == best.series_instance_uid and j.status == JobStatus.QUEUED]
         if not waiting:  # a job still running measures the instances it started with: a new one is made
             session.add(Job(series_instance_uid=best.series_instance_uid, study_instance_uid=study_uid,
-                            status="queued", created_at=utcnow()))
+                            status=JobStatus.QUEUED, created_at=utcnow()))
         LOG.info("series %s selected for measurement (study %s)", best.series_instance_uid, study_uid)
     for r in eligible:
         if r is not best:
-            record_decision(session, r, NOT_SELECTED,
+            record_decision(session, r, SeriesStatus.NOT_SELECTED,
                             f"not selected: series {best.series_instance_uid} is measured instead "
                             f"({_describe(best)}); rule: {RULE_TEXT}")
-    return best.series_instance_uid if best.status == QUEUED else None
+    return best.series_instance_uid if best.status == SeriesStatus.QUEUED else None
 
 
 class RuleEngine:
@@ -396,17 +395,18 @@ class RuleEngine:
         """Evaluate every complete series, then select per study; returns the newly queued series UIDs."""
         queued: list[str] = []
         with self.sessions() as session:
-            complete = list(session.scalars(select(Series).where(Series.status == COMPLETE)))
+            complete = list(session.scalars(select(Series).where(Series.status == SeriesStatus.COMPLETE)))
             studies = set()
             for row in complete:
                 try:
                     evaluate_series(session, row, self.spool, self.rules)
                 except Exception as exc:  # a broken header must not stop the node
                     LOG.exception("rules failed on series %s", row.series_instance_uid)
-                    record_decision(session, row, REJECTED, f"header evaluation failed: {type(exc).__name__}: {exc}")
+                    record_decision(session, row, SeriesStatus.REJECTED,
+                                    f"header evaluation failed: {type(exc).__name__}: {exc}")
                 studies.add(row.study_instance_uid)
             session.flush()
-            waiting = session.scalars(select(Series.study_instance_uid).where(Series.status == ELIGIBLE))
+            waiting = session.scalars(select(Series.study_instance_uid).where(Series.status == SeriesStatus.ELIGIBLE))
             studies.update(waiting)
             for study_uid in sorted(studies):
                 uid = select_for_study(session, study_uid)

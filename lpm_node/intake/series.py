@@ -140,7 +140,7 @@ def reconcile_spool(sessions: sessionmaker, spool: Spool) -> int:
                     first_received_at=at,
                     last_received_at=at,
                     instance_count=0,
-                    status=RECEIVING,
+                    status=SeriesStatus.RECEIVING,
                     reason="recovered from the spool after a restart",
                 )
                 session.add(row)

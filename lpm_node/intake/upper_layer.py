@@ -35,6 +35,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from lpm_node.core.states import AssociationOutcome
+
 LOG = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
@@ -392,7 +394,7 @@ class _Connection:
             LOG.warning("association request from %s refused: %s", self.assoc.address, exc)
             self._send_abort(exc.reason)
             return
-        outcome, reason = "aborted", ""
+        outcome, reason = AssociationOutcome.ABORTED, ""
         try:
             self.sock.settimeout(self.options.network_timeout)
             outcome, reason = self._data_phase()
@@ -497,9 +499,9 @@ class _Connection:
             if pdu_type == A_RELEASE_RQ_TYPE:
                 self._read_body(length)
                 self.sock.sendall(A_RELEASE_RP().encode())
-                return "released", ""
+                return AssociationOutcome.RELEASED, ""
             if pdu_type == A_ABORT_TYPE:
-                return "aborted", "A-ABORT from the peer"
+                return AssociationOutcome.ABORTED, "A-ABORT from the peer"
             if pdu_type != P_DATA_TF_TYPE:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}", _abort_reason(pdu_type))
             if length > limit:
