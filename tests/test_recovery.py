@@ -213,7 +213,7 @@ def test_full_disk_at_start_is_one_line_and_an_exit_code(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        result = _cli("serve", "--data-dir", str(mount / "data"), "--port", "0", timeout=60)
+        result = _cli("serve", "--data-dir", str(mount / "data"), "--port", str(free_port()), timeout=60)
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and "is full: 4 MB free, the start needs 272 MB" in result.stderr
         with open(mount / "filler", "wb") as fh:  # fill the disk to the last byte
@@ -223,7 +223,8 @@ def test_full_disk_at_start_is_one_line_and_an_exit_code(tmp_path):
             except OSError:
                 pass
         config = _config(tmp_path, "[node]\nmin_free_disk_mb = 0\n")
-        result = _cli("serve", "--config", str(config), "--data-dir", str(mount / "data"), "--port", "0", timeout=60)
+        result = _cli("serve", "--config", str(config), "--data-dir", str(mount / "data"), "--port", str(free_port()),
+                      timeout=60)
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and "is full" in result.stderr, result.stderr
     finally:
@@ -252,11 +253,11 @@ def test_lost_database_is_refused_and_reindex_never_resends(tmp_path, orthanc, c
     for leftover in data.glob("audit.sqlite*"):
         leftover.unlink()
     (data / "audit.sqlite").write_bytes(b"")  # zero-length
-    refused = _cli("serve", "--data-dir", str(data), "--port", "0", timeout=60)
+    refused = _cli("serve", "--data-dir", str(data), "--port", str(free_port()), timeout=60)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "missing or empty but the spool" in refused.stderr and "lpm-node reindex" in refused.stderr
     (data / "audit.sqlite").unlink()  # missing
-    assert _cli("serve", "--data-dir", str(data), "--port", "0", timeout=60).returncode == 2
+    assert _cli("serve", "--data-dir", str(data), "--port", str(free_port()), timeout=60).returncode == 2
 
     reindexed = _cli("reindex", "--data-dir", str(data))
     assert reindexed.returncode == 0, reindexed.stderr
