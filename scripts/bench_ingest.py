@@ -29,9 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lpm_node.intake.journal import Journal  # noqa: E402
+
 from lpm_node.core.config import Settings  # noqa: E402
 from lpm_node.demo.phantom import make_phantom, write_ct_series  # noqa: E402
-from lpm_node.intake.journal import Journal  # noqa: E402
 from tests.support_net import NodeProcess, dcmtk_env, free_port, wait_for_port  # noqa: E402
 
 

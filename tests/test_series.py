@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from lpm_node.intake.journal import Journal
 from pydicom import dcmread
 from sqlalchemy import delete, select
 
 from lpm_node.core.audit import Instance, Series, session_factory, utcnow
 from lpm_node.demo.phantom import make_phantom, write_ct_series
-from lpm_node.intake.journal import Journal
 from lpm_node.intake.series import SeriesAssembler, reconcile_spool
 from lpm_node.intake.spool import Spool
 from tests.support_net import NodeProcess, have_dcmtk, storescu

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,8 +45,14 @@ class NodeSettings:
     allowed_hosts: list[str] = field(default_factory=list)  # empty: any address
     min_free_disk_mb: int = 512
     spool_quota_mb: int = 0  # 0: no quota
-    journal_mb: int = 256  # write-ahead journal of the spool (preallocated); 0: each file synced on its own
-    max_associations: int = 16
+    max_associations: int = 16  # simultaneous associations; more are refused (A-ASSOCIATE-RJ, local limit exceeded)
+    max_connections: int = 64  # open TCP connections (associated or not); more are closed at once
+    associate_timeout_s: float = 10.0  # total time from connection to association (whatever the peer sends)
+    idle_timeout_s: float = 60.0  # an association with no complete PDU for this long is aborted
+    tls_certificate: str = ""  # PEM certificate of the node; set with tls_private_key to speak DICOM TLS only
+    tls_private_key: str = ""  # PEM private key of tls_certificate
+    tls_ca_certificates: str = ""  # PEM bundle of the CAs whose client certificates are trusted
+    tls_require_client_certificate: bool = False  # refuse peers without a certificate signed by those CAs
     measure: bool = True  # False: receive, decide and queue only (e.g. while checking the routing rules)
 
 
@@ -125,7 +134,8 @@ class Settings:
         return self.data_path / "spool"
 
     @property
-    def journal_path(self) -> Path:
+    def retired_journal_path(self) -> Path:
+        """The folder of the write-ahead journal of earlier versions (removed at start when empty of records)."""
         return self.data_path / "journal"
 
     @property
@@ -137,9 +147,19 @@ class Settings:
         return [Destination.parse(d) for d in self.output.destinations]
 
 
+# Settings of earlier versions: ignored with a one-line warning instead of refusing the file.
+RETIRED_SETTINGS = {
+    "node.journal_mb": "node.journal_mb is no longer used (every instance is synced to the spool before it is "
+                       "acknowledged); remove it from the configuration",
+}
+
+
 def _merge(section: Any, values: dict[str, Any], where: str) -> None:
     known = {f.name for f in dataclasses.fields(section)}
     for key, value in values.items():
+        if f"{where}.{key}" in RETIRED_SETTINGS:
+            LOG.warning(RETIRED_SETTINGS[f"{where}.{key}"])
+            continue
         if key not in known:
             raise ValueError(f"unknown setting {where}.{key} (known: {', '.join(sorted(known))})")
         setattr(section, key, value)

@@ -8,6 +8,7 @@ and rules, the measurement worker (one warm model, jobs in order) and the sender
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -52,6 +53,15 @@ class Loop:
                 stop.wait(self.interval_s)
 
 
+def remove_retired_journal(settings: Settings) -> None:
+    """Remove the write-ahead journal folder of earlier versions (they emptied it into the spool at a clean stop)."""
+    folder = settings.retired_journal_path
+    if folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        LOG.warning("removed %s, the journal of an earlier version: instances are now synced to the spool directly",
+                    folder)
+
+
 class Node:
     """The running node: listener, series completion, rules, and any further loops."""
 
@@ -59,8 +69,8 @@ class Node:
         self.settings = settings
         self.sessions: sessionmaker = session_factory(settings.db_url)
         node = settings.node
-        self.spool = Spool(settings.spool_path, quota_mb=node.spool_quota_mb, min_free_disk_mb=node.min_free_disk_mb,
-                           journal_dir=settings.journal_path, journal_mb=node.journal_mb)
+        remove_retired_journal(settings)
+        self.spool = Spool(settings.spool_path, quota_mb=node.spool_quota_mb, min_free_disk_mb=node.min_free_disk_mb)
         self.listener = Listener(settings, self.sessions, self.spool)
         self.assembler = SeriesAssembler(self.sessions, settings.series.stable_seconds)
         self.rules = RuleEngine(self.sessions, self.spool, settings.rules)
