@@ -126,6 +126,10 @@ class GuardedSocket(AssociationSocket):
         if len(data) < 6:
             return
         pdu_type, _reserved, length = struct.unpack(">BBL", data)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            self._refuse(f"unknown PDU type 0x{pdu_type:02X}")
+        if self._state() == "Sta2" and pdu_type not in (0x01, 0x07):
+            self._refuse(f"PDU type 0x{pdu_type:02X} before an association was requested")
         limit = {0x01: MAX_ASSOCIATE_RQ_BYTES, 0x02: MAX_ASSOCIATE_RQ_BYTES, 0x04: self.max_pdu}.get(pdu_type)
         fixed = _FIXED_LENGTH_PDUS.get(pdu_type)
         if limit is not None and length > limit:
@@ -142,7 +146,9 @@ class GuardedSocket(AssociationSocket):
 
     def _check_pdvs(self, body: memoryview) -> None:
         """Walk the PDV items of a P-DATA-TF body (headers only)."""
-        accepted = {cx.context_id for cx in self.assoc.accepted_contexts} if self.assoc.is_established else set()
+        # the contexts are recorded before the A-ASSOCIATE-AC is sent, and is_established only after: a peer's
+        # first P-DATA-TF may be read in between
+        accepted = set(getattr(self.assoc, "_accepted_cx", {}) or {})
         offset = 0
         while offset < len(body):
             if offset + 6 > len(body):
