@@ -59,11 +59,15 @@ class GuardedSocket(AssociationSocket):
     # -- deadlines ------------------------------------------------------------------------------
     def _deadline(self) -> float:
         deadline = self._pdu_started + self.idle_timeout_s
-        if not self.assoc.is_established:
+        if not self._associated():
             deadline = min(deadline, self.associate_deadline)
         if self._aborted_at is not None:
             deadline = min(deadline, self._aborted_at + ABORT_CLOSE_S)
         return deadline
+
+    def _associated(self) -> bool:
+        """Whether the association was accepted (its contexts are recorded just before the A-ASSOCIATE-AC)."""
+        return bool(getattr(self.assoc, "_accepted_cx", None)) or self.assoc.is_established
 
     def _state(self) -> str:
         try:
@@ -81,7 +85,7 @@ class GuardedSocket(AssociationSocket):
             if self._aborted_at is not None and now > self._aborted_at + ABORT_CLOSE_S:
                 self._give_up("still open 2 s after an A-ABORT", send_abort=False)
                 return False
-            if not self.assoc.is_established and not self.assoc.is_rejected and now > self.associate_deadline:
+            if not self._associated() and not self.assoc.is_rejected and now > self.associate_deadline:
                 self._give_up("no association within the associate deadline")
                 return False
         return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
@@ -118,7 +122,7 @@ class GuardedSocket(AssociationSocket):
     def _late_reason(self) -> str:
         if self._aborted_at is not None:
             return "still sending 2 s after an A-ABORT"
-        if not self.assoc.is_established:
+        if not self._associated():
             return "no association within the associate deadline"
         return f"a PDU was not complete within {self.idle_timeout_s:g} s"
 
@@ -128,7 +132,7 @@ class GuardedSocket(AssociationSocket):
         pdu_type, _reserved, length = struct.unpack(">BBL", data)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
             self._refuse(f"unknown PDU type 0x{pdu_type:02X}")
-        if self._state() == "Sta2" and pdu_type not in (0x01, 0x07):
+        if not self._associated() and pdu_type not in (0x01, 0x07):
             self._refuse(f"PDU type 0x{pdu_type:02X} before an association was requested")
         limit = {0x01: MAX_ASSOCIATE_RQ_BYTES, 0x02: MAX_ASSOCIATE_RQ_BYTES, 0x04: self.max_pdu}.get(pdu_type)
         fixed = _FIXED_LENGTH_PDUS.get(pdu_type)

@@ -63,11 +63,7 @@ class Header:
         """The header of ``ds``; raises :class:`CannotUnderstand` when a UID is missing or not exactly valid."""
         values = {}
         for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            try:
-                raw = ds.get(key)
-            except Exception as exc:  # a value that does not decode
-                raise CannotUnderstand(f"{key} does not decode") from exc
-            value = "" if raw is None else str(raw)
+            value = _uid_value(ds, key)
             if not value:
                 raise CannotUnderstand(f"missing {key}")
             if not is_valid_uid(value):
@@ -82,6 +78,20 @@ class Header:
                    values["SeriesInstanceUID"], modality, description, transfer_syntax_uid)
 
 
+def _uid_value(ds: Dataset, keyword: str) -> str:
+    """A UI value exactly as encoded, less one padding byte (NUL, or the space some writers use) at an even
+    length: a line feed or other trailing characters stay, so that the value fails validation."""
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return ""
+    raw = elem.value
+    if isinstance(raw, bytes):
+        if len(raw) % 2 == 0 and raw[-1:] in (b"\0", b" "):
+            raw = raw[:-1]
+        return raw.decode("latin-1")
+    return "" if raw is None else str(raw)
+
+
 def _read_exact(fp: BinaryIO, size: int) -> bytes:
     data = fp.read(size)
     if len(data) != size:
@@ -89,7 +99,7 @@ def _read_exact(fp: BinaryIO, size: int) -> bytes:
     return data
 
 
-def _file_meta(fp: BinaryIO) -> tuple[str, int]:
+def read_file_meta(fp: BinaryIO) -> tuple[str, int]:
     """(Transfer Syntax UID, offset of the data set) of a DICOM file with preamble and File Meta Information."""
     preamble = _read_exact(fp, 132)
     if preamble[128:] != b"DICM":
@@ -136,7 +146,7 @@ def read_header_dataset(path: str | Path) -> tuple[Dataset, str]:
     does not parse.
     """
     with open(path, "rb") as fp:
-        ts, _offset = _file_meta(fp)
+        ts, _offset = read_file_meta(fp)
         stream: BinaryIO = _inflate_bounded(fp) if ts == DeflatedExplicitVRLittleEndian else fp
         implicit = ts == ImplicitVRLittleEndian
         ds = Dataset()

@@ -361,7 +361,9 @@ class Listener:
                 outcome, reason = AssociationOutcome.RELEASED, ""
             else:
                 outcome = AssociationOutcome.ABORTED
-                reason = problem or ("aborted by the peer" if assoc.is_aborted else "connection closed without release")
+                idle = assoc.dul.idle_timer_expired()
+                reason = problem or (f"idle for {self.settings.node.idle_timeout_s:g} s" if idle else
+                                     "aborted" if assoc.is_aborted else "connection closed without release")
             self.recorder.put(AssocEnded(info.key, outcome, reason, utcnow()))
             LOG.info("association %d %s after %d instance(s), %.1f MB (syncing %.3f s)%s", info.key, outcome,
                      info.stored, info.bytes_stored / 2**20, info.sync_s, f": {reason}" if reason else "")
