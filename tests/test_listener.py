@@ -34,7 +34,7 @@ def chest(phantom, tmp_path_factory) -> list[Path]:
 
 
 def _spooled(node: NodeProcess, expect: int = 0, timeout: float = 15.0) -> list[Path]:
-    """The node's spool files, waiting up to ``timeout`` for ``expect`` of them (acknowledged ones are there at once)."""
+    """The node's spool files, waiting up to ``timeout`` for ``expect`` of them."""
     deadline = time.monotonic() + timeout
     while True:
         files = sorted((node.data_dir / "spool").rglob("*.dcm"))

@@ -114,6 +114,7 @@ class OutputSettings:
     max_attempts: int = 10
     backoff_initial_s: float = 5.0
     backoff_max_s: float = 600.0
+    tls: bool = False  # send to destinations over DICOM TLS (see [node] tls_*)
 
 
 @dataclass

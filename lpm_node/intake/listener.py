@@ -266,7 +266,7 @@ class Listener:
         logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, LOG.getEffectiveLevel()))
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom writes a data set as it arrives to a NamedTemporaryFile: put those in the spool's file system
-        dimse_messages.NamedTemporaryFile = partial(NamedTemporaryFile, dir=self.spool.incoming)  # type: ignore[attr-defined]
+        dimse_messages.NamedTemporaryFile = partial(_incoming_file, self.spool.incoming)  # type: ignore[attr-defined]
         self.recorder.start()
         node = self.settings.node
         ae = self.make_ae()
@@ -434,6 +434,15 @@ class Listener:
             if self.on_instance is not None:
                 self.on_instance(header)
         return STATUS_SUCCESS
+
+
+def _incoming_file(folder: Path, **kwargs: Any) -> Any:
+    """A temporary file for a data set being received, in ``folder``; when the spool is gone (the C-STORE is then
+    refused), in the system's temporary folder, from which pynetdicom removes it after the refusal."""
+    try:
+        return NamedTemporaryFile(dir=folder, **kwargs)
+    except FileNotFoundError:
+        return NamedTemporaryFile(**kwargs)
 
 
 def _sqlite_folder(url: str) -> Path | None:

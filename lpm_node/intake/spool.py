@@ -132,11 +132,10 @@ class Spool:
 
     def check_writable(self) -> None:
         """Raise OSError when the spool folder is gone or cannot be written (a deleted or read-only data folder)."""
-        st = os.stat(self.root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(2, f"spool folder {self.root} is missing (deleted while the node runs?)")
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise PermissionError(13, f"spool folder {self.root} is not writable")
-        if st.st_nlink == 0:
-            raise FileNotFoundError(2, f"spool folder {self.root} was deleted")
 
     def close(self) -> None:
         """Nothing is buffered: every stored instance is already durable."""
