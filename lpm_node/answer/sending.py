@@ -25,7 +25,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, A_RELEASE
 from pynetdicom.status import code_to_category
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -198,6 +199,7 @@ class _Watch:
     connected: bool = False  # the TCP connection opened
     answered: bool = False  # an A-ASSOCIATE response (AC or RJ) arrived
     peer_aborted: bool = False  # the peer aborted, or the connection was lost (not an abort of ours on a timeout)
+    ending: bool = False  # the node sent an A-RELEASE or A-ABORT (its own abort follows a timeout)
 
     def handlers(self) -> list[tuple[Any, Any]]:
         def on_open(_event: Any) -> None:
@@ -209,7 +211,20 @@ class _Watch:
             elif isinstance(event.primitive, (A_ABORT, A_P_ABORT)):
                 self.peer_aborted = True
 
-        return [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)]
+        def on_pdu(event: Any) -> None:
+            if isinstance(event.pdu, A_ABORT_RQ):
+                self.peer_aborted = True
+
+        def on_sent(event: Any) -> None:
+            if isinstance(event.primitive, (A_ABORT, A_RELEASE)):
+                self.ending = True
+
+        def on_close(_event: Any) -> None:
+            if not self.ending:  # the link was lost before the node released or aborted it
+                self.peer_aborted = True
+
+        return [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse), (evt.EVT_PDU_RECV, on_pdu),
+                (evt.EVT_ACSE_SENT, on_sent), (evt.EVT_CONN_CLOSE, on_close)]
 
 
 def _connection_error(host: str, port: int, timeout_s: float) -> _Outcome:
