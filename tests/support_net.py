@@ -66,11 +66,11 @@ def have_dcmtk() -> bool:
 
 
 def echoscu(
-    port: int, *, calling: str = "ECHOSCU", called: str = NODE_AET, timeout: float = 10
+    port: int, *, calling: str = "ECHOSCU", called: str = NODE_AET, timeout: float = 10, extra: Sequence[str] = ()
 ) -> subprocess.CompletedProcess:
-    """Run ``echoscu`` against 127.0.0.1:port."""
+    """Run ``echoscu`` against 127.0.0.1:port (``extra``: more options, e.g. TLS)."""
     return subprocess.run(
-        ["echoscu", "-to", "5", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+        ["echoscu", "-to", "5", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port)],
         capture_output=True, text=True, env=dcmtk_env(), timeout=timeout,
     )
 
@@ -90,7 +90,8 @@ def storescu(
     return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
 
 
-def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None,
+                  echo_extra: Sequence[str] = ()) -> None:
     """Wait until a DICOM C-ECHO to 127.0.0.1:port succeeds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,7 +103,7 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
         except OSError:
             time.sleep(0.1)
             continue
-        if echoscu(port).returncode == 0:
+        if echoscu(port, extra=echo_extra).returncode == 0:
             return
         time.sleep(0.1)
     raise TimeoutError(f"nothing answers C-ECHO on port {port} after {timeout} s")
@@ -119,6 +120,7 @@ class NodeProcess:
     config: Path | None = None
     extra: Sequence[str] = ()
     measure: bool = False  # front-door tests: receive, decide and queue only
+    echo_extra: Sequence[str] = ()  # echoscu options to reach the node (e.g. TLS)
     proc: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
 
@@ -139,7 +141,7 @@ class NodeProcess:
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         try:
-            wait_for_port(self.port, timeout, self.proc)
+            wait_for_port(self.port, timeout, self.proc, self.echo_extra)
         except BaseException:
             self.kill()  # a node that never became ready must not outlive the test
             raise
