@@ -136,7 +136,7 @@ class Settings:
 
     @property
     def retired_journal_path(self) -> Path:
-        """The folder of the write-ahead journal of earlier versions (removed at start when empty of records)."""
+        """The folder of the write-ahead journal of earlier versions (removed at start)."""
         return self.data_path / "journal"
 
     @property
