@@ -417,3 +417,19 @@ def test_pdu_sequences_leave_the_node_whole(door, associate_first, pdus):
 def test_after_fuzzing_the_node_is_whole(door):
     _check_after(door, "", audited=False)
 
+
+
+def test_connections_beyond_the_cap_are_closed_without_a_thread_each(door):
+    opened = []
+    try:
+        for _ in range(150):
+            opened.append(connect(door.port))
+        time.sleep(0.5)
+        threads = _proc_status(door.node.proc.pid)["Threads"]
+        assert threads <= door.baseline_threads + 2 * 64 + 4, threads  # two per admitted connection at most
+        closed = sum(closed_by_node(sock, 0.01) for sock in opened)
+        assert closed >= 150 - 64
+    finally:
+        for sock in opened:
+            sock.close()
+    _check_after(door, "connection limit reached")

@@ -117,6 +117,7 @@ class FrontDoorServer(ThreadedAssociationServer):
     handshakes done in the connection's own thread (never in the accepting one)."""
 
     listener: Listener
+    request_queue_size = 128  # listen backlog: a burst of connections is accepted (or refused) at once
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if self.listener.connection_slots.acquire(blocking=False):
@@ -282,7 +283,6 @@ class Listener:
         server = ae.make_server((node.host, int(node.port)), evt_handlers=handlers,  # type: ignore[arg-type]
                                 server_class=FrontDoorServer, request_handler=FrontDoorHandler)
         server.listener = self  # type: ignore[attr-defined]
-        server.request_queue_size = 64
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="front-door", daemon=True)
         thread.start()
