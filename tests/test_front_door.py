@@ -297,8 +297,8 @@ def test_command_class_differs_from_context(door):
 
 def test_command_without_affected_sop_instance_uid(door):
     data, _sop, sop_class = _ct_dataset(door)
-    assert _store(door, c_store_command(sop_class, None), data) in (None, 0xC000, 0xA900)  # refused or aborted
-    _check_after(door, "")
+    assert _store(door, c_store_command(sop_class, None), data) is None  # aborted, as storescp does
+    _check_after(door, "without an Affected SOP Instance UID")
 
 
 def _with_raw_uid(door: Door, keyword: str, raw: bytes) -> tuple[bytes, str, str]:

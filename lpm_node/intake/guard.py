@@ -170,7 +170,10 @@ class GuardedSocket(AssociationSocket):
                 if len(self._command) > MAX_COMMAND_BYTES:
                     self._refuse(f"command set above {MAX_COMMAND_BYTES} bytes")
                 if control & 2:
-                    self._expect_data = _has_data_set(bytes(self._command))
+                    elements = _command_elements(bytes(self._command))
+                    if elements.get(0x0100) == b"\x01\x00" and not elements.get(0x1000, b"").strip(b"\0 "):
+                        self._refuse("C-STORE-RQ without an Affected SOP Instance UID")
+                    self._expect_data = elements.get(0x0800) != b"\x01\x01"
                     self._command = bytearray()
             else:
                 if not self._expect_data:
@@ -208,15 +211,17 @@ class GuardedSocket(AssociationSocket):
         self.close()
 
 
-def _has_data_set(command: bytes) -> bool:
-    """Whether an encoded command set (implicit VR little endian) says a data set follows.
+def _command_elements(command: bytes) -> dict[int, bytes]:
+    """The elements of an encoded command set (implicit VR little endian, group 0000) as {element: value}.
 
-    A command it cannot read counts as having a data set; pynetdicom then refuses the command.
+    A command that cannot be walked gives what was read so far; pynetdicom then refuses the command.
     """
+    elements: dict[int, bytes] = {}
     offset = 0
     while offset + 8 <= len(command):
         group, element, length = struct.unpack_from("<HHL", command, offset)
-        if (group, element) == (0x0000, 0x0800) and length == 2 and offset + 10 <= len(command):
-            return struct.unpack_from("<H", command, offset + 8)[0] != 0x0101
+        if group != 0x0000 or offset + 8 + length > len(command):
+            break
+        elements[element] = command[offset + 8 : offset + 8 + length]
         offset += 8 + length
-    return True
+    return elements
