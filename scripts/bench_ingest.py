@@ -34,7 +34,7 @@ from lpm_node.demo.orthanc import free_port  # noqa: E402
 from lpm_node.demo.phantom import make_phantom, write_ct_series  # noqa: E402
 
 SENDERS = 8
-_SYNC_LOG = re.compile(r"after (\d+) instance\(s\), [\d.]+ MB \(syncing ([\d.]+) s\)")
+_SYNC_LOG = re.compile(r"after (\d+) instance\(s\), [\d.]+ MB \(syncing ([\d.]+) s")
 
 
 def _env() -> dict[str, str]:

@@ -109,7 +109,9 @@ class _AssocInfo:
     refused: str = ""  # why the association request was refused
     stored: int = 0
     bytes_stored: int = 0
-    sync_s: float = 0.0
+    handler_s: float = 0.0  # time in the C-STORE handler (checks, header, making durable, audit commit)
+    sync_s: float = 0.0  # of which syncing
+    audit_s: float = 0.0  # of which waiting for the audit row's commit
 
 
 class FrontDoorServer(ThreadedAssociationServer):
@@ -368,8 +370,9 @@ class Listener:
                 reason = problem or (f"idle for {self.settings.node.idle_timeout_s:g} s" if idle else
                                      "aborted" if assoc.is_aborted else "connection closed without release")
             self.recorder.put(AssocEnded(info.key, outcome, reason, utcnow()))
-            LOG.info("association %d %s after %d instance(s), %.1f MB (syncing %.3f s)%s", info.key, outcome,
-                     info.stored, info.bytes_stored / 2**20, info.sync_s, f": {reason}" if reason else "")
+            LOG.info("association %d %s after %d instance(s), %.1f MB (syncing %.3f s; C-STORE handler %.3f s, of "
+                     "which audit commits %.3f s)%s", info.key, outcome, info.stored, info.bytes_stored / 2**20,
+                     info.sync_s, info.handler_s, info.audit_s, f": {reason}" if reason else "")
         elif not info.refused:
             reason = problem or "closed before an association was requested"
             self.record_closed(info.address, info.port, reason, tls=info.tls)
@@ -387,6 +390,13 @@ class Listener:
             raise OSError(f"database folder {self.database_folder} is missing or not writable")
 
     def _on_store(self, event: evt.Event) -> int:
+        started = time.perf_counter()
+        try:
+            return self._store(event)
+        finally:
+            event.assoc.info.handler_s += time.perf_counter() - started
+
+    def _store(self, event: evt.Event) -> int:
         info: _AssocInfo = event.assoc.info
         request = event.request
         command_sop = str(request.AffectedSOPInstanceUID or "")
@@ -426,8 +436,11 @@ class Listener:
                                 command_sop)
         record = InstanceStored(info.key, header, str(stored.path), stored.size_bytes, stored.checksum,
                                 info.calling_ae, info.address, utcnow())
+        waited = time.perf_counter()
         self.recorder.put(record)
-        if not record.ticket.wait(AUDIT_WAIT_S):
+        committed = record.ticket.wait(AUDIT_WAIT_S)
+        info.audit_s += time.perf_counter() - waited
+        if not committed:
             return self._refuse(info, STATUS_OUT_OF_RESOURCES,
                                 f"audit database not writable: {record.ticket.error or 'timed out'}", command_sop)
         info.stored += 1
