@@ -15,11 +15,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -131,10 +131,6 @@ class FrontDoorServer(ThreadedAssociationServer):
     def service_actions(self) -> None:
         """pynetdicom runs a full garbage collection here every 60 polls; threads end cleanly without it."""
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        return self.socket.accept()  # type: ignore[return-value]
-
 
 
 class FrontDoorAssociation(Association):
@@ -196,8 +192,6 @@ class FrontDoorHandler(RequestHandler):
         assoc.acceptor.address_info = self.local
         assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
         assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
-        from copy import deepcopy
-
         assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
         assoc.requestor.address_info = self.remote
         for event, handlers in self.server._handlers.items():
