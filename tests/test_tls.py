@@ -35,6 +35,7 @@ def certs(tmp_path_factory) -> Path:
     _signed(folder, "node", "ca")
     _signed(folder, "modality", "ca")
     _signed(folder, "intruder", "rogue-ca")
+    _signed(folder, "pacs", "ca")
     return folder
 
 
@@ -70,3 +71,44 @@ def test_tls_with_client_certificates(tmp_path, certs):
         assert len(rows) >= 3 and all(r["outcome"] == "aborted" and r["tls"] for r in rows)
         stored = node.query("SELECT tls FROM associations WHERE instances_received > 0")
         assert [r["tls"] for r in stored] == [1]
+
+
+def test_results_are_sent_to_a_tls_destination(tmp_path, certs):
+    from lpm_node.answer.sending import Sender, tls_client_context
+    from lpm_node.core.audit import Delivery, session_factory
+    from lpm_node.core.config import Settings
+    from lpm_node.demo.orthanc import free_port
+    from tests.support_net import dcmtk_env, wait_for_port
+
+    result = write_ct_series(make_phantom(n_slices=1, size=64, pixel_spacing=5.6), tmp_path / "result")[0]
+    settings = Settings()
+    settings.output.tls = True
+    settings.node.tls_certificate = str(certs / "node.crt")
+    settings.node.tls_private_key = str(certs / "node.key")
+    settings.node.tls_ca_certificates = str(certs / "ca.crt")
+    port = free_port()
+    received = tmp_path / "pacs"
+    received.mkdir()
+    pacs = subprocess.Popen(["storescp", "+tls", str(certs / "pacs.key"), str(certs / "pacs.crt"), "+cf",
+                             str(certs / "ca.crt"), "-aet", "PACS", "-od", str(received), str(port)],
+                            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 30, pacs, echo_extra=_tls(certs, "modality"))
+        sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+        with sessions() as session:
+            session.add(Delivery(series_instance_uid="1.2.3", destination=f"PACS@127.0.0.1:{port}", object_kind="SEG",
+                                 sop_instance_uid=str(dcmread(result, stop_before_pixels=True).SOPInstanceUID),
+                                 path=str(result)))
+            session.commit()
+        plain = Sender(sessions, settings.output, "LPM_NODE", timeout_s=5)
+        assert plain.run_once() == 0  # the PACS speaks TLS only
+        with sessions() as session:
+            session.query(Delivery).update({"next_attempt_at": Delivery.created_at})
+            session.commit()
+        sender = Sender(sessions, settings.output, "LPM_NODE", timeout_s=10, tls_context=tls_client_context(settings))
+        assert sender.run_once() == 1
+        assert len(list(received.iterdir())) == 1
+        sessions.kw["bind"].dispose()
+    finally:
+        pacs.kill()
+        pacs.wait(10)
