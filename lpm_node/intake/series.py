@@ -12,14 +12,14 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.core.audit import Instance, Series, SeriesDecision, as_utc, utcnow
 from lpm_node.core.states import SeriesStatus
-from lpm_node.intake.listener import Header, header_values, note_instance_on_series
-from lpm_node.intake.spool import Spool
+from lpm_node.intake.header import CannotUnderstand, Header, read_header
+from lpm_node.intake.recorder import note_instance_on_series
+from lpm_node.intake.spool import Spool, file_checksum
 
 LOG = logging.getLogger(__name__)
 
@@ -34,14 +34,8 @@ def record_decision(session, row: Series, status: str, reason: str, at: dt.datet
 
 def _read_header(path: Path) -> Header | None:
     try:
-        ds = dcmread(
-            path,
-            stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-                           "SeriesDescription", "SpecificCharacterSet"],
-        )
-        return Header.from_values(header_values(ds))
-    except Exception:  # a damaged file or bad UIDs: leave it to the rules/loader to report
+        return read_header(path)
+    except (CannotUnderstand, OSError):  # a damaged file or bad UIDs: leave it to the rules/loader to report
         return None
 
 
@@ -70,9 +64,10 @@ def reconcile_spool(sessions: sessionmaker, spool: Spool) -> int:
                     sop_instance_uid=header.sop_instance_uid,
                     series_instance_uid=series_uid,
                     sop_class_uid=header.sop_class_uid,
-                    transfer_syntax_uid="",
+                    transfer_syntax_uid=header.transfer_syntax_uid,
                     path=str(path),
                     size_bytes=path.stat().st_size,
+                    checksum=file_checksum(path),
                     received_at=at,
                 )
             )
