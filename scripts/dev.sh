@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk orthanc dicom3tools dcm2niix)
+APT_PACKAGES=(dcmtk orthanc dicom3tools dcm2niix openssl)
 VENV=.venv
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -77,11 +77,11 @@ def have_dcmtk() -> bool:
 
 
 def echoscu(
-    port: int, *, calling: str = "ECHOSCU", called: str = NODE_AET, timeout: float = 10
+    port: int, *, calling: str = "ECHOSCU", called: str = NODE_AET, timeout: float = 10, extra: Sequence[str] = ()
 ) -> subprocess.CompletedProcess:
-    """Run ``echoscu`` against 127.0.0.1:port."""
+    """Run ``echoscu`` against 127.0.0.1:port (``extra``: more options, e.g. TLS)."""
     return subprocess.run(
-        ["echoscu", "-to", "5", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+        ["echoscu", "-to", "5", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port)],
         capture_output=True, text=True, env=dcmtk_env(), timeout=timeout,
     )
 
@@ -102,7 +102,8 @@ def storescu(
 
 
 def wait_for_port(
-    port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None, *, echo: bool = True
+    port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None, *, echo: bool = True,
+    echo_extra: Sequence[str] = (),
 ) -> None:
     """Wait until a DICOM C-ECHO to 127.0.0.1:port succeeds (``echo=False``: until it accepts connections)."""
     deadline = time.monotonic() + timeout
@@ -115,7 +116,7 @@ def wait_for_port(
         except OSError:
             time.sleep(0.1)
             continue
-        if not echo or echoscu(port).returncode == 0:
+        if not echo or echoscu(port, extra=echo_extra).returncode == 0:
             return
         time.sleep(0.1)
     raise TimeoutError(f"nothing answers C-ECHO on port {port} after {timeout} s")
@@ -133,6 +134,7 @@ class NodeProcess:
     extra: Sequence[str] = ()
     measure: bool = False  # front-door tests: receive, decide and queue only
     ready_by_echo: bool = True  # False: ready once it accepts connections (allow-lists that refuse ECHOSCU here)
+    echo_extra: Sequence[str] = ()  # echoscu options to reach the node (e.g. TLS)
     proc: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
 
@@ -153,7 +155,7 @@ class NodeProcess:
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         try:
-            wait_for_port(self.port, timeout, self.proc, echo=self.ready_by_echo)
+            wait_for_port(self.port, timeout, self.proc, echo=self.ready_by_echo, echo_extra=self.echo_extra)
         except BaseException:
             self.kill()  # a node that never became ready must not outlive the test
             raise

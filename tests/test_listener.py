@@ -34,11 +34,7 @@ def chest(phantom, tmp_path_factory) -> list[Path]:
 
 
 def _spooled(node: NodeProcess, expect: int = 0, timeout: float = 15.0) -> list[Path]:
-    """The node's spool files, waiting up to ``timeout`` for ``expect`` of them.
-
-    An acknowledged instance is durable in the node's journal first; its spool file follows
-    within moments (see lpm_node.intake.journal).
-    """
+    """The node's spool files, waiting up to ``timeout`` for ``expect`` of them."""
     deadline = time.monotonic() + timeout
     while True:
         files = sorted((node.data_dir / "spool").rglob("*.dcm"))
@@ -254,9 +250,10 @@ def test_low_free_disk_answers_out_of_resources(tmp_path, chest):
 
 # --- the spool on its own ----------------------------------------------------------------------
 def test_uid_validation():
-    from lpm_node.intake.spool import is_valid_uid
+    from lpm_node.intake.header import is_valid_uid
 
     assert is_valid_uid("1.2.840.10008.5.1.4.1.1.2")
+    assert not is_valid_uid("1.2.840.10008.5.1.4.1.1.2\n") and not is_valid_uid("1.2.3 ")
     assert is_valid_uid("2.25." + "9" * 59)  # 64 characters
     for bad in ("", "1", "1.2.", ".1.2", "1..2", "1.02", "../../etc", "1.2/3", "1.2 3", "2.25." + "9" * 60, None, 12):
         assert not is_valid_uid(bad), bad

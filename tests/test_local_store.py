@@ -31,7 +31,12 @@ def storescu(port: int, called_ae: str, files: list[Path]) -> subprocess.Complet
 
 
 @pytest.mark.skipif(STORESCU is None, reason="dcmtk storescu not installed")
-def test_receives_and_saves_seg_sr_sc_and_ct(tmp_path: Path, results: ResultFiles) -> None:
+@pytest.mark.parametrize("chunked", [False, True])  # True: as when the node runs in the same process (the demo)
+def test_receives_and_saves_seg_sr_sc_and_ct(tmp_path: Path, results: ResultFiles, chunked: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", chunked)
     folder = tmp_path / "store"
     files = [path for _, path, _ in results.objects] + results.ct
     with LocalStore(folder) as store:

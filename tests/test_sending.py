@@ -427,11 +427,14 @@ def test_enqueue_is_idempotent_and_reprocessing_requeues(tmp_path: Path, session
     assert len(attempts(sessions)) == 7
 
 
-def test_run_forever_delivers_and_stops(tmp_path: Path, sessions, results: ResultFiles) -> None:
+def test_the_serving_loop_delivers_when_woken_and_stops(tmp_path: Path, sessions, results: ResultFiles) -> None:
+    from lpm_node.node.service import Loop
+
     with LocalStore(tmp_path / "store") as store:
         sender = Sender(sessions, output(), "LPM_NODE", timeout_s=5)
         stop = threading.Event()
-        worker = threading.Thread(target=sender.run_forever, args=(stop, 30.0), daemon=True)
+        loop = Loop("sender", sender.run_once, 30.0, wait=sender.wait_for_work)  # as `lpm-node serve` runs it
+        worker = threading.Thread(target=loop.run, args=(stop,), daemon=True)
         worker.start()
         enqueue(sessions, results, Destination(store.ae_title, "127.0.0.1", store.port))
         sender.wake()
@@ -459,15 +462,15 @@ def test_dimse_status_categories() -> None:
             ds.ErrorComment = comment
         return ds
 
-    assert _store_outcome(status(0x0000), [], 1).ok
-    warning = _store_outcome(status(0xB000, "coercion"), [], 1)
+    assert _store_outcome(status(0x0000), False, 1).ok
+    warning = _store_outcome(status(0xB000, "coercion"), False, 1)
     assert warning.ok and warning.status == "0xB000" and "Warning" in warning.error
-    assert _store_outcome(status(0xB007), [], 1).ok
-    failure = _store_outcome(status(0xA700), [], 1)
+    assert _store_outcome(status(0xB007), False, 1).ok
+    failure = _store_outcome(status(0xA700), False, 1)
     assert not failure.ok and failure.status == "0xA700"
-    assert not _store_outcome(status(0xC000, "cannot understand"), [], 1).ok
-    assert _store_outcome(Dataset(), [], 1).status == "AssociationAborted"
-    assert _store_outcome(Dataset(), ["DIMSE timeout reached while waiting"], 1).status == "Timeout"
+    assert not _store_outcome(status(0xC000, "cannot understand"), False, 1).ok
+    assert _store_outcome(Dataset(), True, 1).status == "AssociationAborted"
+    assert _store_outcome(Dataset(), False, 1).status == "Timeout"
 
 
 def test_result_destinations_add_the_sender_when_configured() -> None:

@@ -15,10 +15,11 @@ import datetime as dt
 import json
 import logging
 import random
+import socket
+import ssl
 import threading
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, A_RELEASE
 from pynetdicom.status import code_to_category
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -132,6 +135,19 @@ def _last_attempt_at(session: Session, row: Delivery) -> dt.datetime:
     return last or row.created_at
 
 
+def tls_client_context(settings: Settings) -> ssl.SSLContext | None:
+    """The context for DICOM TLS to destinations (``[output] tls``): the node's certificate as the client's, the
+    destination checked against ``[node] tls_ca_certificates``; None when TLS is off."""
+    if not settings.output.tls:
+        return None
+    node = settings.node
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=node.tls_ca_certificates or None)
+    context.check_hostname = False  # destinations are configured by address; the CA decides whom to trust
+    if node.tls_certificate:
+        context.load_cert_chain(node.tls_certificate, node.tls_private_key or None)
+    return context
+
+
 def result_destinations(settings: Settings, *, calling_ae: str = "", calling_address: str = "") -> list[Destination]:
     """The configured destinations, plus the sender of the CT (at ``reply_port``) when ``reply_to_sender``."""
     found = list(settings.destinations)
@@ -184,36 +200,57 @@ class _Outcome:
     error: str = ""
 
 
-class _LogCapture(logging.Handler):
-    """Collects pynetdicom's warnings and errors per thread: it logs, rather than raises, why a connection failed."""
+@dataclass
+class _Watch:
+    """What pynetdicom's events told about one association attempt (no log text is read)."""
 
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self._lock = threading.Lock()
-        self._by_thread: dict[int | None, list[str]] = defaultdict(list)
+    connected: bool = False  # the TCP connection opened
+    answered: bool = False  # an A-ASSOCIATE response (AC or RJ) arrived
+    peer_aborted: bool = False  # the peer aborted, or the connection was lost (not an abort of ours on a timeout)
+    ending: bool = False  # the node sent an A-RELEASE or A-ABORT (its own abort follows a timeout)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._lock:
-            self._by_thread[record.thread].append(record.getMessage())
+    def handlers(self) -> list[tuple[Any, Any]]:
+        def on_open(_event: Any) -> None:
+            self.connected = True
 
-    def messages(self, *threads: int | None) -> list[str]:
-        with self._lock:
-            return [m for t in threads if t is not None for m in self._by_thread.get(t, [])]
+        def on_acse(event: Any) -> None:
+            if isinstance(event.primitive, A_ASSOCIATE) and event.primitive.result is not None:
+                self.answered = True
+            elif isinstance(event.primitive, (A_ABORT, A_P_ABORT)):
+                self.peer_aborted = True
+
+        def on_pdu(event: Any) -> None:
+            if isinstance(event.pdu, A_ABORT_RQ):
+                self.peer_aborted = True
+
+        def on_sent(event: Any) -> None:
+            if isinstance(event.primitive, (A_ABORT, A_RELEASE)):
+                self.ending = True
+
+        def on_close(_event: Any) -> None:
+            if not self.ending:  # the link was lost before the node released or aborted it
+                self.peer_aborted = True
+
+        return [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse), (evt.EVT_PDU_RECV, on_pdu),
+                (evt.EVT_ACSE_SENT, on_sent), (evt.EVT_CONN_CLOSE, on_close)]
 
 
-@contextmanager
-def _capture_pynetdicom_errors() -> Iterator[_LogCapture]:
-    handler = _LogCapture()
-    logger = logging.getLogger("pynetdicom")
-    logger.addHandler(handler)
+def _connection_error(host: str, port: int, timeout_s: float) -> _Outcome:
+    """Why a TCP connection to the destination fails, from the exception a direct connection raises."""
     try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except ConnectionRefusedError as exc:
+        return _Outcome(False, "ConnectionRefused", f"{host}:{port}: {exc.strerror or exc}")
+    except TimeoutError:
+        return _Outcome(False, "ConnectionTimeout", f"{host}:{port}: no connection within {timeout_s:g} s")
+    except OSError as exc:
+        return _Outcome(False, "ConnectionError", f"{host}:{port}: {exc.strerror or exc}")
+    return _Outcome(False, "ConnectionError", f"{host}:{port}: the connection closed while associating")
 
 
-def _association_failure(assoc: Association, messages: list[str], timeout_s: float) -> _Outcome:
-    """Why an association was not established, as (error class, message)."""
+def _association_failure(assoc: Association, watch: _Watch, dest: Destination, timeout_s: float) -> _Outcome:
+    """Why an association was not established, from pynetdicom's association state and events."""
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         if rsp is not None:
@@ -221,35 +258,28 @@ def _association_failure(assoc: Association, messages: list[str], timeout_s: flo
         else:
             text = "rejected"
         return _Outcome(False, "AssociationRejected", text)
-    for message in messages:
-        if "TCP Initialisation Error" in message:
-            lowered = message.lower()
-            if "refused" in lowered:
-                kind = "ConnectionRefused"
-            elif "timed out" in lowered:
-                kind = "ConnectionTimeout"
-            else:
-                kind = "ConnectionError"
-            return _Outcome(False, kind, message.replace("TCP Initialisation Error: ", ""))
-    if any("ACSE timeout" in m for m in messages):
+    if not watch.connected:
+        return _connection_error(dest.host, dest.port, timeout_s)
+    if not watch.answered:
+        if watch.peer_aborted:
+            return _Outcome(False, "AssociationAborted", "the peer aborted the association request")
         return _Outcome(False, "Timeout", f"no answer to the association request within {timeout_s:g} s")
-    if any("No accepted presentation contexts" in m for m in messages):
+    if not assoc.accepted_contexts:
         proposed = sorted({cx.abstract_syntax.name for cx in assoc.requestor.requested_contexts if cx.abstract_syntax})
         return _Outcome(False, "NoAcceptedContexts", "the peer accepted none of: " + ", ".join(proposed))
-    detail = "; ".join(messages[-3:]) or "no detail"
     if assoc.is_aborted:
-        return _Outcome(False, "AssociationAborted", detail)
-    return _Outcome(False, "AssociationFailed", detail)
+        return _Outcome(False, "AssociationAborted", "the association was aborted while it was set up")
+    return _Outcome(False, "AssociationFailed", "the association was not established")
 
 
-def _store_outcome(rsp: Dataset, messages: list[str], timeout_s: float) -> _Outcome:
-    """Outcome of one C-STORE from its response (empty when none came: a DIMSE timeout, else an abort)."""
+def _store_outcome(rsp: Dataset, peer_aborted: bool, timeout_s: float) -> _Outcome:
+    """Outcome of one C-STORE from its response (empty when none came: the peer's abort or a lost link, else a
+    DIMSE timeout, after which pynetdicom aborts the association itself)."""
     if "Status" not in rsp:
-        if any("DIMSE timeout" in m for m in messages):
-            return _Outcome(False, "Timeout", f"no C-STORE response within {timeout_s:g} s")
-        return _Outcome(
-            False, "AssociationAborted", "the association ended before the C-STORE response (peer abort or lost link)"
-        )
+        if peer_aborted:
+            return _Outcome(False, "AssociationAborted",
+                            "the association ended before the C-STORE response (peer abort or lost link)")
+        return _Outcome(False, "Timeout", f"no C-STORE response within {timeout_s:g} s")
     code = int(rsp.Status)
     category = code_to_category(code)
     comment = str(rsp.get("ErrorComment", "") or "")
@@ -271,6 +301,7 @@ class Sender:
         *,
         timeout_s: float = 30.0,
         rng: random.Random | None = None,
+        tls_context: ssl.SSLContext | None = None,
         ledger_dir: Path | None = None,
     ) -> None:
         AE(ae_title=calling_ae)  # a calling AE title pynetdicom cannot send fails here, not at every run
@@ -280,6 +311,7 @@ class Sender:
         self.timeout_s = timeout_s
         self.ledger_dir = ledger_dir
         self._rng = rng or random.Random()
+        self.tls_context = tls_context  # DICOM TLS to every destination when set
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one run at a time per sender: a delivery is never sent twice at once
 
@@ -300,19 +332,14 @@ class Sender:
                     LOG.exception("sender: sending to %s failed", destination)
             return sent
 
-    def run_forever(self, stop: threading.Event, poll_s: float = 1.0) -> None:
-        """Call ``run_once`` every ``poll_s`` seconds (or on ``wake()``) until ``stop`` is set."""
-        while not stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - the sender must outlive a bad row or a database hiccup
-                LOG.exception("sender: run failed; retrying in %.1f s", poll_s)
-            self._wake.wait(poll_s)
-            self._wake.clear()
-
     def wake(self) -> None:
-        """Make ``run_forever`` look at the outbox now (e.g. after new results were queued)."""
+        """Make the sending loop look at the outbox now (e.g. after new results were queued)."""
         self._wake.set()
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        """Pause the sending loop until :meth:`wake` or ``timeout_s``."""
+        self._wake.wait(timeout_s)
+        self._wake.clear()
 
     # internals ---------------------------------------------------------------------------------------------
 
@@ -421,35 +448,34 @@ class Sender:
             setattr(ae, attr, self.timeout_s)
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, [syntax])
-        with _capture_pynetdicom_errors() as capture:
-            try:
-                assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-            except (ValueError, TypeError, OSError) as exc:  # e.g. an AE title pynetdicom refuses to send
-                for item in batch:
-                    self._record(item, _Outcome(False, "BadDestination", str(exc)), now, jitter)
-                return 0
-            threads = (threading.get_ident(), assoc.ident, assoc.dul.ident)
-            if not assoc.is_established:
-                outcome = _association_failure(assoc, capture.messages(*threads), self.timeout_s)
-                for item in batch:
-                    self._record(item, outcome, now, jitter)
-                ae.shutdown()
-                return 0
-            sent = 0
-            try:
-                for item in batch:
-                    outcome = self._store_one(assoc, item, capture, threads)
-                    self._record(item, outcome, now, jitter)
-                    sent += int(outcome.ok)
-            finally:
-                if assoc.is_established:
-                    assoc.release()
-                ae.shutdown()
-            return sent
+        watch = _Watch()
+        tls = (self.tls_context, dest.host) if self.tls_context is not None else None
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=watch.handlers(),
+                                 tls_args=tls)
+        except (ValueError, TypeError, OSError) as exc:  # e.g. an AE title pynetdicom refuses to send
+            for item in batch:
+                self._record(item, _Outcome(False, "BadDestination", str(exc)), now, jitter)
+            return 0
+        if not assoc.is_established:
+            outcome = _association_failure(assoc, watch, dest, self.timeout_s)
+            for item in batch:
+                self._record(item, outcome, now, jitter)
+            ae.shutdown()
+            return 0
+        sent = 0
+        try:
+            for item in batch:
+                outcome = self._store_one(assoc, item, watch)
+                self._record(item, outcome, now, jitter)
+                sent += int(outcome.ok)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            ae.shutdown()
+        return sent
 
-    def _store_one(
-        self, assoc: Association, item: _Item, capture: _LogCapture, threads: tuple[int | None, ...]
-    ) -> _Outcome:
+    def _store_one(self, assoc: Association, item: _Item, watch: _Watch) -> _Outcome:
         if not assoc.is_established:
             return _Outcome(False, "AssociationAborted", "the association ended before this object was sent")
         try:
@@ -458,7 +484,7 @@ class Sender:
             return _Outcome(False, "NoPresentationContext", str(exc))
         except (OSError, RuntimeError, AttributeError) as exc:
             return _Outcome(False, type(exc).__name__, str(exc))
-        return _store_outcome(rsp, capture.messages(*threads), self.timeout_s)
+        return _store_outcome(rsp, watch.peer_aborted, self.timeout_s)
 
 
 # -- command line -------------------------------------------------------------------------------------------

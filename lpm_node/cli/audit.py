@@ -26,7 +26,7 @@ from lpm_node.core.audit import (
     session_factory,
 )
 from lpm_node.core.config import Settings
-from lpm_node.core.states import DeliveryStatus
+from lpm_node.core.states import AssociationOutcome, DeliveryStatus
 
 COLUMNS = [
     "study_instance_uid", "series_instance_uid", "modality", "series_description", "status", "reason", "instances",
@@ -163,6 +163,34 @@ def format_actions(rows: list[dict[str, Any]]) -> str:
     return "\n".join(f"{r['at']} {r['user']}: {r['command']} -> {r['outcome']}" for r in rows)
 
 
+def list_refusals(session: Session, limit: int = 50) -> list[dict[str, Any]]:
+    """Rejected associations, aborts (also of connections that never associated) and associations with refused
+    instances, newest first."""
+    query = (select(Association)
+             .where((Association.outcome.in_([AssociationOutcome.REJECTED, AssociationOutcome.ABORTED]))
+                    | (Association.instances_refused > 0))
+             .order_by(Association.started_at.desc(), Association.id.desc()).limit(limit))
+    return [
+        {"at": _iso(a.started_at), "peer": f"{a.peer_address}:{a.peer_port}", "calling_ae": a.calling_ae,
+         "outcome": a.outcome, "instances_received": a.instances_received,
+         "instances_refused": a.instances_refused, "tls": bool(a.tls), "reason": a.reason}
+        for a in session.scalars(query)
+    ]
+
+
+def format_refusals(rows: list[dict[str, Any]]) -> str:
+    """Refusals and aborts as a table."""
+    if not rows:
+        return "no refused or aborted connections"
+    header = f"{'at (UTC)':<20} {'peer':<22} {'calling AE':<16} {'outcome':<9} {'refused':>7}  reason"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        when = (r["at"] or "")[:19].replace("T", " ")
+        lines.append(f"{when:<20} {_clip(r['peer'], 22):<22} {_clip(r['calling_ae'], 16):<16} "
+                     f"{r['outcome']:<9} {r['instances_refused']:>7}  {_clip(r['reason'], 120)}")
+    return "\n".join(lines)
+
+
 def _short(uid: str | None, width: int = 24) -> str:
     uid = uid or ""
     return uid if len(uid) <= width else "…" + uid[-(width - 1):]
@@ -271,7 +299,12 @@ def audit_command(settings: Settings, args: argparse.Namespace) -> int:
                     return 1
                 print(json.dumps(detail, indent=2) if args.json else format_detail(detail))
                 return 0
+            if getattr(args, "refusals", False):
+                refusals = list_refusals(session, int(getattr(args, "limit", 50) or 50))
+                print(json.dumps(refusals, indent=2) if args.json else format_refusals(refusals))
+                return 0
             rows = list_series(session, int(getattr(args, "limit", 50) or 50))
+            recent_refusals = list_refusals(session, 10)
     finally:
         sessions.kw["bind"].dispose()
     if getattr(args, "csv", None):
@@ -282,4 +315,7 @@ def audit_command(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     elif not getattr(args, "csv", None):
         print(format_table(rows))
+        print()
+        print("refused and aborted connections (latest 10; all: --refusals):")
+        print(format_refusals(recent_refusals))
     return 0

@@ -162,12 +162,28 @@ def check_database(settings: Settings) -> Check:
                 select(func.count()).select_from(Delivery).where(Delivery.status == DeliveryStatus.PENDING)).scalar()
             dead = conn.execute(
                 select(func.count()).select_from(Delivery).where(Delivery.status == DeliveryStatus.DEAD)).scalar()
+        try:
+            write_probe(engine)
+        except Exception as exc:  # noqa: BLE001 - the node answers C-STORE 0xA700 while this fails
+            engine.dispose()
+            return Check("database", False, f"{engine.url}: cannot be written ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]}); C-STORE is answered 0xA700 until it can")
         engine.dispose()
     except Exception as exc:  # noqa: BLE001 - any database error is the report
         return Check("database", False, f"{settings.db_url}: {type(exc).__name__}: {exc}")
     detail = (f"{engine.url} ({mode}): {queued} jobs queued, {failed} failed, "
               f"{pending} deliveries pending, {dead} dead")
     return Check("database", dead == 0, detail + ("" if dead == 0 else " (see `lpm-node outbox list`)"))
+
+
+def write_probe(engine) -> None:  # noqa: ANN001
+    """A real write to the audit database (a row written and removed in one committed transaction)."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS doctor_write_probe (at VARCHAR(40))"))
+        conn.execute(text("INSERT INTO doctor_write_probe (at) VALUES (CURRENT_TIMESTAMP)"))
+        conn.execute(text("DELETE FROM doctor_write_probe"))
 
 
 def run_checks(settings: Settings) -> list[Check]:

@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="export the series list as CSV ('-' for stdout)")
     p.add_argument("--limit", type=int, default=50, help="most recent N series (default 50)")
     p.add_argument("--actions", action="store_true", help="what operators did (rerun, outbox retry, reindex)")
+    p.add_argument("--refusals", action="store_true",
+                   help="list refused and aborted connections and refused instances (with --json: as JSON)")
 
     p = add("measure", _cmd_measure, "measure on a CT and liver mask already on the 0.7 x 0.7 x 2.5 mm grid")
     p.add_argument("--config", help="TOML settings file")

@@ -81,6 +81,7 @@ class Association(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     instances_received: Mapped[int] = mapped_column(Integer, default=0)
     instances_refused: Mapped[int] = mapped_column(Integer, default=0)  # C-STORE answered with a failure
+    tls: Mapped[bool] = mapped_column(default=False)  # the connection used DICOM TLS
 
 
 class Instance(Base):
@@ -92,6 +93,7 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    checksum: Mapped[str] = mapped_column(String(64), default="")  # SHA-256 of the spooled file at receipt
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"), nullable=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ Positive = Annotated[float, Field(gt=0)]
 
 class ConfigError(ValueError):
     """A setting that cannot be used: the message names the source (file or command line) and the key."""
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,8 +64,14 @@ class NodeSettings:
     allowed_hosts: list[str] = field(default_factory=list)  # empty: any address
     min_free_disk_mb: Count = 512
     spool_quota_mb: Count = 0  # 0: no quota
-    journal_mb: Count = 256  # write-ahead journal of the spool (preallocated); 0: each file synced on its own
-    max_associations: AtLeastOne = 16
+    max_associations: AtLeastOne = 16  # at once; more: A-ASSOCIATE-RJ, local limit exceeded
+    max_connections: AtLeastOne = 64  # open TCP connections (associated or not); more are closed at once
+    associate_timeout_s: Positive = 10.0  # total time from connection to association (whatever the peer sends)
+    idle_timeout_s: Positive = 60.0  # an association with no complete PDU for this long is aborted
+    tls_certificate: str = ""  # PEM certificate of the node; set with tls_private_key to speak DICOM TLS only
+    tls_private_key: str = ""  # PEM private key of tls_certificate
+    tls_ca_certificates: str = ""  # PEM bundle of the CAs whose client certificates are trusted
+    tls_require_client_certificate: bool = False  # refuse peers without a certificate signed by those CAs
     measure: bool = True  # False: receive, decide and queue only (e.g. while checking the routing rules)
     stop_grace_seconds: Amount = 10.0  # a job still running this long after a stop is queued again (not a crash)
 
@@ -127,6 +136,7 @@ class OutputSettings:
     retry_hours: Positive = 48.0  # a delivery failing for this long since it was queued is dead-lettered
     backoff_initial_s: Positive = 5.0
     backoff_max_s: Positive = 600.0
+    tls: bool = False  # send to destinations over DICOM TLS (see [node] tls_*)
 
 
 @dataclass
@@ -147,7 +157,8 @@ class Settings:
         return self.data_path / "spool"
 
     @property
-    def journal_path(self) -> Path:
+    def retired_journal_path(self) -> Path:
+        """The folder of the write-ahead journal of earlier versions (removed at start)."""
         return self.data_path / "journal"
 
     @property
@@ -170,9 +181,19 @@ def _field_adapters(section_type: type) -> dict[str, TypeAdapter]:
     return {f.name: TypeAdapter(hints[f.name]) for f in dataclasses.fields(section_type)}
 
 
+# Settings of earlier versions: ignored with a one-line warning instead of refusing the file.
+RETIRED_SETTINGS = {
+    "node.journal_mb": "node.journal_mb is no longer used (every instance is synced to the spool before it is "
+                       "acknowledged); remove it from the configuration",
+}
+
+
 def _merge(section: Any, values: dict[str, Any], where: str, source: str) -> None:
     adapters = _field_adapters(type(section))
     for key, value in values.items():
+        if f"{where}.{key}" in RETIRED_SETTINGS:
+            LOG.warning("%s: %s", source, RETIRED_SETTINGS[f"{where}.{key}"])
+            continue
         if key not in adapters:
             raise ConfigError(f"{source}: unknown setting [{where}] {key} (known: {', '.join(sorted(adapters))})")
         try:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from lpm_node.core.files import atomic_write
-from lpm_node.intake.spool import is_valid_uid
+from lpm_node.intake.header import is_valid_uid
 
 LOG = logging.getLogger(__name__)
 
@@ -125,7 +125,10 @@ class LocalStore:
         """EVT_C_STORE: write the object as received (no re-encoding), then answer."""
         uid = str(event.request.AffectedSOPInstanceUID or "")
         try:
-            data = event.encoded_dataset(include_meta=True)
+            if _config.STORE_RECV_CHUNKED_DATASET:  # the node in the same process receives to disk
+                data = Path(event.dataset_path).read_bytes()
+            else:
+                data = event.encoded_dataset(include_meta=True)
             path = atomic_write(self.folder / _safe_name(uid), data)
         except OSError as exc:
             LOG.error("local store: cannot save %s: %s", uid, exc)

@@ -1,32 +1,31 @@
-"""The DICOM front door: a C-STORE / C-ECHO SCP writing to the spool and the audit DB.
+"""The DICOM front door: pynetdicom's AE as a C-STORE / C-ECHO SCP writing to the spool and the audit DB.
 
-The DICOM upper layer is :mod:`lpm_node.intake.upper_layer`; this module decides what to accept and
-keeps the records. Each received dataset is written to the spool as it arrived on the wire (no
-pixel decoding), durably (synced to the spool's journal), before the success status is returned.
-Only a few header elements are parsed. Audit rows (associations, instances, series) are written
-by one background thread in batches, so the database never sits between the peer and its
-C-STORE response; the spool is the source of truth and :func:`lpm_node.intake.series.reconcile_spool`
-restores any row lost in a crash.
+pynetdicom does the DICOM upper layer and the association negotiation; pynetdicom's chunked receive
+writes each data set to ``<spool>/.incoming`` as it arrives, behind pynetdicom's File Meta
+Information, without decoding pixel data. The C-STORE handler here then checks the command against
+the data set and the accepted context, moves the file into the spool durably
+(:meth:`~lpm_node.intake.spool.Spool.adopt`), waits until its audit row is committed, and only then
+answers success. Around pynetdicom (:mod:`lpm_node.intake.guard` and :class:`FrontDoorServer`): a cap on
+open connections (checked before any thread is started), TLS handshakes off the accepting thread,
+PDU and PDV bounds and total deadlines. Every refusal and abort is recorded in the audit database.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import itertools
 import logging
+import os
+import ssl
 import threading
 import time
-import zlib
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from io import BytesIO
+from copy import deepcopy
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from tempfile import NamedTemporaryFile
+from typing import Any
 
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import keyword_for_tag
-from pydicom.dataset import Dataset
-from pydicom.filereader import data_element_generator
-from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -40,22 +39,31 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
     LegacyConvertedEnhancedCTImageStorage,
     Verification,
 )
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from sqlalchemy.orm import sessionmaker
 
-from lpm_node.core.audit import Association, Instance, Series, utcnow
+from lpm_node.core.audit import utcnow
 from lpm_node.core.config import Settings
-from lpm_node.core.states import AssociationOutcome, SeriesStatus
-from lpm_node.intake.series import note_instance_on_series
-from lpm_node.intake.spool import Spool, SpoolFull, file_meta_bytes, is_valid_uid
-from lpm_node.intake.upper_layer import Association as PeerAssociation
-from lpm_node.intake.upper_layer import AssociationServer, ServerOptions, StoreRequest
+from lpm_node.core.states import AssociationOutcome
+from lpm_node.intake.guard import GuardedSocket
+from lpm_node.intake.header import CannotUnderstand, Header, is_valid_uid, read_header
+from lpm_node.intake.recorder import (
+    AssocEnded,
+    AssocOpened,
+    AuditRecorder,
+    ConnectionRefused,
+    InstanceRefused,
+    InstanceStored,
+)
+from lpm_node.intake.spool import Spool, SpoolFull
 
 LOG = logging.getLogger(__name__)
 
@@ -77,396 +85,139 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     RLELossless,
 )
 MAX_PDU_BYTES = 1024 * 1024
+TLS_HANDSHAKE_S = 10.0
+AUDIT_WAIT_S = 30.0  # a C-STORE waits this long at most for its audit row
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_MISMATCH = 0xA900  # data set does not match SOP class (or the command's UIDs)
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 
-# Elements the listener reads from each received dataset (groups 0008 and 0020, before the pixel data).
-HEADER_TAGS: list[BaseTag] = [
-    Tag(k)
-    for k in (
-        "SOPClassUID",
-        "SOPInstanceUID",
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "Modality",
-        "SeriesDescription",
-        "SpecificCharacterSet",
-    )
-]
 
-
-@dataclass(frozen=True)
-class Header:
-    """What the listener needs from one received dataset."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    modality: str
-    series_description: str
-
-    @classmethod
-    def from_values(cls, values: dict[str, str]) -> Header:
-        """The header from :func:`header_values`; raises CannotUnderstand when a UID is missing or invalid."""
-        for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            if not values[key]:
-                raise CannotUnderstand(f"missing {key}")
-            if not is_valid_uid(values[key]):
-                raise CannotUnderstand(f"invalid {key}")
-        return cls(
-            sop_class_uid=values["SOPClassUID"],
-            sop_instance_uid=values["SOPInstanceUID"],
-            study_instance_uid=values["StudyInstanceUID"],
-            series_instance_uid=values["SeriesInstanceUID"],
-            modality=values["Modality"][:16],
-            series_description=values["SeriesDescription"][:256],
-        )
-
-
-_HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-                    "SeriesDescription")
-
-
-def header_values(ds: Dataset) -> dict[str, str]:
-    """The header elements of a dataset as stripped strings ("" when absent)."""
-    return {k: str(ds.get(k, "") or "").strip() for k in _HEADER_KEYWORDS}
-
-
-class CannotUnderstand(ValueError):
-    """A dataset that does not parse or lacks required UIDs (answered 0xC000)."""
-
-
-_LAST_HEADER_TAG = int(max(HEADER_TAGS))
-_KEYWORD_OF_TAG = {tag: keyword_for_tag(tag) for tag in HEADER_TAGS}
-
-
-class _PastHeader:
-    """``stop_when`` for pydicom's element generator: true after the last wanted element.
-
-    Data set elements come in ascending tag order, so nothing wanted follows; ``fired`` tells
-    that the walk ended there (and not at the end of the bytes it was given).
-    """
-
-    def __init__(self) -> None:
-        self.fired = False
-
-    def __call__(self, tag: BaseTag, _vr: str | None, _length: int) -> bool:
-        if int.__gt__(tag, _LAST_HEADER_TAG):
-            self.fired = True
-        return self.fired
-
-
-def parse_header(encoded: bytes | memoryview, transfer_syntax: str) -> Header:
-    """Read the UIDs, modality and series description from an encoded data set (no pixel data).
-
-    pydicom's element generator walks the data set up to the last wanted element and hands over
-    only the wanted ones, still encoded; they are decoded here (the character set applied to the
-    series description), which costs a fraction of building a pydicom Dataset.
-    """
-    header = _parse(encoded, str(transfer_syntax), complete=True)
-    assert header is not None
-    return header
-
-
-def parse_header_fragments(fragments: list[memoryview], transfer_syntax: str) -> Header:
-    """:func:`parse_header` of a data set received in fragments, reading the first one alone when it suffices."""
-    ts = str(transfer_syntax)
-    if len(fragments) > 1 and ts != DeflatedExplicitVRLittleEndian:
-        header = _parse(fragments[0], ts, complete=False)
-        if header is not None:
-            return header
-    return _parse(fragments[0] if len(fragments) == 1 else b"".join(fragments), ts, complete=True)  # type: ignore[return-value]
-
-
-def _parse(data: bytes | memoryview, ts: str, *, complete: bool) -> Header | None:
-    """The header; None when ``data`` is only the start of a data set and may end before the wanted elements."""
-    if ts == DeflatedExplicitVRLittleEndian:
-        try:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(data))
-        except zlib.error as exc:
-            raise CannotUnderstand(f"deflated dataset does not inflate: {exc}") from exc
-    raw: dict[str, bytes] = {}
-    stop = _PastHeader()
-    try:
-        for elem in data_element_generator(BytesIO(data), ts == ImplicitVRLittleEndian, True, stop_when=stop,
-                                           specific_tags=HEADER_TAGS):
-            if isinstance(elem.value, bytes):
-                raw[_KEYWORD_OF_TAG[elem.tag]] = elem.value
-        if not complete and not stop.fired:
-            return None
-        charsets = raw.get("SpecificCharacterSet", b"").decode("ascii", "replace").split("\\")
-        encodings = convert_encodings([c.strip() for c in charsets] if any(c.strip() for c in charsets) else None)
-        values = {k: raw.get(k, b"").decode("ascii", "replace").strip("\0 ") for k in _HEADER_KEYWORDS}
-        values["SeriesDescription"] = decode_bytes(raw.get("SeriesDescription", b""), encodings, set()).strip("\0 ")
-    except Exception as exc:  # any decoding failure of peer data
-        if not complete:
-            return None
-        raise CannotUnderstand(f"dataset does not parse: {type(exc).__name__}") from exc
-    return Header.from_values(values)
-
-
-# ---------------------------------------------------------------------------------------------
-# Audit recording (one background thread, batched commits)
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class _AssocOpened:
-    key: int
-    calling_ae: str
-    called_ae: str
-    address: str
-    port: int
-    at: dt.datetime
-
-
-@dataclass
-class _AssocEnded:
-    key: int
-    outcome: str
-    reason: str
-    at: dt.datetime
-
-
-@dataclass
-class _AssocRejected:
-    calling_ae: str
-    called_ae: str
-    address: str
-    port: int
-    reason: str
-    at: dt.datetime
-
-
-@dataclass
-class _InstanceStored:
-    assoc_key: int
-    header: Header
-    transfer_syntax: str
-    path: str
-    size_bytes: int
-    calling_ae: str
-    address: str
-    at: dt.datetime
-    duplicate: bool = False
-
-
-@dataclass
-class _InstanceRefused:
-    assoc_key: int
-    status: int
-    reason: str
-    sop_instance_uid: str
-    at: dt.datetime
-
-
-@dataclass
-class _Flush:
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-_Event = _AssocOpened | _AssocEnded | _AssocRejected | _InstanceStored | _InstanceRefused | _Flush
-
-
-class AuditRecorder:
-    """Writes listener events to the audit DB from one thread, committing in batches.
-
-    A burst of events (a series arriving) is written once it pauses for ``quiet_s``, or when the
-    oldest waiting event is ``max_age_s`` old, so the database work stays out of the way of the
-    transfer itself. :meth:`flush` writes at once.
-    """
-
-    def __init__(self, sessions: sessionmaker, *, max_batch: int = 5000, quiet_s: float = 0.15,
-                 max_age_s: float = 2.0) -> None:
-        self._sessions = sessions
-        self._items: deque[_Event] = deque()
-        self._signal = threading.Event()  # set when the queue becomes non-empty, and by flush() / stop()
-        self._urgent = False
-        self._stopping = False
-        self._assoc_ids: dict[int, int] = {}
-        self._max_batch = max_batch
-        self._quiet_s = quiet_s
-        self._max_age_s = max_age_s
-        self._thread = threading.Thread(target=self._run, name="audit-recorder", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Write what is queued, then stop."""
-        if not self._thread.is_alive():
-            return
-        self._stopping = True
-        self._signal.set()
-        self._thread.join(timeout=30)
-
-    def put(self, item: _Event) -> None:
-        self._items.append(item)
-        if len(self._items) == 1:  # wake an idle recorder; during a burst it looks by itself
-            self._signal.set()
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything queued so far is committed."""
-        marker = _Flush()
-        self._items.append(marker)
-        self._urgent = True
-        self._signal.set()
-        return marker.done.wait(timeout)
-
-    def _run(self) -> None:
-        while True:
-            self._signal.wait()
-            started = time.monotonic()
-            seen = -1
-            while not (self._urgent or self._stopping):  # let a burst finish first
-                count = len(self._items)
-                if count >= self._max_batch or count == seen or time.monotonic() - started >= self._max_age_s:
-                    break
-                seen = count
-                self._signal.clear()
-                self._signal.wait(self._quiet_s)
-            self._signal.clear()
-            self._urgent = False
-            batch: list[_Event] = []
-            while self._items:
-                batch.append(self._items.popleft())
-            if batch:
-                self._write(batch)
-            if self._stopping and not self._items:
-                return
-
-    def _write(self, batch: list[_Event]) -> None:
-        flushes = [e for e in batch if isinstance(e, _Flush)]
-        events = [e for e in batch if not isinstance(e, _Flush)]
-        if events:
-            for attempt in range(3):
-                try:
-                    with self._sessions() as session:
-                        self._apply(session, events)
-                        session.commit()
-                    break
-                except Exception:  # keep the listener running; the spool is the source of truth
-                    LOG.exception("audit write failed (attempt %d of 3)", attempt + 1)
-        for f in flushes:
-            f.done.set()
-
-    def _apply(self, session: Session, events: list[_Event]) -> None:
-        sops = [e.header.sop_instance_uid for e in events if isinstance(e, _InstanceStored)]
-        known: set[str] = set()
-        for chunk_start in range(0, len(sops), 500):
-            chunk = sops[chunk_start : chunk_start + 500]
-            known.update(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk))))
-        series_cache: dict[str, Series] = {}
-        assoc_rows: dict[int, Association] = {}
-
-        def assoc_row(key: int) -> Association | None:
-            if key in assoc_rows:
-                return assoc_rows[key]
-            row_id = self._assoc_ids.get(key)
-            row = session.get(Association, row_id) if row_id is not None else None
-            if row is not None:
-                assoc_rows[key] = row
-            return row
-
-        for e in events:
-            if isinstance(e, _AssocOpened):
-                row = Association(
-                    calling_ae=e.calling_ae,
-                    called_ae=e.called_ae,
-                    peer_address=e.address,
-                    peer_port=e.port,
-                    started_at=e.at,
-                    outcome=AssociationOutcome.OPEN,
-                )
-                session.add(row)
-                session.flush()
-                self._assoc_ids[e.key] = row.id
-                assoc_rows[e.key] = row
-            elif isinstance(e, _AssocEnded):
-                row = assoc_row(e.key)
-                if row is not None:
-                    row.ended_at = e.at
-                    if row.outcome == AssociationOutcome.OPEN:
-                        row.outcome = e.outcome
-                        if e.reason:
-                            row.reason = f"{row.reason}; {e.reason}" if row.reason else e.reason
-                self._assoc_ids.pop(e.key, None)
-            elif isinstance(e, _AssocRejected):
-                session.add(
-                    Association(
-                        calling_ae=e.calling_ae,
-                        called_ae=e.called_ae,
-                        peer_address=e.address,
-                        peer_port=e.port,
-                        started_at=e.at,
-                        ended_at=e.at,
-                        outcome=AssociationOutcome.REJECTED,
-                        reason=e.reason,
-                    )
-                )
-            elif isinstance(e, _InstanceRefused):
-                arow = assoc_row(e.assoc_key)
-                if arow is not None:
-                    arow.instances_refused = (arow.instances_refused or 0) + 1
-                    uid = f" (last: {e.sop_instance_uid})" if e.sop_instance_uid else ""
-                    arow.reason = (f"{arow.instances_refused} instance(s) refused with 0x{e.status:04X}: "
-                                   f"{e.reason}{uid}")
-            elif isinstance(e, _InstanceStored):
-                arow = assoc_row(e.assoc_key)
-                if arow is not None:
-                    arow.instances_received += 1
-                if e.duplicate or e.header.sop_instance_uid in known:
-                    continue
-                known.add(e.header.sop_instance_uid)
-                session.add(
-                    Instance(
-                        sop_instance_uid=e.header.sop_instance_uid,
-                        series_instance_uid=e.header.series_instance_uid,
-                        sop_class_uid=e.header.sop_class_uid,
-                        transfer_syntax_uid=e.transfer_syntax,
-                        path=e.path,
-                        size_bytes=e.size_bytes,
-                        received_at=e.at,
-                        association_id=arow.id if arow is not None else None,
-                    )
-                )
-                srow = series_cache.get(e.header.series_instance_uid)
-                if srow is None:
-                    srow = session.scalars(
-                        select(Series).where(Series.series_instance_uid == e.header.series_instance_uid)
-                    ).first()
-                    if srow is None:
-                        srow = Series(
-                            series_instance_uid=e.header.series_instance_uid,
-                            study_instance_uid=e.header.study_instance_uid,
-                            modality=e.header.modality,
-                            series_description=e.header.series_description,
-                            calling_ae=e.calling_ae,
-                            calling_address=e.address,
-                            first_received_at=e.at,
-                            last_received_at=e.at,
-                            instance_count=0,
-                            status=SeriesStatus.RECEIVING,
-                        )
-                        session.add(srow)
-                    series_cache[e.header.series_instance_uid] = srow
-                note_instance_on_series(session, srow, e.at)
-
-
-# ---------------------------------------------------------------------------------------------
-# The SCP
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class _AssocInfo:
+    """What the listener keeps about one connection."""
+
     key: int
-    calling_ae: str
     address: str
+    port: int
+    tls: bool = False
+    calling_ae: str = ""
+    called_ae: str = ""
+    opened: bool = False  # an audit row was opened for it
+    refused: str = ""  # why the association request was refused
     stored: int = 0
     bytes_stored: int = 0
-    handler_s: float = 0.0  # time in the C-STORE handler (parse, write, sync)
-    sync_s: float = 0.0  # of which making instances durable
+    handler_s: float = 0.0  # time in the C-STORE handler (checks, header, making durable, audit commit)
+    sync_s: float = 0.0  # of which syncing
+    audit_s: float = 0.0  # of which waiting for the audit row's commit
+
+
+class FrontDoorServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with a connection cap checked before a thread starts, and TLS
+    handshakes done in the connection's own thread (never in the accepting one)."""
+
+    listener: Listener
+    request_queue_size = 128  # listen backlog: a burst of connections is accepted (or refused) at once
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self.listener.connection_slots.acquire(blocking=False):
+            return True
+        self.listener.record_closed(str(client_address[0]), int(client_address[1]),
+                                    f"connection limit reached (max_connections={self.listener.max_connections})")
+        return False
+
+    def service_actions(self) -> None:
+        """pynetdicom runs a full garbage collection here every 60 polls; threads end cleanly without it."""
+
+
+
+class FrontDoorAssociation(Association):
+    """pynetdicom's acceptor association that tells the listener when its thread ends, however it ends."""
+
+    listener: Listener
+    info: _AssocInfo
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.listener.connection_ended(self)
+
+
+class FrontDoorHandler(RequestHandler):
+    """Wraps the connection (TLS when configured) and hands pynetdicom a :class:`GuardedSocket`."""
+
+    server: FrontDoorServer
+
+    def handle(self) -> None:
+        listener = self.server.listener
+        address, port = str(self.client_address[0]), int(self.client_address[1])
+        started = False
+        try:
+            if listener.tls_context is not None:
+                try:
+                    self.request.settimeout(TLS_HANDSHAKE_S)
+                    self.request = listener.tls_context.wrap_socket(self.request, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    listener.record_closed(address, port, f"TLS handshake failed: {exc}", tls=True)
+                    try:
+                        self.request.close()
+                    except OSError:
+                        pass
+                    return
+            assoc = self._create_association()
+            assoc.listener = listener
+            assoc.info = _AssocInfo(key=listener.next_key(), address=address, port=port,
+                                    tls=listener.tls_context is not None)
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            started = True
+        finally:
+            if not started:
+                listener.connection_slots.release()
+
+    def _create_association(self) -> FrontDoorAssociation:
+        assoc = FrontDoorAssociation(self.ae, "acceptor")
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
+        node = self.server.listener.settings.node
+        sock = GuardedSocket(assoc, self.request, max_pdu=MAX_PDU_BYTES,
+                             associate_timeout_s=float(node.associate_timeout_s),
+                             idle_timeout_s=float(node.idle_timeout_s))
+        assoc.set_socket(sock)
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event, handlers in self.server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)  # type: ignore[misc]
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in handlers:  # type: ignore[union-attr]
+                    assoc.bind(event, handler[0], handler[1])  # type: ignore[index]
+        return assoc
+
+
+def tls_server_context(certificate: str, private_key: str, ca_certificates: str = "",
+                       require_client_certificate: bool = False) -> ssl.SSLContext:
+    """The node's TLS context (TLS 1.2 or later); client certificates checked against ``ca_certificates``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certificate, private_key)
+    if ca_certificates:
+        context.load_verify_locations(ca_certificates)
+    if require_client_certificate:
+        if not ca_certificates:
+            raise ValueError("tls_require_client_certificate needs tls_ca_certificates")
+        context.verify_mode = ssl.CERT_REQUIRED
+    elif ca_certificates:
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
 
 
 class Listener:
@@ -474,133 +225,238 @@ class Listener:
 
     def __init__(self, settings: Settings, sessions: sessionmaker, spool: Spool | None = None) -> None:
         self.settings = settings
-        self.sessions = sessions
         node = settings.node
-        self.spool = spool or Spool(
-            settings.spool_path, quota_mb=node.spool_quota_mb, min_free_disk_mb=node.min_free_disk_mb
-        )
+        self.spool = spool or Spool(settings.spool_path, quota_mb=node.spool_quota_mb,
+                                    min_free_disk_mb=node.min_free_disk_mb)
         self.recorder = AuditRecorder(sessions)
         self.allowed_ae_titles = {t.strip() for t in node.allowed_ae_titles if t.strip()}
         self.allowed_hosts = {h.strip() for h in node.allowed_hosts if h.strip()}
+        self.max_associations = max(1, int(node.max_associations))
+        self.max_connections = max(self.max_associations, int(node.max_connections))
+        self.connection_slots = threading.BoundedSemaphore(self.max_connections)
+        self._associated = 0
+        self._lock = threading.Lock()
         self._keys = itertools.count(1)
-        self._server: AssociationServer | None = None
+        self._server: FrontDoorServer | None = None
+        self.tls_context: ssl.SSLContext | None = None
+        if node.tls_certificate or node.tls_private_key:
+            self.tls_context = tls_server_context(node.tls_certificate, node.tls_private_key,
+                                                  node.tls_ca_certificates, node.tls_require_client_certificate)
+        self.database_folder = _sqlite_folder(settings.db_url)
         self.on_instance: Callable[[Header], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def server_options(self) -> ServerOptions:
-        """Address, presentation contexts and limits of the SCP (any called AE title is accepted)."""
+    def make_ae(self) -> AE:
+        """pynetdicom's AE with the node's contexts, limits and timeouts."""
         node = self.settings.node
-        contexts: dict[UID, list[UID]] = {Verification: [ImplicitVRLittleEndian, ExplicitVRLittleEndian]}
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = self.max_connections  # the node's own limit counts associations (below)
+        ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.acse_timeout = float(node.associate_timeout_s)
+        ae.network_timeout = float(node.idle_timeout_s)
+        ae.dimse_timeout = float(node.idle_timeout_s)
+        ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
         for sop_class in STORAGE_SOP_CLASSES:
-            contexts[sop_class] = list(TRANSFER_SYNTAXES)
-        return ServerOptions(host=node.host, port=int(node.port), contexts=contexts, max_pdu=MAX_PDU_BYTES,
-                             max_associations=max(1, int(node.max_associations)))
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        return ae
 
     def start(self) -> tuple[str, int]:
         """Start accepting associations in background threads; returns the bound (host, port)."""
+        self.spool.remove_stale_temporaries()
+        logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, LOG.getEffectiveLevel()))
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom writes a data set as it arrives to a NamedTemporaryFile: put those in the spool's file system
+        dimse_messages.NamedTemporaryFile = partial(_incoming_file, self.spool.incoming)  # type: ignore[attr-defined]
         self.recorder.start()
-        self._server = AssociationServer(self.server_options(), self)
-        host, port = self._server.start()
-        LOG.info("listening on %s:%d as AE title %s", host, port, self.settings.node.ae_title)
-        return host, port
+        node = self.settings.node
+        ae = self.make_ae()
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda _event: STATUS_SUCCESS),
+        ]
+        server = ae.make_server((node.host, int(node.port)), evt_handlers=handlers,  # type: ignore[arg-type]
+                                server_class=FrontDoorServer, request_handler=FrontDoorHandler)
+        server.listener = self  # type: ignore[attr-defined]
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                  name="front-door", daemon=True)
+        thread.start()
+        ae._servers.append(server)
+        self._ae = ae
+        self._server = server  # type: ignore[assignment]
+        host, port = server.server_address[:2]
+        LOG.info("listening on %s:%d as AE title %s%s", host, port, node.ae_title,
+                 " (DICOM TLS)" if self.tls_context else "")
+        return str(host), int(port)
 
     def stop(self) -> None:
         """Stop accepting, end open associations, and write the remaining audit rows."""
         if self._server is not None:
-            self._server.stop()
+            for assoc in self._server.active_associations:
+                assoc.abort()
+            self._server.shutdown()
             self._server = None
         self.recorder.stop()
 
-    # -- association events (the upper layer calls these) ---------------------------------------------
-    def on_request(self, assoc: PeerAssociation) -> str | None:
-        """Reject callers outside the allowlists."""
-        if self.allowed_ae_titles and assoc.calling_ae not in self.allowed_ae_titles:
-            return f"calling AE title {assoc.calling_ae!r} is not in allowed_ae_titles"
-        if self.allowed_hosts and assoc.address not in self.allowed_hosts:
-            return f"peer address {assoc.address} is not in allowed_hosts"
+    # -- connections and associations ------------------------------------------------------------
+    def next_key(self) -> int:
+        return next(self._keys)
+
+    def record_closed(self, address: str, port: int, reason: str, *, tls: bool = False) -> None:
+        """Audit a connection closed before it associated."""
+        LOG.warning("connection from %s:%d closed: %s", address, port, reason)
+        self.recorder.put(ConnectionRefused(AssociationOutcome.ABORTED, "", "", address, port, reason, utcnow(), tls))
+
+    def _refusal(self, assoc: Association, info: _AssocInfo) -> tuple[str, tuple[int, int, int]] | None:
+        if self.allowed_ae_titles and info.calling_ae not in self.allowed_ae_titles:
+            return f"calling AE title {info.calling_ae!r} is not in allowed_ae_titles", (1, 1, 3)
+        if self.allowed_hosts and info.address not in self.allowed_hosts:
+            return f"peer address {info.address} is not in allowed_hosts", (1, 1, 3)
+        if self.tls_context is not None and self.settings.node.tls_require_client_certificate:
+            sock = assoc.dul.socket.socket if assoc.dul.socket else None
+            if not isinstance(sock, ssl.SSLSocket) or not sock.getpeercert():
+                return "no trusted client certificate", (1, 1, 3)
+        with self._lock:
+            if self._associated >= self.max_associations:
+                return (f"local limit exceeded: {self._associated} association(s) open "
+                        f"(max_associations={self.max_associations})"), (2, 3, 2)
+            self._associated += 1
         return None
 
-    def on_rejected(self, assoc: PeerAssociation, reason: str) -> None:
-        self.recorder.put(_AssocRejected(assoc.calling_ae, assoc.called_ae, assoc.address, assoc.port, reason,
-                                         utcnow()))
-
-    def on_established(self, assoc: PeerAssociation) -> None:
-        info = _AssocInfo(key=next(self._keys), calling_ae=assoc.calling_ae, address=assoc.address)
-        assoc.data["info"] = info
-        self.recorder.put(_AssocOpened(info.key, assoc.calling_ae, assoc.called_ae, assoc.address, assoc.port,
-                                       utcnow()))
-        LOG.info("association %d from %s (%s) established", info.key, assoc.calling_ae, assoc.address)
-
-    def on_end(self, assoc: PeerAssociation, outcome: str, reason: str) -> None:
-        info = assoc.data.get("info")
-        if not isinstance(info, _AssocInfo):
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        info: _AssocInfo = assoc.info
+        primitive = assoc.requestor.primitive
+        info.calling_ae = str(primitive.calling_ae_title or "").strip() if primitive else ""
+        info.called_ae = str(primitive.called_ae_title or "").strip() if primitive else ""
+        refusal = self._refusal(assoc, info)
+        if refusal is None:
+            info.opened = True
             return
-        self.recorder.put(_AssocEnded(info.key, outcome, reason, utcnow()))
-        LOG.info(
-            "association %d %s after %d instance(s), %.1f MB; C-STORE handler %.3f s, of which syncing %.3f s",
-            info.key, outcome, info.stored, info.bytes_stored / 2**20, info.handler_s, info.sync_s,
-        )
+        info.refused, (result, source, diagnostic) = refusal
+        LOG.warning("association from %s (%s) rejected: %s", info.calling_ae, info.address, info.refused)
+        self.recorder.put(ConnectionRefused(AssociationOutcome.REJECTED, info.calling_ae, info.called_ae,
+                                            info.address, info.port, info.refused, utcnow(), info.tls))
+        assoc.acse.send_reject(result, source, diagnostic)
+        assoc.kill()
 
-    def _refuse(self, info: _AssocInfo | None, status: int, reason: str, header: Header | None) -> tuple[int, str]:
-        sop = header.sop_instance_uid if header else ""
-        LOG.warning("C-STORE %s refused with 0x%04X: %s", sop or "(unparsed)", status, reason)
-        self.recorder.put(_InstanceRefused(info.key if info else 0, status, reason, sop, utcnow()))
-        return status, reason
+    def _on_accepted(self, event: evt.Event) -> None:
+        info: _AssocInfo = event.assoc.info
+        self.recorder.put(AssocOpened(info.key, info.calling_ae, info.called_ae, info.address, info.port, utcnow(),
+                                      info.tls))
+        LOG.info("association %d from %s (%s) established", info.key, info.calling_ae, info.address)
 
-    def on_store(self, assoc: PeerAssociation, request: StoreRequest) -> tuple[int, str]:
-        """Parse the header, write the instance durably, record it; returns (status, error comment)."""
+    def connection_ended(self, assoc: FrontDoorAssociation) -> None:
+        """Release the connection's slot and audit how it ended (its thread is ending)."""
+        self.connection_slots.release()
+        info = assoc.info
+        sock = assoc.dul.socket
+        problem = getattr(sock, "problem", "") if sock is not None else ""
+        if info.opened:
+            with self._lock:
+                self._associated -= 1
+            if assoc.is_released:
+                outcome, reason = AssociationOutcome.RELEASED, ""
+            else:
+                outcome = AssociationOutcome.ABORTED
+                idle = assoc.dul.idle_timer_expired()
+                reason = problem or (f"idle for {self.settings.node.idle_timeout_s:g} s" if idle else
+                                     "aborted" if assoc.is_aborted else "connection closed without release")
+            self.recorder.put(AssocEnded(info.key, outcome, reason, utcnow()))
+            LOG.info("association %d %s after %d instance(s), %.1f MB (syncing %.3f s; C-STORE handler %.3f s, of "
+                     "which audit commits %.3f s)%s", info.key, outcome, info.stored, info.bytes_stored / 2**20,
+                     info.sync_s, info.handler_s, info.audit_s, f": {reason}" if reason else "")
+        elif not info.refused:
+            reason = problem or "closed before an association was requested"
+            self.record_closed(info.address, info.port, reason, tls=info.tls)
+
+    # -- C-STORE ----------------------------------------------------------------------------------
+    def _refuse(self, info: _AssocInfo, status: int, reason: str, sop_uid: str = "") -> int:
+        LOG.warning("C-STORE %s refused with 0x%04X: %s", sop_uid or "(unparsed)", status, reason)
+        self.recorder.put(InstanceRefused(info.key, status, reason, sop_uid, utcnow()))
+        return status
+
+    def check_folders(self) -> None:
+        """Raise OSError when the spool or the database folder is gone or not writable."""
+        self.spool.check_writable()
+        if self.database_folder is not None and not os.access(self.database_folder, os.W_OK | os.X_OK):
+            raise OSError(f"database folder {self.database_folder} is missing or not writable")
+
+    def _on_store(self, event: evt.Event) -> int:
         started = time.perf_counter()
-        info = assoc.data.get("info")
-        info = info if isinstance(info, _AssocInfo) else None
         try:
-            return self._store(request, info)
+            return self._store(event)
         finally:
-            if info is not None:
-                info.handler_s += time.perf_counter() - started
+            event.assoc.info.handler_s += time.perf_counter() - started
 
-    def _store(self, request: StoreRequest, info: _AssocInfo | None) -> tuple[int, str]:
-        ts = str(request.transfer_syntax)
-        fragments = request.fragments
-        header: Header | None = None
+    def _store(self, event: evt.Event) -> int:
+        info: _AssocInfo = event.assoc.info
+        request = event.request
+        command_sop = str(request.AffectedSOPInstanceUID or "")
+        command_class = str(request.AffectedSOPClassUID or "")
+        context = event.context
+        if not is_valid_uid(command_sop):
+            return self._refuse(info, STATUS_CANNOT_UNDERSTAND, "missing or invalid Affected SOP Instance UID")
+        if command_class != str(context.abstract_syntax):
+            return self._refuse(info, STATUS_MISMATCH, f"command SOP class {command_class!r} is not the "
+                                f"context's {context.abstract_syntax}", command_sop)
         try:
-            header = parse_header_fragments(fragments, ts)
-            meta = file_meta_bytes(
-                header.sop_class_uid or request.sop_class_uid,
-                header.sop_instance_uid,
-                ts,
-                info.calling_ae if info else "",
-            )
-            stored = self.spool.store(
-                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, [meta, *fragments]
-            )
-        except CannotUnderstand as exc:
-            return self._refuse(info, STATUS_CANNOT_UNDERSTAND, f"cannot understand: {exc}", header)
-        except SpoolFull as exc:
-            return self._refuse(info, STATUS_OUT_OF_RESOURCES, f"out of resources: {exc}", header)
+            self.check_folders()
         except OSError as exc:
-            return self._refuse(info, STATUS_OUT_OF_RESOURCES, f"spool write failed: {exc.strerror or exc}", header)
-        except Exception as exc:  # never let one dataset break the association or the listener
-            LOG.exception("C-STORE processing failed")
-            return self._refuse(info, STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}", header)
-        if info is not None:
-            info.stored += 1
-            info.bytes_stored += stored.size_bytes if not stored.duplicate else 0
+            LOG.error("refusing C-STORE: %s", exc)
+            return self._refuse(info, STATUS_OUT_OF_RESOURCES, f"data folder unusable: {exc}", command_sop)
+        received = Path(event.dataset_path)
+        try:
+            header = read_header(received)
+        except CannotUnderstand as exc:
+            return self._refuse(info, STATUS_CANNOT_UNDERSTAND, f"cannot understand: {exc}", command_sop)
+        except OSError as exc:
+            return self._refuse(info, STATUS_OUT_OF_RESOURCES, f"received data set unreadable: {exc}", command_sop)
+        if header.sop_instance_uid != command_sop:
+            return self._refuse(info, STATUS_MISMATCH, "data set SOP Instance UID differs from the command's",
+                                command_sop)
+        if header.sop_class_uid != command_class:
+            return self._refuse(info, STATUS_MISMATCH, f"data set SOP class {header.sop_class_uid} differs from "
+                                f"the command's {command_class}", command_sop)
+        try:
+            stored = self.spool.adopt(received, header.study_instance_uid, header.series_instance_uid,
+                                      header.sop_instance_uid)
+        except SpoolFull as exc:
+            return self._refuse(info, STATUS_OUT_OF_RESOURCES, f"out of resources: {exc}", command_sop)
+        except OSError as exc:
+            LOG.error("spool write failed: %s", exc)
+            return self._refuse(info, STATUS_OUT_OF_RESOURCES, f"spool write failed: {exc.strerror or exc}",
+                                command_sop)
+        record = InstanceStored(info.key, header, str(stored.path), stored.size_bytes, stored.checksum,
+                                info.calling_ae, info.address, utcnow())
+        waited = time.perf_counter()
+        self.recorder.put(record)
+        committed = record.ticket.wait(AUDIT_WAIT_S)
+        info.audit_s += time.perf_counter() - waited
+        if not committed:
+            return self._refuse(info, STATUS_OUT_OF_RESOURCES,
+                                f"audit database not writable: {record.ticket.error or 'timed out'}", command_sop)
+        info.stored += 1
+        if not stored.duplicate:
+            info.bytes_stored += stored.size_bytes
             info.sync_s += stored.sync_s
-        self.recorder.put(
-            _InstanceStored(
-                assoc_key=info.key if info else 0,
-                header=header,
-                transfer_syntax=ts,
-                path=str(stored.path),
-                size_bytes=stored.size_bytes,
-                calling_ae=info.calling_ae if info else "",
-                address=info.address if info else "",
-                at=utcnow(),
-                duplicate=stored.duplicate,
-            )
-        )
-        if stored.duplicate:
-            LOG.debug("duplicate instance %s accepted again", header.sop_instance_uid)
-        elif self.on_instance is not None:
-            self.on_instance(header)
-        return STATUS_SUCCESS, ""
+            if self.on_instance is not None:
+                self.on_instance(header)
+        return STATUS_SUCCESS
+
+
+def _incoming_file(folder: Path, **kwargs: Any) -> Any:
+    """A temporary file for a data set being received, in ``folder``; when the spool is gone (the C-STORE is then
+    refused), in the system's temporary folder, from which pynetdicom removes it after the refusal."""
+    try:
+        return NamedTemporaryFile(dir=folder, **kwargs)
+    except FileNotFoundError:
+        return NamedTemporaryFile(**kwargs)
+
+
+def _sqlite_folder(url: str) -> Path | None:
+    """The folder of a SQLite database file (None for other databases)."""
+    if url.startswith("sqlite:///") and not url.endswith(":memory:"):
+        return Path(url.removeprefix("sqlite:///")).parent
+    return None

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from lpm_node.core.audit import Job, Series, utcnow
 from lpm_node.core.config import RuleSettings
 from lpm_node.core.states import JobStatus, SeriesStatus
+from lpm_node.intake.header import read_header_dataset
 from lpm_node.intake.series import record_decision
 from lpm_node.intake.spool import Spool
 
@@ -37,13 +37,6 @@ LOG = logging.getLogger(__name__)
 
 STARTED_JOB_STATUSES = (JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED)
 
-_HEADER_TAGS = [
-    "SOPClassUID", "Modality", "ImageType", "StudyDescription", "SeriesDescription", "ProtocolName",
-    "BodyPartExamined", "ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusVolume",
-    "ContrastBolusIngredient", "ContrastBolusStartTime", "SliceThickness", "SpacingBetweenSlices",
-    "ImagePositionPatient", "ImageOrientationPatient", "ConvolutionKernel", "NumberOfFrames", "InstanceNumber",
-    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "SpecificCharacterSet",
-]
 _DESCRIPTION_FIELDS = ("StudyDescription", "SeriesDescription", "ProtocolName")
 _CONTRAST_FIELDS = ("ContrastBolusAgent", "ContrastBolusIngredient", "ContrastBolusRoute", "ContrastBolusVolume")
 _EMPTY_CONTRAST_VALUES = {"", "NONE", "NO", "N/A", "NA", "0", "0.0", "NIL", "WITHOUT", "NO CONTRAST", "-"}
@@ -181,7 +174,7 @@ def read_series_facts(paths: Sequence[Path]) -> SeriesFacts:
     first: Dataset | None = None
     for path in paths:
         try:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            ds, _ts = read_header_dataset(path)
         except Exception:
             facts.unreadable += 1
             continue

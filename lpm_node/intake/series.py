@@ -19,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Association, Instance, Job, Series, SeriesDecision, as_utc, utcnow
 from lpm_node.core.states import REOPENABLE_SERIES_STATUSES, AssociationOutcome, JobStatus, SeriesStatus
 from lpm_node.intake.geometry import contiguity, read_slices
-from lpm_node.intake.spool import Spool, is_valid_uid
+from lpm_node.intake.header import CannotUnderstand, Header, read_header
+from lpm_node.intake.spool import Spool, file_checksum
 
 LOG = logging.getLogger(__name__)
 
@@ -69,32 +69,11 @@ def record_decision(session, row: Series, status: str, reason: str, at: dt.datet
     session.add(SeriesDecision(series_instance_uid=row.series_instance_uid, at=at, status=status, reason=reason))
 
 
-@dataclass(frozen=True)
-class _Header:
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    modality: str
-    series_description: str
-
-
-def _read_header(path: Path) -> _Header | None:
+def _read_header(path: Path) -> Header | None:
     try:
-        ds = dcmread(
-            path,
-            stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-                           "SeriesDescription", "SpecificCharacterSet"],
-        )
-        values = {k: str(ds.get(k, "") or "").strip() for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                                                "SeriesInstanceUID", "Modality", "SeriesDescription")}
-    except Exception:  # a damaged file: leave it to the rules/loader to report
+        return read_header(path)
+    except (CannotUnderstand, OSError):  # a damaged file or bad UIDs: leave it to the rules/loader to report
         return None
-    if not all(is_valid_uid(values[k]) for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")):
-        return None
-    return _Header(values["SOPClassUID"], values["SOPInstanceUID"], values["StudyInstanceUID"],
-                   values["SeriesInstanceUID"], values["Modality"][:16], values["SeriesDescription"][:256])
 
 
 def reconcile_spool(sessions: sessionmaker, spool: Spool) -> int:
@@ -122,9 +101,10 @@ def reconcile_spool(sessions: sessionmaker, spool: Spool) -> int:
                     sop_instance_uid=header.sop_instance_uid,
                     series_instance_uid=series_uid,
                     sop_class_uid=header.sop_class_uid,
-                    transfer_syntax_uid="",
+                    transfer_syntax_uid=header.transfer_syntax_uid,
                     path=str(path),
                     size_bytes=path.stat().st_size,
+                    checksum=file_checksum(path),
                     received_at=at,
                 )
             )

@@ -2,42 +2,57 @@
 
 Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Every path
 component is a UID that passed :func:`is_valid_uid`; nothing a peer sent is used unchecked.
-Once :meth:`Spool.store` returns, the instance survives a crash. With a journal (the serving
-node), the instance is appended to the write-ahead journal (:mod:`lpm_node.intake.journal`) and synced;
-a background thread then writes the spool files and syncs them in batches. Without one (or when
-the journal has no room), a file is written to a temporary name in its final folder, flushed and
-fsync'ed, then renamed, and the folder is fsync'ed.
+Transfers in progress are written to ``<spool>/.incoming`` (same file system); :meth:`Spool.adopt`
+then syncs the file, renames it to its final name and syncs the folder. Once it returns, the
+instance survives a crash. Each instance's SHA-256 is returned so that it can be recorded at
+receipt and checked before measurement (:func:`verify_checksum`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import re
 import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from lpm_node.intake.journal import Journal, JournalFull, JournalRecord, fsync_dir
+from lpm_node.core.files import fsync_folder
+from lpm_node.intake.header import is_valid_uid
 
 LOG = logging.getLogger(__name__)
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 TMP_SUFFIX = ".tmp"
-WRITER_IDLE_S = 0.25  # the journal writer starts once no instance arrived for this long
+INCOMING_DIR = ".incoming"  # where transfers in progress are written (same file system as the spool)
 DICOM_SUFFIX = ".dcm"
 IMPLEMENTATION_VERSION_NAME = "LPM_NODE_01"
 
 
-def is_valid_uid(value: object) -> bool:
-    """True when ``value`` is a syntactically valid DICOM UID (PS3.5 9.1): digits and dots, <= 64 chars."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+def file_checksum(path: str | Path) -> str:
+    """SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fp:
+        while chunk := fp.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ChecksumMismatch(Exception):
+    """A spooled file no longer has the checksum recorded when it was received."""
+
+
+def verify_checksum(path: str | Path, expected: str | None) -> None:
+    """Raise :class:`ChecksumMismatch` when ``path``'s SHA-256 differs from ``expected`` (skipped when none was
+    recorded)."""
+    if expected and (actual := file_checksum(path)) != expected:
+        raise ChecksumMismatch(f"checksum mismatch in spooled file {Path(path).name}: recorded {expected[:12]}…, "
+                               f"now {actual[:12]}…")
 
 
 class SpoolFull(Exception):
@@ -52,6 +67,7 @@ class StoredInstance:
     size_bytes: int
     duplicate: bool
     sync_s: float = 0.0  # time spent making it durable (fdatasync + folder fsync)
+    checksum: str = ""  # SHA-256 of the file, hex
 
 
 def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
@@ -96,8 +112,6 @@ class Spool:
         *,
         quota_mb: int = 0,
         min_free_disk_mb: int = 0,
-        journal_dir: Path | None = None,
-        journal_mb: int = 256,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -108,156 +122,23 @@ class Spool:
         self.remove_stale_temporaries()
         self._used = self.measure_usage()
         self._measured_at = time.monotonic()
-        self.journal: Journal | None = None
-        self._pending: dict[Path, JournalRecord] = {}  # journalled, spool file not yet written
-        self._queue: list[JournalRecord] = []
-        self._wake = threading.Condition(self._lock)
-        self._writer: threading.Thread | None = None
-        self._stopping = False
-        self._waiters = 0  # threads waiting for spool files (the writer does not hold back then)
-        self._last_append = 0.0
-        self._queued_bytes = 0
-        if journal_dir is not None and journal_mb > 0:
-            self._open_journal(Path(journal_dir), journal_mb)
 
-    # -- the journal --------------------------------------------------------------------------------
-    def _open_journal(self, folder: Path, journal_mb: int) -> None:
-        segments = 4
-        journal = Journal(folder, segment_bytes=max(1, journal_mb // segments) << 20, segments=segments)
-        recovered = journal.recover()
-        if recovered:
-            LOG.info("writing %d journalled instance(s) to the spool after a restart", len(recovered))
-            self._used += sum(r.length for r in recovered if not (self.root / r.relpath).exists())
-            try:
-                self._write_from_journal(journal, recovered)
-            except OSError as exc:  # kept in the journal; the writer thread tries again
-                LOG.error("journalled instances not yet written to the spool: %s", exc.strerror or exc)
-                for rec in recovered:
-                    self._pending[self.root / rec.relpath] = rec
-                    self._queued_bytes += rec.length
-                self._queue.extend(recovered)
-        journal.prepare(background=True)
-        self.journal = journal
-        self._writer = threading.Thread(target=self._run_writer, args=(journal,), name="spool-writer", daemon=True)
-        self._writer.start()
+    @property
+    def incoming(self) -> Path:
+        """Folder for transfers in progress (emptied at start)."""
+        folder = self.root / INCOMING_DIR
+        folder.mkdir(exist_ok=True)
+        return folder
 
-    def _writer_due(self) -> float:
-        """0 when the writer should copy records out now, else how long it may still wait.
+    def check_writable(self) -> None:
+        """Raise OSError when the spool folder is gone or cannot be written (a deleted or read-only data folder)."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(2, f"spool folder {self.root} is missing (deleted while the node runs?)")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise PermissionError(13, f"spool folder {self.root} is not writable")
 
-        The writer keeps out of the way of a transfer in progress (its file-system syncs would slow
-        the journal's): it starts once arrivals pause, when the journal is half full, or when
-        someone waits for the files.
-        """
-        if self._stopping or self._waiters or self.journal is None:
-            return 0.0
-        if self._queued_bytes >= self.journal.capacity_bytes // 2:
-            return 0.0
-        return max(0.0, self._last_append + WRITER_IDLE_S - time.monotonic())
-
-    def _next_batch(self) -> list[JournalRecord]:
-        """The next records to write out (the lock is held); [] when the spool is closing."""
-        while not self._stopping:
-            if not self._queue:
-                self._wake.wait()
-                continue
-            wait = self._writer_due()
-            if wait <= 0:
-                return self._queue[:64]
-            self._wake.wait(wait)
-        return []
-
-    def _run_writer(self, journal: Journal) -> None:
-        failures = 0
-        while True:
-            with self._wake:
-                batch = self._next_batch()
-            if not batch:
-                return
-            try:
-                self._write_from_journal(journal, batch)
-            except OSError as exc:  # the records stay journalled; try again a little later
-                failures += 1
-                delay = min(0.5 * 2 ** (failures - 1), 30.0)
-                LOG.error("%d instance(s) not yet written from the journal to the spool (%s); retrying in %.1f s",
-                          len(self._queue), exc.strerror or exc, delay)
-                deadline = time.monotonic() + delay
-                with self._wake:
-                    while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
-                        self._wake.wait(remaining)
-                continue
-            failures = 0
-            with self._wake:
-                del self._queue[: len(batch)]
-                for rec in batch:
-                    self._pending.pop(self.root / rec.relpath, None)
-                    self._queued_bytes -= rec.length
-                self._wake.notify_all()
-
-    def _write_from_journal(self, journal: Journal, records: list[JournalRecord]) -> None:
-        """Write journalled instances as spool files, sync them, then checkpoint the journal."""
-        written: list[tuple[int, Path, Path]] = []
-        try:
-            for rec in records:
-                final = self.root / rec.relpath
-                if final.exists():
-                    continue
-                fd, tmp = self._create_temporary(final.parent, f".{final.stem}.j{rec.seq}{TMP_SUFFIX}")
-                written.append((fd, tmp, final))
-                journal.copy_payload(rec, fd)
-            for fd, _tmp, _final in written:  # the first sync commits them all
-                os.fdatasync(fd)
-        except BaseException:
-            for fd, tmp, _final in written:
-                os.close(fd)
-                tmp.unlink(missing_ok=True)
-            raise
-        folders = set()
-        for fd, tmp, final in written:
-            os.close(fd)
-            os.rename(tmp, final)
-            folders.add(final.parent)
-        for folder in folders:
-            fsync_dir(folder)
-        journal.checkpoint(records[-1].seq)
-
-    def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until every journalled instance is in the spool as a file; False on timeout."""
-        return self._wait_for_writer(lambda: bool(self._pending), timeout)
-
-    def _wait_for_folder(self, folder: Path, timeout: float = 60.0) -> None:
-        if not self._wait_for_writer(lambda: any(p.parent == folder for p in self._pending), timeout):
-            LOG.warning("instances of %s are still being written from the journal", folder.name)
-
-    def _wait_for_writer(self, busy: Callable[[], bool], timeout: float) -> bool:
-        """Wait while ``busy()`` (checked under the lock); the writer starts at once meanwhile. False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._wake:
-            self._waiters += 1
-            self._wake.notify_all()
-            try:
-                while busy():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    self._wake.wait(remaining)
-            finally:
-                self._waiters -= 1
-        return True
-
-    def close(self, timeout: float = 120.0) -> None:
-        """Write what the journal holds to the spool, then stop the writer and close the journal."""
-        if self.journal is None:
-            return
-        if not self.flush(timeout):
-            LOG.warning("%d instance(s) stay in the journal; they are written to the spool at the next start",
-                        len(self._pending))
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
-        if self._writer is not None:
-            self._writer.join(30)
-        self.journal.close()
-        self.journal = None
+    def close(self) -> None:
+        """Nothing is buffered: every stored instance is already durable."""
 
     # -- paths ----------------------------------------------------------------------------------
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
@@ -276,8 +157,6 @@ class Spool:
     def series_files(self, study_uid: str, series_uid: str) -> list[Path]:
         """The spooled files of a series, sorted by name."""
         folder = self.series_dir(study_uid, series_uid)
-        if self._pending:
-            self._wait_for_folder(folder)
         if not folder.is_dir():
             return []
         return sorted(p for p in folder.iterdir() if p.suffix == DICOM_SUFFIX)
@@ -368,7 +247,7 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         # make the new folder entries themselves durable
         for path in reversed(created):
-            fsync_dir(path.parent)
+            fsync_folder(path.parent)
         self._known_dirs.add(folder)
 
     def store(
@@ -384,31 +263,10 @@ class Spool:
         Raises :class:`SpoolFull` before writing anything when space or quota is short.
         """
         final = self.instance_path(study_uid, series_uid, sop_uid)
-        pending = self._pending.get(final)
-        if pending is not None:
-            return StoredInstance(final, pending.length, True)
         if final.exists():
-            return StoredInstance(final, final.stat().st_size, True)
+            return StoredInstance(final, final.stat().st_size, True, checksum=file_checksum(final))
         size = sum(len(c) for c in chunks)
         self.check_space(size)
-        if self.journal is not None:
-            def queue_record(record: JournalRecord) -> None:
-                with self._wake:
-                    self._used += size
-                    self._pending[final] = record
-                    self._queue.append(record)
-                    self._queued_bytes += record.length
-                    self._last_append = time.monotonic()
-                    if len(self._queue) == 1 or self._waiters:  # else the writer wakes by itself when due
-                        self._wake.notify_all()
-
-            try:
-                _record, sync_s = self.journal.append(f"{study_uid}/{series_uid}/{sop_uid}{DICOM_SUFFIX}", chunks,
-                                                      queue_record)
-            except JournalFull:
-                pass  # written directly below
-            else:
-                return StoredInstance(final, size, False, sync_s)
         folder = final.parent
         fd, tmp = self._create_temporary(folder, f".{sop_uid}.{threading.get_ident()}{TMP_SUFFIX}")
         try:
@@ -430,18 +288,57 @@ class Spool:
         os.close(fd)
         os.rename(tmp, final)
         t_sync = time.perf_counter()
-        fsync_dir(folder)
+        fsync_folder(folder)
         sync_s += time.perf_counter() - t_sync
         with self._lock:
             self._used += size
-        return StoredInstance(final, size, False, sync_s)
+        digest = hashlib.sha256()
+        for chunk in chunks:
+            digest.update(chunk)
+        return StoredInstance(final, size, False, sync_s, digest.hexdigest())
+
+    def adopt(self, received: Path, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
+        """Make a fully received file (in :attr:`incoming`) the instance's durable spool file.
+
+        The file is synced and checksummed, renamed to its final name, and the folder is synced. An
+        instance already in the spool is kept as it is (``duplicate=True``; ``received`` is left alone).
+        Raises :class:`SpoolFull` before moving anything when space or quota is short.
+        """
+        final = self.instance_path(study_uid, series_uid, sop_uid)
+        if final.exists():
+            return StoredInstance(final, final.stat().st_size, True, checksum=file_checksum(final))
+        size = received.stat().st_size
+        self.check_space(size)
+        digest = hashlib.sha256()
+        fd = os.open(received, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                digest.update(chunk)
+            t_sync = time.perf_counter()
+            os.fdatasync(fd)
+            sync_s = time.perf_counter() - t_sync
+        finally:
+            os.close(fd)
+        self._ensure_dir(final.parent)
+        try:
+            os.rename(received, final)
+        except FileNotFoundError:  # the series folder was removed since it was made
+            self._known_dirs.discard(final.parent)
+            self._ensure_dir(final.parent)
+            os.rename(received, final)
+        t_sync = time.perf_counter()
+        fsync_folder(final.parent)
+        sync_s += time.perf_counter() - t_sync
+        with self._lock:
+            self._used += size
+        return StoredInstance(final, size, False, sync_s, digest.hexdigest())
 
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files left by an interrupted write; returns how many."""
         count = 0
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
-                if name.endswith(TMP_SUFFIX):
+                if name.endswith(TMP_SUFFIX) or os.path.basename(dirpath) == INCOMING_DIR:
                     try:
                         os.unlink(os.path.join(dirpath, name))
                         count += 1

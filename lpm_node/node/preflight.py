@@ -21,15 +21,7 @@ class StartRefused(Exception):
     """The node must not start; the message says why and what to do."""
 
 
-START_NEEDS_MB = 16  # room for the audit database and its write-ahead log to grow at start
-
-
-def _journal_missing_mb(settings: Settings) -> float:
-    """Megabytes the spool's journal still has to preallocate at start."""
-    wanted = settings.node.journal_mb
-    folder = settings.journal_path
-    present = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
-    return max(0.0, wanted - present / 2**20) if wanted > 0 else 0.0
+START_NEEDS_MB = 16  # room for the audit database and its write-ahead log, and a first instance, at start
 
 
 def check_disk(settings: Settings) -> None:
@@ -48,10 +40,10 @@ def check_disk(settings: Settings) -> None:
                                "and start again") from None
         raise StartRefused(f"the data folder {data} cannot be written: {exc.strerror or exc}") from None
     free_mb = shutil.disk_usage(data).free / 2**20
-    need = START_NEEDS_MB + _journal_missing_mb(settings)
+    need = START_NEEDS_MB
     if free_mb < need:
         raise StartRefused(f"the disk of the data folder {data} is full: {free_mb:.0f} MB free, the start needs "
-                           f"{need:.0f} MB (journal and database); free space and start again")
+                           f"{need:.0f} MB; free space and start again")
 
 
 def _spool_has_files(spool: Path) -> bool:

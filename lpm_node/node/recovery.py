@@ -62,11 +62,9 @@ class ReindexResult:
 def reindex(settings: Settings, command: str) -> ReindexResult:
     """Index every spooled instance the audit database lacks; series already delivered stay done. Audited."""
     sessions = session_factory(settings.db_url)
-    node = settings.node
-    spool = Spool(settings.spool_path, journal_dir=settings.journal_path, journal_mb=node.journal_mb)
+    spool = Spool(settings.spool_path)
     result = ReindexResult()
     try:
-        spool.flush()
         with sessions() as session:
             before = set(session.scalars(select(Series.series_instance_uid)))
         result.instances = reconcile_spool(sessions, spool)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.orm import sessionmaker
 
-from lpm_node.answer.sending import Sender
+from lpm_node.answer.sending import Sender, tls_client_context
 from lpm_node.core.audit import session_factory, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.intake.listener import Listener
@@ -42,6 +43,7 @@ class Loop:
     name: str
     step: Callable[[], bool | None]
     interval_s: float = 0.5
+    wait: Callable[[float], object] | None = None  # pause when idle (default: sleep interval_s, or until stop)
     thread: threading.Thread | None = field(default=None, repr=False)
 
     def run(self, stop: threading.Event) -> None:
@@ -52,7 +54,16 @@ class Loop:
                 LOG.exception("loop %s failed; continuing", self.name)
                 busy = False
             if not busy:
-                stop.wait(self.interval_s)
+                (self.wait or stop.wait)(self.interval_s)
+
+
+def remove_retired_journal(settings: Settings) -> None:
+    """Remove the write-ahead journal folder of earlier versions (they emptied it into the spool at a clean stop)."""
+    folder = settings.retired_journal_path
+    if folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        LOG.warning("removed %s, the journal of an earlier version: instances are now synced to the spool directly",
+                    folder)
 
 
 class Node:
@@ -62,8 +73,8 @@ class Node:
         self.settings = settings
         self.sessions: sessionmaker = session_factory(settings.db_url)
         node = settings.node
-        self.spool = Spool(settings.spool_path, quota_mb=node.spool_quota_mb, min_free_disk_mb=node.min_free_disk_mb,
-                           journal_dir=settings.journal_path, journal_mb=node.journal_mb)
+        remove_retired_journal(settings)
+        self.spool = Spool(settings.spool_path, quota_mb=node.spool_quota_mb, min_free_disk_mb=node.min_free_disk_mb)
         self.listener = Listener(settings, self.sessions, self.spool)
         series = settings.series
         grace = series.release_grace_seconds if series.release_grace_seconds >= 0 else None
@@ -75,12 +86,13 @@ class Node:
         self.address: tuple[str, int] | None = None
         poll = min(0.5, max(0.05, settings.series.stable_seconds / 4))
         self.add_loop(Loop("series", self.series_step, poll))
-        self.sender = Sender(self.sessions, settings.output, node.ae_title, ledger_dir=settings.delivered_path)
+        self.sender = Sender(self.sessions, settings.output, node.ae_title, tls_context=tls_client_context(settings),
+                             ledger_dir=settings.delivered_path)
         self.worker: Worker | None = None
         if node.measure:
             self.worker = Worker(settings, self.sessions, self.spool, on_results=self.sender.wake)
             self.add_loop(Loop("worker", self.worker.step, 0.5))
-        self.add_loop(Loop("sender", self.sender_step, 0.5))
+        self.add_loop(Loop("sender", self.sender_step, 0.5, wait=self.sender.wait_for_work))
 
     def add_loop(self, loop: Loop) -> None:
         """Register a background loop (before :meth:`start`)."""

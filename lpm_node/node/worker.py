@@ -25,6 +25,7 @@ from lpm_node.core.audit import Job, Series, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.core.states import JobStatus, SeriesStatus
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
+from lpm_node.intake.integrity import verify_series_files
 from lpm_node.intake.series import record_decision
 from lpm_node.intake.spool import Spool
 from lpm_node.node.pipeline import analyse_series, write_answer
@@ -159,6 +160,7 @@ class Worker:
         paths = self.spool.series_files(job.study_instance_uid, job.series_instance_uid)
         if not paths:
             raise FileNotFoundError(f"no spooled files for series {job.series_instance_uid}")
+        verify_series_files(self.sessions, paths)
         segmenter = self.segmenter
         result = analyse_series(paths, self.settings, segmenter)
         folder = self.outbox_path / job.series_instance_uid
