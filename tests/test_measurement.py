@@ -36,10 +36,23 @@ def ellipsoid(shape: tuple[int, int, int], centre: tuple[float, float, float], r
 
 
 def ct_of(liver: np.ndarray, liver_hu: float, noise_sd: float = 8.0, seed: int = 0) -> np.ndarray:
-    """Soft tissue (30 HU) everywhere, the liver at ``liver_hu``, Gaussian noise."""
+    """Soft tissue (30 HU) everywhere, the liver at ``liver_hu``, Gaussian noise; air (-1000 HU) in the outermost
+    columns that hold no liver (the body lies inside the field of view)."""
     rng = np.random.default_rng(seed)
     hu = np.where(liver, liver_hu, 30.0) + rng.normal(0.0, noise_sd, liver.shape)
+    with_air(hu, liver)
     return hu.astype(np.float32)
+
+
+def with_air(hu: np.ndarray, liver: np.ndarray) -> np.ndarray:
+    """Air in the columns at the image's left (patient's right) border up to two columns before the liver."""
+    columns = np.flatnonzero(liver.any(axis=(0, 1)))
+    if columns.size and columns[0] >= 3:
+        hu[:, :, : columns[0] - 2] = -1000.0
+    return hu
+
+
+CLEAN = MeasurementSettings(min_liver_volume_ml=0.0)  # the small synthetic livers here are not "little"
 
 
 def published_roi(liver: np.ndarray) -> np.ndarray:
@@ -176,17 +189,18 @@ def test_roi_outside_liver_fraction() -> None:
 @pytest.mark.parametrize(("liver_hu", "category"), [(39.0, STEATOSIS), (41.0, NO_STEATOSIS), (40.0, NO_STEATOSIS)])
 def test_category_around_the_threshold(liver_hu: float, category: str) -> None:
     liver = ellipsoid((20, 96, 96), (10, 48, 40), (8, 35, 28))
-    hu = np.where(liver, liver_hu, 20.0).astype(np.float32)  # noise-free: the mean is exact
-    result, _ = measure(hu, liver, SPACING)
+    hu = with_air(np.where(liver, liver_hu, 20.0), liver).astype(np.float32)  # noise-free: the mean is exact
+    result, _ = measure(hu, liver, SPACING, settings=CLEAN)
     assert result.dl_parenchymal_hu == pytest.approx(liver_hu)
+    assert result.not_assessable_reasons == []
     assert result.category == category
     assert result.threshold_hu == 40.0
 
 
 def test_threshold_is_configurable() -> None:
     liver = ellipsoid((20, 96, 96), (10, 48, 40), (8, 35, 28))
-    hu = np.where(liver, 39.0, 20.0).astype(np.float32)
-    result, _ = measure(hu, liver, SPACING, settings=MeasurementSettings(threshold_hu=38.0))
+    hu = with_air(np.where(liver, 39.0, 20.0), liver).astype(np.float32)
+    result, _ = measure(hu, liver, SPACING, settings=MeasurementSettings(threshold_hu=38.0, min_liver_volume_ml=0))
     assert result.category == NO_STEATOSIS
     assert result.threshold_hu == 38.0
 
@@ -252,11 +266,13 @@ def test_robust_estimate_resists_a_lesion_in_the_roi() -> None:
     lesion = ndimage.binary_dilation(roi > 0, iterations=3, structure=np.ones((3, 3, 3), bool)) & liver
     hu_lesion = hu.copy()
     hu_lesion[lesion] = 5.0 + np.random.default_rng(4).normal(0.0, 10.0, int(lesion.sum()))  # a cyst
-    with_lesion, roi_lesion = measure(hu_lesion, liver, SPACING)
+    with_lesion, roi_lesion = measure(hu_lesion, liver, SPACING, settings=CLEAN)
 
     assert np.array_equal(roi, roi_lesion)
     assert with_lesion.dl_parenchymal_hu < clean.dl_parenchymal_hu - 30  # the faithful value moves
-    assert with_lesion.category == STEATOSIS
+    assert with_lesion.dl_parenchymal_hu < 40.0
+    assert with_lesion.category == NOT_ASSESSABLE  # not "steatosis": faithful and robust disagree
+    assert with_lesion.not_assessable_reasons == ["faithful_robust_disagree"]
     assert abs(with_lesion.robust_parenchymal_hu - 60.0) < 1.0  # the robust one does not
     assert abs(with_lesion.robust_parenchymal_hu - clean.robust_parenchymal_hu) < 1.0
 

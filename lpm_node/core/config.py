@@ -90,9 +90,14 @@ class ModelSettings:
 
 @dataclass
 class MeasurementSettings:
-    threshold_hu: float = 40.0
-    min_liver_volume_ml: float = 200.0
-    max_roi_sd_hu: float = 30.0
+    threshold_hu: float = 40.0  # DL-parenchymal below this: moderate-to-severe steatosis
+    # Any of these makes the category not_assessable (the faithful value is still reported):
+    min_liver_volume_ml: float = 200.0  # liver volume in view below this
+    max_roi_sd_hu: float = 30.0  # SD of HU over the ROI pixels above this
+    min_roi_in_liver_fraction: float = 0.9  # an ROI disk less inside the liver than this
+    plausible_min_hu: float = -100.0  # ROI mean outside plausible_min_hu .. plausible_max_hu (unenhanced liver)
+    plausible_max_hu: float = 100.0
+    max_faithful_robust_difference_hu: float = 10.0  # DL-parenchymal and the robust estimate further apart
 
 
 @dataclass
