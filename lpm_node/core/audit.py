@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -113,6 +114,10 @@ class Job(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     device: Mapped[str] = mapped_column(String(32), default="")
     model: Mapped[str] = mapped_column(Text, default="")
+    model_name: Mapped[str] = mapped_column(String(128), default="")
+    model_version: Mapped[str] = mapped_column(Text, default="")
+    model_weights_sha256: Mapped[str] = mapped_column(String(64), default="")
+    model_test: Mapped[bool] = mapped_column(Boolean, default=False)  # the bundled test model: not for clinical use
     timings: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # stage -> seconds
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # Measurement.to_dict()
     dl_parenchymal_hu: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -167,7 +172,29 @@ def open_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns a newer version added to an existing table, added with their defaults (create_all adds tables only)."""
+    from sqlalchemy import inspect, text
+
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                continue
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = column.default.arg if column.default is not None and column.default.is_scalar else None
+                if isinstance(default, bool):
+                    default = int(default)
+                literal = "" if default is None else f" DEFAULT {default!r}"
+                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{literal}'))
 
 
 def session_factory(url: str) -> sessionmaker:

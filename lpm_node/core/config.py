@@ -78,7 +78,7 @@ class RuleSettings:
 
 @dataclass
 class ModelSettings:
-    folder: str = ""  # empty: the bundled tiny phantom model (test and demo only)
+    folder: str = ""  # nnU-Net v2 model folder; required to measure (serve refuses to start without one)
     folds: list[str] = field(default_factory=lambda: ["0"])
     checkpoint: str = "checkpoint_final.pth"
     device: str = "auto"  # auto | cuda | cpu
