@@ -1,4 +1,5 @@
-"""The published reference case (LIDC-IDRI_0002) reproduced on its manual liver label."""
+"""The published reference case (LIDC-IDRI_0002): its nnU-Net mask through `lpm-node measure` gives the published ROI
+voxel for voxel; its manual label gives the same slices. These tests fail when the reference files are missing."""
 
 from __future__ import annotations
 
@@ -14,28 +15,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from lpm_node.imaging.measurement import NO_STEATOSIS, dl_parenchymal_roi, roi_structuring_element
+from tests.support_reference import LABEL_NAME, NNUNET_MASK_NAME, PUBLISHED_ROI_NAME
+from tests.support_reference import reference_dir as find_reference_dir
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_CANDIDATES = (REPO.parent / "shared", Path("/work/shared"))
-REFERENCE_SUBDIR = Path("reference") / "dl-parenchymal"
-LABEL_NAME = "LIDC-IDRI_0002_3d_liver_seg.nii.gz"
-PUBLISHED_ROI_NAME = "LIDC-IDRI_0002_AI_ROI_seg.nii.gz"
-NNUNET_MASK_NAME = "LIDC-IDRI_0002_img_nnunet_to_seg_top1mask.nii.gz"
 MAX_CENTRE_DISTANCE_PX = 8.0
-
-
-def _reference_dir() -> Path:
-    """The published method's reference files: ``<repo>/../shared`` or /work/shared; missing files FAIL the test."""
-    for shared in SHARED_CANDIDATES:
-        folder = shared / REFERENCE_SUBDIR
-        if all((folder / name).is_file() for name in (LABEL_NAME, PUBLISHED_ROI_NAME, NNUNET_MASK_NAME)):
-            return folder
-    pytest.fail(f"reference files of the published method not found in any of "
-                f"{[str(s / REFERENCE_SUBDIR) for s in SHARED_CANDIDATES]}")
-
-
-def needs_reference(test):  # noqa: ANN001, ANN201 - kept as a marker name: the test fails without the files
-    return test
 
 
 def _lpm_node() -> list[str]:
@@ -45,7 +28,7 @@ def _lpm_node() -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference_dir() -> Path:
-    return _reference_dir()
+    return find_reference_dir()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +51,6 @@ def test_structuring_element_is_opencv_ellipse() -> None:
     assert not np.array_equal(element, euclidean)
 
 
-@needs_reference
 def test_published_disk_is_the_structuring_element(reference: tuple[sitk.Image, np.ndarray, np.ndarray]) -> None:
     _, _, published = reference
     element = roi_structuring_element().astype(bool)
@@ -77,7 +59,6 @@ def test_published_disk_is_the_structuring_element(reference: tuple[sitk.Image, 
         assert np.array_equal(published[z][box], element), f"published disk on slice {z}"
 
 
-@needs_reference
 def test_roi_on_reference_label(reference: tuple[sitk.Image, np.ndarray, np.ndarray]) -> None:
     _, liver, published = reference
     published_slices = [int(z) for z in np.flatnonzero(published.any(axis=(1, 2)))]
@@ -98,7 +79,6 @@ def test_roi_on_reference_label(reference: tuple[sitk.Image, np.ndarray, np.ndar
         assert (ry, rx) == pytest.approx((y, x))
 
 
-@needs_reference
 def test_measure_command_on_reference_label(
     reference: tuple[sitk.Image, np.ndarray, np.ndarray], reference_dir: Path, tmp_path: Path
 ) -> None:
