@@ -22,15 +22,15 @@ TARGET_S = 0.3
 
 
 def synthetic_chest(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Float32 HU (air, body, liver at 55 HU with noise), a uint8 liver mask (~1.6 l) and a uint8 spleen mask."""
+    """Float32 HU (air, body, liver at 55 HU with noise), a uint8 liver mask (1.8 l) and a uint8 spleen mask."""
     rng = np.random.default_rng(seed)
     nz, ny, nx = shape
     zz, yy, xx = np.ogrid[:nz, :ny, :nx]
     body = ((yy - ny / 2) / (0.36 * ny)) ** 2 + ((xx - nx / 2) / (0.45 * nx)) ** 2 <= 1.0
     hu = np.repeat(np.where(body, 30.0, -1000.0).astype(np.float32), nz, axis=0)
     hu += rng.normal(0.0, 10.0, shape).astype(np.float32)
-    liver = (((zz - 0.3 * nz) / (0.2 * nz)) ** 2 + ((yy - 0.5 * ny) / (0.22 * ny)) ** 2
-             + ((xx - 0.33 * nx) / (0.2 * nx)) ** 2) <= 1.0
+    # a 1.8 l liver: 140 x 160 x 150 mm (z, y, x)
+    liver = (((zz - 0.3 * nz) / 28.0) ** 2 + ((yy - 0.5 * ny) / 114.0) ** 2 + ((xx - 0.33 * nx) / 107.0) ** 2) <= 1.0
     spleen = (((zz - 0.3 * nz) / (0.08 * nz)) ** 2 + ((yy - 0.55 * ny) / (0.1 * ny)) ** 2
               + ((xx - 0.75 * nx) / (0.06 * nx)) ** 2) <= 1.0
     hu[liver] += 25.0
@@ -44,15 +44,17 @@ def main() -> int:
     args = parser.parse_args()
     hu, liver, spleen = synthetic_chest(tuple(args.shape))
     spacing = (2.5, 0.7, 0.7)
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result, _ = measure(hu, liver, spacing, spleen=spleen)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     best = min(times)
     print(f"volume {' x '.join(map(str, args.shape))} (method grid), liver {result.liver_volume_ml:.0f} ml")
     print(f"measure: best {best:.3f} s, median {statistics.median(times):.3f} s over {args.repeat} runs "
-          f"(target <= {TARGET_S} s): {'OK' if best <= TARGET_S else 'ABOVE TARGET'}")
+          f"(target <= {TARGET_S} s): {'OK' if best <= TARGET_S else 'ABOVE TARGET'}; CPU time of the process "
+          f"{min(cpu):.3f} s (a busy machine inflates wall time, less so CPU time)")
     print(f"DL-parenchymal {result.dl_parenchymal_hu:.2f} HU, robust {result.robust_parenchymal_hu:.2f} HU, "
           f"flags {result.qc_flags}")
     return 0

@@ -229,14 +229,18 @@ def _disk_window(
 
 
 def _as_mask(mask: np.ndarray) -> np.ndarray:
-    """A boolean view of a mask (no copy when it is boolean already)."""
+    """A boolean view of a mask (no copy when it is boolean already, or uint8 holding 0 and 1 only)."""
     mask = np.asarray(mask)
-    return mask if mask.dtype == bool else mask > 0
+    if mask.dtype == bool:
+        return mask
+    if mask.dtype == np.uint8 and mask.flags.c_contiguous and (mask.size == 0 or int(mask.max()) <= 1):
+        return mask.view(bool)
+    return mask > 0
 
 
 def _slice_areas(liver: np.ndarray) -> np.ndarray:
-    """Liver pixels per axial slice."""
-    return np.count_nonzero(liver.reshape(liver.shape[0], -1), axis=1)
+    """Liver pixels per axial slice (slice by slice: no temporary of the whole volume)."""
+    return np.fromiter((np.count_nonzero(plane) for plane in liver), dtype=np.int64, count=liver.shape[0])
 
 
 @dataclass
