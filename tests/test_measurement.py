@@ -386,6 +386,8 @@ def test_measure_command_json_summary_and_spleen(tmp_path: Path) -> None:
     expected_dict = json.loads(json.dumps(expected.to_dict()))
     # the NIfTI stores the spacing in float32: the volume agrees to float32 precision
     assert result.pop("liver_volume_ml") == pytest.approx(expected_dict.pop("liver_volume_ml"), rel=1e-6)
+    # the command adds what it did to the mask, and that no model of ours made it
+    assert result.pop("largest_component_removed_voxels") == 0 and result.pop("model_identity") is None
     assert result == expected_dict
     assert abs(result["spleen_hu"] - 48.0) < 1.0
     written = sitk.ReadImage(str(roi_out))
