@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from lpm_node.answer import build_seg  # noqa: E402
 from lpm_node.answer.seg import SEGMENTS  # noqa: E402
 from lpm_node.core.config import Settings  # noqa: E402
+from lpm_node.demo.model import bundled_model_folder  # noqa: E402
 from lpm_node.demo.orthanc import Orthanc, free_port  # noqa: E402
 from lpm_node.demo.phantom import make_phantom, write_ct_series  # noqa: E402
 from lpm_node.imaging.segmentation import load_segmenter  # noqa: E402
@@ -119,6 +120,7 @@ def end_to_end(files: list[Path], work: Path, stable_seconds: float) -> None:
 def seg_writer_ratio(files: list[Path], runs: int = 3) -> None:
     """Our SEG writer against highdicom's Segmentation with default options, same masks."""
     settings = Settings()
+    settings.model.folder = str(bundled_model_folder())
     result = analyse_series(files, settings, load_segmenter(settings.model))
     masks = source_masks(result)
     source = result.source

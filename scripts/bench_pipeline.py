@@ -28,6 +28,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lpm_node.core.config import Settings  # noqa: E402
+from lpm_node.demo.model import bundled_model_folder  # noqa: E402
 from lpm_node.demo.phantom import make_phantom, write_ct_series  # noqa: E402
 from lpm_node.imaging.loading import load_series  # noqa: E402
 from lpm_node.imaging.measurement import measure  # noqa: E402
@@ -98,6 +99,7 @@ def main() -> int:
 
         # stages with peak memory above the model-loaded baseline
         settings = Settings()
+        settings.model.folder = str(bundled_model_folder())
         segmenter = load_segmenter(settings.model)
         baseline = rss_mb()
         stages: dict[str, tuple[float, float]] = {}
@@ -118,7 +120,8 @@ def main() -> int:
         from lpm_node.node.pipeline import SeriesResult
 
         result = SeriesResult(source=source, method_image=image, masks=masks, roi=roi, measurement=m,
-                              device=segmenter.device, model=segmenter.description)
+                              device=segmenter.device, model=segmenter.description,
+                              model_identity=segmenter.identity)
         stage("write", lambda: build_answer(result, settings))
         print(f"{'stage':<10}{'seconds':>10}{'peak MB above baseline':>26}{'x volume':>10}")
         for name, (seconds, peak) in stages.items():

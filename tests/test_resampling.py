@@ -17,8 +17,8 @@ from lpm_node.imaging.resampling import (
     resample_to_method_grid,
 )
 from tests.support_phantom import flip_columns, flip_stored, write_series
+from tests.support_reference import LABEL_NAME, reference_dir
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dl-parenchymal"
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
@@ -27,10 +27,9 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * (a & b).sum() / (a.sum() + b.sum())
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference files not available")
 def test_reference_files_share_our_convention() -> None:
     """The published label is on the method grid: identity direction, liver at low x (right) and low z."""
-    label = sitk.ReadImage(str(REFERENCE / "LIDC-IDRI_0002_3d_liver_seg.nii.gz"))
+    label = sitk.ReadImage(str(reference_dir() / LABEL_NAME))
     assert label.GetDirection() == IDENTITY
     assert np.allclose(label.GetSpacing(), METHOD_SPACING, atol=1e-6)
     assert label.GetOrigin()[2] == pytest.approx(-334.5)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["METHOD_SPACING", "resample_to_method_grid", "resample_label_like", "mask_to_source_grid"]
+__all__ = ["METHOD_SPACING", "resample_to_method_grid", "resample_label_like", "mask_to_source_grid",
+           "method_slices_near"]
 
 METHOD_SPACING: tuple[float, float, float] = (0.7, 0.7, 2.5)  # (x, y, z) mm
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -94,6 +95,25 @@ def resample_to_method_grid(
 def resample_label_like(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """Nearest-neighbour resampling of a label image onto ``reference``'s grid (pixel type kept)."""
     return sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, label.GetPixelID())
+
+
+def method_slices_near(source_slices: list[int], source_image: sitk.Image, method_image: sitk.Image) -> list[int]:
+    """The method-grid slices whose linear interpolation uses any of ``source_slices`` (indices along the source
+    image's third axis): those closer than one source slice step to it along the patient's z axis."""
+    if not source_slices:
+        return []
+    n_method = method_image.GetSize()[2]
+    z0 = float(method_image.GetOrigin()[2])
+    dz = float(method_image.GetSpacing()[2])
+    d = _direction(source_image)
+    reach = abs(float(d[2, 2]) * source_image.GetSpacing()[2]) or float(source_image.GetSpacing()[2])
+    ci, cj = (source_image.GetSize()[0] - 1) / 2.0, (source_image.GetSize()[1] - 1) / 2.0
+    method_z = z0 + dz * np.arange(n_method)
+    near: set[int] = set()
+    for k in source_slices:
+        z = source_image.TransformContinuousIndexToPhysicalPoint((ci, cj, float(k)))[2]
+        near.update(int(m) for m in np.flatnonzero(np.abs(method_z - z) < reach - 1e-6))
+    return sorted(near)
 
 
 def mask_to_source_grid(mask: np.ndarray, method_image: sitk.Image, source_image: sitk.Image) -> np.ndarray:
