@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lpm_node.demo.orthanc import free_port
+from tests.support_net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
