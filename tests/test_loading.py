@@ -427,17 +427,17 @@ def test_pixels_read_with_the_header_match_pydicom(
 
 
 def test_image_from_array_fills_a_spare_image_only_when_it_fits() -> None:
-    from lpm_node.imaging.loading import _image_from_array, _new_image
+    from lpm_node.imaging.arrays import image_from_array, new_image
 
     arr = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
-    spare = _new_image((2, 3, 4), np.int16)
+    spare = new_image((2, 3, 4), np.int16)
     assert spare.GetSize() == (4, 3, 2)
-    image = _image_from_array(arr, spare)
+    image = image_from_array(arr, spare)
     assert image is spare
     assert np.array_equal(sitk.GetArrayViewFromImage(image), arr)
     for other in (arr.astype(np.float32), arr[:, :, :3]):  # another pixel type or size: a new image
-        spare = _new_image((2, 3, 4), np.int16)
-        image = _image_from_array(other, spare)
+        spare = new_image((2, 3, 4), np.int16)
+        image = image_from_array(other, spare)
         assert image is not spare
         assert np.array_equal(sitk.GetArrayViewFromImage(image), other)
         assert not sitk.GetArrayViewFromImage(spare).any()
@@ -465,8 +465,8 @@ def test_load_fills_the_image_allocated_while_parsing(
         made.append(real(*args))  # type: ignore[arg-type]
         return made[-1]
 
-    real = loading._new_image
-    monkeypatch.setattr(loading, "_new_image", new_image)
+    real = loading.new_image
+    monkeypatch.setattr(loading, "new_image", new_image)
     paths = write_series(ph, tmp_path, feet_first=True)
     series = load_series(paths, keep_pixel_data=False)
     assert len(made) == 1 and series.image is made[0]

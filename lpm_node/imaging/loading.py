@@ -27,10 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
-try:  # copies an array into an allocated image: the second half of sitk.GetImageFromArray
-    from SimpleITK.SimpleITK import _SetImageFromArray as _copy_into_image
-except ImportError:  # pragma: no cover - then each image is allocated once its pixels are ready
-    _copy_into_image = None
+from lpm_node.imaging.arrays import CAN_FILL, image_fits, image_from_array, new_image
 
 __all__ = ["SeriesLoadError", "CTSeries", "find_series", "load_series", "HU_AIR"]
 
@@ -457,8 +454,8 @@ def _load(
     # meanwhile the image is allocated (zero-filled by SimpleITK, without the lock) for the likely series grid.
     with ThreadPoolExecutor(max_workers=1) as ahead:
         read = [_read_file(files[0], keep_pixel_data)]
-        guess = _grid_guess(read[0][0], len(files)) if _copy_into_image is not None else None
-        allocating = ahead.submit(_new_image, *guess) if guess is not None else None
+        guess = _grid_guess(read[0][0], len(files)) if CAN_FILL else None
+        allocating = ahead.submit(new_image, *guess) if guess is not None else None
         read += [_read_file(p, keep_pixel_data) for p in files[1:]]
     spare = allocating.result() if allocating is not None else None
     del allocating
@@ -479,7 +476,7 @@ def _load(
     hu_type = _hu_type(frames, datasets)
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     out_type = hu_type if plan.n_out == len(plan.order) else np.float32
-    if spare is not None and not _image_fits(spare, (plan.n_out, rows, cols), out_type):
+    if spare is not None and not image_fits(spare, (plan.n_out, rows, cols), out_type):
         spare = None
     src = np.empty((len(frames), rows, cols), dtype=hu_type)
     padded = _decode_sorted(datasets, native, frames, plan.order, src, workers, keep_pixel_data)
@@ -494,7 +491,7 @@ def _load(
         src = vol
 
     first = frames[plan.order[0]].position
-    image = _image_from_array(vol, spare)
+    image = image_from_array(vol, spare)
     del vol, src, spare
     image.SetOrigin(tuple(float(v) for v in first))
     image.SetSpacing((pixel_spacing[1], pixel_spacing[0], float(plan.step)))
@@ -529,27 +526,6 @@ def _grid_guess(ds: Dataset, n_files: int) -> tuple[tuple[int, int, int], type[n
         return (n_files * len(frames), int(ds.Rows), int(ds.Columns)), _hu_type(frames, [ds])
     except (SeriesLoadError, AttributeError, KeyError, TypeError, ValueError):
         return None
-
-
-_PIXEL_IDS = {np.dtype(np.int16): sitk.sitkInt16, np.dtype(np.float32): sitk.sitkFloat32}
-
-
-def _new_image(shape: tuple[int, int, int], dtype: type[np.int16] | type[np.float32]) -> sitk.Image:
-    """A zero-filled image for an array of ``shape`` (k, rows, cols)."""
-    return sitk.Image([shape[2], shape[1], shape[0]], _PIXEL_IDS[np.dtype(dtype)])
-
-
-def _image_fits(image: sitk.Image, shape: tuple[int, ...], dtype: type[np.generic]) -> bool:
-    return image.GetSize() == tuple(reversed(shape)) and image.GetPixelID() == _PIXEL_IDS.get(np.dtype(dtype))
-
-
-def _image_from_array(arr: np.ndarray, spare: sitk.Image | None = None) -> sitk.Image:
-    """``arr`` (k, rows, cols) as an image: copied into ``spare`` when that was allocated for it, else into a new
-    image (like ``sitk.GetImageFromArray``)."""
-    if spare is not None and _copy_into_image is not None and _image_fits(spare, arr.shape, arr.dtype.type):
-        _copy_into_image(np.ascontiguousarray(arr), spare)
-        return spare
-    return sitk.GetImageFromArray(arr, isVector=False)
 
 
 def _decode_sorted(
