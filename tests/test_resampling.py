@@ -167,3 +167,82 @@ def test_bounding_box_path_equals_full_resampling() -> None:
     full = sitk.GetArrayFromImage(sitk.Resample(m, src, sitk.Transform(), sitk.sitkLinear, 0.0)) >= 0.5
     assert got.sum() > 100
     assert np.array_equal(got, full.astype(np.uint8))
+
+
+def _sitk_linear(image: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """SimpleITK's own linear resampling of ``image`` onto ``reference``'s grid (float32)."""
+    out = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+def _worst_ct(shape: tuple[int, int, int], spacing: tuple[float, float, float], pixel: int, seed: int) -> sitk.Image:
+    """A CT-like volume with the steepest edges real CT has: air, bone and noise side by side, full HU range."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(-1024, 3072, size=shape).astype(np.int16)
+    arr[:, : shape[1] // 3] = -1024  # a flat air region next to noise
+    arr[:, :, -2:] = 3071
+    image = sitk.GetImageFromArray(arr.astype(np.float32) if pixel == sitk.sitkFloat32 else arr)
+    image.SetSpacing(spacing)
+    image.SetOrigin((-180.3, -171.9, -412.6))
+    return image
+
+
+@pytest.mark.parametrize(
+    ("spacing", "flips"),
+    [
+        ((0.78, 0.78, 1.25), (False, False, False)),  # thin slices: z picks every other slice, x/y interpolated
+        ((0.68, 0.68, 5.0), (False, False, True)),  # thick slices, feet-first order: z interpolated upward
+        ((0.9, 0.6, 1.0), (True, False, False)),  # anisotropic pixels, a mirrored row direction
+        ((0.625, 0.625, 0.625), (True, True, True)),  # every axis reversed
+    ],
+)
+@pytest.mark.parametrize("pixel", [sitk.sitkInt16, sitk.sitkFloat32])
+def test_axis_aligned_grids_match_simpleitk_linear(
+    spacing: tuple[float, float, float], flips: tuple[bool, bool, bool], pixel: int
+) -> None:
+    """The axis-by-axis path gives SimpleITK's linear resampling within float32 rounding, on noise of full range."""
+    from lpm_node.imaging import resampling
+
+    image = _worst_ct((23, 41, 37), spacing, pixel, seed=len(spacing) + int(spacing[2] * 100))
+    image.SetDirection(tuple(float(v) for v in np.diag([-1.0 if f else 1.0 for f in flips]).ravel()))
+    lo, hi = resampling._extent(image)
+    size = [int(np.floor((hi[p] - lo[p]) / METHOD_SPACING[p] + 1e-3)) + 1 for p in range(3)]
+    fast = resampling._separable_linear(image, lo, METHOD_SPACING, size, -1024.0)
+    assert fast is not None  # the axis-aligned path, not sitk.Resample
+    out = resample_to_method_grid(image)
+    assert out.GetSize() == fast.GetSize() == tuple(size)
+    assert out.GetDirection() == IDENTITY and out.GetOrigin() == pytest.approx(tuple(lo))
+    expected = _sitk_linear(image, out)
+    got = sitk.GetArrayViewFromImage(out)
+    assert got.dtype == np.float32
+    assert np.abs(got - expected).max() <= 2e-3  # float32 rounding of values up to 3071 HU
+    assert np.abs(got - expected).mean() < 1e-4
+
+
+def test_axis_aligned_path_on_a_permuted_grid_and_a_single_slice() -> None:
+    """Sagittal-like permuted axes and a one-slice series also match SimpleITK."""
+    from lpm_node.imaging import resampling
+
+    image = _worst_ct((30, 12, 25), (1.25, 0.8, 0.75), sitk.sitkInt16, seed=7)
+    image.SetDirection((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
+    out = resample_to_method_grid(image)
+    assert np.abs(sitk.GetArrayViewFromImage(out) - _sitk_linear(image, out)).max() <= 2e-3
+    single = _worst_ct((1, 40, 40), (0.8, 0.8, 1.0), sitk.sitkInt16, seed=8)
+    lo, hi = resampling._extent(single)
+    assert resampling._separable_linear(single, lo, METHOD_SPACING, [46, 46, 1], -1024.0) is not None
+    out = resample_to_method_grid(single)
+    assert out.GetSize()[2] == 1
+    assert np.abs(sitk.GetArrayViewFromImage(out) - _sitk_linear(single, out)).max() <= 2e-3
+
+
+def test_nearly_axis_aligned_grid_goes_through_simpleitk() -> None:
+    """A direction a hair off the axes is not treated as axis-aligned: SimpleITK resamples it."""
+    from lpm_node.imaging import resampling
+
+    image = _worst_ct((10, 20, 20), (0.8, 0.8, 1.25), sitk.sitkInt16, seed=9)
+    c, s = np.cos(1e-4), np.sin(1e-4)
+    image.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    lo, hi = resampling._extent(image)
+    assert resampling._separable_linear(image, lo, METHOD_SPACING, [20, 20, 4], -1024.0) is None
+    out = resample_to_method_grid(image)
+    assert np.array_equal(sitk.GetArrayViewFromImage(out), _sitk_linear(image, out))

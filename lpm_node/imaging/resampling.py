@@ -3,12 +3,22 @@
 On the method grid ``sitk.GetArrayFromImage`` gives (z, y, x) with z increasing toward the head and x toward
 the patient's left. When the source grid is already axis-aligned with the method spacing (the common axial
 case, in any slice order or orientation sign) the resampling is an exact flip/transpose, not an interpolation.
+Any other axis-aligned grid (real CT: 0.6-0.9 mm pixels, 0.625-5 mm slices) is interpolated linearly one axis
+at a time, in slabs on several threads: the same values as SimpleITK's linear resampling within float32
+rounding, at a fraction of its time. Oblique grids go through ``sitk.Resample``.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
 import numpy as np
 import SimpleITK as sitk
+from scipy import sparse
+
+from lpm_node.imaging.arrays import allocate_ahead, image_from_array
 
 __all__ = ["METHOD_SPACING", "resample_to_method_grid", "resample_label_like", "mask_to_source_grid"]
 
@@ -85,10 +95,140 @@ def resample_to_method_grid(
         out.SetDirection(_IDENTITY)
         return out
     size = [int(np.floor((hi[p] - lo[p]) / spacing[p] + 1e-3)) + 1 for p in range(3)]
+    separable = _separable_linear(image, lo, spacing, size, float(default_hu))
+    if separable is not None:
+        return separable
     return sitk.Resample(
         image, size, sitk.Transform(), sitk.sitkLinear, tuple(float(v) for v in lo), spacing, _IDENTITY,
         float(default_hu), sitk.sitkFloat32,
     )
+
+
+# ------------------------------------------------------------------------------------------- separable linear
+
+_AXIS_TOL = 1e-9  # direction cosines: only an exactly axis-aligned grid is interpolated axis by axis
+_SLAB = 4  # output slices per task
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """Linear interpolation along one axis: output i = (1 - w) * source[lower] + w * source[upper]."""
+
+    lower: np.ndarray  # intp
+    upper: np.ndarray  # intp
+    weight: np.ndarray  # float32
+    inside: np.ndarray  # bool: within half a voxel of the source's first and last voxel centres
+
+    @property
+    def exact(self) -> bool:
+        """Every output point on a source voxel centre (a plain gather)."""
+        return bool(np.all(self.weight == 0))
+
+
+def _axis_weights(n_out: int, start: float, step: float, n_in: int) -> _Axis:
+    """Weights for output points at continuous source indices ``start + step * arange(n_out)``.
+
+    Like ITK's linear interpolator: indices are clamped to the first/last voxel and points more than half a
+    voxel outside are outside.
+    """
+    t = start + step * np.arange(n_out, dtype=np.float64)
+    inside = (t >= -0.5) & (t < n_in - 0.5)
+    tc = np.clip(t, 0.0, n_in - 1.0)
+    lower = np.minimum(np.floor(tc), max(n_in - 2, 0)).astype(np.intp)
+    weight = tc - lower
+    weight[np.abs(weight) < 1e-9] = 0.0  # on a voxel centre up to the rounding of the grid arithmetic
+    upper = np.minimum(lower + 1, n_in - 1)
+    return _Axis(lower, upper, weight.astype(np.float32), inside)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """a + w * (b - a) in place in ``a`` (float32); ``b`` is overwritten."""
+    b -= a
+    b *= w
+    a += b
+    return a
+
+
+def _take(arr: np.ndarray, axis: _Axis, dim: int) -> np.ndarray:
+    """Interpolate ``arr`` (float32 or int16) along numpy axis ``dim``; float32 result."""
+    a = np.take(arr, axis.lower, axis=dim).astype(np.float32, copy=False)
+    if axis.exact:
+        return a
+    shape = [1] * arr.ndim
+    shape[dim] = -1
+    return _lerp(a, np.take(arr, axis.upper, axis=dim).astype(np.float32, copy=False), axis.weight.reshape(shape))
+
+
+def _rows_matrix(axis: _Axis, n_in: int) -> sparse.csr_matrix:
+    """``axis`` as a sparse (n_out, n_in) float32 matrix: two weights per row."""
+    n_out = len(axis.lower)
+    rows = np.repeat(np.arange(n_out), 2)
+    cols = np.stack([axis.lower, axis.upper], axis=1).ravel()
+    w = axis.weight.astype(np.float64)
+    vals = np.stack([1.0 - w, w], axis=1).ravel().astype(np.float32)
+    return sparse.csr_matrix((vals, (rows, cols)), shape=(n_out, n_in), dtype=np.float32)
+
+
+def _in_plane(slices: np.ndarray, rows: sparse.csr_matrix, ax_x: _Axis, out: np.ndarray) -> None:
+    """Bilinear in-plane interpolation of ``slices`` (c, ny_in, nx_in) into ``out`` (c, ny_out, nx_out).
+
+    Along y a sparse product (two whole rows per output row), along x a gather of two columns."""
+    for i in range(slices.shape[0]):
+        out[i] = _take(rows @ slices[i], ax_x, 1)
+
+
+def _separable_linear(
+    image: sitk.Image, lo: np.ndarray, spacing: tuple[float, float, float], size: list[int], default_hu: float
+) -> sitk.Image | None:
+    """Linear resampling of an axis-aligned ``image`` onto the identity grid (``lo``, ``spacing``, ``size``), one
+    axis at a time; None for an oblique image or a pixel type other than int16/float32."""
+    d = _direction(image)
+    if not np.allclose(np.abs(d), np.round(np.abs(d)), rtol=0, atol=_AXIS_TOL):
+        return None
+    perm = [int(np.argmax(np.abs(d[p]))) for p in range(3)]  # image axis along physical axis p
+    if sorted(perm) != [0, 1, 2] or image.GetPixelID() not in _EXACT_PIXEL_TYPES:
+        return None
+    src = sitk.GetArrayViewFromImage(image)  # (k, j, i) = image axes (2, 1, 0)
+    view = src.transpose(2 - perm[2], 2 - perm[1], 2 - perm[0])  # numpy axes = physical (z, y, x)
+    origin, src_spacing, src_size = image.GetOrigin(), image.GetSpacing(), image.GetSize()
+    axes = []
+    for p in range(3):
+        a = perm[p]
+        step_in = float(np.sign(d[p, a])) * src_spacing[a]
+        axes.append(_axis_weights(size[p], (float(lo[p]) - origin[p]) / step_in, spacing[p] / step_in, src_size[a]))
+    ax_x, ax_y, ax_z = axes
+    rows = _rows_matrix(ax_y, view.shape[1])
+    out = np.empty((size[2], size[1], size[0]), dtype=np.float32)
+    z_first = size[2] <= view.shape[0]
+
+    def slab(k0: int) -> None:
+        k1 = min(k0 + _SLAB, size[2])
+        zsel = _Axis(ax_z.lower[k0:k1], ax_z.upper[k0:k1], ax_z.weight[k0:k1], ax_z.inside[k0:k1])
+        if z_first:  # no more output slices than source slices: along z first
+            _in_plane(_take(view, zsel, 0), rows, ax_x, out[k0:k1])
+            return
+        # more output slices: in-plane on the source slices this slab needs, then along z
+        needed = np.unique(np.concatenate([zsel.lower, zsel.upper]))
+        plane = np.empty((len(needed), size[1], size[0]), dtype=np.float32)
+        _in_plane(view[needed].astype(np.float32, copy=False), rows, ax_x, plane)
+        where = _Axis(np.searchsorted(needed, zsel.lower), np.searchsorted(needed, zsel.upper), zsel.weight,
+                      zsel.inside)
+        out[k0:k1] = _take(plane, where, 0)
+
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=1) as ahead, ThreadPoolExecutor(max_workers=workers) as pool:
+        allocating = allocate_ahead(ahead, out.shape, np.float32)  # meanwhile the image is allocated
+        list(pool.map(slab, range(0, size[2], _SLAB)))
+        spare = allocating.result() if allocating is not None else None
+    outside = ~(ax_z.inside[:, None, None] & ax_y.inside[None, :, None] & ax_x.inside[None, None, :])
+    if outside.any():
+        out[np.broadcast_to(outside, out.shape)] = np.float32(default_hu)
+    result = image_from_array(out, spare)
+    del spare
+    result.SetSpacing(spacing)
+    result.SetOrigin(tuple(float(v) for v in lo))
+    result.SetDirection(_IDENTITY)
+    return result
 
 
 def resample_label_like(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
