@@ -475,3 +475,39 @@ def test_load_fills_the_image_allocated_while_parsing(
     series = load_series(paths[:10] + paths[11:], keep_pixel_data=False)
     assert len(made) == 2 and series.image is not made[1]
     assert series.image.GetPixelID() == sitk.sitkFloat32 and series.image.GetSize()[2] == 24
+
+
+def test_decimal_strings_in_every_spelling_give_the_same_geometry(ph: Phantom, tmp_path: Path) -> None:
+    """Geometry and rescale are read from the raw decimal strings: exponents, signs, padding all parse as pydicom
+    would, and a value that is not a number is still refused."""
+    from pydicom.dataelem import RawDataElement
+
+    from lpm_node.imaging.loading import _decimal, _decimals
+
+    paths = write_series(ph, tmp_path / "a")
+    reference = load_series(paths)
+
+    def respell(ds: pydicom.Dataset, _: int) -> None:
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x:+.6E}"[:16], f" {y:g}", f"{z:.5e}"]
+        ds.ImageOrientationPatient = ["1.0", "0.0", "-0.0", "0", "1E0", "0"]
+        ds.RescaleIntercept = "-1.024E3"
+        ds.RescaleSlope = "+1.000"
+
+    rewrite(paths, respell)
+    series = load_series(paths)
+    assert series.image.GetPixelID() == sitk.sitkInt16  # slope 1, whole-HU intercept, as before
+    assert np.allclose(series.image.GetOrigin(), reference.image.GetOrigin(), atol=1e-4)
+    assert series.image.GetSpacing() == pytest.approx(reference.image.GetSpacing(), abs=1e-5)
+    assert np.array_equal(sitk.GetArrayViewFromImage(series.image), sitk.GetArrayViewFromImage(reference.image))
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert isinstance(ds.get_item("ImagePositionPatient"), RawDataElement)
+    assert _decimals(ds, "ImagePositionPatient") == pytest.approx([float(v) for v in ds.ImagePositionPatient])
+    assert _decimal(ds, "RescaleIntercept") == -1024.0 and _decimal(ds, "SliceLocation") is not None
+    assert _decimals(ds, "SpacingBetweenSlices") is None  # absent
+    data = paths[3].read_bytes()  # a position that is not a number, spelled in the file's own bytes
+    other = pydicom.dcmread(paths[3], stop_before_pixels=True).get_item("ImagePositionPatient").value
+    paths[3].write_bytes(data.replace(other, b"1\\abc\\3".ljust(len(other), b" "), 1))
+    assert other in data
+    with pytest.raises(SeriesLoadError, match="ImagePositionPatient|malformed"):
+        load_series(paths)
