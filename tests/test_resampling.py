@@ -246,3 +246,22 @@ def test_nearly_axis_aligned_grid_goes_through_simpleitk() -> None:
     assert resampling._separable_linear(image, lo, METHOD_SPACING, [20, 20, 4], -1024.0) is None
     out = resample_to_method_grid(image)
     assert np.array_equal(sitk.GetArrayViewFromImage(out), _sitk_linear(image, out))
+
+
+def test_mask_back_to_an_off_grid_source_equals_full_resampling() -> None:
+    """A compact mask far from the edges, back onto a thin-slice source grid: only its box is resampled, with
+    the same voxels as resampling the whole volume."""
+    src = sitk.Image([90, 80, 60], sitk.sitkInt16)
+    src.SetSpacing((0.78, 0.78, 1.25))
+    src.SetOrigin((-35.0, -30.0, 100.0))
+    method = resample_to_method_grid(src)
+    mask = np.zeros(sitk.GetArrayViewFromImage(method).shape, np.uint8)
+    zz, yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
+    mask[((zz - 15) / 6.0) ** 2 + ((yy - 50) / 20.0) ** 2 + ((xx - 45) / 17.0) ** 2 <= 1.0] = 1
+    got = mask_to_source_grid(mask, method, src)
+    m = sitk.GetImageFromArray(mask.astype(np.float32))
+    m.CopyInformation(method)
+    full = sitk.GetArrayFromImage(sitk.Resample(m, src, sitk.Transform(), sitk.sitkLinear, 0.0)) >= 0.5
+    assert got.shape == full.shape and got.sum() > 1000
+    assert np.array_equal(got, full.astype(np.uint8))
+    assert not mask_to_source_grid(np.zeros_like(mask), method, src).any()
