@@ -511,3 +511,23 @@ def test_decimal_strings_in_every_spelling_give_the_same_geometry(ph: Phantom, t
     assert other in data
     with pytest.raises(SeriesLoadError, match="ImagePositionPatient|malformed"):
         load_series(paths)
+
+
+def test_files_with_different_pixel_layouts_in_one_series(ph: Phantom, tmp_path: Path) -> None:
+    """Stored layouts worked out once per distinct pixel module: unsigned, signed and 12-bit files side by side
+    each decode to the phantom's HU."""
+    paths = write_series(ph, tmp_path)
+
+    def edit(ds: pydicom.Dataset, i: int) -> None:
+        hu = ds.pixel_array.astype(np.int32) + int(ds.RescaleIntercept)
+        if i % 3 == 1:  # signed, intercept 0
+            set_pixels(ds, hu.astype(np.int16))
+            ds.RescaleIntercept = "0"
+        elif i % 3 == 2:  # 12 bits stored in 16, unsigned, intercept -1024
+            set_pixels(ds, np.clip(hu + 1024, 0, 4095).astype(np.uint16))
+            ds.BitsStored, ds.HighBit = 12, 11
+
+    rewrite(paths, edit)
+    series = load_series(paths, keep_pixel_data=False)
+    expected = np.clip(ph.hu.astype(np.float32), -1024, 3071)
+    assert np.array_equal(_on_phantom_grid(series.image, ph), expected)

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -360,15 +361,59 @@ def _native_frames(ds: Dataset, data: bytes, offset: int) -> np.ndarray | None:
     if start + length != len(data):  # undefined length or elements after the pixel data
         return None
     try:
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
+        layout = _pixel_layout(ds, syntax)
+        if layout is None:
             return None
-        options = as_pixel_options(ds)
+        options, dtype = layout
+        shape = (int(options["number_of_frames"]), int(options["rows"]), int(options["columns"]))
+        if dtype is not None and length == dtype.itemsize * shape[0] * shape[1] * shape[2]:
+            # what pydicom's native decoder returns for this layout (a view), without its per-file checks
+            return np.frombuffer(data, dtype=dtype, count=length // dtype.itemsize, offset=start).reshape(shape)
         view = options["bits_stored"] == options["bits_allocated"]  # else a corrected copy
         arr, _ = get_decoder(syntax).as_array(
             memoryview(data)[start:], pixel_keyword="PixelData", view_only=view, raw=True, **options)
     except (AttributeError, KeyError, TypeError, ValueError):
         return None  # the whole-file path reports what is wrong
-    return arr.reshape(int(options["number_of_frames"]), int(options["rows"]), int(options["columns"]))
+    return arr.reshape(shape)
+
+
+_PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames", "Rows",
+                 "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation")
+_layouts: dict[tuple[Any, ...], tuple[dict[str, Any], np.dtype | None] | None] = {}
+_layouts_lock = threading.Lock()
+
+
+def _pixel_layout(ds: Dataset, syntax: Any) -> tuple[dict[str, Any], np.dtype | None] | None:
+    """pydicom's pixel options for ``ds`` and, where the stored values can be viewed as they are (8/16/32-bit,
+    all bits stored), their little-endian dtype; None for anything but one sample per pixel.
+
+    Worked out once per distinct pixel module (the raw bytes of its attributes), not once per file."""
+    key = (str(syntax), *(_raw(ds, kw) for kw in _PIXEL_MODULE))
+    with _layouts_lock:
+        if key in _layouts:
+            return _layouts[key]
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        layout = None
+    else:
+        options = as_pixel_options(ds)
+        bits, stored = int(options["bits_allocated"]), int(options["bits_stored"])
+        signed = int(options["pixel_representation"]) == 1
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}") if bits in (8, 16, 32) and stored == bits else None
+        layout = (options, dtype)
+    with _layouts_lock:
+        if len(_layouts) > 64:
+            _layouts.clear()
+        _layouts[key] = layout
+    return layout
+
+
+def _raw(ds: Dataset, keyword: str) -> object:
+    """An attribute's raw bytes (or its value once converted) as a hashable cache key part."""
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return None
+    value = elem.value
+    return value if isinstance(value, bytes) else repr(value)
 
 
 def _stored_pixels(ds: Dataset) -> np.ndarray:
