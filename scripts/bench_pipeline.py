@@ -39,8 +39,8 @@ from bench_series import (  # noqa: E402
     BenchSeries,
     reset_peak,
     rss_mb,
+    run_dcm2niix,
     shapes_arg,
-    time_dcm2niix,
     verdict,
     write_bench_series,
 )
@@ -55,31 +55,37 @@ from lpm_node.node.pipeline import SeriesResult, write_answer  # noqa: E402
 LOAD_RATIO, MEASURE_S, WRITE_S, MEMORY_X = 2.0, 0.3, 1.5, 3.0
 
 
-def time_load_resample(files: list[Path]) -> tuple[float, float]:
-    """Seconds to load the series and to resample it to the method grid."""
+def time_load_resample(files: list[Path]) -> tuple[float, float, float]:
+    """Seconds to load the series and to resample it to the method grid; CPU seconds of both (all threads)."""
+    c0 = time.process_time()
     t0 = time.perf_counter()
     source = load_series(files, keep_pixel_data=False)
     t1 = time.perf_counter()
     image = resample_to_method_grid(source.image)
     t2 = time.perf_counter()
+    cpu = time.process_time() - c0
     del image, source
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, cpu
 
 
 def versus_dcm2niix(series: BenchSeries, work: Path, runs: int) -> dict[str, float]:
     """Load + resample against dcm2niix, alternating; the first of each warms the page cache and is dropped."""
-    time_dcm2niix(series.folder, work / "nii")
+    run_dcm2niix(series.folder, work / "nii")
     time_load_resample(series.files)
-    peer, load, resample, total = [], [], [], []
+    peer, peer_cpu, load, resample, total, cpu = [], [], [], [], [], []
     for _ in range(runs):
-        peer.append(time_dcm2niix(series.folder, work / "nii"))
-        lo, rs = time_load_resample(series.files)
+        wall, used = run_dcm2niix(series.folder, work / "nii")
+        peer.append(wall)
+        peer_cpu.append(used)
+        lo, rs, c = time_load_resample(series.files)
         load.append(lo)
         resample.append(rs)
         total.append(lo + rs)
+        cpu.append(c)
     shutil.rmtree(work / "nii", ignore_errors=True)
     return {"dcm2niix": statistics.median(peer), "load": statistics.median(load),
-            "resample": statistics.median(resample), "load+resample": statistics.median(total)}
+            "resample": statistics.median(resample), "load+resample": statistics.median(total),
+            "dcm2niix_cpu": statistics.median(peer_cpu), "cpu": statistics.median(cpu)}
 
 
 def run_stages(series: BenchSeries, settings: Settings, segmenter: Segmenter, out: Path,
@@ -129,6 +135,8 @@ def bench_shape(series: BenchSeries, settings: Settings, segmenter: Segmenter, w
     print(f"load + resample: median {peer['load+resample']:.3f} s (load {peer['load']:.3f} s, resample "
           f"{peer['resample']:.3f} s); dcm2niix: median {peer['dcm2niix']:.3f} s; ratio {ratio:.2f} "
           f"(median of {runs})")
+    print(f"  CPU time (all threads): node {peer['cpu']:.3f} s, dcm2niix {peer['dcm2niix_cpu']:.3f} s; ratio "
+          f"{peer['cpu'] / peer['dcm2niix_cpu']:.2f} (less sensitive to other load on a shared machine)")
 
     stages, result = run_stages(series, settings, segmenter, work / "answer")
     masks = result.masks
@@ -160,7 +168,8 @@ def bench_shape(series: BenchSeries, settings: Settings, segmenter: Segmenter, w
     print(f"  DL-parenchymal {m.dl_parenchymal_hu:.1f} HU (truth 35); liver voxels "
           f"{int(np.count_nonzero(masks['liver']))}; device {segmenter.device}")
     return {"shape": series.name, "ratio": ratio, **peer, **{k: v[0] for k, v in stages.items()},
-            "peak_x": worst / volume, "peak_x_no_model": worst_no_model / volume}
+            "peak_x": worst / volume, "peak_x_no_model": worst_no_model / volume,
+            "cpu_ratio": peer["cpu"] / peer["dcm2niix_cpu"]}
 
 
 def main() -> int:
@@ -188,12 +197,12 @@ def main() -> int:
             rows.append(bench_shape(series, settings, segmenter, work, args.runs))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'shape':<9}{'dcm2niix':>9}{'load':>7}{'resamp':>8}{'ratio':>7}{'segment':>9}{'measure':>9}"
-          f"{'write':>7}{'peak x':>8}{'x w/o seg':>10}")
+    print(f"\n{'shape':<9}{'dcm2niix':>9}{'load':>7}{'resamp':>8}{'ratio':>7}{'cpu ratio':>10}{'segment':>9}"
+          f"{'measure':>9}{'write':>7}{'peak x':>8}{'x w/o seg':>10}")
     for r in rows:
         print(f"{r['shape']:<9}{r['dcm2niix']:>9.2f}{r['load']:>7.2f}{r['resample']:>8.2f}{r['ratio']:>7.2f}"
-              f"{r['segment']:>9.2f}{r['measure']:>9.2f}{r['write']:>7.2f}{r['peak_x']:>8.2f}"
-              f"{r['peak_x_no_model']:>10.2f}")
+              f"{r['cpu_ratio']:>10.2f}{r['segment']:>9.2f}{r['measure']:>9.2f}{r['write']:>7.2f}"
+              f"{r['peak_x']:>8.2f}{r['peak_x_no_model']:>10.2f}")
     return 0
 
 

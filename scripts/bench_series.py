@@ -8,6 +8,7 @@ grid: nothing to resample), ``thin`` 600 x 512 x 512 at 0.78 x 0.78 x 1.25 mm an
 from __future__ import annotations
 
 import ctypes
+import resource
 import shutil
 import subprocess
 import sys
@@ -73,12 +74,20 @@ def write_bench_series(shape: str, folder: Path, *, liver_hu: float = 35.0, seed
 
 def time_dcm2niix(folder: Path, out: Path) -> float:
     """Seconds dcm2niix takes to convert the series in ``folder`` to an uncompressed NIfTI."""
+    return run_dcm2niix(folder, out)[0]
+
+
+def run_dcm2niix(folder: Path, out: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system) of dcm2niix converting ``folder`` to an uncompressed NIfTI."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(["dcm2niix", "-z", "n", "-b", "n", "-o", str(out), "-f", "ct", str(folder)],
                    check=True, capture_output=True)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def rss_mb(field: str = "VmRSS") -> float:
