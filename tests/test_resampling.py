@@ -265,3 +265,21 @@ def test_mask_back_to_an_off_grid_source_equals_full_resampling() -> None:
     assert got.shape == full.shape and got.sum() > 1000
     assert np.array_equal(got, full.astype(np.uint8))
     assert not mask_to_source_grid(np.zeros_like(mask), method, src).any()
+
+
+def test_axis_aligned_points_outside_get_the_default() -> None:
+    """On a grid reaching beyond the source (more than half a voxel), the outside gets the default, as in
+    SimpleITK."""
+    from lpm_node.imaging import resampling
+
+    image = _worst_ct((6, 10, 12), (0.8, 0.8, 1.25), sitk.sitkInt16, seed=11)
+    lo = np.asarray(image.GetOrigin()) - np.array([2.03, 1.01, 3.07])  # no point exactly half a voxel out
+    size = [20, 18, 6]
+    fast = resampling._separable_linear(image, lo, METHOD_SPACING, size, -1000.0)
+    assert fast is not None
+    got = sitk.GetArrayViewFromImage(fast)
+    expected = sitk.GetArrayFromImage(sitk.Resample(image, fast, sitk.Transform(), sitk.sitkLinear, -1000.0,
+                                                    sitk.sitkFloat32))
+    assert (got == -1000.0).sum() > 100
+    assert np.array_equal(got == -1000.0, expected == -1000.0)
+    assert np.abs(got - expected).max() <= 2e-3

@@ -220,9 +220,10 @@ def _separable_linear(
         allocating = allocate_ahead(ahead, out.shape, np.float32)  # meanwhile the image is allocated
         list(pool.map(slab, range(0, size[2], _SLAB)))
         spare = allocating.result() if allocating is not None else None
-    outside = ~(ax_z.inside[:, None, None] & ax_y.inside[None, :, None] & ax_x.inside[None, None, :])
-    if outside.any():
-        out[np.broadcast_to(outside, out.shape)] = np.float32(default_hu)
+    # points more than half a voxel outside the source along any axis (none on grids made by the caller)
+    out[~ax_z.inside] = np.float32(default_hu)
+    out[:, ~ax_y.inside] = np.float32(default_hu)
+    out[:, :, ~ax_x.inside] = np.float32(default_hu)
     result = image_from_array(out, spare)
     del spare
     result.SetSpacing(spacing)
