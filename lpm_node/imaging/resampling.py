@@ -200,24 +200,32 @@ def _separable_linear(
     rows = _rows_matrix(ax_y, view.shape[1])
     out = np.empty((size[2], size[1], size[0]), dtype=np.float32)
     z_first = size[2] <= view.shape[0]
+    # more output slices than source slices: every source slice the output needs is interpolated in-plane once,
+    # then the output slices along z
+    needed = np.unique(np.concatenate([ax_z.lower, ax_z.upper])) if not z_first else None
+    planes = np.empty((len(needed), size[1], size[0]), dtype=np.float32) if needed is not None else None
+
+    def in_plane(j0: int) -> None:  # source slices needed[j0:j0 + _SLAB] into planes
+        assert needed is not None and planes is not None
+        j1 = min(j0 + _SLAB, len(needed))
+        _in_plane(view[needed[j0:j1]].astype(np.float32, copy=False), rows, ax_x, planes[j0:j1])
 
     def slab(k0: int) -> None:
         k1 = min(k0 + _SLAB, size[2])
         zsel = _Axis(ax_z.lower[k0:k1], ax_z.upper[k0:k1], ax_z.weight[k0:k1], ax_z.inside[k0:k1])
-        if z_first:  # no more output slices than source slices: along z first
+        if planes is None:  # no more output slices than source slices: along z first
             _in_plane(_take(view, zsel, 0), rows, ax_x, out[k0:k1])
             return
-        # more output slices: in-plane on the source slices this slab needs, then along z
-        needed = np.unique(np.concatenate([zsel.lower, zsel.upper]))
-        plane = np.empty((len(needed), size[1], size[0]), dtype=np.float32)
-        _in_plane(view[needed].astype(np.float32, copy=False), rows, ax_x, plane)
+        assert needed is not None
         where = _Axis(np.searchsorted(needed, zsel.lower), np.searchsorted(needed, zsel.upper), zsel.weight,
                       zsel.inside)
-        out[k0:k1] = _take(plane, where, 0)
+        out[k0:k1] = _take(planes, where, 0)
 
     workers = min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=1) as ahead, ThreadPoolExecutor(max_workers=workers) as pool:
         allocating = allocate_ahead(ahead, out.shape, np.float32)  # meanwhile the image is allocated
+        if needed is not None:
+            list(pool.map(in_plane, range(0, len(needed), _SLAB)))
         list(pool.map(slab, range(0, size[2], _SLAB)))
         spare = allocating.result() if allocating is not None else None
     # points more than half a voxel outside the source along any axis (none on grids made by the caller)
