@@ -20,7 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, generate_uid
 
-__all__ = ["Phantom", "SeriesGeometry", "GEOMETRIES", "make_phantom", "write_ct_series", "save_masks_nifti"]
+__all__ = ["Phantom", "make_phantom", "write_ct_series", "save_masks_nifti"]
 
 HU_MIN = -1024
 HU_MAX = 3071
