@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lpm_node.core.config import ModelSettings  # noqa: E402
+from lpm_node.demo.model import bundled_model_folder  # noqa: E402
 from lpm_node.demo.phantom import make_phantom  # noqa: E402
 from lpm_node.imaging.segmentation import NnUNetSegmenter, load_segmenter  # noqa: E402
 
@@ -41,8 +42,8 @@ def bench(device: str, args: argparse.Namespace, image, truth: np.ndarray) -> di
     import torch
 
     t0 = time.perf_counter()
-    seg = load_segmenter(ModelSettings(folder=args.model or "", device=device, threads=args.threads,
-                                       resampling=args.resampling, mirroring=args.mirroring))
+    seg = load_segmenter(ModelSettings(folder=args.model or str(bundled_model_folder()), device=device,
+                                       threads=args.threads, resampling=args.resampling, mirroring=args.mirroring))
     load_s = time.perf_counter() - t0
     assert isinstance(seg, NnUNetSegmenter)
     seg.segment(image)  # warm-up (cudnn autotuning, caches)

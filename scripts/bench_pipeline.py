@@ -1,135 +1,211 @@
 #!/usr/bin/env python3
-"""Benchmark of the measurement pipeline on a 300-slice 512 x 512 phantom series.
+"""Benchmark of the measurement pipeline on phantom chest CT series of realistic geometry.
 
-Prints per-stage wall times and peak memory (resident set, above the level after the model was loaded), and
-times loading + resampling against dcm2niix converting the same series, alternating, several runs:
+For each series shape (``--shape``: on-grid 300 x 512 x 512 at 0.7 x 0.7 x 2.5 mm; thin 600 x 512 x 512 at
+0.78 x 0.78 x 1.25 mm; thick 72 x 512 x 512 at 0.68 x 0.68 x 5 mm; all by default) prints load + resample
+against dcm2niix converting the same series (alternating, median of ``--runs``), then the per-stage wall time
+and peak memory above the level after the model was loaded (resident set from /proc, VmHWM; and, in a second
+pass, tracemalloc's peak of Python and NumPy allocations), and the targets with PASS or MISS:
 
-    .venv/bin/python scripts/bench_pipeline.py [--slices 300] [--runs 5]
+    .venv/bin/python scripts/bench_pipeline.py [--shape all|on-grid|thin|thick] [--runs 3]
 
-Targets: load + resample within 2x of dcm2niix; peak memory under 4x the volume's in-memory size (float32 HU),
-excluding the model.
+Targets, set on the 600-slice thin series, everything but the model: load + resample <= 2x dcm2niix;
+measure <= 0.3 s; SEG + SR + key image (written) <= 1.5 s; peak memory above the loaded model <= 3x the
+source volume (float32 HU on the source grid).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import gc
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_series import (  # noqa: E402
+    TARGET_SHAPE,
+    BenchSeries,
+    reset_peak,
+    rss_mb,
+    run_dcm2niix,
+    shapes_arg,
+    verdict,
+    write_bench_series,
+)
+
 from lpm_node.core.config import Settings  # noqa: E402
-from lpm_node.demo.phantom import make_phantom, write_ct_series  # noqa: E402
+from lpm_node.demo.model import bundled_model_folder  # noqa: E402
 from lpm_node.imaging.loading import load_series  # noqa: E402
 from lpm_node.imaging.measurement import measure  # noqa: E402
 from lpm_node.imaging.resampling import resample_to_method_grid  # noqa: E402
-from lpm_node.imaging.segmentation import load_segmenter  # noqa: E402
-from lpm_node.node.pipeline import build_answer  # noqa: E402
+from lpm_node.imaging.segmentation import Segmenter, load_segmenter  # noqa: E402
+from lpm_node.node.pipeline import SeriesResult, write_answer  # noqa: E402
+
+LOAD_RATIO, MEASURE_S, WRITE_S, MEMORY_X = 2.0, 0.3, 1.5, 3.0
 
 
-def rss_mb(field: str = "VmRSS") -> float:
-    """Current (VmRSS) or peak (VmHWM) resident set of this process, MB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def time_load_resample(files: list[Path]) -> tuple[float, float, float]:
+    """Seconds to load the series and to resample it to the method grid; CPU seconds of both (all threads)."""
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    source = load_series(files, keep_pixel_data=False)
+    t1 = time.perf_counter()
+    image = resample_to_method_grid(source.image)
+    t2 = time.perf_counter()
+    cpu = time.process_time() - c0
+    del image, source
+    return t1 - t0, t2 - t1, cpu
 
 
-def reset_peak() -> None:
-    """Give freed heap memory back to the system, then reset VmHWM to the current resident set (Linux >= 4.0)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    Path("/proc/self/clear_refs").write_text("5")
+def versus_dcm2niix(series: BenchSeries, work: Path, runs: int) -> dict[str, float]:
+    """Load + resample against dcm2niix, alternating; the first of each warms the page cache and is dropped."""
+    run_dcm2niix(series.folder, work / "nii")
+    time_load_resample(series.files)
+    peer, peer_cpu, load, resample, total, cpu = [], [], [], [], [], []
+    for _ in range(runs):
+        wall, used = run_dcm2niix(series.folder, work / "nii")
+        peer.append(wall)
+        peer_cpu.append(used)
+        lo, rs, c = time_load_resample(series.files)
+        load.append(lo)
+        resample.append(rs)
+        total.append(lo + rs)
+        cpu.append(c)
+    shutil.rmtree(work / "nii", ignore_errors=True)
+    return {"dcm2niix": statistics.median(peer), "load": statistics.median(load),
+            "resample": statistics.median(resample), "load+resample": statistics.median(total),
+            "dcm2niix_cpu": statistics.median(peer_cpu), "cpu": statistics.median(cpu)}
 
 
-def time_dcm2niix(folder: Path, out: Path) -> float:
+def run_stages(series: BenchSeries, settings: Settings, segmenter: Segmenter, out: Path,
+               masks: dict[str, np.ndarray] | None = None) -> tuple[dict[str, tuple[float, float]], SeriesResult]:
+    """Each stage once: seconds and peak memory above the level before the first stage (MB).
+
+    With ``masks`` the segmentation is not run again (the tracemalloc pass) and the memory is tracemalloc's."""
+    traced = tracemalloc.is_tracing()
+    gc.collect()
+    reset_peak()
+    baseline = tracemalloc.get_traced_memory()[0] if traced else rss_mb()
+    stages: dict[str, tuple[float, float]] = {}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        if traced:
+            tracemalloc.reset_peak()
+        else:
+            reset_peak()
+        t0 = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1] / 2**20 - baseline / 2**20 if traced else rss_mb("VmHWM") - baseline
+        stages[name] = (seconds, peak)
+        return value
+
+    source = stage("load", lambda: load_series(series.files, keep_pixel_data=False))
+    image = stage("resample", lambda: resample_to_method_grid(source.image))
+    if masks is None:
+        masks = stage("segment", lambda: segmenter.segment(image))
+    hu = sitk.GetArrayViewFromImage(image)
+    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    m, roi = stage("measure", lambda: measure(hu, masks["liver"], spacing, spleen=masks.get("spleen"),
+                                              settings=settings.measurement))
+    result = SeriesResult(source=source, method_image=image, masks=masks, roi=roi, measurement=m,
+                          device=segmenter.device, model=segmenter.description, model_identity=segmenter.identity)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    t0 = time.perf_counter()
-    subprocess.run(["dcm2niix", "-z", "n", "-b", "n", "-o", str(out), "-f", "ct", str(folder)],
-                   check=True, capture_output=True)
-    return time.perf_counter() - t0
+    stage("write", lambda: write_answer(result, settings, out))
+    return stages, result
 
 
-def time_load_resample(files: list[Path]) -> float:
-    t0 = time.perf_counter()
-    image = resample_to_method_grid(load_series(files, keep_pixel_data=False).image)
-    elapsed = time.perf_counter() - t0
-    del image
-    return elapsed
+def bench_shape(series: BenchSeries, settings: Settings, segmenter: Segmenter, work: Path, runs: int) -> dict:
+    """Print and return one shape's figures."""
+    print(f"\n== {series.describe()}")
+    peer = versus_dcm2niix(series, work, runs)
+    ratio = peer["load+resample"] / peer["dcm2niix"]
+    print(f"load + resample: median {peer['load+resample']:.3f} s (load {peer['load']:.3f} s, resample "
+          f"{peer['resample']:.3f} s); dcm2niix: median {peer['dcm2niix']:.3f} s; ratio {ratio:.2f} "
+          f"(median of {runs})")
+    print(f"  CPU time (all threads): node {peer['cpu']:.3f} s, dcm2niix {peer['dcm2niix_cpu']:.3f} s; ratio "
+          f"{peer['cpu'] / peer['dcm2niix_cpu']:.2f} (less sensitive to other load on a shared machine)")
+
+    stages, result = run_stages(series, settings, segmenter, work / "answer")
+    masks = result.masks
+    m = result.measurement
+    del result
+    tracemalloc.start()
+    try:
+        traced, _ = run_stages(series, settings, segmenter, work / "answer", masks=masks)
+    finally:
+        tracemalloc.stop()
+    volume = series.volume_mb
+    print(f"{'stage':<10}{'seconds':>9}{'RSS peak MB':>13}{'x volume':>10}{'tracemalloc MB':>16}")
+    for name, (seconds, peak) in stages.items():
+        tm = f"{traced[name][1]:16.0f}" if name in traced else f"{'(model)':>16}"
+        print(f"{name:<10}{seconds:>9.2f}{peak:>13.0f}{peak / volume:>10.2f}{tm}")
+    worst = max(p for _, p in stages.values())
+    worst_no_model = max(p for name, (_, p) in stages.items() if name != "segment")
+    measure_s, write_s = stages["measure"][0], stages["write"][0]
+    label = "targets" if series.name == TARGET_SHAPE else f"targets (set for {TARGET_SHAPE}; shown for comparison)"
+    print(f"{label}:")
+    print(f"  load + resample {ratio:.2f}x dcm2niix (<= {LOAD_RATIO:g}x)  {verdict(ratio <= LOAD_RATIO)}")
+    print(f"  measure {measure_s:.2f} s (<= {MEASURE_S:g} s)  {verdict(measure_s <= MEASURE_S)}")
+    print(f"  SEG + SR + key image {write_s:.2f} s (<= {WRITE_S:g} s)  {verdict(write_s <= WRITE_S)}")
+    print(f"  peak memory above the loaded model, all stages: {worst:.0f} MB = {worst / volume:.2f}x the "
+          f"volume (<= {MEMORY_X:g}x)  {verdict(worst / volume <= MEMORY_X)}")
+    print(f"  peak memory above the loaded model, all but segment: {worst_no_model:.0f} MB = "
+          f"{worst_no_model / volume:.2f}x the volume (<= {MEMORY_X:g}x)  "
+          f"{verdict(worst_no_model / volume <= MEMORY_X)}")
+    print(f"  DL-parenchymal {m.dl_parenchymal_hu:.1f} HU (truth 35); liver voxels "
+          f"{int(np.count_nonzero(masks['liver']))}; device {segmenter.device}")
+    # load and resample in the summary: the medians compared with dcm2niix (the stage run is a single one)
+    return {"shape": series.name, "ratio": ratio, **{k: v[0] for k, v in stages.items()}, **peer,
+            "peak_x": worst / volume, "peak_x_no_model": worst_no_model / volume,
+            "cpu_ratio": peer["cpu"] / peer["dcm2niix_cpu"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--shape", default="all", help="on-grid, thin, thick (comma-separated) or all")
+    parser.add_argument("--runs", type=int, default=3, help="alternating runs against dcm2niix (median)")
+    parser.add_argument("--slices", type=int, help="another slice count for every shape (quick checks)")
     args = parser.parse_args()
+    try:
+        shapes = shapes_arg(args.shape)
+    except ValueError as exc:
+        parser.error(str(exc))
     if not shutil.which("dcm2niix"):
         print("dcm2niix is not installed (apt-get install dcm2niix)", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="lpm-bench-pipeline-"))
-    try:
-        phantom = make_phantom(35.0, n_slices=args.slices, seed=3)
-        files = write_ct_series(phantom, work / "ct")
-        volume_mb = phantom.hu.size * 4 / 2**20
-        print(f"series: {len(files)} slices of 512 x 512, float32 HU volume {volume_mb:.0f} MB")
-
-        # loading against dcm2niix, alternating (the first of each warms the page cache and is dropped)
-        time_dcm2niix(work / "ct", work / "nii")
-        time_load_resample(files)
-        ours, theirs = [], []
-        for _ in range(args.runs):
-            theirs.append(time_dcm2niix(work / "ct", work / "nii"))
-            ours.append(time_load_resample(files))
-        node_s, peer_s = statistics.median(ours), statistics.median(theirs)
-        print(f"load + resample: median {node_s:.3f} s; dcm2niix: median {peer_s:.3f} s; "
-              f"ratio {node_s / peer_s:.2f} (target <= 2.0)")
-
-        # stages with peak memory above the model-loaded baseline
-        settings = Settings()
-        segmenter = load_segmenter(settings.model)
-        baseline = rss_mb()
-        stages: dict[str, tuple[float, float]] = {}
-
-        def stage(name: str, fn):  # noqa: ANN001, ANN202
-            reset_peak()
-            t0 = time.perf_counter()
-            value = fn()
-            stages[name] = (time.perf_counter() - t0, rss_mb("VmHWM") - baseline)
-            return value
-
-        source = stage("load", lambda: load_series(files, keep_pixel_data=False))
-        image = stage("resample", lambda: resample_to_method_grid(source.image))
-        masks = stage("segment", lambda: segmenter.segment(image))
-        hu = sitk.GetArrayViewFromImage(image)
-        spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
-        m, roi = stage("measure", lambda: measure(hu, masks["liver"], spacing, spleen=masks.get("spleen")))
-        from lpm_node.node.pipeline import SeriesResult
-
-        result = SeriesResult(source=source, method_image=image, masks=masks, roi=roi, measurement=m,
-                              device=segmenter.device, model=segmenter.description)
-        stage("write", lambda: build_answer(result, settings))
-        print(f"{'stage':<10}{'seconds':>10}{'peak MB above baseline':>26}{'x volume':>10}")
-        for name, (seconds, peak) in stages.items():
-            print(f"{name:<10}{seconds:>10.2f}{peak:>26.0f}{peak / volume_mb:>10.2f}")
-        worst = max(p for _, p in stages.values())
-        print(f"peak memory above the loaded model: {worst:.0f} MB = {worst / volume_mb:.2f}x the volume "
-              f"(target < 4x); DL-parenchymal {m.dl_parenchymal_hu:.1f} HU (truth 35), device {segmenter.device}")
-        liver_voxels = int(np.count_nonzero(masks["liver"]))
-        print(f"total: {sum(s for s, _ in stages.values()):.1f} s; liver voxels {liver_voxels}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    settings = Settings()
+    settings.model.folder = str(bundled_model_folder())
+    segmenter = load_segmenter(settings.model)
+    print(f"model loaded: {segmenter.description} on {segmenter.device}; resident set {rss_mb():.0f} MB")
+    rows = []
+    for shape in shapes:
+        work = Path(tempfile.mkdtemp(prefix=f"lpm-bench-pipeline-{shape}-"))
+        try:
+            series = write_bench_series(shape, work / "ct", n_slices=args.slices)
+            gc.collect()
+            rows.append(bench_shape(series, settings, segmenter, work, args.runs))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{'shape':<9}{'dcm2niix':>9}{'load':>7}{'resamp':>8}{'ratio':>7}{'cpu ratio':>10}{'segment':>9}"
+          f"{'measure':>9}{'write':>7}{'peak x':>8}{'x w/o seg':>10}")
+    for r in rows:
+        print(f"{r['shape']:<9}{r['dcm2niix']:>9.2f}{r['load']:>7.2f}{r['resample']:>8.2f}{r['ratio']:>7.2f}"
+              f"{r['cpu_ratio']:>10.2f}{r['segment']:>9.2f}{r['measure']:>9.2f}{r['write']:>7.2f}"
+              f"{r['peak_x']:>8.2f}{r['peak_x_no_model']:>10.2f}")
     return 0
 
 

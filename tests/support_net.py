@@ -149,6 +149,8 @@ class NodeProcess:
             cmd += ["--config", str(self.config)]
         if not self.measure:
             cmd.append("--no-measure")
+        elif "--model" not in self.extra:
+            cmd.append("--demo-model")  # the tests measure with the bundled test model, asked for explicitly
         cmd += list(self.extra)
         self.log_path = self.data_dir / f"node-{self.port}-{int(time.time() * 1000)}.log"
         log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the child's lifetime

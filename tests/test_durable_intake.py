@@ -15,12 +15,11 @@ from sqlalchemy import event, select
 
 from lpm_node.core.audit import Instance, session_factory
 from lpm_node.core.config import Settings
-from lpm_node.demo.orthanc import free_port
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.intake.integrity import verify_series_files
 from lpm_node.intake.listener import Listener
 from lpm_node.intake.spool import ChecksumMismatch, Spool
-from tests.support_net import REPO, NodeProcess, echoscu, have_dcmtk, storescu
+from tests.support_net import REPO, NodeProcess, echoscu, free_port, have_dcmtk, storescu
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")
 

@@ -90,6 +90,11 @@ def test_phantom_ct_is_measured_and_answered_at_orthanc(tmp_path, orthanc, chest
         deliveries = _wait_delivered(node, series_uid)
         assert sorted(d["object_kind"] for d in deliveries) == ["KEY", "SEG", "SR"]
         audit = {s["series_instance_uid"]: s for s in node.audit_json()}[series_uid]
+        job = node.query("SELECT model_name, model_version, model_weights_sha256, model_test FROM jobs "
+                         "WHERE series_instance_uid = ?", (series_uid,))[0]
+    # the audit names the model, and that it is the bundled test model
+    assert job["model_name"] == "LpmLiver" and job["model_test"] == 1 and len(job["model_weights_sha256"]) == 64
+    assert "3d_fullres" in job["model_version"]
     assert abs(audit["dl_parenchymal_hu"] - TRUE_HU) <= 1.5
     assert audit["category"] == STEATOSIS
     assert audit["status"] == "done" and audit["job_status"] == "done" and audit["delivery_status"] == "sent"

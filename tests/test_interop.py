@@ -29,7 +29,6 @@ from pynetdicom.sop_class import CTImageStorage
 
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from tests.support_net import NodeProcess, dcmtk_env, have_dcmtk, storescu
-from tests.support_orthanc import orthanc  # noqa: F401 - fixture
 from tests.support_peer import dataset_bytes
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")

@@ -427,17 +427,17 @@ def test_pixels_read_with_the_header_match_pydicom(
 
 
 def test_image_from_array_fills_a_spare_image_only_when_it_fits() -> None:
-    from lpm_node.imaging.loading import _image_from_array, _new_image
+    from lpm_node.imaging.arrays import image_from_array, new_image
 
     arr = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
-    spare = _new_image((2, 3, 4), np.int16)
+    spare = new_image((2, 3, 4), np.int16)
     assert spare.GetSize() == (4, 3, 2)
-    image = _image_from_array(arr, spare)
+    image = image_from_array(arr, spare)
     assert image is spare
     assert np.array_equal(sitk.GetArrayViewFromImage(image), arr)
     for other in (arr.astype(np.float32), arr[:, :, :3]):  # another pixel type or size: a new image
-        spare = _new_image((2, 3, 4), np.int16)
-        image = _image_from_array(other, spare)
+        spare = new_image((2, 3, 4), np.int16)
+        image = image_from_array(other, spare)
         assert image is not spare
         assert np.array_equal(sitk.GetArrayViewFromImage(image), other)
         assert not sitk.GetArrayViewFromImage(spare).any()
@@ -465,8 +465,8 @@ def test_load_fills_the_image_allocated_while_parsing(
         made.append(real(*args))  # type: ignore[arg-type]
         return made[-1]
 
-    real = loading._new_image
-    monkeypatch.setattr(loading, "_new_image", new_image)
+    real = loading.new_image
+    monkeypatch.setattr(loading, "new_image", new_image)
     paths = write_series(ph, tmp_path, feet_first=True)
     series = load_series(paths, keep_pixel_data=False)
     assert len(made) == 1 and series.image is made[0]
@@ -475,3 +475,59 @@ def test_load_fills_the_image_allocated_while_parsing(
     series = load_series(paths[:10] + paths[11:], keep_pixel_data=False)
     assert len(made) == 2 and series.image is not made[1]
     assert series.image.GetPixelID() == sitk.sitkFloat32 and series.image.GetSize()[2] == 24
+
+
+def test_decimal_strings_in_every_spelling_give_the_same_geometry(ph: Phantom, tmp_path: Path) -> None:
+    """Geometry and rescale are read from the raw decimal strings: exponents, signs, padding all parse as pydicom
+    would, and a value that is not a number is still refused."""
+    from pydicom.dataelem import RawDataElement
+
+    from lpm_node.imaging.loading import _decimal, _decimals
+
+    paths = write_series(ph, tmp_path / "a")
+    reference = load_series(paths)
+
+    def respell(ds: pydicom.Dataset, _: int) -> None:
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x:+.6E}"[:16], f" {y:g}", f"{z:.5e}"]
+        ds.ImageOrientationPatient = ["1.0", "0.0", "-0.0", "0", "1E0", "0"]
+        ds.RescaleIntercept = "-1.024E3"
+        ds.RescaleSlope = "+1.000"
+
+    rewrite(paths, respell)
+    series = load_series(paths)
+    assert series.image.GetPixelID() == sitk.sitkInt16  # slope 1, whole-HU intercept, as before
+    assert np.allclose(series.image.GetOrigin(), reference.image.GetOrigin(), atol=1e-4)
+    assert series.image.GetSpacing() == pytest.approx(reference.image.GetSpacing(), abs=1e-5)
+    assert np.array_equal(sitk.GetArrayViewFromImage(series.image), sitk.GetArrayViewFromImage(reference.image))
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert isinstance(ds.get_item("ImagePositionPatient"), RawDataElement)
+    assert _decimals(ds, "ImagePositionPatient") == pytest.approx([float(v) for v in ds.ImagePositionPatient])
+    assert _decimal(ds, "RescaleIntercept") == -1024.0 and _decimal(ds, "SliceLocation") is not None
+    assert _decimals(ds, "SpacingBetweenSlices") is None  # absent
+    data = paths[3].read_bytes()  # a position that is not a number, spelled in the file's own bytes
+    other = pydicom.dcmread(paths[3], stop_before_pixels=True).get_item("ImagePositionPatient").value
+    paths[3].write_bytes(data.replace(other, b"1\\abc\\3".ljust(len(other), b" "), 1))
+    assert other in data
+    with pytest.raises(SeriesLoadError, match="ImagePositionPatient|malformed"):
+        load_series(paths)
+
+
+def test_files_with_different_pixel_layouts_in_one_series(ph: Phantom, tmp_path: Path) -> None:
+    """Stored layouts worked out once per distinct pixel module: unsigned, signed and 12-bit files side by side
+    each decode to the phantom's HU."""
+    paths = write_series(ph, tmp_path)
+
+    def edit(ds: pydicom.Dataset, i: int) -> None:
+        hu = ds.pixel_array.astype(np.int32) + int(ds.RescaleIntercept)
+        if i % 3 == 1:  # signed, intercept 0
+            set_pixels(ds, hu.astype(np.int16))
+            ds.RescaleIntercept = "0"
+        elif i % 3 == 2:  # 12 bits stored in 16, unsigned, intercept -1024
+            set_pixels(ds, np.clip(hu + 1024, 0, 4095).astype(np.uint16))
+            ds.BitsStored, ds.HighBit = 12, 11
+
+    rewrite(paths, edit)
+    series = load_series(paths, keep_pixel_data=False)
+    expected = np.clip(ph.hu.astype(np.float32), -1024, 3071)
+    assert np.array_equal(_on_phantom_grid(series.image, ph), expected)

@@ -36,10 +36,23 @@ def ellipsoid(shape: tuple[int, int, int], centre: tuple[float, float, float], r
 
 
 def ct_of(liver: np.ndarray, liver_hu: float, noise_sd: float = 8.0, seed: int = 0) -> np.ndarray:
-    """Soft tissue (30 HU) everywhere, the liver at ``liver_hu``, Gaussian noise."""
+    """Soft tissue (30 HU) everywhere, the liver at ``liver_hu``, Gaussian noise; air (-1000 HU) in the outermost
+    columns that hold no liver (the body lies inside the field of view)."""
     rng = np.random.default_rng(seed)
     hu = np.where(liver, liver_hu, 30.0) + rng.normal(0.0, noise_sd, liver.shape)
+    with_air(hu, liver)
     return hu.astype(np.float32)
+
+
+def with_air(hu: np.ndarray, liver: np.ndarray) -> np.ndarray:
+    """Air in the columns at the image's left (patient's right) border up to two columns before the liver."""
+    columns = np.flatnonzero(liver.any(axis=(0, 1)))
+    if columns.size and columns[0] >= 3:
+        hu[:, :, : columns[0] - 2] = -1000.0
+    return hu
+
+
+CLEAN = MeasurementSettings(min_liver_volume_ml=0.0)  # the small synthetic livers here are not "little"
 
 
 def published_roi(liver: np.ndarray) -> np.ndarray:
@@ -176,17 +189,18 @@ def test_roi_outside_liver_fraction() -> None:
 @pytest.mark.parametrize(("liver_hu", "category"), [(39.0, STEATOSIS), (41.0, NO_STEATOSIS), (40.0, NO_STEATOSIS)])
 def test_category_around_the_threshold(liver_hu: float, category: str) -> None:
     liver = ellipsoid((20, 96, 96), (10, 48, 40), (8, 35, 28))
-    hu = np.where(liver, liver_hu, 20.0).astype(np.float32)  # noise-free: the mean is exact
-    result, _ = measure(hu, liver, SPACING)
+    hu = with_air(np.where(liver, liver_hu, 20.0), liver).astype(np.float32)  # noise-free: the mean is exact
+    result, _ = measure(hu, liver, SPACING, settings=CLEAN)
     assert result.dl_parenchymal_hu == pytest.approx(liver_hu)
+    assert result.not_assessable_reasons == []
     assert result.category == category
     assert result.threshold_hu == 40.0
 
 
 def test_threshold_is_configurable() -> None:
     liver = ellipsoid((20, 96, 96), (10, 48, 40), (8, 35, 28))
-    hu = np.where(liver, 39.0, 20.0).astype(np.float32)
-    result, _ = measure(hu, liver, SPACING, settings=MeasurementSettings(threshold_hu=38.0))
+    hu = with_air(np.where(liver, 39.0, 20.0), liver).astype(np.float32)
+    result, _ = measure(hu, liver, SPACING, settings=MeasurementSettings(threshold_hu=38.0, min_liver_volume_ml=0))
     assert result.category == NO_STEATOSIS
     assert result.threshold_hu == 38.0
 
@@ -252,11 +266,13 @@ def test_robust_estimate_resists_a_lesion_in_the_roi() -> None:
     lesion = ndimage.binary_dilation(roi > 0, iterations=3, structure=np.ones((3, 3, 3), bool)) & liver
     hu_lesion = hu.copy()
     hu_lesion[lesion] = 5.0 + np.random.default_rng(4).normal(0.0, 10.0, int(lesion.sum()))  # a cyst
-    with_lesion, roi_lesion = measure(hu_lesion, liver, SPACING)
+    with_lesion, roi_lesion = measure(hu_lesion, liver, SPACING, settings=CLEAN)
 
     assert np.array_equal(roi, roi_lesion)
     assert with_lesion.dl_parenchymal_hu < clean.dl_parenchymal_hu - 30  # the faithful value moves
-    assert with_lesion.category == STEATOSIS
+    assert with_lesion.dl_parenchymal_hu < 40.0
+    assert with_lesion.category == NOT_ASSESSABLE  # not "steatosis": faithful and robust disagree
+    assert with_lesion.not_assessable_reasons == ["faithful_robust_disagree"]
     assert abs(with_lesion.robust_parenchymal_hu - 60.0) < 1.0  # the robust one does not
     assert abs(with_lesion.robust_parenchymal_hu - clean.robust_parenchymal_hu) < 1.0
 
@@ -370,6 +386,8 @@ def test_measure_command_json_summary_and_spleen(tmp_path: Path) -> None:
     expected_dict = json.loads(json.dumps(expected.to_dict()))
     # the NIfTI stores the spacing in float32: the volume agrees to float32 precision
     assert result.pop("liver_volume_ml") == pytest.approx(expected_dict.pop("liver_volume_ml"), rel=1e-6)
+    # the command adds what it did to the mask, and that no model of ours made it
+    assert result.pop("largest_component_removed_voxels") == 0 and result.pop("model_identity") is None
     assert result == expected_dict
     assert abs(result["spleen_hu"] - 48.0) < 1.0
     written = sitk.ReadImage(str(roi_out))
@@ -425,3 +443,24 @@ def test_measure_command_refuses_other_grids(tmp_path: Path) -> None:
 
     proc = _run("--ct", str(tmp_path / "missing.nii.gz"), "--liver-mask", str(iso_mask))
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+@pytest.mark.parametrize("spacing", [(2.5, 0.7, 0.7), (1.0, 0.8, 0.6)])
+def test_erosion_is_the_euclidean_distance_transform(spacing: tuple[float, float, float]) -> None:
+    """The fast erosion (in-plane OpenCV erosions per z offset of the ball) keeps exactly the voxels a Euclidean
+    distance transform puts farther than the radius from the background, the array's edges not counting."""
+    from lpm_node.imaging.measurement import _bounding_box, _erode
+
+    rng = np.random.default_rng(11)
+    for trial in range(8):
+        shape = (int(rng.integers(6, 24)), int(rng.integers(30, 70)), int(rng.integers(30, 70)))
+        mask = ndimage.gaussian_filter(rng.random(shape), 2.0) > 0.5
+        if trial % 2:
+            mask[0] = mask[:, :, 0] = True  # cut by the scan and by the field of view
+        box = _bounding_box(mask)
+        if box is None:
+            continue
+        sub = mask[box]
+        for radius in (5.0, 2.5):
+            expected = ndimage.distance_transform_edt(sub, sampling=spacing) > radius
+            assert np.array_equal(_erode(sub, spacing, radius), expected), (trial, radius)

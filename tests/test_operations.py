@@ -32,7 +32,7 @@ def test_demo_runs_the_whole_flow_and_stops_everything(tmp_path):
 def test_doctor_says_ok_for_a_ready_node(tmp_path, orthanc):
     config = tmp_path / "node.toml"
     config.write_text(f'[output]\ndestinations = ["{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]\n')
-    result = run_cli("doctor", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    result = run_cli("doctor", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--demo-model")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith(("OK", "PROBLEM"))}
     assert set(lines) == {"device", "model", "destination", "disk", "database"}

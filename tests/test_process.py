@@ -19,7 +19,7 @@ TRUE_HU = (-10.0, 25.0, 39.0, 41.0, 60.0)
 
 def _process(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lpm_node.cli", "process", *args],
+        [sys.executable, "-m", "lpm_node.cli", "process", "--demo-model", *args],
         cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
 

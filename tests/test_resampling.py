@@ -17,8 +17,8 @@ from lpm_node.imaging.resampling import (
     resample_to_method_grid,
 )
 from tests.support_phantom import flip_columns, flip_stored, write_series
+from tests.support_reference import LABEL_NAME, reference_dir
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dl-parenchymal"
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
@@ -27,10 +27,9 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * (a & b).sum() / (a.sum() + b.sum())
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference files not available")
 def test_reference_files_share_our_convention() -> None:
     """The published label is on the method grid: identity direction, liver at low x (right) and low z."""
-    label = sitk.ReadImage(str(REFERENCE / "LIDC-IDRI_0002_3d_liver_seg.nii.gz"))
+    label = sitk.ReadImage(str(reference_dir() / LABEL_NAME))
     assert label.GetDirection() == IDENTITY
     assert np.allclose(label.GetSpacing(), METHOD_SPACING, atol=1e-6)
     assert label.GetOrigin()[2] == pytest.approx(-334.5)
@@ -167,3 +166,40 @@ def test_bounding_box_path_equals_full_resampling() -> None:
     full = sitk.GetArrayFromImage(sitk.Resample(m, src, sitk.Transform(), sitk.sitkLinear, 0.0)) >= 0.5
     assert got.sum() > 100
     assert np.array_equal(got, full.astype(np.uint8))
+
+
+def _sitk_linear(image: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """SimpleITK's own linear resampling of ``image`` onto ``reference``'s grid (float32)."""
+    out = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+def _worst_ct(shape: tuple[int, int, int], spacing: tuple[float, float, float], pixel: int, seed: int) -> sitk.Image:
+    """A CT-like volume with the steepest edges real CT has: air, bone and noise side by side, full HU range."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(-1024, 3072, size=shape).astype(np.int16)
+    arr[:, : shape[1] // 3] = -1024  # a flat air region next to noise
+    arr[:, :, -2:] = 3071
+    image = sitk.GetImageFromArray(arr.astype(np.float32) if pixel == sitk.sitkFloat32 else arr)
+    image.SetSpacing(spacing)
+    image.SetOrigin((-180.3, -171.9, -412.6))
+    return image
+
+
+def test_mask_back_to_an_off_grid_source_equals_full_resampling() -> None:
+    """A compact mask far from the edges, back onto a thin-slice source grid: only its box is resampled, with
+    the same voxels as resampling the whole volume."""
+    src = sitk.Image([90, 80, 60], sitk.sitkInt16)
+    src.SetSpacing((0.78, 0.78, 1.25))
+    src.SetOrigin((-35.0, -30.0, 100.0))
+    method = resample_to_method_grid(src)
+    mask = np.zeros(sitk.GetArrayViewFromImage(method).shape, np.uint8)
+    zz, yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
+    mask[((zz - 15) / 6.0) ** 2 + ((yy - 50) / 20.0) ** 2 + ((xx - 45) / 17.0) ** 2 <= 1.0] = 1
+    got = mask_to_source_grid(mask, method, src)
+    m = sitk.GetImageFromArray(mask.astype(np.float32))
+    m.CopyInformation(method)
+    full = sitk.GetArrayFromImage(sitk.Resample(m, src, sitk.Transform(), sitk.sitkLinear, 0.0)) >= 0.5
+    assert got.shape == full.shape and got.sum() > 1000
+    assert np.array_equal(got, full.astype(np.uint8))
+    assert not mask_to_source_grid(np.zeros_like(mask), method, src).any()

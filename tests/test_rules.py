@@ -182,3 +182,25 @@ def test_better_series_replaces_a_queued_job(small_phantom, tmp_path, audit_sess
     with sessions() as s:
         row = s.scalars(select(Series).where(Series.series_instance_uid == third)).one()
         assert row.status == "not_selected" and "already measured" in row.reason
+
+
+@pytest.mark.parametrize(
+    "description",
+    ["CHEST LDCT 1.25 (enhanced conversion)", "Enhanced CT chest", "Legacy Converted Enhanced CT thorax",
+     "LUNG SCREENING enhanced multi-frame", "Thorax ENHANCED_CT_IMAGE_STORAGE", "unenhanced chest"],
+)
+def test_sop_class_vocabulary_is_not_contrast(small_phantom, tmp_path, description):
+    facts = _facts(small_phantom, tmp_path, series_description=description)
+    ok, reason = eligibility(facts, RULES)
+    assert ok, reason
+
+
+@pytest.mark.parametrize(
+    "description",
+    ["CHEST C+", "Chest arterial phase", "Thorax portal venous", "CT chest contrast enhanced (enhanced conversion)",
+     "Enhanced chest", "CHEST ENHANCED", "CTA chest", "Enhanced CT chest delayed", "Chest w contrast"],
+)
+def test_real_contrast_descriptions_are_still_refused(small_phantom, tmp_path, description):
+    facts = _facts(small_phantom, tmp_path, series_description=description)
+    ok, reason = eligibility(facts, RULES)
+    assert not ok and reason.startswith("contrast-enhanced"), reason

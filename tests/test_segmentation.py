@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -15,13 +17,15 @@ from lpm_node.imaging.segmentation import (
     SegmentationError,
     largest_component,
     load_segmenter,
+    model_identity,
+    verify_model_folder,
 )
 from tests.support_segmentation import dice, method_grid_phantom, phantom_image
 
 
 @pytest.fixture(scope="module")
 def segmenter() -> NnUNetSegmenter:
-    seg = load_segmenter(ModelSettings(device="cpu"))
+    seg = load_segmenter(ModelSettings(folder=str(bundled_model_folder()), device="cpu"))
     assert isinstance(seg, NnUNetSegmenter)
     return seg
 
@@ -58,7 +62,7 @@ def test_cut_liver_with_lesion(segmenter: NnUNetSegmenter) -> None:
 
 
 def test_loaded_once_and_reused(segmenter: NnUNetSegmenter) -> None:
-    again = load_segmenter(ModelSettings(device="cpu"))
+    again = load_segmenter(ModelSettings(folder=str(bundled_model_folder()), device="cpu"))
     assert again is segmenter
     predictor, network = segmenter.predictor, segmenter.predictor.network
     phantom = make_phantom(40.0, n_slices=40, size=128, pixel_spacing=2.8, slice_spacing=5.0, seed=7104)
@@ -76,7 +80,7 @@ def test_loaded_once_and_reused(segmenter: NnUNetSegmenter) -> None:
 
 def test_nnunet_resampling_path_agrees(segmenter: NnUNetSegmenter) -> None:
     """The fast SimpleITK resampling path gives the same liver as nnU-Net's own resampling."""
-    slow = load_segmenter(ModelSettings(device="cpu", resampling="nnunet"))
+    slow = load_segmenter(ModelSettings(folder=str(bundled_model_folder()), device="cpu", resampling="nnunet"))
     assert slow is not segmenter and slow.resampling == "nnunet"
     phantom = make_phantom(20.0, n_slices=60, size=256, pixel_spacing=1.4, slice_spacing=5.0, seed=7105)
     image = phantom_image(phantom)
@@ -106,7 +110,34 @@ def test_cuda_without_gpu_is_a_clear_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(SegmentationError, match="cuda"):
-        load_segmenter(ModelSettings(device="cuda"))
+        load_segmenter(ModelSettings(folder=str(bundled_model_folder()), device="cuda"))
+
+
+def test_no_model_folder_is_refused_with_how_to_set_one() -> None:
+    with pytest.raises(SegmentationError, match=r"\[model\] folder.*--model FOLDER.*--demo-model"):
+        load_segmenter(ModelSettings(device="cpu"))
+
+
+def test_bundled_model_names_itself_a_test_model(segmenter: NnUNetSegmenter, tmp_path) -> None:
+    identity = segmenter.identity
+    checkpoint = bundled_model_folder() / "fold_0" / "checkpoint_final.pth"
+    assert identity.test_model is True
+    assert identity.name == "LpmLiver"
+    assert identity.weights_sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert "3d_fullres" in identity.version and "fold 0" in identity.version
+    assert "TEST MODEL, not for clinical use" in identity.short()
+    # the same weights without the marker in dataset.json: not a test model (the marker decides, not the path)
+    import json
+    import shutil
+
+    copy = tmp_path / "Dataset001_Liver" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    shutil.copytree(bundled_model_folder(), copy)
+    dataset = json.loads((copy / "dataset.json").read_text())
+    del dataset["lpm_node"]
+    (copy / "dataset.json").write_text(json.dumps(dataset))
+    info = verify_model_folder(copy, load_weights=False)
+    other = model_identity(info)
+    assert other.test_model is False and other.weights_sha256 == identity.weights_sha256
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path) -> None:

@@ -77,8 +77,7 @@ def test_results_are_sent_to_a_tls_destination(tmp_path, certs):
     from lpm_node.answer.sending import Sender, tls_client_context
     from lpm_node.core.audit import Delivery, session_factory
     from lpm_node.core.config import Settings
-    from lpm_node.demo.orthanc import free_port
-    from tests.support_net import dcmtk_env, wait_for_port
+    from tests.support_net import dcmtk_env, free_port, wait_for_port
 
     result = write_ct_series(make_phantom(n_slices=1, size=64, pixel_spacing=5.6), tmp_path / "result")[0]
     settings = Settings()

@@ -121,7 +121,9 @@ def series_detail(session: Session, series_uid: str) -> dict[str, Any] | None:
         {"id": j.id, "status": j.status, "created_at": _iso(j.created_at), "started_at": _iso(j.started_at),
          "finished_at": _iso(j.finished_at), "attempts": j.attempts, "error": j.error, "device": j.device,
          "model": j.model, "timings": j.timings, "dl_parenchymal_hu": j.dl_parenchymal_hu,
-         "dl_volumetric_hu": j.dl_volumetric_hu, "category": j.category, "qc_flags": j.qc_flags}
+         "dl_volumetric_hu": j.dl_volumetric_hu, "category": j.category, "qc_flags": j.qc_flags,
+         "model_identity": {"name": j.model_name, "version": j.model_version,
+                            "weights_sha256": j.model_weights_sha256, "test_model": bool(j.model_test)}}
         for j in jobs
     ]
     detail["operator_actions"] = [
@@ -251,6 +253,11 @@ def format_detail(d: dict[str, Any]) -> str:
             if j["timings"]:
                 stages = ", ".join(f"{k} {v:.1f} s" for k, v in j["timings"].items())
                 out.append(f"     {stages} on {j['device'] or '?'} ({j['model']})")
+            identity = j["model_identity"]
+            if identity["name"]:
+                test = ", TEST MODEL, not for clinical use" if identity["test_model"] else ""
+                out.append(f"     model {identity['name']} ({identity['version']}, weights "
+                           f"{identity['weights_sha256'][:12]}{test})")
     if d.get("operator_actions"):
         out.append("operator actions:")
         out += [f"  {a['at']} {a['user']}: {a['command']} -> {a['outcome']}" for a in d["operator_actions"]]

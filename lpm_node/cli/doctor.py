@@ -42,10 +42,11 @@ def check_device(settings: Settings) -> Check:
 
 def check_model(settings: Settings) -> Check:
     """The configured model folder loads, with the labels the measurement needs."""
-    from lpm_node.demo.model import bundled_model_folder
-    from lpm_node.imaging.segmentation import SegmentationError, verify_model_folder
+    from lpm_node.imaging.segmentation import NO_MODEL_MESSAGE, SegmentationError, verify_model_folder
 
-    folder = settings.model.folder or str(bundled_model_folder())
+    folder = settings.model.folder
+    if not folder:
+        return Check("model", False, NO_MODEL_MESSAGE)
     try:
         info = verify_model_folder(
             folder, settings.model.profile or None, folds=list(settings.model.folds) or None,
@@ -54,7 +55,7 @@ def check_model(settings: Settings) -> Check:
     except SegmentationError as exc:
         return Check("model", False, str(exc))
     labels = ", ".join(f"{k}={v}" for k, v in info.labels.items())
-    note = "" if settings.model.folder else " (bundled phantom model: for tests and the demo only)"
+    note = " (a test model trained on synthetic phantoms: never for clinical use)" if info.test_model else ""
     return Check("model", True, f"{info.folder}: {info.configuration}, folds {','.join(info.folds)}, {labels}{note}")
 
 

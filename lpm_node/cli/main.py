@@ -28,8 +28,14 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["series"] = {"stable_seconds": args.stable_seconds}
     if getattr(args, "destination", None):
         overrides["output"] = {"destinations": list(args.destination)}
+    if getattr(args, "model", None) and getattr(args, "demo_model", False):
+        raise ValueError("--model and --demo-model exclude each other")
     if getattr(args, "model", None):
         overrides["model"] = {"folder": str(args.model)}
+    elif getattr(args, "demo_model", False):
+        from lpm_node.demo.model import bundled_model_folder
+
+        overrides["model"] = {"folder": str(bundled_model_folder())}
     if getattr(args, "device", None):
         overrides.setdefault("model", {})["device"] = args.device
     return load_settings(getattr(args, "config", None), overrides)
@@ -101,6 +107,12 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return phantom_command(args)
 
 
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="nnU-Net v2 model folder (default: [model] folder of --config; required)")
+    p.add_argument("--demo-model", action="store_true",
+                   help="use the bundled phantom-trained test model (tests and demos only, never for clinical use)")
+
+
 def _node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML settings file (default: built-in defaults)")
     p.add_argument("--data-dir", help="folder for the spool, outbox and the default SQLite database")
@@ -129,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stable-seconds", type=float, help="seconds without a new instance before a series is complete")
     p.add_argument("--allow-ae", action="append", metavar="TITLE", help="accepted calling AE titles (repeatable)")
     p.add_argument("--destination", action="append", metavar="AET@HOST:PORT", help="where results go (repeatable)")
-    p.add_argument("--model", help="nnU-Net v2 model folder")
+    _model_options(p)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="inference device")
     p.add_argument("--no-measure", action="store_true", help="receive, decide and queue only; measure nothing")
 
@@ -154,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("process", _cmd_process, "load, resample, segment and measure the CT series in a folder")
     p.add_argument("--config", help="TOML settings file")
     p.add_argument("input", metavar="DIR", help="folder of DICOM files (searched recursively)")
-    p.add_argument("--model", help="nnU-Net v2 model folder (default: the bundled phantom model)")
+    _model_options(p)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="inference device")
     p.add_argument("--out", help="write CT, masks, ROI (NIfTI) and a preview PNG per series here")
     p.add_argument("--dicom-out", action="store_true", help="also write SEG, SR and key image to --out")
@@ -167,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("doctor", _cmd_doctor, "check device, model, destinations, disk space and database")
     _node_options(p)
-    p.add_argument("--model", help="nnU-Net v2 model folder")
+    _model_options(p)
     p.add_argument("--liveness", action="store_true",
                    help="only check that the node's DICOM listener answers (the container health check)")
 

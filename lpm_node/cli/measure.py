@@ -10,7 +10,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from lpm_node.core.config import Settings
-from lpm_node.imaging.measurement import Measurement, _on_method_grid, measure
+from lpm_node.imaging.measurement import NOT_ASSESSABLE, Measurement, _on_method_grid, flag_sentence, measure
+from lpm_node.imaging.segmentation import largest_component
 
 # --- command line -------------------------------------------------------------------------------------------------
 
@@ -60,7 +61,7 @@ def _to_lps(array: np.ndarray, flips: tuple[bool, bool, bool]) -> np.ndarray:
     return np.flip(array, axis=axes) if axes else array
 
 
-def _summary(result: Measurement) -> str:
+def _summary(result: Measurement, removed_voxels: int) -> str:
     def hu(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.1f} HU"
 
@@ -72,12 +73,15 @@ def _summary(result: Measurement) -> str:
         f"liver volume:           {result.liver_volume_ml:.1f} ml",
         f"ROI slices (z):         {result.roi_slices}  pixels {result.roi_pixels}",
         f"ROI centres [z, y, x]:  {result.roi_centres}",
+        f"largest component:      {removed_voxels} voxels of smaller components removed from the liver mask",
     ]
     if result.spleen_hu is not None or result.liver_minus_spleen_hu is not None:
         lines.append(
             f"spleen:                 {hu(result.spleen_hu)} (liver - spleen {hu(result.liver_minus_spleen_hu)})"
         )
     lines.append(f"QC flags:               {', '.join(result.qc_flags) or 'none'}")
+    if result.category == NOT_ASSESSABLE:
+        lines += ["not assessable because:"] + [f"  - {flag_sentence(f)}" for f in result.not_assessable_reasons]
     return "\n".join(lines)
 
 
@@ -103,7 +107,11 @@ def measure_command(settings: Settings, args: argparse.Namespace) -> int:
         _check_same_grid(ct, spleen_image, "spleen mask")
         spleen = _to_lps(sitk.GetArrayViewFromImage(spleen_image) > 0, flips)
     hu = _to_lps(sitk.GetArrayViewFromImage(ct), flips)
-    liver = _to_lps(sitk.GetArrayViewFromImage(liver_image) > 0, flips)
+    raw_liver = sitk.GetArrayViewFromImage(liver_image) > 0
+    liver = largest_component(raw_liver).view(bool)  # the method keeps the largest connected component
+    removed_voxels = int(np.count_nonzero(raw_liver)) - int(np.count_nonzero(liver))
+    del raw_liver
+    liver = _to_lps(liver, flips)
     spacing_zyx = (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])
     result, roi = measure(hu, liver, spacing_zyx, spleen=spleen, settings=settings.measurement)
     if any(flips):  # report indices in the input's own array
@@ -118,7 +126,8 @@ def measure_command(settings: Settings, args: argparse.Namespace) -> int:
         roi_image.CopyInformation(ct)
         sitk.WriteImage(roi_image, str(args.roi_out), useCompression=True)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "largest_component_removed_voxels": removed_voxels,
+                          "model_identity": None}))  # the mask was given: no model of ours made it
     else:
-        print(_summary(result))
+        print(_summary(result, removed_voxels))
     return 0

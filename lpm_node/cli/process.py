@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lpm_node.core.config import Settings
 from lpm_node.imaging.loading import SeriesLoadError, find_series
+from lpm_node.imaging.measurement import NOT_ASSESSABLE, flag_sentence
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
 from lpm_node.intake.rules import eligibility, read_series_facts
 from lpm_node.node.pipeline import analyse_series, preview_png, save_nifti, write_answer
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------------ the CLI
 
@@ -29,8 +34,19 @@ def _describe(item: dict[str, Any]) -> str:
     hu = item["dl_parenchymal_hu"]
     value = "n/a" if hu is None else f"{hu:.1f} HU"
     flags = ", ".join(item["qc_flags"]) or "none"
-    return (f"{uid}: DL-parenchymal {value}, category {item['category']}, "
+    line = (f"{uid}: DL-parenchymal {value}, category {item['category']}, "
             f"liver {item['liver_volume_ml']:.0f} ml, QC flags: {flags}")
+    if item["category"] == NOT_ASSESSABLE:
+        line += "; not assessable: " + " ".join(flag_sentence(f) for f in item["not_assessable_reasons"])
+    return line
+
+
+def summary_line(items: list[dict[str, Any]]) -> str:
+    """One line: how many series were measured (and of those not assessable), refused and failed."""
+    status = Counter(item["status"] for item in items)
+    not_assessable = sum(1 for i in items if i["status"] == "measured" and i["category"] == NOT_ASSESSABLE)
+    return (f"{len(items)} series: {status['measured']} measured ({not_assessable} not assessable), "
+            f"{status['rejected']} refused, {status['failed']} failed")
 
 
 def process_folder(
@@ -52,7 +68,12 @@ def process_folder(
     try:
         for uid, paths in sorted(series.items()):
             bar.set_postfix_str(f"{uid[-12:]} rules")
-            ok, reason = eligibility(read_series_facts(paths), settings.rules)
+            try:
+                ok, reason = eligibility(read_series_facts(paths), settings.rules)
+            except Exception as exc:  # noqa: BLE001 - one unreadable series never stops the batch
+                yield _failed(uid, exc)
+                bar.update()
+                continue
             if not ok:
                 yield {"series_instance_uid": uid, "status": "rejected", "reason": reason}
                 bar.update()
@@ -63,23 +84,28 @@ def process_folder(
             bar.set_postfix_str(f"{uid[-12:]} measuring")
             try:
                 result = analyse_series(paths, settings, segmenter)
+                item = result.summary()
+                if out is not None:
+                    target = Path(out) / _safe_name(uid)
+                    item["files"] = {k: str(v) for k, v in save_nifti(result, target).items()}
+                    item["files"]["preview"] = str(preview_png(result, target / "preview.png"))
+                    if dicom_out:
+                        for obj in write_answer(result, settings, target / "dicom"):
+                            item["files"][obj.kind] = str(obj.path)
+                        item["timings_s"] = {k: round(v, 3) for k, v in result.timings.items()}
             except SeriesLoadError as exc:
-                yield {"series_instance_uid": uid, "status": "failed", "reason": str(exc)}
-                bar.update()
-                continue
-            item = result.summary()
-            if out is not None:
-                target = Path(out) / _safe_name(uid)
-                item["files"] = {k: str(v) for k, v in save_nifti(result, target).items()}
-                item["files"]["preview"] = str(preview_png(result, target / "preview.png"))
-                if dicom_out:
-                    for obj in write_answer(result, settings, target / "dicom"):
-                        item["files"][obj.kind] = str(obj.path)
-                    item["timings_s"] = {k: round(v, 3) for k, v in result.timings.items()}
+                item = {"series_instance_uid": uid, "status": "failed", "reason": str(exc)}
+            except Exception as exc:  # noqa: BLE001 - one series that breaks a step never stops the batch
+                log.exception("series %s failed", uid)
+                item = _failed(uid, exc)
             yield item
             bar.update()
     finally:
         bar.close()
+
+
+def _failed(uid: str, exc: Exception) -> dict[str, Any]:
+    return {"series_instance_uid": uid, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
 
 
 def process_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -89,15 +115,16 @@ def process_command(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    failed = 0
+    done: list[dict[str, Any]] = []
     progress = sys.stderr.isatty()
     items = process_folder(args.input, settings, out=args.out, dicom_out=args.dicom_out, progress=progress)
     with logging_redirect_tqdm():  # log lines and results above the progress bar, not through it
         for item in items:
-            failed += item["status"] == "failed"
+            done.append(item)
             line = json.dumps(item) if args.json else _describe(item)
             if progress:
                 tqdm.write(line, file=sys.stdout)
             else:
                 print(line, flush=True)
-    return 1 if failed else 0
+    print(summary_line(done), file=sys.stderr, flush=True)
+    return 1 if any(item["status"] == "failed" for item in done) else 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -146,6 +147,10 @@ class Job(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     device: Mapped[str] = mapped_column(String(32), default="")
     model: Mapped[str] = mapped_column(Text, default="")
+    model_name: Mapped[str] = mapped_column(String(128), default="")
+    model_version: Mapped[str] = mapped_column(Text, default="")
+    model_weights_sha256: Mapped[str] = mapped_column(String(64), default="")
+    model_test: Mapped[bool] = mapped_column(Boolean, default=False)  # the bundled test model: not for clinical use
     timings: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # stage -> seconds
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # Measurement.to_dict()
     dl_parenchymal_hu: Mapped[float | None] = mapped_column(Float, nullable=True)

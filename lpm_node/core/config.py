@@ -108,7 +108,7 @@ class RuleSettings:
 
 @dataclass
 class ModelSettings:
-    folder: str = ""  # empty: the bundled tiny phantom model (test and demo only)
+    folder: str = ""  # nnU-Net v2 model folder; required to measure (serve refuses to start without one)
     folds: list[str] = field(default_factory=lambda: ["0"])
     checkpoint: str = "checkpoint_final.pth"
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -120,9 +120,14 @@ class ModelSettings:
 
 @dataclass
 class MeasurementSettings:
-    threshold_hu: float = 40.0
-    min_liver_volume_ml: Amount = 200.0
-    max_roi_sd_hu: Positive = 30.0
+    threshold_hu: float = 40.0  # DL-parenchymal below this: moderate-to-severe steatosis
+    # Any of these makes the category not_assessable (the faithful value is still reported):
+    min_liver_volume_ml: Amount = 200.0  # liver volume in view below this
+    max_roi_sd_hu: Positive = 30.0  # SD of HU over the ROI pixels above this
+    min_roi_in_liver_fraction: Annotated[float, Field(ge=0, le=1)] = 0.9  # an ROI disk less inside the liver than this
+    plausible_min_hu: float = -100.0  # ROI mean outside plausible_min_hu .. plausible_max_hu (unenhanced liver)
+    plausible_max_hu: float = 100.0
+    max_faithful_robust_difference_hu: Positive = 10.0  # DL-parenchymal and the robust estimate further apart
 
 
 @dataclass

@@ -409,6 +409,41 @@ def make_phantom(
     )
 
 
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """A series shape to build phantoms on: slice count, matrix size, pixel and slice spacing (mm)."""
+
+    name: str
+    n_slices: int
+    size: int
+    pixel_spacing: float
+    slice_spacing: float
+    description: str
+
+    def make_phantom(self, liver_hu: float = 55.0, **kwargs: Any) -> Phantom:
+        """:func:`make_phantom` on this geometry (other keyword arguments passed through)."""
+        return make_phantom(
+            liver_hu, n_slices=self.n_slices, size=self.size, pixel_spacing=self.pixel_spacing,
+            slice_spacing=self.slice_spacing, **kwargs,
+        )
+
+    @property
+    def series_description(self) -> str:
+        """A SeriesDescription for the written series, e.g. ``CHEST WO CONTRAST 1.25mm``."""
+        return f"CHEST WO CONTRAST {self.slice_spacing:g}mm"
+
+
+GEOMETRIES: dict[str, SeriesGeometry] = {
+    g.name: g
+    for g in (
+        SeriesGeometry("on-grid", 300, 512, 0.7, 2.5, "on the method grid (0.7 x 0.7 x 2.5 mm): no resampling"),
+        SeriesGeometry("thin", 600, 512, 0.78, 1.25, "thin-slice chest CT (0.78 mm pixels, 1.25 mm slices)"),
+        SeriesGeometry("thick", 72, 512, 0.68, 5.0, "thick-slice chest CT (0.68 mm pixels, 5 mm slices)"),
+    )
+}
+"""Series shapes of the benchmarks: the method grid itself and two off-grid shapes of real chest CT."""
+
+
 # ---------------------------------------------------------------------------------------------- DICOM writer
 
 

@@ -24,6 +24,7 @@ from lpm_node.core.audit import Delivery, Job, Series
 from lpm_node.core.config import Destination, Settings
 from lpm_node.core.states import DeliveryStatus, JobStatus, SeriesStatus
 from lpm_node.demo.local_store import LocalStore
+from lpm_node.demo.model import bundled_model_folder
 from lpm_node.demo.orthanc import Orthanc, free_port, orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.node.service import Node
@@ -68,6 +69,7 @@ def _demo_settings(settings: Settings, work: Path, destination: Destination) -> 
     demo.series.stable_seconds = 2.0
     demo.output.destinations = [str(destination)]
     demo.output.reply_to_sender = False
+    demo.model.folder = demo.model.folder or str(bundled_model_folder())  # the demo asks for the test model
     return demo
 
 

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,12 +28,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
+from lpm_node.imaging.arrays import CAN_FILL, image_fits, image_from_array, new_image
 from lpm_node.imaging.functional_groups import functional_group_value
-
-try:  # copies an array into an allocated image: the second half of sitk.GetImageFromArray
-    from SimpleITK.SimpleITK import _SetImageFromArray as _copy_into_image
-except ImportError:  # pragma: no cover - then each image is allocated once its pixels are ready
-    _copy_into_image = None
 
 __all__ = ["SeriesLoadError", "CTSeries", "find_series", "load_series", "HU_AIR"]
 
@@ -125,6 +122,34 @@ def _floats(value: Any, n: int, what: str) -> np.ndarray:
     return arr
 
 
+def _decimals(ds: Dataset, keyword: str) -> Any:
+    """A decimal string (DS) attribute's numbers, read from the element's raw bytes while it is still unread.
+
+    pydicom's conversion to ``DSfloat`` (with validation) costs more than the whole rest of the geometry for a
+    600-file series; a plain ``float`` per value gives the same numbers. Anything that is not a clean list of
+    numbers goes through pydicom as before (its value, or None when absent)."""
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return None
+    raw = elem.value
+    if isinstance(raw, bytes):
+        text = raw.decode("ascii", "replace").strip(" \0")
+        if text:
+            try:
+                return [float(v) for v in text.split("\\")]
+            except ValueError:
+                pass
+    return ds.get(keyword)
+
+
+def _decimal(ds: Dataset, keyword: str) -> Any:
+    """One decimal string attribute like :func:`_decimals`: a float, pydicom's value, or None."""
+    values = _decimals(ds, keyword)
+    if isinstance(values, list) and len(values) == 1 and isinstance(values[0], float):
+        return values[0]
+    return values
+
+
 def _frames_of(ds: Dataset, ds_index: int) -> list[_Frame]:
     """Geometry and rescale of every frame of one dataset."""
     n = int(ds.get("NumberOfFrames", 1) or 1)
@@ -138,8 +163,9 @@ def _frames_of(ds: Dataset, ds_index: int) -> list[_Frame]:
             slope = functional_group_value(ds, f, "PixelValueTransformationSequence", "RescaleSlope")
             intercept = functional_group_value(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
         else:
-            ipp, iop, ps = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
-            slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+            ipp, iop, ps = (_decimals(ds, kw) for kw in ("ImagePositionPatient", "ImageOrientationPatient",
+                                                         "PixelSpacing"))
+            slope, intercept = _decimal(ds, "RescaleSlope"), _decimal(ds, "RescaleIntercept")
         if ipp is None or iop is None:
             raise SeriesLoadError(f"instance {ds.get('SOPInstanceUID', ds_index)} frame {f + 1} has no image "
                                   "position/orientation (not a cross-sectional image)")
@@ -324,15 +350,59 @@ def _native_frames(ds: Dataset, data: bytes, offset: int) -> np.ndarray | None:
     if start + length != len(data):  # undefined length or elements after the pixel data
         return None
     try:
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
+        layout = _pixel_layout(ds, syntax)
+        if layout is None:
             return None
-        options = as_pixel_options(ds)
+        options, dtype = layout
+        shape = (int(options["number_of_frames"]), int(options["rows"]), int(options["columns"]))
+        if dtype is not None and length == dtype.itemsize * shape[0] * shape[1] * shape[2]:
+            # what pydicom's native decoder returns for this layout (a view), without its per-file checks
+            return np.frombuffer(data, dtype=dtype, count=length // dtype.itemsize, offset=start).reshape(shape)
         view = options["bits_stored"] == options["bits_allocated"]  # else a corrected copy
         arr, _ = get_decoder(syntax).as_array(
             memoryview(data)[start:], pixel_keyword="PixelData", view_only=view, raw=True, **options)
     except (AttributeError, KeyError, TypeError, ValueError):
         return None  # the whole-file path reports what is wrong
-    return arr.reshape(int(options["number_of_frames"]), int(options["rows"]), int(options["columns"]))
+    return arr.reshape(shape)
+
+
+_PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames", "Rows",
+                 "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation")
+_layouts: dict[tuple[Any, ...], tuple[dict[str, Any], np.dtype | None] | None] = {}
+_layouts_lock = threading.Lock()
+
+
+def _pixel_layout(ds: Dataset, syntax: Any) -> tuple[dict[str, Any], np.dtype | None] | None:
+    """pydicom's pixel options for ``ds`` and, where the stored values can be viewed as they are (8/16/32-bit,
+    all bits stored), their little-endian dtype; None for anything but one sample per pixel.
+
+    Worked out once per distinct pixel module (the raw bytes of its attributes), not once per file."""
+    key = (str(syntax), *(_raw(ds, kw) for kw in _PIXEL_MODULE))
+    with _layouts_lock:
+        if key in _layouts:
+            return _layouts[key]
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        layout = None
+    else:
+        options = as_pixel_options(ds)
+        bits, stored = int(options["bits_allocated"]), int(options["bits_stored"])
+        signed = int(options["pixel_representation"]) == 1
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}") if bits in (8, 16, 32) and stored == bits else None
+        layout = (options, dtype)
+    with _layouts_lock:
+        if len(_layouts) > 64:
+            _layouts.clear()
+        _layouts[key] = layout
+    return layout
+
+
+def _raw(ds: Dataset, keyword: str) -> object:
+    """An attribute's raw bytes (or its value once converted) as a hashable cache key part."""
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return None
+    value = elem.value
+    return value if isinstance(value, bytes) else repr(value)
 
 
 def _stored_pixels(ds: Dataset) -> np.ndarray:
@@ -447,8 +517,8 @@ def _load(
     # meanwhile the image is allocated (zero-filled by SimpleITK, without the lock) for the likely series grid.
     with ThreadPoolExecutor(max_workers=1) as ahead:
         read = [_read_file(files[0], keep_pixel_data)]
-        guess = _grid_guess(read[0][0], len(files)) if _copy_into_image is not None else None
-        allocating = ahead.submit(_new_image, *guess) if guess is not None else None
+        guess = _grid_guess(read[0][0], len(files)) if CAN_FILL else None
+        allocating = ahead.submit(new_image, *guess) if guess is not None else None
         read += [_read_file(p, keep_pixel_data) for p in files[1:]]
     spare = allocating.result() if allocating is not None else None
     del allocating
@@ -469,7 +539,7 @@ def _load(
     hu_type = _hu_type(frames, datasets)
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     out_type = hu_type if plan.n_out == len(plan.order) else np.float32
-    if spare is not None and not _image_fits(spare, (plan.n_out, rows, cols), out_type):
+    if spare is not None and not image_fits(spare, (plan.n_out, rows, cols), out_type):
         spare = None
     src = np.empty((len(frames), rows, cols), dtype=hu_type)
     padded = _decode_sorted(datasets, native, frames, plan.order, src, workers, keep_pixel_data)
@@ -484,7 +554,7 @@ def _load(
         src = vol
 
     first = frames[plan.order[0]].position
-    image = _image_from_array(vol, spare)
+    image = image_from_array(vol, spare)
     del vol, src, spare
     image.SetOrigin(tuple(float(v) for v in first))
     image.SetSpacing((pixel_spacing[1], pixel_spacing[0], float(plan.step)))
@@ -519,27 +589,6 @@ def _grid_guess(ds: Dataset, n_files: int) -> tuple[tuple[int, int, int], type[n
         return (n_files * len(frames), int(ds.Rows), int(ds.Columns)), _hu_type(frames, [ds])
     except (SeriesLoadError, AttributeError, KeyError, TypeError, ValueError):
         return None
-
-
-_PIXEL_IDS = {np.dtype(np.int16): sitk.sitkInt16, np.dtype(np.float32): sitk.sitkFloat32}
-
-
-def _new_image(shape: tuple[int, int, int], dtype: type[np.int16] | type[np.float32]) -> sitk.Image:
-    """A zero-filled image for an array of ``shape`` (k, rows, cols)."""
-    return sitk.Image([shape[2], shape[1], shape[0]], _PIXEL_IDS[np.dtype(dtype)])
-
-
-def _image_fits(image: sitk.Image, shape: tuple[int, ...], dtype: type[np.generic]) -> bool:
-    return image.GetSize() == tuple(reversed(shape)) and image.GetPixelID() == _PIXEL_IDS.get(np.dtype(dtype))
-
-
-def _image_from_array(arr: np.ndarray, spare: sitk.Image | None = None) -> sitk.Image:
-    """``arr`` (k, rows, cols) as an image: copied into ``spare`` when that was allocated for it, else into a new
-    image (like ``sitk.GetImageFromArray``)."""
-    if spare is not None and _copy_into_image is not None and _image_fits(spare, arr.shape, arr.dtype.type):
-        _copy_into_image(np.ascontiguousarray(arr), spare)
-        return spare
-    return sitk.GetImageFromArray(arr, isVector=False)
 
 
 def _decode_sorted(

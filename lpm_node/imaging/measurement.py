@@ -24,29 +24,43 @@ Beyond the paper, reported beside the faithful values and never instead of them:
   ``MIN_ROBUST_VOXELS`` voxels survive the erosion, half of it is tried, then the whole mask.
 - ``spleen_hu``: the same erosion on the spleen mask, plain mean; ``liver_minus_spleen_hu`` = DL-parenchymal minus
   spleen attenuation.
-- QC flags (stable snake_case strings, in ``Measurement.qc_flags``):
+- QC flags (stable snake_case strings, in ``Measurement.qc_flags``; the sentence for each in
+  ``QC_FLAG_SENTENCES``). Those in ``NOT_ASSESSABLE_FLAGS`` make the category ``not_assessable`` (the faithful
+  value is still reported) and are listed again in ``Measurement.not_assessable_reasons``:
 
-  ``no_liver``                the liver mask is empty: category not_assessable, HU values None;
-  ``roi_outside_liver``       some ROI pixel lies outside the liver mask (``roi_in_liver_fraction`` < 1);
-  ``liver_cut_inferior``      the liver touches the first (inferior) slice of the scan;
-  ``liver_cut_superior``      the liver touches the last (superior) slice of the scan;
-  ``little_liver``            liver volume < ``min_liver_volume_ml``;
-  ``roi_noisy``               SD of HU over the ROI pixels > ``max_roi_sd_hu``;
-  ``roi_on_edge_slices``      k < 2 or k > n-3: the ROI slices were taken as 0, 2, 4 or mirrored at the top;
-  ``roi_clipped``             an ROI disk was clipped at the image border (fewer than 401 pixels);
-  ``roi_slice_without_liver`` one of the chosen slices holds no liver, so it has no ROI;
-  ``off_method_grid``         the spacing given is not 0.7 x 0.7 x 2.5 mm, so the ROI's size in mm is wrong;
-  ``no_spleen``               a spleen mask was given but is empty.
+  ``no_liver``                        the liver mask is empty: HU values None;
+  ``little_liver``                    liver volume < ``min_liver_volume_ml``;
+  ``roi_largely_outside_liver``       an ROI disk is less than ``min_roi_in_liver_fraction`` inside the liver;
+  ``roi_clipped``                     an ROI disk was clipped at the image border (fewer than 401 pixels);
+  ``roi_outside_image``               an ROI disk lies wholly outside the image (no pixel to measure);
+  ``roi_noisy``                       SD of HU over the ROI pixels > ``max_roi_sd_hu``;
+  ``roi_mean_implausible``            the ROI mean lies outside ``plausible_min_hu`` .. ``plausible_max_hu``;
+  ``faithful_robust_disagree``        DL-parenchymal and the robust estimate differ by more than
+                                      ``max_faithful_robust_difference_hu`` (lesion, vessel or misplaced ROI);
+  ``lateral_edge_at_field_of_view``   on an ROI slice the liver's lateral edge, which the ROI is placed from, is
+                                      the edge of the field of view (no air between the liver and it).
+
+  Informative only:
+
+  ``roi_outside_liver``               some ROI pixel lies outside the liver mask (``roi_in_liver_fraction`` < 1);
+  ``liver_cut_inferior``/``_superior`` the liver is cut by the first/last slice and the slice of largest liver
+                                      area lies within two slices of that end, so k may not be the true maximum;
+  ``liver_cut_by_field_of_view``      the liver touches the in-plane border of the image (or its padding);
+  ``roi_slice_interpolated``          an ROI slice was interpolated across a gap in the source slices;
+  ``roi_on_edge_slices``              k < 2 or k > n-3: the ROI slices were taken as 0, 2, 4 or mirrored at the top;
+  ``roi_slice_without_liver``         one of the chosen slices holds no liver, so it has no ROI;
+  ``off_method_grid``                 the spacing given is not 0.7 x 0.7 x 2.5 mm, so the ROI's size in mm is wrong;
+  ``no_spleen``                       a spleen mask was given but is empty.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 if TYPE_CHECKING:
 
@@ -64,33 +78,70 @@ ROI_SLICE_STEP = 2  # slices k-2, k, k+2
 ROBUST_EROSION_MM = 5.0
 ROBUST_CLIP_SD = 3.0
 MIN_ROBUST_VOXELS = 1000
+AIR_BELOW_HU = -400.0  # lateral to the liver: air (outside the body) or lung
+PADDING_BELOW_HU = -1500.0  # outside the scanner's field of view (padding, e.g. -2048 or -3024)
 
 QC_NO_LIVER = "no_liver"
+QC_LITTLE_LIVER = "little_liver"
+QC_ROI_LARGELY_OUTSIDE_LIVER = "roi_largely_outside_liver"
+QC_ROI_CLIPPED = "roi_clipped"
+QC_ROI_OUTSIDE_IMAGE = "roi_outside_image"
+QC_ROI_NOISY = "roi_noisy"
+QC_ROI_MEAN_IMPLAUSIBLE = "roi_mean_implausible"
+QC_FAITHFUL_ROBUST_DISAGREE = "faithful_robust_disagree"
+QC_LATERAL_EDGE_AT_FIELD_OF_VIEW = "lateral_edge_at_field_of_view"
 QC_ROI_OUTSIDE_LIVER = "roi_outside_liver"
 QC_LIVER_CUT_INFERIOR = "liver_cut_inferior"
 QC_LIVER_CUT_SUPERIOR = "liver_cut_superior"
-QC_LITTLE_LIVER = "little_liver"
-QC_ROI_NOISY = "roi_noisy"
+QC_LIVER_CUT_BY_FIELD_OF_VIEW = "liver_cut_by_field_of_view"
+QC_ROI_SLICE_INTERPOLATED = "roi_slice_interpolated"
 QC_ROI_ON_EDGE_SLICES = "roi_on_edge_slices"
-QC_ROI_CLIPPED = "roi_clipped"
 QC_ROI_SLICE_WITHOUT_LIVER = "roi_slice_without_liver"
 QC_OFF_METHOD_GRID = "off_method_grid"
 QC_NO_SPLEEN = "no_spleen"
+QC_MEASUREMENT_FAILED = "measurement_failed"
 
 # Every flag as a sentence a radiologist reads (SR, key image, README); never show the snake_case name.
 QC_FLAG_SENTENCES: dict[str, str] = {
     QC_NO_LIVER: "No liver was found in the scan.",
-    QC_ROI_OUTSIDE_LIVER: "Part of the measurement region lies outside the segmented liver.",
-    QC_LIVER_CUT_INFERIOR: "The liver is cut by the lower end of the scan.",
-    QC_LIVER_CUT_SUPERIOR: "The liver is cut by the upper end of the scan.",
     QC_LITTLE_LIVER: "Too little liver is in view for a reliable measurement.",
+    QC_ROI_LARGELY_OUTSIDE_LIVER: "A measurement region lies largely outside the segmented liver.",
+    QC_ROI_CLIPPED: "A measurement region was cut by the edge of the image.",
+    QC_ROI_OUTSIDE_IMAGE: "A measurement region lies wholly outside the image.",
     QC_ROI_NOISY: "The attenuation in the measurement region varies too much (noise, metal or a lesion).",
+    QC_ROI_MEAN_IMPLAUSIBLE: "The mean attenuation in the measurement region is not plausible for unenhanced liver.",
+    QC_FAITHFUL_ROBUST_DISAGREE: (
+        "The measurement region and the rest of the liver parenchyma differ strongly "
+        "(a lesion, a vessel or a misplaced region)."
+    ),
+    QC_LATERAL_EDGE_AT_FIELD_OF_VIEW: (
+        "The liver's outer edge, from which the region is placed, is cut by the field of view."
+    ),
+    QC_ROI_OUTSIDE_LIVER: "Part of the measurement region lies outside the segmented liver.",
+    QC_LIVER_CUT_INFERIOR: "The liver is cut by the lower end of the scan near its largest section.",
+    QC_LIVER_CUT_SUPERIOR: "The liver is cut by the upper end of the scan near its largest section.",
+    QC_LIVER_CUT_BY_FIELD_OF_VIEW: "The liver is cut by the edge of the field of view.",
+    QC_ROI_SLICE_INTERPOLATED: "A measurement slice was interpolated across a missing source slice.",
     QC_ROI_ON_EDGE_SLICES: "The measurement slices were taken at the end of the scan.",
-    QC_ROI_CLIPPED: "A measurement disk was cut by the edge of the image.",
     QC_ROI_SLICE_WITHOUT_LIVER: "A measurement slice holds no liver.",
     QC_OFF_METHOD_GRID: "The image is not on the method's 0.7 x 0.7 x 2.5 mm grid.",
     QC_NO_SPLEEN: "No spleen was found, so liver-minus-spleen attenuation is not reported.",
+    QC_MEASUREMENT_FAILED: "The measurement could not be completed on this series.",
 }
+
+# The flags that say the ROI may not have measured liver parenchyma: the category is then not_assessable.
+NOT_ASSESSABLE_FLAGS: tuple[str, ...] = (
+    QC_NO_LIVER,
+    QC_LITTLE_LIVER,
+    QC_ROI_LARGELY_OUTSIDE_LIVER,
+    QC_ROI_CLIPPED,
+    QC_ROI_OUTSIDE_IMAGE,
+    QC_ROI_NOISY,
+    QC_ROI_MEAN_IMPLAUSIBLE,
+    QC_FAITHFUL_ROBUST_DISAGREE,
+    QC_LATERAL_EDGE_AT_FIELD_OF_VIEW,
+    QC_MEASUREMENT_FAILED,
+)
 
 
 def flag_sentence(flag: str) -> str:
@@ -112,8 +163,10 @@ class Measurement:
     roi_pixels: list[int] = field(default_factory=list)  # pixels per ROI disk
     roi_sd_hu: float | None = None  # SD of HU over the three ROIs
     robust_parenchymal_hu: float | None = None  # beyond the paper: resists vessels and lesions
-    roi_in_liver_fraction: float | None = None
+    roi_in_liver_fraction: float | None = None  # over the three ROIs pooled
+    roi_in_liver_fractions: list[float] = field(default_factory=list)  # per ROI disk
     qc_flags: list[str] = field(default_factory=list)
+    not_assessable_reasons: list[str] = field(default_factory=list)  # the qc_flags that made it not_assessable
     spleen_hu: float | None = None
     liver_minus_spleen_hu: float | None = None
 
@@ -122,9 +175,20 @@ class Measurement:
         return asdict(self)
 
 
+def failed_measurement(threshold_hu: float, reason_flag: str = QC_MEASUREMENT_FAILED) -> Measurement:
+    """A not_assessable Measurement for a series on which measuring itself failed."""
+    return Measurement(
+        dl_parenchymal_hu=None, dl_volumetric_hu=None, liver_volume_ml=0.0, category=NOT_ASSESSABLE,
+        threshold_hu=float(threshold_hu), qc_flags=[reason_flag], not_assessable_reasons=[reason_flag],
+    )
+
+
 def roi_structuring_element() -> np.ndarray:
     """The published ROI disk: OpenCV's 23 x 23 MORPH_ELLIPSE (uint8, 401 ones)."""
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (ROI_KERNEL_SIZE, ROI_KERNEL_SIZE))
+
+
+ROI_DISK_PIXELS = int(roi_structuring_element().sum())
 
 
 def roi_slice_indices(areas: np.ndarray) -> tuple[list[int], bool]:
@@ -146,38 +210,57 @@ def roi_slice_indices(areas: np.ndarray) -> tuple[list[int], bool]:
     return kept, edge
 
 
-def _stamp(plane: np.ndarray, centre_yx: tuple[int, int], element: np.ndarray) -> None:
-    """OR ``element`` centred on ``centre_yx`` into ``plane``, clipped at the border (centre may lie outside)."""
+def _disk_window(
+    shape_yx: tuple[int, int], centre_yx: tuple[int, int], element: np.ndarray
+) -> tuple[slice, slice, np.ndarray] | None:
+    """Where ``element`` centred on ``centre_yx`` falls in a plane: (rows, columns, the clipped element as bool),
+    or None when it lies wholly outside (the centre may lie outside)."""
     half_y, half_x = element.shape[0] // 2, element.shape[1] // 2
     y0, x0 = centre_yx[0] - half_y, centre_yx[1] - half_x
     y1, x1 = y0 + element.shape[0], x0 + element.shape[1]
     cy0, cx0 = max(y0, 0), max(x0, 0)
-    cy1, cx1 = min(y1, plane.shape[0]), min(x1, plane.shape[1])
+    cy1, cx1 = min(y1, shape_yx[0]), min(x1, shape_yx[1])
     if cy0 >= cy1 or cx0 >= cx1:
-        return
-    plane[cy0:cy1, cx0:cx1] |= element[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        return None
+    part = element[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].astype(bool)
+    if not part.any():
+        return None
+    return slice(cy0, cy1), slice(cx0, cx1), part
 
 
 def _as_mask(mask: np.ndarray) -> np.ndarray:
-    """A boolean view of a mask (no copy when it is boolean already)."""
+    """A boolean view of a mask (no copy when it is boolean already, or uint8 holding 0 and 1 only)."""
     mask = np.asarray(mask)
-    return mask if mask.dtype == bool else mask > 0
+    if mask.dtype == bool:
+        return mask
+    if mask.dtype == np.uint8 and mask.flags.c_contiguous and (mask.size == 0 or int(mask.max()) <= 1):
+        return mask.view(bool)
+    return mask > 0
 
 
-def _roi_with_flags(liver: np.ndarray) -> tuple[np.ndarray, list[int], list[list[int]], list[str]]:
-    """The published ROI plus the flags of how it was placed."""
-    liver = _as_mask(liver)
-    if liver.ndim != 3:
-        raise ValueError(f"liver mask must be 3-D (z, y, x), got shape {liver.shape}")
-    roi = np.zeros(liver.shape, dtype=np.uint8)
-    areas = liver.reshape(liver.shape[0], -1).sum(axis=1)
-    if areas.size == 0 or areas.max() == 0:
-        return roi, [], [], [QC_NO_LIVER]
+def _slice_areas(liver: np.ndarray) -> np.ndarray:
+    """Liver pixels per axial slice (slice by slice: no temporary of the whole volume)."""
+    return np.fromiter((np.count_nonzero(plane) for plane in liver), dtype=np.int64, count=liver.shape[0])
+
+
+@dataclass
+class _Placement:
+    """The published ROI as placed on one liver mask: slices, centres, the disks' windows and how it went."""
+
+    slices: list[int]
+    centres: list[list[int]]
+    windows: list[tuple[slice, slice, np.ndarray] | None]  # per ROI slice; None: the disk is outside the image
+    lateral_edges: list[tuple[int, int, int]]  # (z, y, x_min) the ROI was placed from
+    flags: list[str]
+    k: int
+
+
+def _place_roi(liver: np.ndarray, areas: np.ndarray) -> _Placement:
+    """The published ROI placement on a non-empty (z, y, x) liver mask, given its per-slice areas."""
     slices, edge = roi_slice_indices(areas)
     flags = [QC_ROI_ON_EDGE_SLICES] if edge else []
     element = roi_structuring_element()
-    roi_slices: list[int] = []
-    centres: list[list[int]] = []
+    placement = _Placement([], [], [], [], flags, int(np.argmax(areas)))
     for z in slices:
         columns = liver[z].any(axis=0)
         if not columns.any():
@@ -187,10 +270,20 @@ def _roi_with_flags(liver: np.ndarray) -> tuple[np.ndarray, list[int], list[list
         x_min = int(np.argmax(columns))
         y = int(np.argmax(liver[z, :, x_min]))
         x = x_min + ROI_OFFSET_PX
-        _stamp(roi[z], (y, x), element)
-        roi_slices.append(z)
-        centres.append([z, y, x])
-    return roi, roi_slices, centres, flags
+        placement.slices.append(z)
+        placement.centres.append([z, y, x])
+        placement.windows.append(_disk_window(liver.shape[1:], (y, x), element))
+        placement.lateral_edges.append((z, y, x_min))
+    return placement
+
+
+def _roi_array(shape: tuple[int, ...], placement: _Placement) -> np.ndarray:
+    roi = np.zeros(shape, dtype=np.uint8)
+    for z, window in zip(placement.slices, placement.windows, strict=True):
+        if window is not None:
+            rows, cols, part = window
+            roi[z, rows, cols] |= part.view(np.uint8)
+    return roi
 
 
 def dl_parenchymal_roi(liver: np.ndarray) -> tuple[np.ndarray, list[int], list[list[int]]]:
@@ -200,39 +293,93 @@ def dl_parenchymal_roi(liver: np.ndarray) -> tuple[np.ndarray, list[int], list[l
     outside the image (then the disk is clipped); a chosen slice without liver gets no ROI and is left out of both
     lists. An empty mask gives an empty ROI and empty lists.
     """
-    roi, slices, centres, _ = _roi_with_flags(liver)
-    return roi, slices, centres
+    liver = _as_mask(liver)
+    if liver.ndim != 3:
+        raise ValueError(f"liver mask must be 3-D (z, y, x), got shape {liver.shape}")
+    areas = _slice_areas(liver)
+    if areas.size == 0 or areas.max() == 0:
+        return np.zeros(liver.shape, dtype=np.uint8), [], []
+    placement = _place_roi(liver, areas)
+    return _roi_array(liver.shape, placement), placement.slices, placement.centres
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of a non-empty mask, grown by one voxel inside the array; None when empty."""
-    box = []
-    for axis, n in enumerate(mask.shape):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        present = np.flatnonzero(np.any(mask, axis=others))  # projections: no full-size copy of the mask
-        if present.size == 0:
-            return None
-        box.append(slice(max(int(present[0]) - 1, 0), min(int(present[-1]) + 2, n)))
-    return tuple(box)
+def _bounding_box(mask: np.ndarray, areas: np.ndarray | None = None) -> tuple[slice, ...] | None:
+    """Bounding box of a (z, y, x) mask, grown by one voxel inside the array; None when empty.
+
+    One pass over the slices that hold the mask (``areas``, the per-slice counts, when known)."""
+    if areas is None:
+        areas = _slice_areas(mask)
+    present_z = np.flatnonzero(areas)
+    if present_z.size == 0:
+        return None
+    z0, z1 = int(present_z[0]), int(present_z[-1]) + 1
+    plane = np.any(mask[z0:z1], axis=0)
+    rows = np.flatnonzero(plane.any(axis=1))
+    cols = np.flatnonzero(plane.any(axis=0))
+    n_z, n_y, n_x = mask.shape
+    return (
+        slice(max(z0 - 1, 0), min(z1 + 1, n_z)),
+        slice(max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, n_y)),
+        slice(max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, n_x)),
+    )
+
+
+def _ellipsoid_layers(spacing_zyx: tuple[float, float, float], radius_mm: float) -> list[tuple[int, np.ndarray]]:
+    """The ball of ``radius_mm`` (Euclidean, in mm, boundary included) as (z offset, in-plane uint8 kernel)."""
+    sz, sy, sx = spacing_zyx
+    nz, ny, nx = (int(np.floor(radius_mm / s + 1e-9)) for s in spacing_zyx)
+    yy, xx = np.mgrid[-ny : ny + 1, -nx : nx + 1]
+    layers = []
+    for dz in range(-nz, nz + 1):
+        distance = np.sqrt((dz * sz) ** 2 + (yy * sy) ** 2 + (xx * sx) ** 2)
+        kernel = (distance <= radius_mm).astype(np.uint8)
+        if kernel.any():
+            layers.append((dz, kernel))
+    return layers
+
+
+def _erode(mask: np.ndarray, spacing_zyx: tuple[float, float, float], radius_mm: float) -> np.ndarray:
+    """Voxels of ``mask`` farther than ``radius_mm`` from every non-mask voxel of the array (the array's own edges
+    are not mask edges): the same set as a Euclidean distance transform's ``distance > radius_mm``, computed as
+    the intersection, over the z offsets of the ball, of in-plane erosions (OpenCV) shifted along z."""
+    src = np.ascontiguousarray(mask, dtype=np.uint8)
+    n = src.shape[0]
+    out = np.ones(src.shape, dtype=np.uint8)
+    eroded_cache: dict[bytes, np.ndarray] = {}
+    for dz, kernel in _ellipsoid_layers(spacing_zyx, radius_mm):
+        key = kernel.tobytes() + bytes(kernel.shape)
+        if key not in eroded_cache:
+            eroded = np.empty_like(src)
+            for z in range(n):  # default border: outside the array counts as mask
+                cv2.erode(src[z], kernel, dst=eroded[z])
+            eroded_cache[key] = eroded
+        eroded = eroded_cache[key]
+        # out[z] &= eroded[z + dz] where z + dz is inside the array (outside: mask)
+        lo, hi = max(0, -dz), min(n, n - dz)
+        if lo < hi:
+            out[lo:hi] &= eroded[lo + dz : hi + dz]
+    return out.view(bool)
 
 
 def eroded_mask_values(
-    values: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, float, float], erosion_mm: float, min_voxels: int
+    values: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, float, float], erosion_mm: float, min_voxels: int,
+    box: tuple[slice, ...] | None = None,
 ) -> np.ndarray:
     """Values inside ``mask`` eroded by ``erosion_mm`` (Euclidean, in mm).
 
     If fewer than ``min_voxels`` survive, half the erosion is tried, then the whole mask is used.
 
     The edges of the array do not count as the mask's edge (a liver cut by the scan is not eroded at the cut).
+    ``box``: the mask's bounding box grown by one voxel (``_bounding_box``), when already known.
     """
-    box = _bounding_box(mask)
+    if box is None:
+        box = _bounding_box(mask)
     if box is None:
         return np.empty(0, dtype=np.float64)
     sub = mask[box]
-    distance = ndimage.distance_transform_edt(sub, sampling=spacing_zyx)
     inner = sub
     for depth in (erosion_mm, erosion_mm / 2):
-        candidate = distance > depth
+        candidate = _erode(sub, spacing_zyx, depth)
         if int(np.count_nonzero(candidate)) >= min_voxels:
             inner = candidate
             break
@@ -252,20 +399,16 @@ def robust_mean(values: np.ndarray, clip_sd: float = ROBUST_CLIP_SD) -> float | 
     return float(inliers.mean())
 
 
-def robust_parenchymal_hu(hu: np.ndarray, liver: np.ndarray, spacing_zyx: tuple[float, float, float]) -> float | None:
+def robust_parenchymal_hu(
+    hu: np.ndarray, liver: np.ndarray, spacing_zyx: tuple[float, float, float], box: tuple[slice, ...] | None = None
+) -> float | None:
     """Beyond the paper: MAD-clipped mean HU over the liver eroded by 5 mm (see the module docstring)."""
-    values = eroded_mask_values(hu, _as_mask(liver), spacing_zyx, ROBUST_EROSION_MM, MIN_ROBUST_VOXELS)
+    values = eroded_mask_values(hu, _as_mask(liver), spacing_zyx, ROBUST_EROSION_MM, MIN_ROBUST_VOXELS, box)
     return robust_mean(values)
 
 
 def _on_method_grid(spacing_zyx: tuple[float, float, float]) -> bool:
     return all(abs(s - m) <= SPACING_TOLERANCE * m for s, m in zip(spacing_zyx, METHOD_SPACING_ZYX, strict=True))
-
-
-def _category(dl_parenchymal_hu: float | None, threshold_hu: float) -> str:
-    if dl_parenchymal_hu is None:
-        return NOT_ASSESSABLE
-    return STEATOSIS if dl_parenchymal_hu < threshold_hu else NO_STEATOSIS
 
 
 def _spleen(
@@ -281,6 +424,56 @@ def _spleen(
     return float(values.mean())
 
 
+def _lateral_edge_at_field_of_view(hu: np.ndarray, edges: list[tuple[int, int, int]]) -> bool:
+    """True when, on an ROI slice, nothing like air lies between the liver's lateral edge and the image border
+    along the ROI's row: the body (and perhaps the liver) is cut by the field of view there."""
+    for z, y, x_min in edges:
+        row = np.asarray(hu[z, y, :x_min], dtype=np.float64)[::-1]  # from the liver outward
+        low = np.flatnonzero(row < AIR_BELOW_HU)
+        if low.size == 0 or row[low[0]] <= PADDING_BELOW_HU:
+            return True
+    return False
+
+
+def _liver_cut_by_field_of_view(hu_box: np.ndarray, liver_box: np.ndarray, box: tuple[slice, ...],
+                                shape: tuple[int, ...]) -> bool:
+    """The liver touches the in-plane border of the image, or the padding outside the field of view."""
+    if box[1].start == 0 and liver_box[:, 0, :].any() or box[1].stop == shape[1] and liver_box[:, -1, :].any():
+        return True
+    if box[2].start == 0 and liver_box[:, :, 0].any() or box[2].stop == shape[2] and liver_box[:, :, -1].any():
+        return True
+    padding = hu_box <= PADDING_BELOW_HU
+    if not padding.any():
+        return False
+    kernel = np.ones((5, 5), dtype=np.uint8)
+    near = np.empty(padding.shape, dtype=np.uint8)
+    padding_u8 = padding.view(np.uint8)
+    for z in range(padding.shape[0]):
+        cv2.dilate(padding_u8[z], kernel, dst=near[z])
+    return bool(np.any(near.view(bool) & liver_box))
+
+
+def _cut_flags(areas: np.ndarray, k: int) -> list[str]:
+    """liver_cut_inferior/_superior when the liver reaches that end of the scan and the slice of largest area
+    lies within ``ROI_SLICE_STEP`` slices of it: the liver's true largest section may lie beyond the scan."""
+    n = int(areas.shape[0])
+    flags = []
+    if areas[0] > 0 and k <= ROI_SLICE_STEP:
+        flags.append(QC_LIVER_CUT_INFERIOR)
+    if areas[-1] > 0 and k >= n - 1 - ROI_SLICE_STEP:
+        flags.append(QC_LIVER_CUT_SUPERIOR)
+    return flags
+
+
+def _categorise(result: Measurement, settings: MeasurementSettings) -> None:
+    """Set the not_assessable reasons (the flags that make it so) and the category."""
+    result.not_assessable_reasons = [f for f in NOT_ASSESSABLE_FLAGS if f in result.qc_flags]
+    if result.dl_parenchymal_hu is None or result.not_assessable_reasons:
+        result.category = NOT_ASSESSABLE
+    else:
+        result.category = STEATOSIS if result.dl_parenchymal_hu < settings.threshold_hu else NO_STEATOSIS
+
+
 def measure(
     hu: np.ndarray,
     liver: np.ndarray,
@@ -288,11 +481,13 @@ def measure(
     *,
     spleen: np.ndarray | None = None,
     settings: MeasurementSettings | None = None,
+    interpolated_slices: Collection[int] = (),
 ) -> tuple[Measurement, np.ndarray]:
     """Measure liver attenuation on a (z, y, x) HU volume and liver mask on the method grid.
 
     Returns the Measurement (faithful DL-parenchymal and DL-volumetric values, category, and the node's QC, robust
-    and spleen values beside them) and the ROI mask (uint8, same shape).
+    and spleen values beside them) and the ROI mask (uint8, same shape). ``interpolated_slices``: method-grid
+    slices interpolated across a gap in the source slices (flagged when an ROI slice is one of them).
     """
     if settings is None:
         from lpm_node.core.config import MeasurementSettings
@@ -300,51 +495,98 @@ def measure(
         settings = MeasurementSettings()
     hu = np.asarray(hu)
     liver = _as_mask(liver)
+    if liver.ndim != 3:
+        raise ValueError(f"liver mask must be 3-D (z, y, x), got shape {liver.shape}")
     if hu.shape != liver.shape:
         raise ValueError(f"liver mask shape {liver.shape} differs from the CT's {hu.shape}")
     spacing = tuple(float(s) for s in spacing_zyx)
-    roi, roi_slices, centres, flags = _roi_with_flags(liver)
-    count = int(liver.sum())
-    volume_ml = count * float(np.prod(spacing)) / 1000.0
+    areas = _slice_areas(liver)
+    count = int(areas.sum())
     result = Measurement(
         dl_parenchymal_hu=None,
         dl_volumetric_hu=None,
-        liver_volume_ml=volume_ml,
+        liver_volume_ml=count * float(np.prod(spacing)) / 1000.0,
         category=NOT_ASSESSABLE,
         threshold_hu=float(settings.threshold_hu),
-        roi_slices=roi_slices,
-        roi_centres=centres,
-        roi_pixels=[int(roi[z].sum()) for z in roi_slices],
-        qc_flags=flags,
     )
-    if not _on_method_grid(spacing):
-        flags.append(QC_OFF_METHOD_GRID)
+    flags = result.qc_flags
     if count == 0:
+        flags.append(QC_NO_LIVER)
+        if not _on_method_grid(spacing):
+            flags.append(QC_OFF_METHOD_GRID)
         if spleen is not None:
             result.spleen_hu = _spleen(hu, spleen, spacing, flags)
-        return result, roi
-    roi_mask = roi.view(bool)  # the ROI holds 0 and 1 only
-    roi_values = hu[roi_mask].astype(np.float64)
-    result.dl_parenchymal_hu = float(roi_values.mean())
-    result.dl_volumetric_hu = float(hu[liver].astype(np.float64).mean())
-    result.category = _category(result.dl_parenchymal_hu, settings.threshold_hu)
-    result.roi_sd_hu = float(roi_values.std(ddof=1)) if roi_values.size > 1 else 0.0
-    result.roi_in_liver_fraction = float(np.count_nonzero(liver[roi_mask])) / roi_values.size
-    result.robust_parenchymal_hu = robust_parenchymal_hu(hu, liver, spacing)
-    if result.roi_in_liver_fraction < 1.0:
-        flags.append(QC_ROI_OUTSIDE_LIVER)
-    if any(n < int(roi_structuring_element().sum()) for n in result.roi_pixels):
-        flags.append(QC_ROI_CLIPPED)
-    if liver[0].any():
-        flags.append(QC_LIVER_CUT_INFERIOR)
-    if liver[-1].any():
-        flags.append(QC_LIVER_CUT_SUPERIOR)
-    if volume_ml < settings.min_liver_volume_ml:
+        _categorise(result, settings)
+        return result, np.zeros(liver.shape, dtype=np.uint8)
+
+    placement = _place_roi(liver, areas)
+    flags += placement.flags
+    if not _on_method_grid(spacing):
+        flags.append(QC_OFF_METHOD_GRID)
+    result.roi_slices = placement.slices
+    result.roi_centres = placement.centres
+    # ROI pixels disk by disk, in the order a boolean mask of the whole volume would give them (z, y, x)
+    disk_values: list[np.ndarray] = []
+    disk_in_liver: list[np.ndarray] = []
+    for z, window in zip(placement.slices, placement.windows, strict=True):
+        if window is None:
+            disk_values.append(np.empty(0, dtype=np.float64))
+            disk_in_liver.append(np.empty(0, dtype=bool))
+            continue
+        rows, cols, part = window
+        disk_values.append(np.asarray(hu[z, rows, cols][part], dtype=np.float64))
+        disk_in_liver.append(liver[z, rows, cols][part])
+    result.roi_pixels = [int(v.size) for v in disk_values]
+    roi_values = np.concatenate(disk_values) if disk_values else np.empty(0, dtype=np.float64)
+
+    box = _bounding_box(liver, areas)
+    assert box is not None
+    liver_box = liver[box]
+    hu_box = hu[box]
+    result.dl_volumetric_hu = float(hu_box[liver_box].astype(np.float64).mean())
+    result.robust_parenchymal_hu = robust_parenchymal_hu(hu, liver, spacing, box)
+    if roi_values.size:
+        result.dl_parenchymal_hu = float(roi_values.mean())
+        result.roi_sd_hu = float(roi_values.std(ddof=1)) if roi_values.size > 1 else 0.0
+        in_liver = np.concatenate(disk_in_liver)
+        result.roi_in_liver_fraction = float(np.count_nonzero(in_liver)) / in_liver.size
+    result.roi_in_liver_fractions = [
+        float(np.count_nonzero(v)) / v.size if v.size else 0.0 for v in disk_in_liver
+    ]
+
+    if result.liver_volume_ml < settings.min_liver_volume_ml:
         flags.append(QC_LITTLE_LIVER)
-    if result.roi_sd_hu > settings.max_roi_sd_hu:
+    if any(f < settings.min_roi_in_liver_fraction for f, n in zip(result.roi_in_liver_fractions,
+                                                                    result.roi_pixels, strict=True) if n):
+        flags.append(QC_ROI_LARGELY_OUTSIDE_LIVER)
+    if any(0 < n < ROI_DISK_PIXELS for n in result.roi_pixels):
+        flags.append(QC_ROI_CLIPPED)
+    if any(n == 0 for n in result.roi_pixels):
+        flags.append(QC_ROI_OUTSIDE_IMAGE)
+    if result.roi_sd_hu is not None and result.roi_sd_hu > settings.max_roi_sd_hu:
         flags.append(QC_ROI_NOISY)
+    if result.dl_parenchymal_hu is not None and not (
+        settings.plausible_min_hu <= result.dl_parenchymal_hu <= settings.plausible_max_hu
+    ):
+        flags.append(QC_ROI_MEAN_IMPLAUSIBLE)
+    if (
+        result.dl_parenchymal_hu is not None
+        and result.robust_parenchymal_hu is not None
+        and abs(result.dl_parenchymal_hu - result.robust_parenchymal_hu) > settings.max_faithful_robust_difference_hu
+    ):
+        flags.append(QC_FAITHFUL_ROBUST_DISAGREE)
+    if _lateral_edge_at_field_of_view(hu, placement.lateral_edges):
+        flags.append(QC_LATERAL_EDGE_AT_FIELD_OF_VIEW)
+    if result.roi_in_liver_fraction is not None and result.roi_in_liver_fraction < 1.0:
+        flags.append(QC_ROI_OUTSIDE_LIVER)
+    flags += _cut_flags(areas, placement.k)
+    if _liver_cut_by_field_of_view(hu_box, liver_box, box, liver.shape):
+        flags.append(QC_LIVER_CUT_BY_FIELD_OF_VIEW)
+    if set(placement.slices) & {int(z) for z in interpolated_slices}:
+        flags.append(QC_ROI_SLICE_INTERPOLATED)
     if spleen is not None:
         result.spleen_hu = _spleen(hu, spleen, spacing, flags)
-        if result.spleen_hu is not None:
+        if result.spleen_hu is not None and result.dl_parenchymal_hu is not None:
             result.liver_minus_spleen_hu = result.dl_parenchymal_hu - result.spleen_hu
-    return result, roi
+    _categorise(result, settings)
+    return result, _roi_array(liver.shape, placement)

@@ -3,6 +3,8 @@
 On the method grid ``sitk.GetArrayFromImage`` gives (z, y, x) with z increasing toward the head and x toward
 the patient's left. When the source grid is already axis-aligned with the method spacing (the common axial
 case, in any slice order or orientation sign) the resampling is an exact flip/transpose, not an interpolation.
+Any other grid (real CT: 0.6-0.9 mm pixels, 0.625-5 mm slices) is interpolated linearly by SimpleITK
+(``sitk.Resample``, multi-threaded), the well-kept implementation the method's resampling is defined by.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["METHOD_SPACING", "resample_to_method_grid", "resample_label_like", "mask_to_source_grid"]
+__all__ = ["METHOD_SPACING", "resample_to_method_grid", "resample_label_like", "mask_to_source_grid",
+           "method_slices_near"]
 
 METHOD_SPACING: tuple[float, float, float] = (0.7, 0.7, 2.5)  # (x, y, z) mm
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -96,6 +99,25 @@ def resample_label_like(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, label.GetPixelID())
 
 
+def method_slices_near(source_slices: list[int], source_image: sitk.Image, method_image: sitk.Image) -> list[int]:
+    """The method-grid slices whose linear interpolation uses any of ``source_slices`` (indices along the source
+    image's third axis): those closer than one source slice step to it along the patient's z axis."""
+    if not source_slices:
+        return []
+    n_method = method_image.GetSize()[2]
+    z0 = float(method_image.GetOrigin()[2])
+    dz = float(method_image.GetSpacing()[2])
+    d = _direction(source_image)
+    reach = abs(float(d[2, 2]) * source_image.GetSpacing()[2]) or float(source_image.GetSpacing()[2])
+    ci, cj = (source_image.GetSize()[0] - 1) / 2.0, (source_image.GetSize()[1] - 1) / 2.0
+    method_z = z0 + dz * np.arange(n_method)
+    near: set[int] = set()
+    for k in source_slices:
+        z = source_image.TransformContinuousIndexToPhysicalPoint((ci, cj, float(k)))[2]
+        near.update(int(m) for m in np.flatnonzero(np.abs(method_z - z) < reach - 1e-6))
+    return sorted(near)
+
+
 def mask_to_source_grid(mask: np.ndarray, method_image: sitk.Image, source_image: sitk.Image) -> np.ndarray:
     """Map a binary mask (z, y, x) on ``method_image``'s grid onto ``source_image``'s grid.
 
@@ -111,12 +133,12 @@ def mask_to_source_grid(mask: np.ndarray, method_image: sitk.Image, source_image
     if exact is not None:
         return exact
     out = np.zeros(out_shape, dtype=np.uint8)
-    nz = np.nonzero(mask)
-    if len(nz[0]) == 0:
+    box = _bounding_box(mask)
+    if box is None:
         return out
-    # the mask's bounding box (index, with a 1-voxel margin) on the method grid, as physical corners
-    lo_idx = [max(int(a.min()) - 1, 0) for a in reversed(nz)]
-    hi_idx = [min(int(a.max()) + 1, n - 1) for a, n in zip(reversed(nz), method_image.GetSize(), strict=True)]
+    # the mask's bounding box (index, with a 1-voxel margin) on the method grid; only that part is resampled
+    lo_idx = [max(a - 1, 0) for a in reversed(box[0])]  # (x, y, z)
+    hi_idx = [min(b + 1, n - 1) for b, n in zip(reversed(box[1]), method_image.GetSize(), strict=True)]
     corners = [method_image.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k)))
                for i in (lo_idx[0], hi_idx[0]) for j in (lo_idx[1], hi_idx[1]) for k in (lo_idx[2], hi_idx[2])]
     src_idx = np.array([source_image.TransformPhysicalPointToContinuousIndex(c) for c in corners])
@@ -129,11 +151,26 @@ def mask_to_source_grid(mask: np.ndarray, method_image: sitk.Image, source_image
     ref.SetSpacing(source_image.GetSpacing())
     ref.SetDirection(source_image.GetDirection())
     ref.SetOrigin(source_image.TransformIndexToPhysicalPoint([int(v) for v in start]))
-    m = sitk.GetImageFromArray((mask > 0).astype(np.float32))
-    m.CopyInformation(method_image)
+    # outside the box (and its margin) the mask is 0, which is what the crop's default value gives
+    crop = mask[lo_idx[2]:hi_idx[2] + 1, lo_idx[1]:hi_idx[1] + 1, lo_idx[0]:hi_idx[0] + 1]
+    m = sitk.GetImageFromArray((crop > 0).astype(np.float32))
+    m.SetSpacing(method_image.GetSpacing())
+    m.SetDirection(method_image.GetDirection())
+    m.SetOrigin(method_image.TransformIndexToPhysicalPoint([int(v) for v in lo_idx]))
     sub = sitk.Resample(m, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     out[start[2]:stop[2] + 1, start[1]:stop[1] + 1, start[0]:stop[0] + 1] = sitk.GetArrayViewFromImage(sub) >= 0.5
     return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[list[int], list[int]] | None:
+    """First and last (z, y, x) index holding a non-zero voxel, or None for an empty mask (no index arrays made)."""
+    z = np.flatnonzero(mask.any(axis=(1, 2)))
+    if len(z) == 0:
+        return None
+    slab = mask[z[0]:z[-1] + 1]
+    y = np.flatnonzero(slab.any(axis=(0, 2)))
+    x = np.flatnonzero(slab.any(axis=(0, 1)))
+    return [int(z[0]), int(y[0]), int(x[0])], [int(z[-1]), int(y[-1]), int(x[-1])]
 
 
 def _exact_inverse(mask: np.ndarray, method_image: sitk.Image, source_image: sitk.Image) -> np.ndarray | None:

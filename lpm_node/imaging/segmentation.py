@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lpm_node.core.config import ModelSettings
+from lpm_node.imaging.model_identity import ModelIdentity, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Segmenter(Protocol):
     description: str
     device: str
     labels: dict[str, int]
+    identity: ModelIdentity
 
     def segment(self, image: sitk.Image) -> dict[str, np.ndarray]:
         """uint8 (z, y, x) masks on the image's grid: "liver" (largest component) and "spleen" when available."""
@@ -187,6 +189,13 @@ def infer_profile(model_labels: dict[str, int]) -> str:
 
 # ------------------------------------------------------------------------------------------ model verification
 
+TEST_MODEL_MARKER = "lpm_node"  # dataset.json key: {"test_model": true} marks a model never for clinical use
+NO_MODEL_MESSAGE = (
+    "no segmentation model configured: set [model] folder in the settings file (--config) to an nnU-Net v2 model "
+    "folder, or pass --model FOLDER; --demo-model uses the bundled phantom-trained test model, which is never for "
+    "clinical use"
+)
+
 
 @dataclass
 class ModelInfo:
@@ -207,6 +216,8 @@ class ModelInfo:
     parameters: int = 0
     checkpoint_mb: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    name: str = ""  # dataset.json "name", else the dataset folder's name
+    test_model: bool = False  # dataset.json says {"lpm_node": {"test_model": true}}: never for clinical use
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,6 +311,8 @@ def verify_model_folder(
         )
     trainer_name = str(first["trainer_name"])
 
+    marker = dataset.get(TEST_MODEL_MARKER)
+    test_model = isinstance(marker, dict) and marker.get("test_model") is True
     profile_name = profile or infer_profile(model_labels)
     resolved = load_profile(profile_name).resolve(model_labels)
 
@@ -322,12 +335,26 @@ def verify_model_folder(
         profile=profile_name,
         labels=resolved,
         checkpoint_mb=round(size / 1e6, 2),
+        name=str(dataset.get("name") or path.resolve().parent.name or path.name),
+        test_model=test_model,
     )
+    if test_model:
+        info.warnings.append("a test model (trained on synthetic phantoms): never for clinical use")
     if str(next(iter(channels.values()))).upper() != "CT":
         info.warnings.append(f"input channel is {next(iter(channels.values()))!r}, not 'CT' (CT normalization?)")
     if load_weights:
         info.parameters = _check_network(plans_manager, config, dataset, trainer_name, first["network_weights"])
     return info
+
+
+def model_identity(info: ModelInfo) -> ModelIdentity:
+    """Name, version and weights checksum of a verified model folder (the checkpoints of the folds used)."""
+    folder = Path(info.folder)
+    checkpoints = [folder / f"fold_{fold}" / info.checkpoint for fold in info.folds]
+    version = (f"nnU-Net v2 {info.configuration}, {info.trainer_name}, {info.plans_name}, "
+               f"fold {','.join(info.folds)}, {info.checkpoint}")
+    return ModelIdentity(name=info.name, version=version, weights_sha256=file_sha256(*checkpoints),
+                         test_model=info.test_model)
 
 
 def _check_network(plans_manager: Any, config: Any, dataset: dict[str, Any], trainer_name: str,
@@ -381,6 +408,7 @@ class NnUNetSegmenter:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         self.info = info
+        self.identity = model_identity(info)
         self.device = resolve_device(device)
         self.labels = dict(info.labels)
         if resampling not in ("fast", "nnunet"):
@@ -506,11 +534,11 @@ _CACHE_LOCK = threading.Lock()
 def load_segmenter(settings: ModelSettings) -> Segmenter:
     """The segmenter for these settings, loaded on first use and reused afterwards (same object).
 
-    An empty ``settings.folder`` means the bundled phantom model.
+    An empty ``settings.folder`` is an error (SegmentationError): there is no default model.
     """
-    from lpm_node.demo.model import bundled_model_folder  # temporary fallback, removed with the explicit demo model
-
-    folder = Path(settings.folder).expanduser() if settings.folder else bundled_model_folder()
+    if not settings.folder:
+        raise SegmentationError(NO_MODEL_MESSAGE)
+    folder = Path(settings.folder).expanduser()
     device = resolve_device(settings.device)
     mirroring = bool(getattr(settings, "mirroring", False))
     resampling = str(getattr(settings, "resampling", "fast") or "fast")

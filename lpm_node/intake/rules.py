@@ -46,6 +46,13 @@ _NEGATED_CONTRAST = re.compile(
     r"(contrast|contraste|kontrast|km|enhanced|enhancement|con)(?![a-z0-9])",
     re.IGNORECASE,
 )
+# DICOM object vocabulary that says nothing about contrast: "Enhanced CT (Image Storage)", "Legacy Converted
+# Enhanced CT", "(enhanced conversion)", "Enhanced Multi-frame": the multi-frame object, not an enhanced scan.
+_SOP_CLASS_VOCABULARY = re.compile(
+    r"(?<![a-z0-9])(?:(?:legacy[\s\-_]*)?converted[\s\-_]*)?enhanced[\s\-_]*"
+    r"(?:(?:ct|mr|pet|us|xa)(?:[\s\-_]*image)?(?:[\s\-_]*storage)?|conversion|multi[\s\-_]*frame)(?![a-z0-9])",
+    re.IGNORECASE,
+)
 _SHARP_KERNEL_WORDS = ("LUNG", "BONE", "SHARP", "EDGE", "DETAIL", "HIGH", "ULTRA", "BONEPLUS", "YA", "YB", "YC", "YD")
 _SOFT_KERNEL_WORDS = ("SOFT", "STANDARD", "STND", "SMOOTH", "BODY", "ABDOMEN", "MEDIASTINUM", "BRAIN")
 
@@ -98,6 +105,12 @@ def find_keyword(text: str, keywords: Iterable[str]) -> str | None:
 def strip_negated_contrast(text: str) -> str:
     """``text`` without negated contrast phrases such as "WO CONTRAST" or "non-contrast"."""
     return _NEGATED_CONTRAST.sub(" ", text or "")
+
+
+def strip_sop_class_vocabulary(text: str) -> str:
+    """``text`` without DICOM object words that contain "enhanced" but mean no contrast ("Enhanced CT",
+    "(enhanced conversion)", "Legacy Converted Enhanced CT", "enhanced multi-frame")."""
+    return _SOP_CLASS_VOCABULARY.sub(" ", text or "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +266,7 @@ def eligibility(facts: SeriesFacts, rules: RuleSettings) -> tuple[bool, str]:
         if value.strip().upper() not in _EMPTY_CONTRAST_VALUES:
             return False, f"contrast-enhanced: {key}={value}"
     for key, text in facts.descriptions.items():
-        kw = find_keyword(strip_negated_contrast(text), rules.contrast_keywords)
+        kw = find_keyword(strip_negated_contrast(strip_sop_class_vocabulary(text)), rules.contrast_keywords)
         if kw:
             return False, f"contrast-enhanced: {key} {text!r} contains {kw!r}"
     places = {"BodyPartExamined": facts.body_part, **facts.descriptions}

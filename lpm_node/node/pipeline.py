@@ -22,8 +22,9 @@ from lpm_node.answer import build_key_image, build_seg, build_sr, nearest_source
 from lpm_node.answer.keyimage import render_key_image
 from lpm_node.core.config import Settings
 from lpm_node.imaging.loading import CTSeries, load_series
-from lpm_node.imaging.measurement import Measurement, measure
-from lpm_node.imaging.resampling import mask_to_source_grid, resample_to_method_grid
+from lpm_node.imaging.measurement import Measurement, failed_measurement, measure
+from lpm_node.imaging.model_identity import ModelIdentity
+from lpm_node.imaging.resampling import mask_to_source_grid, method_slices_near, resample_to_method_grid
 from lpm_node.imaging.segmentation import Segmenter
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class SeriesResult:
     measurement: Measurement
     device: str
     model: str
+    model_identity: ModelIdentity
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
     @property
@@ -57,6 +59,7 @@ class SeriesResult:
             **self.measurement.to_dict(),
             "device": self.device,
             "model": self.model,
+            "model_identity": self.model_identity.as_dict(),
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "warnings": list(self.source.warnings),
         }
@@ -92,12 +95,19 @@ def analyse_series(paths: Sequence[str | Path], settings: Settings, segmenter: S
     with _timed(timings, "measure"):
         hu = sitk.GetArrayViewFromImage(method_image)
         spacing_zyx = tuple(float(s) for s in reversed(method_image.GetSpacing()))
-        measurement, roi = measure(
-            hu, masks["liver"], spacing_zyx, spleen=masks.get("spleen"), settings=settings.measurement
-        )
+        gaps = [k for k, ref in enumerate(source.frame_refs) if tuple(ref) == (-1, -1)]
+        try:
+            measurement, roi = measure(
+                hu, masks["liver"], spacing_zyx, spleen=masks.get("spleen"), settings=settings.measurement,
+                interpolated_slices=method_slices_near(gaps, source.image, method_image),
+            )
+        except Exception:  # noqa: BLE001 - a series the measurement cannot handle is answered "not assessable"
+            log.exception("measurement failed on series %s", source.series_instance_uid)
+            measurement = failed_measurement(settings.measurement.threshold_hu)
+            roi = np.zeros(hu.shape, dtype=np.uint8)
     return SeriesResult(
         source=source, method_image=method_image, masks=masks, roi=roi, measurement=measurement,
-        device=segmenter.device, model=segmenter.description, timings=timings,
+        device=segmenter.device, model=segmenter.description, model_identity=segmenter.identity, timings=timings,
     )
 
 

@@ -76,11 +76,12 @@ class Worker:
 
     def check_model(self) -> None:
         """Fail early, with the reason, when the configured model folder is not a usable model."""
-        from lpm_node.demo.model import bundled_model_folder
-        from lpm_node.imaging.segmentation import verify_model_folder
+        from lpm_node.imaging.segmentation import NO_MODEL_MESSAGE, SegmentationError, verify_model_folder
 
         model = self.settings.model
-        verify_model_folder(model.folder or bundled_model_folder(), model.profile or None,
+        if not model.folder:
+            raise SegmentationError(NO_MODEL_MESSAGE)
+        verify_model_folder(model.folder, model.profile or None,
                             folds=list(model.folds) or None, checkpoint=model.checkpoint, load_weights=False)
 
     def recover(self) -> int:
@@ -178,6 +179,11 @@ class Worker:
             row.error = ""
             row.device = result.device
             row.model = result.model
+            identity = result.model_identity
+            row.model_name = identity.name
+            row.model_version = identity.version
+            row.model_weights_sha256 = identity.weights_sha256
+            row.model_test = identity.test_model
             row.timings = {k: round(v, 3) for k, v in result.timings.items()}
             row.result = {**m.to_dict(), "warnings": list(result.source.warnings)}
             row.dl_parenchymal_hu = m.dl_parenchymal_hu

@@ -1,7 +1,7 @@
 """Recovery: operator actions, starts cut short by an orderly stop, re-queue time and "redirected" deliveries.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-11-28
 
 The delivery states are written out here, as they are at this revision (0002 holds the earlier list).
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
