@@ -482,3 +482,41 @@ def test_result_destinations_add_the_sender_when_configured() -> None:
     assert [str(d) for d in result_destinations(settings, calling_ae="CT1", calling_address="10.0.0.7")] == [
         "PACS@10.0.0.5:104", "CT1@10.0.0.7:11113"
     ]
+
+
+def test_default_policy_keeps_trying_through_a_day_long_outage(sessions, results: ResultFiles) -> None:
+    defaults = OutputSettings()
+    assert defaults.retry_hours >= 24 and defaults.max_attempts == 0
+    enqueue(sessions, results, Destination("PACS", "127.0.0.1", free_port()))  # nothing listens there
+    sender = Sender(sessions, defaults, "LPM_NODE", timeout_s=5)
+    t0 = utcnow()
+    now = t0
+    while now < t0 + dt.timedelta(hours=23.9):
+        sender.run_once(now=now)
+        rows = deliveries(sessions)
+        assert all(r.status == "pending" for r in rows)
+        waits = {(aware(r.next_attempt_at) - now).total_seconds() for r in rows}
+        assert max(waits) <= defaults.backoff_max_s  # capped backoff
+        now = aware(rows[0].next_attempt_at)
+        if now > t0 + dt.timedelta(hours=1):
+            now = t0 + dt.timedelta(hours=23.9)  # jump: one more try near the end of the day
+    sender.run_once(now=t0 + dt.timedelta(hours=defaults.retry_hours, seconds=1))
+    assert [r.status for r in deliveries(sessions)] == ["dead"] * 3
+
+
+def test_retry_to_an_explicit_destination_redirects_dead_letters(sessions, results: ResultFiles) -> None:
+    old, new = Destination("OLD", "127.0.0.1", 4242), Destination("NEW", "127.0.0.1", 4343)
+    enqueue(sessions, results, old)
+    with sessions() as session, session.begin():
+        for row in session.scalars(select(Delivery)):
+            row.status = "dead"
+    with sessions() as session, session.begin():
+        done = retry_deliveries(session, destinations=[new])
+    assert done.requeued == [] and sorted(done.redirected) == [1, 2, 3]
+    rows = deliveries(sessions)
+    assert [(r.destination, r.status) for r in rows] == [(str(old), "redirected")] * 3 + [(str(new), "pending")] * 3
+    with sessions() as session, session.begin():  # the same destination again: queued again, nothing redirected
+        for row in session.scalars(select(Delivery).where(Delivery.destination == str(new))):
+            row.status = "dead"
+        done = retry_deliveries(session, destinations=[new])
+    assert done.requeued == [4, 5, 6] and done.redirected == {}

@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import delete, select
 
-from lpm_node.core.audit import Instance, Series, session_factory, utcnow
+from lpm_node.core.audit import Instance, Job, Series, SeriesDecision, session_factory, utcnow
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.intake.series import SeriesAssembler, reconcile_spool
 from lpm_node.intake.spool import Spool
@@ -31,7 +31,7 @@ def test_completion_waits_for_stable_seconds(tmp_path):
         s.add(Series(series_instance_uid="1.2.3.2", study_instance_uid="1.2.3", status="receiving",
                      instance_count=5, last_received_at=now - dt.timedelta(seconds=1)))
         s.commit()
-    assembler = SeriesAssembler(sessions, stable_seconds=5)
+    assembler = SeriesAssembler(sessions, stable_seconds=5, started_at=now - dt.timedelta(hours=1))
     assert assembler.complete_stable(now) == ["1.2.3.1"]
     assert assembler.next_deadline(now) == pytest.approx(4.0, abs=0.01)
     assert assembler.complete_stable(now + dt.timedelta(seconds=4.5)) == ["1.2.3.2"]
@@ -83,3 +83,65 @@ def test_sigkill_between_last_instance_and_completion_still_completes(tmp_path, 
         assert node.stop() == 0
     finally:
         node.kill()
+
+
+def test_contiguity_finds_gaps_duplicates_and_mixed_orientations(chest):
+    from lpm_node.intake.geometry import contiguity, read_slices
+
+    assert contiguity(*read_slices(chest))[0] is True
+    assert contiguity(*read_slices(chest[:20] + chest[40:])) == (False, "a gap of 52.50 mm where slices are "
+                                                                    "2.50 mm apart")
+    positions, orientations = read_slices(chest)
+    assert contiguity(positions[[0, 1, 1, 2]], orientations)[1] == "1 duplicate slice position(s)"
+    assert contiguity(positions, orientations + [[0, 1, 0, 0, 0, -1]])[1] == "2 slice orientations"
+    assert contiguity(positions[:1], orientations)[0] is False
+
+
+def _decided(sessions, status: str, reason: str = "done before") -> None:
+    with sessions() as s:
+        s.add(Series(series_instance_uid="1.2.3.1", study_instance_uid="1.2.3", status=status, reason=reason,
+                     instance_count=5, last_received_at=utcnow()))
+        s.add(Job(series_instance_uid="1.2.3.1", study_instance_uid="1.2.3",
+                  status="queued" if status == "queued" else "done"))
+        s.commit()
+
+
+@pytest.mark.parametrize("status", ["complete", "rejected", "eligible", "not_selected", "queued", "processing",
+                                    "done", "failed"])
+def test_every_decision_reopens_on_new_instances_and_keeps_the_jobs(tmp_path, status):
+    from lpm_node.intake.series import note_instance_on_series
+
+    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    _decided(sessions, status)
+    with sessions() as s:
+        row = s.scalars(select(Series)).one()
+        note_instance_on_series(s, row, utcnow())
+        s.commit()
+    with sessions() as s:
+        row = s.scalars(select(Series)).one()
+        assert row.status == "receiving" and row.instance_count == 6
+        assert row.reason.startswith(f"more instances arrived after the decision ({status}")
+        jobs = [j.status for j in s.scalars(select(Job))]
+        assert jobs == (["cancelled"] if status == "queued" else ["done"])  # earlier results stay in the audit
+        assert [d.status for d in s.scalars(select(SeriesDecision))] == ["receiving"]
+
+
+def test_quiet_clock_starts_again_at_start_and_missing_spool_files_hold_the_series(tmp_path):
+    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    started = utcnow()
+    present = tmp_path / "present.dcm"
+    present.write_bytes(b"x")
+    with sessions() as s:
+        s.add(Series(series_instance_uid="1.2.3.1", study_instance_uid="1.2.3", status="receiving",
+                     instance_count=2, last_received_at=started - dt.timedelta(hours=2)))
+        s.add(Instance(sop_instance_uid="1.2.3.1.1", series_instance_uid="1.2.3.1", path=str(present)))
+        s.add(Instance(sop_instance_uid="1.2.3.1.2", series_instance_uid="1.2.3.1", path=str(tmp_path / "gone.dcm")))
+        s.commit()
+    assembler = SeriesAssembler(sessions, stable_seconds=5, started_at=started)
+    assert assembler.complete_stable(started + dt.timedelta(seconds=4)) == []  # hours down, not quiet
+    assert assembler.next_deadline(started) == pytest.approx(5.0, abs=0.01)
+    assert assembler.complete_stable(started + dt.timedelta(seconds=6)) == []  # an acknowledged file is missing
+    (tmp_path / "gone.dcm").write_bytes(b"x")
+    assert assembler.complete_stable(started + dt.timedelta(seconds=7)) == ["1.2.3.1"]
+    with sessions() as s:
+        assert "counted from the node's start" in s.scalars(select(Series)).one().reason

@@ -3,12 +3,16 @@
 ``enqueue_results`` puts each result object once per destination into the ``deliveries`` table;
 ``Sender.run_once`` sends every due pending delivery (one association per destination, several objects per
 association), records each attempt in ``delivery_attempts`` and reschedules failures with exponential backoff
-until ``max_attempts``, after which a delivery is dead-lettered ("dead") for ``lpm-node outbox retry``.
+(capped at ``backoff_max_s``) for ``retry_hours`` since it was queued (and at most ``max_attempts`` tries when
+that is set), after which a delivery is dead-lettered ("dead") for ``lpm-node outbox retry``, which sends dead
+letters to the destinations configured now. Each delivered object is also noted in a small ledger file per
+series beside the database (``delivered/``), so that re-indexing the spool never sends a delivered result again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import random
 import socket
@@ -31,8 +35,9 @@ from pynetdicom.status import code_to_category
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from lpm_node.core.audit import Delivery, DeliveryAttempt, as_utc, utcnow
+from lpm_node.core.audit import Delivery, DeliveryAttempt, Series, as_utc, utcnow
 from lpm_node.core.config import Destination, OutputSettings, Settings
+from lpm_node.core.files import atomic_write
 from lpm_node.core.states import DeliveryStatus
 
 LOG = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ def _requeue(row: Delivery, now: dt.datetime) -> None:
     row.status = DeliveryStatus.PENDING
     row.attempts = 0
     row.next_attempt_at = now
+    row.queued_at = now
     row.sent_at = None
 
 
@@ -102,6 +108,7 @@ def enqueue_results(
                     next_attempt_at=now,
                     last_error="",
                     created_at=now,
+                    queued_at=now,
                 )
                 session.add(row)
             else:
@@ -295,12 +302,14 @@ class Sender:
         timeout_s: float = 30.0,
         rng: random.Random | None = None,
         tls_context: ssl.SSLContext | None = None,
+        ledger_dir: Path | None = None,
     ) -> None:
         AE(ae_title=calling_ae)  # a calling AE title pynetdicom cannot send fails here, not at every run
         self.sessions = sessions
         self.settings = settings
         self.calling_ae = calling_ae
         self.timeout_s = timeout_s
+        self.ledger_dir = ledger_dir
         self._rng = rng or random.Random()
         self.tls_context = tls_context  # DICOM TLS to every destination when set
         self._wake = threading.Event()
@@ -348,6 +357,7 @@ class Sender:
 
         Deliveries that failed together share ``jitter``, so they stay due together: one association per retry.
         """
+        delivered: dict[str, Any] | None = None
         with self.sessions() as session, session.begin():
             row = session.get(Delivery, item.id)
             if row is None:
@@ -361,24 +371,38 @@ class Sender:
                 row.sent_at = now
                 row.last_error = outcome.error  # empty, or the warning text
                 LOG.info("sent %s %s to %s", item.kind, item.sop_uid, item.destination)
-                return
-            row.last_error = f"{outcome.status}: {outcome.error}" if outcome.error else outcome.status
-            if row.attempts >= max(1, self.settings.max_attempts):
-                row.status = DeliveryStatus.DEAD
-                LOG.error(
-                    "delivery %d (%s %s to %s) is dead after %d attempts: %s",
-                    item.id, item.kind, item.sop_uid, item.destination, row.attempts, row.last_error,
-                )
+                delivered = {"series_instance_uid": row.series_instance_uid, "sop_instance_uid": row.sop_instance_uid,
+                             "kind": row.object_kind, "destination": row.destination, "job_id": row.job_id,
+                             "sent_at": now.isoformat()}
             else:
-                delay = backoff_delay(
-                    row.attempts, self.settings.backoff_initial_s, self.settings.backoff_max_s,
-                    self._rng.random() if jitter is None else jitter,
-                )
-                row.next_attempt_at = now + dt.timedelta(seconds=delay)
-                LOG.warning(
-                    "delivery %d (%s %s to %s) failed (attempt %d): %s; next try in %.1f s",
-                    item.id, item.kind, item.sop_uid, item.destination, row.attempts, row.last_error, delay,
-                )
+                self._reschedule(row, item, outcome, now, jitter)
+        if delivered is not None and self.ledger_dir is not None:
+            note_delivered(self.ledger_dir, delivered)
+
+    def _reschedule(self, row: Delivery, item: _Item, outcome: _Outcome, now: dt.datetime,
+                    jitter: float | None) -> None:
+        """After a failed try: schedule the next one, or dead-letter the delivery past the retry horizon."""
+        row.last_error = f"{outcome.status}: {outcome.error}" if outcome.error else outcome.status
+        since = as_utc(row.queued_at) or as_utc(row.created_at) or now
+        out_of_time = (now - since).total_seconds() >= self.settings.retry_hours * 3600
+        out_of_tries = self.settings.max_attempts > 0 and row.attempts >= self.settings.max_attempts
+        if out_of_time or out_of_tries:
+            row.status = DeliveryStatus.DEAD.value
+            LOG.error(
+                "delivery %d (%s %s to %s) is dead after %d attempts over %.1f h: %s",
+                item.id, item.kind, item.sop_uid, item.destination, row.attempts,
+                (now - since).total_seconds() / 3600, row.last_error,
+            )
+        else:
+            delay = backoff_delay(
+                row.attempts, self.settings.backoff_initial_s, self.settings.backoff_max_s,
+                self._rng.random() if jitter is None else jitter,
+            )
+            row.next_attempt_at = now + dt.timedelta(seconds=delay)
+            LOG.warning(
+                "delivery %d (%s %s to %s) failed (attempt %d): %s; next try in %.1f s",
+                item.id, item.kind, item.sop_uid, item.destination, row.attempts, row.last_error, delay,
+            )
 
     def _read_headers(self, items: list[_Item], now: dt.datetime) -> list[_Item]:
         """Fill SOP class and transfer syntax from each file; a file that cannot be read is a failed attempt."""
@@ -503,12 +527,86 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def retry_deliveries(session: Session, ids: Sequence[int] | None = None, now: dt.datetime | None = None) -> list[int]:
-    """Put dead deliveries (or the given ones, whatever their status) back to pending with attempts reset."""
+def _ledger_file(ledger_dir: Path, series_instance_uid: str) -> Path:
+    return Path(ledger_dir) / f"{series_instance_uid}.json"
+
+
+def note_delivered(ledger_dir: Path, entry: dict[str, Any]) -> None:
+    """Add one delivered object to its series' ledger file (outside the database, written atomically)."""
+    path = _ledger_file(ledger_dir, entry["series_instance_uid"])
+    found = delivered_results(ledger_dir, entry["series_instance_uid"])
+    key = f"{entry['sop_instance_uid']}|{entry['destination']}"
+    found[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(found, indent=1, sort_keys=True).encode())
+
+
+def delivered_results(ledger_dir: Path, series_instance_uid: str) -> dict[str, dict[str, Any]]:
+    """Objects of a series noted as delivered (``"SOP|destination" -> entry``); empty when none."""
+    path = _ledger_file(ledger_dir, series_instance_uid)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass
+class RetryResult:
+    """What ``outbox retry`` did: rows queued again where they were, and dead letters sent to new destinations."""
+
+    requeued: list[int]
+    redirected: dict[int, list[str]]  # old delivery id -> the destinations it now goes to
+
+
+def retry_deliveries(
+    session: Session,
+    ids: Sequence[int] | None = None,
+    now: dt.datetime | None = None,
+    *,
+    settings: Settings | None = None,
+    destinations: Sequence[Destination] | None = None,
+) -> RetryResult:
+    """Send dead deliveries (or the given ones, whatever their status) again, attempts reset.
+
+    Each goes to ``destinations`` when given, else to the destinations configured now in ``settings`` (with the
+    CT's sender when ``reply_to_sender``). A row whose destination is among them is queued again; any other is
+    marked ``redirected`` and its object queued for each current destination (one already delivered there is not
+    sent again). When no destination is configured (or neither is given), a row is queued again where it was."""
+    now = as_utc(now) or utcnow()
     query = select(Delivery).order_by(Delivery.id)
     query = query.where(Delivery.id.in_(list(ids))) if ids else query.where(Delivery.status == DeliveryStatus.DEAD)
-    rows = session.scalars(query).all()
-    for row in rows:
-        _requeue(row, as_utc(now) or utcnow())
+    result = RetryResult([], {})
+    for row in session.scalars(query).all():
+        if destinations is not None:
+            targets = list(destinations)
+        elif settings is not None:
+            series = session.scalars(
+                select(Series).where(Series.series_instance_uid == row.series_instance_uid)
+            ).first()
+            targets = result_destinations(settings, calling_ae=series.calling_ae if series else "",
+                                          calling_address=series.calling_address if series else "")
+        else:
+            targets = [Destination.parse(row.destination)]
+        if not targets:  # nothing configured now: where it was meant to go
+            targets = [Destination.parse(row.destination)]
+        if row.destination in {str(t) for t in targets}:
+            _requeue(row, now)
+            result.requeued.append(row.id)
+            others = [t for t in targets if str(t) != row.destination]
+            if not others:
+                continue
+        else:
+            others = targets
+            row.status = DeliveryStatus.REDIRECTED.value
+            row.last_error = f"{row.last_error}; redirected to {', '.join(map(str, others))}".lstrip("; ")
+        new_rows = enqueue_results(session, job_id=row.job_id, series_instance_uid=row.series_instance_uid,
+                                   objects=[(row.object_kind, Path(row.path), row.sop_instance_uid)],
+                                   destinations=others)
+        for new in new_rows:
+            if new.status == DeliveryStatus.DEAD:
+                _requeue(new, now)
+        if row.status == DeliveryStatus.REDIRECTED:
+            result.redirected[row.id] = [str(t) for t in others]
     session.flush()
-    return [row.id for row in rows]
+    return result

@@ -19,6 +19,7 @@ from lpm_node.core.audit import (
     DeliveryAttempt,
     Instance,
     Job,
+    OperatorAction,
     Series,
     SeriesDecision,
     as_utc,
@@ -125,6 +126,10 @@ def series_detail(session: Session, series_uid: str) -> dict[str, Any] | None:
                             "weights_sha256": j.model_weights_sha256, "test_model": bool(j.model_test)}}
         for j in jobs
     ]
+    detail["operator_actions"] = [
+        action_dict(a) for a in session.scalars(
+            select(OperatorAction).where(OperatorAction.target.contains(series_uid)).order_by(OperatorAction.id))
+    ]
     deliveries = list(session.scalars(select(Delivery).where(Delivery.series_instance_uid == series_uid)))
     detail["deliveries"] = [
         {"id": d.id, "job_id": d.job_id, "destination": d.destination, "object": d.object_kind,
@@ -139,6 +144,25 @@ def series_detail(session: Session, series_uid: str) -> dict[str, Any] | None:
         for d in deliveries
     ]
     return detail
+
+
+def action_dict(a: OperatorAction) -> dict[str, Any]:
+    """One operator action as plain values."""
+    return {"id": a.id, "at": _iso(a.at), "user": a.user, "command": a.command, "target": a.target,
+            "outcome": a.outcome}
+
+
+def list_actions(session: Session, limit: int = 50) -> list[dict[str, Any]]:
+    """The most recent operator actions, newest first."""
+    rows = session.scalars(select(OperatorAction).order_by(OperatorAction.id.desc()).limit(limit))
+    return [action_dict(a) for a in rows]
+
+
+def format_actions(rows: list[dict[str, Any]]) -> str:
+    """Operator actions as text lines."""
+    if not rows:
+        return "no operator actions recorded"
+    return "\n".join(f"{r['at']} {r['user']}: {r['command']} -> {r['outcome']}" for r in rows)
 
 
 def list_refusals(session: Session, limit: int = 50) -> list[dict[str, Any]]:
@@ -234,6 +258,9 @@ def format_detail(d: dict[str, Any]) -> str:
                 test = ", TEST MODEL, not for clinical use" if identity["test_model"] else ""
                 out.append(f"     model {identity['name']} ({identity['version']}, weights "
                            f"{identity['weights_sha256'][:12]}{test})")
+    if d.get("operator_actions"):
+        out.append("operator actions:")
+        out += [f"  {a['at']} {a['user']}: {a['command']} -> {a['outcome']}" for a in d["operator_actions"]]
     if d["deliveries"]:
         out.append("deliveries:")
         for x in d["deliveries"]:
@@ -268,6 +295,10 @@ def audit_command(settings: Settings, args: argparse.Namespace) -> int:
     sessions = session_factory(settings.db_url)
     try:
         with sessions() as session:
+            if getattr(args, "actions", False):
+                actions = list_actions(session, int(getattr(args, "limit", 50) or 50))
+                print(json.dumps(actions, indent=2) if args.json else format_actions(actions))
+                return 0
             if getattr(args, "series", None):
                 detail = series_detail(session, args.series)
                 if detail is None:

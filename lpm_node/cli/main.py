@@ -1,4 +1,5 @@
-"""The ``lpm-node`` command line: serve, process, measure, demo, audit, outbox, model, doctor, phantom."""
+"""The ``lpm-node`` command line: serve, process, measure, demo, audit, outbox, rerun, reindex, model, doctor,
+phantom."""
 
 from __future__ import annotations
 
@@ -88,6 +89,18 @@ def _cmd_outbox(args: argparse.Namespace) -> int:
     return outbox_command(_settings(args), args)
 
 
+def _cmd_rerun(args: argparse.Namespace) -> int:
+    from lpm_node.cli.recovery import rerun_command
+
+    return rerun_command(_settings(args), args)
+
+
+def _cmd_reindex(args: argparse.Namespace) -> int:
+    from lpm_node.cli.recovery import reindex_command
+
+    return reindex_command(_settings(args), args)
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from lpm_node.cli.phantom import phantom_command
 
@@ -138,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--csv", metavar="FILE", help="export the series list as CSV ('-' for stdout)")
     p.add_argument("--limit", type=int, default=50, help="most recent N series (default 50)")
+    p.add_argument("--actions", action="store_true", help="what operators did (rerun, outbox retry, reindex)")
     p.add_argument("--refusals", action="store_true",
                    help="list refused and aborted connections and refused instances (with --json: as JSON)")
 
@@ -173,7 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     _node_options(p)
     p.add_argument("action", choices=["list", "retry"], help="list deliveries, or requeue dead ones")
     p.add_argument("--id", type=int, action="append", help="only these delivery ids (retry)")
+    p.add_argument("--destination", dest="retry_to", action="append", metavar="AET@HOST:PORT",
+                   help="retry: send to this destination instead of the configured ones (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("rerun", _cmd_rerun, "evaluate and measure series again (the running node picks them up)")
+    _node_options(p)
+    p.add_argument("--series", action="append", metavar="UID", help="this series (repeatable)")
+    p.add_argument("--failed", action="store_true", help="every series whose measurement failed")
+
+    p = add("reindex", _cmd_reindex, "rebuild the audit index from the spool (node stopped; never re-sends "
+                                     "delivered results)")
+    _node_options(p)
 
     p = add("model", _cmd_model_verify, "model management")
     p.add_argument("action", choices=["verify"], help="verify: check that a folder is a loadable nnU-Net v2 model")

@@ -1,4 +1,4 @@
-"""``lpm-node outbox list|retry``: the deliveries, and dead letters sent again."""
+"""``lpm-node outbox list|retry``: the deliveries, and dead letters sent again to the destinations configured now."""
 
 from __future__ import annotations
 
@@ -8,15 +8,20 @@ import json
 from sqlalchemy import select
 
 from lpm_node.answer.sending import _print_table, delivery_dict, retry_deliveries
-from lpm_node.core.audit import Delivery, session_factory
-from lpm_node.core.config import Settings
+from lpm_node.cli.recovery import command_line
+from lpm_node.core.audit import Delivery, record_operator_action, session_factory
+from lpm_node.core.config import Destination, Settings
 
 
 def outbox_command(settings: Settings, args: argparse.Namespace) -> int:
-    """``lpm-node outbox list|retry``: show the outbox, or requeue dead (or given) deliveries."""
+    """``lpm-node outbox list|retry``: show the outbox, or requeue dead (or given) deliveries.
+
+    A retry sends each dead letter to the destinations configured now (``--destination`` overrides them); a
+    letter whose destination is no longer configured is marked ``redirected``. Every retry is audited."""
     sessions = session_factory(settings.db_url)
     ids = list(getattr(args, "id", None) or [])
     as_json = bool(getattr(args, "json", False))
+    explicit = [Destination.parse(d) for d in getattr(args, "retry_to", None) or []] or None
     with sessions() as session, session.begin():
         if args.action == "list":
             query = select(Delivery).order_by(Delivery.id)
@@ -28,12 +33,20 @@ def outbox_command(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 _print_table(rows)
             return 0
-        requeued = retry_deliveries(session, ids)
-        missing = sorted(set(ids) - set(requeued))
-    if as_json:
-        print(json.dumps({"requeued": requeued, "unknown_ids": missing}))
-    else:
-        print(f"requeued {len(requeued)} deliveries" + (f": {', '.join(map(str, requeued))}" if requeued else ""))
+        result = retry_deliveries(session, ids, settings=settings, destinations=explicit)
+        touched = set(result.requeued) | set(result.redirected)
+        missing = sorted(set(ids) - touched)
+        summary = (f"requeued {len(result.requeued)} deliveries"
+                   + (f": {', '.join(map(str, result.requeued))}" if result.requeued else ""))
+        lines = [summary]
+        lines += [f"delivery {old} redirected to {', '.join(to)}" for old, to in result.redirected.items()]
         if missing:
-            print(f"unknown delivery ids: {', '.join(map(str, missing))}")
+            lines.append(f"unknown delivery ids: {', '.join(map(str, missing))}")
+        record_operator_action(session, command_line(), ", ".join(map(str, ids)) or "dead letters",
+                               "; ".join(lines))
+    if as_json:
+        print(json.dumps({"requeued": result.requeued, "redirected": result.redirected,
+                          "unknown_ids": missing}))
+    else:
+        print("\n".join(lines))
     return 1 if missing else 0

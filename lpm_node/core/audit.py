@@ -9,6 +9,9 @@ versioned by the Alembic revisions in lpm_node.core.migrations: opening a databa
 from __future__ import annotations
 
 import datetime as dt
+import getpass
+import os
+import socket
 from enum import StrEnum
 from pathlib import Path
 
@@ -140,6 +143,7 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    stopped_starts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # cut short by a stop
     error: Mapped[str] = mapped_column(Text, default="")
     device: Mapped[str] = mapped_column(String(32), default="")
     model: Mapped[str] = mapped_column(Text, default="")
@@ -179,6 +183,7 @@ class Delivery(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    queued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # last (re)queue
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
@@ -190,6 +195,34 @@ class DeliveryAttempt(Base):
     ok: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(64), default="")  # DIMSE status or error class
     error: Mapped[str] = mapped_column(Text, default="")
+
+
+class OperatorAction(Base):
+    """What an operator asked the node to do (rerun, outbox retry, reindex): who, what, when, and the effect."""
+
+    __tablename__ = "operator_actions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[str] = mapped_column(String(128), default="")  # login name @ host
+    command: Mapped[str] = mapped_column(Text, default="")  # the command line as given
+    target: Mapped[str] = mapped_column(Text, default="")  # series UID, delivery ids, ...
+    outcome: Mapped[str] = mapped_column(Text, default="")
+
+
+def operator_name() -> str:
+    """Who runs this command: login name @ host (recorded with each operator action)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def record_operator_action(session, command: str, target: str, outcome: str) -> OperatorAction:  # noqa: ANN001
+    """Add one operator action (who, what, when, effect) to ``session``; the caller commits."""
+    row = OperatorAction(at=utcnow(), user=operator_name(), command=command, target=target, outcome=outcome)
+    session.add(row)
+    return row
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001

@@ -73,11 +73,13 @@ class NodeSettings:
     tls_ca_certificates: str = ""  # PEM bundle of the CAs whose client certificates are trusted
     tls_require_client_certificate: bool = False  # refuse peers without a certificate signed by those CAs
     measure: bool = True  # False: receive, decide and queue only (e.g. while checking the routing rules)
+    stop_grace_seconds: Amount = 10.0  # a job still running this long after a stop is queued again (not a crash)
 
 
 @dataclass
 class SeriesSettings:
     stable_seconds: Positive = 30.0
+    release_grace_seconds: float = 2.0  # complete this long after its associations were released; < 0: off
 
 
 @dataclass
@@ -135,7 +137,8 @@ class OutputSettings:
     destinations: list[str] = field(default_factory=list)  # "AET@HOST:PORT"
     reply_to_sender: bool = False
     reply_port: Port = 104
-    max_attempts: AtLeastOne = 10
+    max_attempts: Count = 0  # 0: no limit by count, only retry_hours
+    retry_hours: Positive = 48.0  # a delivery failing for this long since it was queued is dead-lettered
     backoff_initial_s: Positive = 5.0
     backoff_max_s: Positive = 600.0
     tls: bool = False  # send to destinations over DICOM TLS (see [node] tls_*)
@@ -162,6 +165,11 @@ class Settings:
     def retired_journal_path(self) -> Path:
         """The folder of the write-ahead journal of earlier versions (removed at start)."""
         return self.data_path / "journal"
+
+    @property
+    def delivered_path(self) -> Path:
+        """Where each delivered result is also noted outside the database (read by ``lpm-node reindex``)."""
+        return self.data_path / "delivered"
 
     @property
     def db_url(self) -> str:

@@ -39,6 +39,16 @@ class DeliveryStatus(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"  # out of attempts: `lpm-node outbox retry` sends it again
+    REDIRECTED = "redirected"  # a dead letter whose destination is no longer configured, re-queued to the new ones
+
+
+# Series decisions after which new instances reopen the series (assembled and evaluated again).
+REOPENABLE_SERIES_STATUSES = frozenset(
+    {
+        SeriesStatus.COMPLETE, SeriesStatus.REJECTED, SeriesStatus.ELIGIBLE, SeriesStatus.NOT_SELECTED,
+        SeriesStatus.QUEUED, SeriesStatus.PROCESSING, SeriesStatus.DONE, SeriesStatus.FAILED,
+    }
+)
 
 
 def values(enum: type[StrEnum]) -> list[str]:

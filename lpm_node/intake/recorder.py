@@ -18,15 +18,13 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from lpm_node.core.audit import Association, Instance, Job, Series, SeriesDecision, as_utc
-from lpm_node.core.states import AssociationOutcome, JobStatus, SeriesStatus
+from lpm_node.core.audit import Association, Instance, Series
+from lpm_node.core.states import AssociationOutcome, SeriesStatus
 from lpm_node.intake.header import Header
+from lpm_node.intake.series import note_instance_on_series
 
 LOG = logging.getLogger(__name__)
 
-# Series that get new instances after these decisions are assembled and evaluated again.
-REOPENABLE_STATUSES = (SeriesStatus.COMPLETE, SeriesStatus.REJECTED, SeriesStatus.NOT_SELECTED,
-                       SeriesStatus.ELIGIBLE, SeriesStatus.QUEUED)
 MAX_BATCH = 2000
 RETRY_MAX_S = 5.0
 
@@ -267,24 +265,3 @@ class AuditRecorder:
             session.add(row)
         cache[uid] = row
         note_instance_on_series(session, row, e.at)
-
-
-def note_instance_on_series(session: Session, row: Series, at: dt.datetime) -> None:
-    """Count one new instance on a series row; reopen a decided series so that it is evaluated again."""
-    row.instance_count = (row.instance_count or 0) + 1
-    last = as_utc(row.last_received_at)
-    if last is None or at > last:
-        row.last_received_at = at
-    if row.status in REOPENABLE_STATUSES:
-        previous = f"{row.status}: {row.reason}" if row.reason else row.status
-        if row.status == SeriesStatus.QUEUED:
-            for job in session.scalars(
-                select(Job).where(Job.series_instance_uid == row.series_instance_uid, Job.status == JobStatus.QUEUED)
-            ):
-                job.status = JobStatus.CANCELLED
-                job.error = "more instances arrived; the series is evaluated again"
-        row.status = SeriesStatus.RECEIVING
-        row.reason = f"more instances arrived after the decision ({previous})"
-        row.decided_at = None
-        session.add(SeriesDecision(series_instance_uid=row.series_instance_uid, at=at,
-                                   status=SeriesStatus.RECEIVING, reason=row.reason))

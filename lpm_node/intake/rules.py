@@ -35,7 +35,6 @@ from lpm_node.intake.spool import Spool
 
 LOG = logging.getLogger(__name__)
 
-ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 STARTED_JOB_STATUSES = (JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED)
 
 _DESCRIPTION_FIELDS = ("StudyDescription", "SeriesDescription", "ProtocolName")
@@ -352,7 +351,8 @@ def select_for_study(session: Session, study_uid: str) -> str | None:
                 r.reason = f"{r.reason}; waiting for {len(pending)} other series of the study to complete"
         return None
     jobs = list(session.scalars(select(Job).where(Job.study_instance_uid == study_uid)))
-    started = [j for j in jobs if j.status in STARTED_JOB_STATUSES]
+    reopened = {r.series_instance_uid for r in eligible}  # a measured series with new instances is measured again
+    started = [j for j in jobs if j.status in STARTED_JOB_STATUSES and j.series_instance_uid not in reopened]
     if started:
         ref = started[-1]
         for r in eligible:
@@ -375,9 +375,9 @@ def select_for_study(session: Session, study_uid: str) -> str | None:
                             f"rule: {RULE_TEXT}")
         record_decision(session, best, SeriesStatus.QUEUED,
                         f"selected: {_describe(best)}; best of {others + 1} eligible series; rule: {RULE_TEXT}")
-        active = [j for j in jobs if j.series_instance_uid == best.series_instance_uid
-                  and j.status in ACTIVE_JOB_STATUSES]
-        if not active:
+        waiting = [j for j in jobs
+                   if j.series_instance_uid == best.series_instance_uid and j.status == JobStatus.QUEUED]
+        if not waiting:  # a job still running measures the instances it started with: a new one is made
             session.add(Job(series_instance_uid=best.series_instance_uid, study_instance_uid=study_uid,
                             status=JobStatus.QUEUED, created_at=utcnow()))
         LOG.info("series %s selected for measurement (study %s)", best.series_instance_uid, study_uid)

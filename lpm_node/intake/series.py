@@ -1,4 +1,10 @@
-"""Series assembly: a series is complete when nothing has arrived for it for ``stable_seconds``.
+"""Series assembly: when a series is complete, and reopening a series that gets new instances.
+
+A series is complete when nothing has arrived for it for ``stable_seconds`` (downtime does not count: the clock
+starts again when the node starts), or ``release_grace_seconds`` after every association that carried it was
+released, when its slices are contiguous (:mod:`lpm_node.intake.geometry`). It is never completed while an
+acknowledged instance of it is missing from the spool. New instances reopen a decided series
+(:func:`note_instance_on_series`), so it is evaluated again and a new job supersedes the previous one.
 
 All state is in the audit DB (series rows: status ``receiving``, ``last_received_at``) and the
 spool, so a restart resumes: :func:`reconcile_spool` indexes spooled files whose audit rows a
@@ -10,18 +16,49 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-from lpm_node.core.audit import Instance, Series, SeriesDecision, as_utc, utcnow
-from lpm_node.core.states import SeriesStatus
+from lpm_node.core.audit import Association, Instance, Job, Series, SeriesDecision, as_utc, utcnow
+from lpm_node.core.states import REOPENABLE_SERIES_STATUSES, AssociationOutcome, JobStatus, SeriesStatus
+from lpm_node.intake.geometry import contiguity, read_slices
 from lpm_node.intake.header import CannotUnderstand, Header, read_header
-from lpm_node.intake.recorder import note_instance_on_series
 from lpm_node.intake.spool import Spool, file_checksum
 
 LOG = logging.getLogger(__name__)
+
+COMPLETE = SeriesStatus.COMPLETE.value  # assembled, waiting for the eligibility rules
+RECEIVING = SeriesStatus.RECEIVING.value
+
+
+def note_instance_on_series(session: Session, row: Series, at: dt.datetime) -> None:
+    """Count one new instance on a series row; reopen a decided series so that it is evaluated again.
+
+    Every decision reopens: a queued job is cancelled; a running one finishes but no longer decides the
+    series; measured or failed series keep their jobs in the audit, and a new job is made once the series
+    is complete again."""
+    row.instance_count = (row.instance_count or 0) + 1
+    last = as_utc(row.last_received_at)
+    if last is None or at > last:
+        row.last_received_at = at
+    if row.status not in REOPENABLE_SERIES_STATUSES:
+        return
+    previous = f"{row.status}: {row.reason}" if row.reason else row.status
+    if row.status == SeriesStatus.QUEUED:
+        for job in session.scalars(
+            select(Job).where(Job.series_instance_uid == row.series_instance_uid, Job.status == JobStatus.QUEUED)
+        ):
+            job.status = JobStatus.CANCELLED.value
+            job.error = "more instances arrived; the series is evaluated again"
+    row.status = RECEIVING
+    row.reason = f"more instances arrived after the decision ({previous})"
+    row.decided_at = None
+    session.add(SeriesDecision(series_instance_uid=row.series_instance_uid, at=at, status=RECEIVING,
+                               reason=row.reason))
+
 
 def record_decision(session, row: Series, status: str, reason: str, at: dt.datetime | None = None) -> None:  # noqa: ANN001
     """Set a series' status and reason, and keep the decision in its history."""
@@ -96,17 +133,36 @@ def reconcile_spool(sessions: sessionmaker, spool: Spool) -> int:
     return added
 
 
-class SeriesAssembler:
-    """Marks quiet series complete; the rules then take them from status ``complete``."""
+@dataclass
+class _Contiguity:
+    instance_count: int
+    ok: bool
+    why: str
 
-    def __init__(self, sessions: sessionmaker, stable_seconds: float) -> None:
+
+class SeriesAssembler:
+    """Marks series complete; the rules then take them from status ``complete``.
+
+    ``started_at`` (default: now) is when the node started: a series' quiet time is counted from its last
+    instance or from the start, whichever is later, so downtime is never taken for quiet time."""
+
+    def __init__(self, sessions: sessionmaker, stable_seconds: float, release_grace_seconds: float | None = None,
+                 *, started_at: dt.datetime | None = None) -> None:
         self.sessions = sessions
         self.stable_seconds = float(stable_seconds)
+        self.release_grace_seconds = None if release_grace_seconds is None else float(release_grace_seconds)
+        self.started_at = as_utc(started_at) or utcnow()
+        self._contiguity: dict[str, _Contiguity] = {}
+        self._missing_logged: dict[str, int] = {}
+
+    def _quiet_since(self, row: Series) -> dt.datetime:
+        last = as_utc(row.last_received_at) or self.started_at
+        return max(last, self.started_at)
 
     def complete_stable(self, now: dt.datetime | None = None, settle: Callable[[], object] | None = None) -> list[str]:
-        """Mark every ``receiving`` series quiet for ``stable_seconds`` as ``complete``; returns their UIDs.
+        """Mark every ``receiving`` series that is complete as ``complete``; returns their UIDs.
 
-        ``settle`` (the listener's audit flush) is called first when a series looks quiet, so that
+        ``settle`` (the listener's audit flush) is called first when a series looks complete, so that
         instances received but not yet recorded count before anything is completed.
         """
         if settle is not None and now is None:
@@ -115,30 +171,89 @@ class SeriesAssembler:
                 return []
             settle()
         now = now or utcnow()
-        cutoff = now - dt.timedelta(seconds=self.stable_seconds)
         done: list[str] = []
         with self.sessions() as session:
-            for row in session.scalars(select(Series).where(Series.status == SeriesStatus.RECEIVING)):
-                last = as_utc(row.last_received_at)
-                if last is not None and last <= cutoff:
-                    quiet = (now - last).total_seconds()
-                    record_decision(
-                        session, row, SeriesStatus.COMPLETE,
-                        f"{row.instance_count} instance(s), nothing new for {quiet:.1f} s",
-                        now,
-                    )
-                    done.append(row.series_instance_uid)
+            for row in session.scalars(select(Series).where(Series.status == RECEIVING)):
+                reason = self._completion(session, row, now)
+                if reason is None or not self._all_spooled(session, row):
+                    continue
+                record_decision(session, row, COMPLETE, f"{row.instance_count} instance(s), {reason}", now)
+                self._contiguity.pop(row.series_instance_uid, None)
+                done.append(row.series_instance_uid)
             session.commit()
         for uid in done:
             LOG.info("series %s complete", uid)
         return done
 
+    def _completion(self, session: Session, row: Series, now: dt.datetime) -> str | None:
+        """Why the series is complete at ``now``, or None when it is not yet."""
+        quiet = (now - self._quiet_since(row)).total_seconds()
+        if quiet >= self.stable_seconds:
+            restarted = " (counted from the node's start)" if self._quiet_since(row) == self.started_at else ""
+            return f"nothing new for {quiet:.1f} s{restarted}"
+        if self.release_grace_seconds is None or quiet < self.release_grace_seconds:
+            return None
+        released_at = self._released_at(session, row.series_instance_uid)
+        if released_at is None:
+            return None
+        if (now - max(released_at, self.started_at)).total_seconds() < self.release_grace_seconds:
+            return None
+        check = self._contiguous(session, row)
+        if not check.ok:
+            return None
+        return f"every association that carried it was released, {check.why}"
+
+    def _released_at(self, session: Session, series_uid: str) -> dt.datetime | None:
+        """When the last association that carried the series ended, if every one of them was released."""
+        ids = set(session.scalars(select(Instance.association_id).where(Instance.series_instance_uid == series_uid)))
+        if not ids or None in ids:  # instances of unknown origin (re-indexed from the spool): wait for quiet
+            return None
+        rows = session.scalars(select(Association).where(Association.id.in_(ids))).all()
+        if len(rows) != len(ids) or any(r.outcome != AssociationOutcome.RELEASED or r.ended_at is None for r in rows):
+            return None
+        return max(as_utc(r.ended_at) for r in rows)
+
+    def _contiguous(self, session: Session, row: Series) -> _Contiguity:
+        uid = row.series_instance_uid
+        cached = self._contiguity.get(uid)
+        if cached is not None and cached.instance_count == row.instance_count:
+            return cached
+        paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_instance_uid == uid))]
+        if not all(p.exists() for p in paths):  # not all in the spool yet: look again later
+            return _Contiguity(row.instance_count, False, "instances not yet in the spool")
+        slices = read_slices(paths)
+        ok, why = contiguity(*slices) if slices is not None else (False, "headers not readable")
+        result = _Contiguity(row.instance_count, ok, why)
+        self._contiguity[uid] = result
+        if not ok:
+            LOG.info("series %s: associations released but not geometrically complete (%s); waiting %.0f s",
+                     uid, why, self.stable_seconds)
+        return result
+
+    def _all_spooled(self, session: Session, row: Series) -> bool:
+        """Whether every acknowledged instance of the series has its spool file (else it is not evaluated)."""
+        paths = session.scalars(select(Instance.path).where(Instance.series_instance_uid == row.series_instance_uid))
+        missing = sum(1 for p in paths if not Path(p).exists())
+        if missing and self._missing_logged.get(row.series_instance_uid) != missing:
+            self._missing_logged[row.series_instance_uid] = missing
+            LOG.warning("series %s: %d acknowledged instance(s) not in the spool yet; not evaluated until they are",
+                        row.series_instance_uid, missing)
+        return missing == 0
+
     def next_deadline(self, now: dt.datetime | None = None) -> float | None:
-        """Seconds until the earliest receiving series becomes complete (None when there is none)."""
+        """Seconds until the earliest receiving series may become complete (None when there is none)."""
         now = now or utcnow()
         with self.sessions() as session:
-            query = select(Series.last_received_at).where(Series.status == SeriesStatus.RECEIVING)
-            lasts = [v for v in (as_utc(x) for x in session.scalars(query)) if v is not None]
-        if not lasts:
-            return None
-        return max(0.0, (min(lasts) + dt.timedelta(seconds=self.stable_seconds) - now).total_seconds())
+            rows = session.scalars(select(Series).where(Series.status == RECEIVING)).all()
+            if not rows:
+                return None
+            waits = []
+            for row in rows:
+                wait = self.stable_seconds
+                known = self._contiguity.get(row.series_instance_uid)
+                if known is not None and known.instance_count == row.instance_count and not known.ok:
+                    pass  # released but not whole: stable_seconds applies
+                elif self.release_grace_seconds is not None and self._released_at(session, row.series_instance_uid):
+                    wait = min(wait, self.release_grace_seconds)
+                waits.append((self._quiet_since(row) + dt.timedelta(seconds=wait) - now).total_seconds())
+        return max(0.0, min(waits))

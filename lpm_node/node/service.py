@@ -8,8 +8,10 @@ and rules, the measurement worker (one warm model, jobs in order) and the sender
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,12 +20,13 @@ from typing import Any
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer.sending import Sender, tls_client_context
-from lpm_node.core.audit import session_factory
+from lpm_node.core.audit import session_factory, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.intake.listener import Listener
 from lpm_node.intake.rules import RuleEngine
 from lpm_node.intake.series import SeriesAssembler, reconcile_spool
 from lpm_node.intake.spool import Spool
+from lpm_node.node.preflight import preflight
 from lpm_node.node.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -73,14 +76,18 @@ class Node:
         remove_retired_journal(settings)
         self.spool = Spool(settings.spool_path, quota_mb=node.spool_quota_mb, min_free_disk_mb=node.min_free_disk_mb)
         self.listener = Listener(settings, self.sessions, self.spool)
-        self.assembler = SeriesAssembler(self.sessions, settings.series.stable_seconds)
+        series = settings.series
+        grace = series.release_grace_seconds if series.release_grace_seconds >= 0 else None
+        self.assembler = SeriesAssembler(self.sessions, series.stable_seconds, grace)
         self.rules = RuleEngine(self.sessions, self.spool, settings.rules)
         self.loops: list[Loop] = []
         self._stop = threading.Event()
+        self.job_left_running = False  # set by stop(): a job's thread was still at work (its job is re-queued)
         self.address: tuple[str, int] | None = None
         poll = min(0.5, max(0.05, settings.series.stable_seconds / 4))
         self.add_loop(Loop("series", self.series_step, poll))
-        self.sender = Sender(self.sessions, settings.output, node.ae_title, tls_context=tls_client_context(settings))
+        self.sender = Sender(self.sessions, settings.output, node.ae_title, tls_context=tls_client_context(settings),
+                             ledger_dir=settings.delivered_path)
         self.worker: Worker | None = None
         if node.measure:
             self.worker = Worker(settings, self.sessions, self.spool, on_results=self.sender.wake)
@@ -108,6 +115,7 @@ class Node:
             self.worker.recover()
             self.worker.segmenter  # noqa: B018 - loaded before listening: importing it would slow the first transfers
         reconcile_spool(self.sessions, self.spool)
+        self.assembler.started_at = utcnow()  # downtime is not quiet time: every series' clock starts again now
         self.address = self.listener.start()
         for loop in self.loops:
             loop.thread = threading.Thread(target=loop.run, args=(self._stop,), name=f"loop-{loop.name}", daemon=True)
@@ -115,12 +123,19 @@ class Node:
         return self.address
 
     def stop(self) -> None:
-        """Stop accepting, stop the loops, write the remaining audit rows."""
+        """Stop accepting, stop the loops, write the remaining audit rows.
+
+        A job still running after ``[node] stop_grace_seconds`` goes back to the queue, not counted as a crash,
+        and runs again at the next start."""
         self._stop.set()
         self.listener.stop()
         for loop in self.loops:
             if loop.thread is not None:
-                loop.thread.join(timeout=30)
+                wait = self.settings.node.stop_grace_seconds if loop.name == "worker" else 30
+                loop.thread.join(timeout=wait)
+                if loop.name == "worker" and loop.thread.is_alive() and self.worker is not None:
+                    self.worker.release_running()
+                    self.job_left_running = True
         self.spool.close()
         self.sessions.kw["bind"].dispose()
         LOG.info("node stopped")
@@ -136,6 +151,7 @@ class Node:
 
 def serve(settings: Settings) -> int:
     """Run the node until SIGINT or SIGTERM; returns the process exit status."""
+    preflight(settings)
     node = Node(settings)
     if not settings.node.measure:
         LOG.warning("measurement is off (--no-measure): series are received, decided and queued only")
@@ -150,4 +166,11 @@ def serve(settings: Settings) -> int:
         node.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if node.job_left_running:
+        # the model's threads are mid-computation: ending the interpreter around them can crash it, so the
+        # process ends here, its state already saved (the job is queued again)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -2,8 +2,11 @@
 
 One segmenter (model) is loaded once and kept warm; jobs run one at a time. A job's state lives in the audit DB,
 so a node killed mid-job finds it again as ``running`` at the next start and runs it again (its output UIDs are
-deterministic, so the PACS gets the same objects, never duplicates). A job that fails is recorded with its reason
-and the worker goes on with the next one.
+deterministic, so the PACS gets the same objects, never duplicates). Only such crashes count toward
+``MAX_JOB_STARTS``: an orderly stop (SIGTERM) during a job puts it back in the queue uncounted
+(:meth:`Worker.release_running`). A job that fails is recorded with its reason and the worker goes on with the
+next one. A series that reopened while its job ran is not decided by that job: its results stay unsent and a
+new job measures the series again.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from lpm_node.node.pipeline import analyse_series, write_answer
 
 LOG = logging.getLogger(__name__)
 
-MAX_JOB_STARTS = 3  # a job whose run was cut short (node killed) this often is failed, not retried forever
+MAX_JOB_STARTS = 3  # a job whose run was cut short by a crash this often is failed, not retried forever
+
 
 
 def release_freed_memory() -> None:
@@ -81,22 +85,44 @@ class Worker:
                             folds=list(model.folds) or None, checkpoint=model.checkpoint, load_weights=False)
 
     def recover(self) -> int:
-        """Put jobs left ``running`` by a stopped node back in the queue; returns how many."""
+        """Put jobs left ``running`` by a crashed node back in the queue (the start counts); returns how many."""
         with self.sessions() as session:
             jobs = list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)))
             for job in jobs:
-                job.status = JobStatus.QUEUED
-                job.error = "interrupted (node stopped during the job); queued again"
-                LOG.warning("job %d (series %s) was interrupted; queued again", job.id, job.series_instance_uid)
+                job.status = JobStatus.QUEUED.value
+                job.error = (f"interrupted: the node ended without an orderly stop during start {job.attempts}; "
+                             "queued again")
+                LOG.warning("job %d (series %s) was interrupted by a crash; queued again", job.id,
+                            job.series_instance_uid)
             session.commit()
         return len(jobs)
+
+    def release_running(self, why: str = "the node was stopped during the job") -> int:
+        """Put running jobs back in the queue after an orderly stop; such starts do not count as crashes."""
+        with self.sessions() as session:
+            jobs = list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)))
+            for job in jobs:
+                job.status = JobStatus.QUEUED.value
+                job.stopped_starts = (job.stopped_starts or 0) + 1
+                job.error = f"{why} (start {job.attempts}, not counted as a crash); queued again"
+                series = self._series(session, job)
+                if series is not None and series.status == SeriesStatus.PROCESSING:
+                    record_decision(session, series, SeriesStatus.QUEUED, f"job {job.id}: {why}; queued again")
+                LOG.warning("job %d (series %s): %s; queued again", job.id, job.series_instance_uid, why)
+            session.commit()
+        return len(jobs)
+
+    @staticmethod
+    def crashed_starts(job: Job) -> int:
+        """Earlier starts of ``job`` that ended in a crash (not finished, not stopped in order)."""
+        return max(0, job.attempts - 1 - (job.stopped_starts or 0))
 
     def _claim(self) -> Job | None:
         with self.sessions() as session:
             job = session.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.id).limit(1)).first()
             if job is None:
                 return None
-            job.status = JobStatus.RUNNING
+            job.status = JobStatus.RUNNING.value
             job.started_at = utcnow()
             job.attempts += 1
             series = self._series(session, job)
@@ -118,8 +144,9 @@ class Worker:
         job = self._claim()
         if job is None:
             return False
-        if job.attempts > MAX_JOB_STARTS:
-            self._fail(job, f"gave up: the job was started {job.attempts - 1} times and never finished")
+        if self.crashed_starts(job) >= MAX_JOB_STARTS:
+            self._fail(job, f"gave up: the node crashed {self.crashed_starts(job)} times during this job "
+                            "(`lpm-node rerun` queues it again)")
             return True
         try:
             self._run(job)
@@ -144,6 +171,8 @@ class Worker:
         m = result.measurement
         with self.sessions() as session:
             row = session.get(Job, job.id)
+            if row.status != JobStatus.RUNNING:  # put back in the queue by a stop meanwhile: it runs again
+                return
             series = self._series(session, row)
             row.status = JobStatus.DONE
             row.finished_at = utcnow()
@@ -161,6 +190,14 @@ class Worker:
             row.dl_volumetric_hu = m.dl_volumetric_hu
             row.category = m.category
             row.qc_flags = list(m.qc_flags)
+            value = "n/a" if m.dl_parenchymal_hu is None else f"{m.dl_parenchymal_hu:.1f} HU"
+            if series is not None and series.status != SeriesStatus.PROCESSING:  # reopened while measuring
+                row.error = (f"superseded: series {series.status} after more instances arrived during the job; "
+                             "results not sent")
+                session.commit()
+                LOG.info("job %d: series %s reopened during the job; its results are not sent", job.id,
+                         job.series_instance_uid)
+                return
             destinations = result_destinations(
                 self.settings,
                 calling_ae=series.calling_ae if series else "",
@@ -173,7 +210,6 @@ class Worker:
                 objects=[(o.kind, o.path, o.sop_instance_uid) for o in objects],
                 destinations=destinations,
             )
-            value = "n/a" if m.dl_parenchymal_hu is None else f"{m.dl_parenchymal_hu:.1f} HU"
             where = ", ".join(str(d) for d in destinations) or "no destination configured"
             if series is not None:
                 record_decision(session, series, SeriesStatus.DONE, f"measured: DL-parenchymal {value}, {m.category}; "
@@ -190,10 +226,12 @@ class Worker:
     def _fail(self, job: Job, error: str) -> None:
         with self.sessions() as session:
             row = session.get(Job, job.id)
+            if row.status != JobStatus.RUNNING:  # put back in the queue by a stop meanwhile: it runs again
+                return
             row.status = JobStatus.FAILED
             row.finished_at = utcnow()
             row.error = error
             series = self._series(session, row)
-            if series is not None:
+            if series is not None and series.status == SeriesStatus.PROCESSING:
                 record_decision(session, series, SeriesStatus.FAILED, f"job {row.id} failed: {error}")
             session.commit()
