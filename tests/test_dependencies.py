@@ -37,6 +37,8 @@ def _imported_distributions(*folders: str) -> dict[str, set[str]]:
                     top = module.split(".")[0]
                     if top in sys.stdlib_module_names or top in {"lpm_node", "tests", "__future__"}:
                         continue
+                    if (path.parent / f"{top}.py").exists():  # a sibling module (scripts share helpers)
+                        continue
                     for dist in owners.get(top, [f"<no installed distribution for {top}>"]):
                         found.setdefault(_name(dist), set()).add(str(path.relative_to(REPO)))
     return found
