@@ -91,14 +91,7 @@ def run_dcm2niix(folder: Path, out: Path) -> tuple[float, float]:
 
 
 def rss_mb(field: str = "VmRSS") -> float:
-    """Current (VmRSS) or peak (VmHWM) resident set of this process, MB: psutil when installed, else /proc."""
-    if field == "VmRSS":
-        try:
-            import psutil
-
-            return psutil.Process().memory_info().rss / 2**20
-        except ImportError:
-            pass
+    """Current (VmRSS) or peak (VmHWM) resident set of this process, MB, from /proc."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
