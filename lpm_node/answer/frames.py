@@ -207,3 +207,28 @@ def disk_polygon(centre: tuple[float, float], radius: float, points: int = 32) -
     ring = [(cx + radius * math.cos(2 * math.pi * i / points), cy + radius * math.sin(2 * math.pi * i / points))
             for i in range(points)]
     return [*ring, ring[0]]
+
+
+@dataclass(frozen=True)
+class Outline:
+    """A structure's outline on one source frame, as a closed polygon of (column, row) pixel centres (0-based)."""
+
+    index: int  # index into the source datasets
+    frame: int  # 0-based frame of that dataset
+    points: tuple[tuple[float, float], ...]
+
+
+def mask_outline(mask: np.ndarray, index: int, frame: int, tolerance_px: float = 1.0) -> Outline | None:
+    """The outer contour of the largest region of a 2-D mask, simplified to ``tolerance_px``, closed; None when the
+    mask is empty."""
+    import cv2
+
+    contours, _ = cv2.findContours((np.asarray(mask) > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    largest = max(contours, key=cv2.contourArea)
+    ring = cv2.approxPolyDP(largest, tolerance_px, True).reshape(-1, 2)
+    if len(ring) < 3:
+        return None
+    points = tuple((float(x), float(y)) for x, y in ring)
+    return Outline(index, frame, (*points, points[0]))

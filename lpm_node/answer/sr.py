@@ -7,7 +7,9 @@ Content (PS3.16):
   (attenuation and volume) and the spleen;
 - TID 1410 planar groups, one per ROI disk, with the disk as a CIRCLE (SCOORD) on its source CT image and its
   mean HU, so viewers that draw image regions (OHIF) show the ROIs and the values; the group of the index slice
-  k also carries the pooled DL-parenchymal value;
+  k is the same finding as the volumetric DL-parenchymal group (same tracking UID) and also carries the pooled
+  value and the category; the liver and spleen groups get a planar partner with the organ's outline (a viewer
+  that merges groups by tracking UID, as OHIF does, then has an image region for every measurement);
 - the report's Qualitative Evaluations: the category as code and as sentences, the reasons when not assessable,
   every QC flag as a sentence, the model, and a notice for outputs of a test model.
 
@@ -18,7 +20,7 @@ with Measurement Method (370129005, SCT) = (DLPAR, 99LPM) in the measurement gro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -34,6 +36,7 @@ from lpm_node.answer.frames import (
     SR_SERIES_DESCRIPTION,
     SR_SERIES_NUMBER,
     TEST_MODEL_NOTICE,
+    Outline,
     RoiDisk,
     frame_geometry_view,
     honest_round,
@@ -91,6 +94,8 @@ TRACKING_ROBUST = "Liver parenchyma, robust estimate"
 TRACKING_LIVER = "Whole liver (DL-volumetric)"
 TRACKING_SPLEEN = "Spleen"
 TRACKING_DISK = "DL-parenchymal ROI disk {number} of {count} ({label})"
+# Which structure's outline stands for each volumetric group in a viewer that draws only image regions.
+TRACKING_STRUCTURES = {TRACKING_ROBUST: "liver", TRACKING_LIVER: "liver", TRACKING_SPLEEN: "spleen"}
 
 
 def _coding_scheme_identification() -> Dataset:
@@ -208,19 +213,13 @@ def _disk_groups(
     groups = []
     middle = len(disks) // 2
     for number, disk in enumerate(disks, start=1):
-        source = datasets[disk.index]
-        frames = [disk.frame + 1] if number_of_frames(source) > 1 else None
         cx, cy = disk.centre
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
             # PS3.3 C.18.6.1.2: pixel coordinates with (0.5, 0.5) the centre of the top left pixel... here the
             # TLHC of the image is (0, 0), so a 0-based pixel centre c lies at c + 0.5.
             graphic_data=np.array([[cx + 0.5, cy + 0.5], [cx + 0.5 + disk.radius, cy + 0.5]]),
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=source.SOPClassUID,
-                referenced_sop_instance_uid=source.SOPInstanceUID,
-                referenced_frame_numbers=frames,
-            ),
+            source_image=_source_image(datasets, disk.index, disk.frame),
         )
         measurements = [_attenuation(disk.mean_hu, MEAN, METHOD_DL_PARENCHYMAL_DISK)]
         evaluations = None
@@ -230,11 +229,15 @@ def _disk_groups(
             )
             evaluations = [hd.sr.QualitativeEvaluation(STEATOSIS_OF_LIVER, CATEGORY_VALUES[effective_category(
                 measurement)])]
+        # The index slice's disk is the DL-parenchymal ROI finding itself (same tracking identifier and UID as the
+        # volumetric group): viewers that merge groups by tracking UID show the pooled value and category on it.
+        tracking = (
+            _tracking(content, TRACKING_DL_PARENCHYMAL) if number - 1 == middle
+            else _tracking(content, TRACKING_DISK.format(number=number, count=len(disks), label=disk.label))
+        )
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(
-                    content, TRACKING_DISK.format(number=number, count=len(disks), label=disk.label)
-                ),
+                tracking_identifier=tracking,
                 referenced_region=region,
                 finding_type=PARENCHYMA,
                 method=METHOD_DL_PARENCHYMAL,
@@ -242,6 +245,49 @@ def _disk_groups(
                 finding_sites=[hd.sr.FindingSite(LIVER)],
                 measurements=measurements,
                 qualitative_evaluations=evaluations,
+            )
+        )
+    return groups
+
+
+def _source_image(datasets: Sequence[Dataset], index: int, frame: int) -> hd.sr.SourceImageForRegion:
+    source = datasets[index]
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        referenced_frame_numbers=[frame + 1] if number_of_frames(source) > 1 else None,
+    )
+
+
+def _outline_groups(
+    datasets: Sequence[Dataset],
+    outlines: Mapping[str, Outline],
+    volumetric: Sequence,
+    content: ContentIdentity,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """For each volumetric group of a structure with an outline: a TID 1410 group with the same tracking
+    identifier and UID (the same finding) holding the structure's outline on one source image as a closed
+    POLYLINE. Viewers that draw only image regions (OHIF) then show the volumetric group's values there."""
+    groups = []
+    for group in volumetric:
+        key = TRACKING_STRUCTURES.get(group.tracking_identifier)
+        outline = outlines.get(key) if key else None
+        if outline is None:
+            continue
+        shift = np.array(outline.points) + 0.5  # 0-based pixel centres -> TLHC-origin pixel coordinates
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=group.tracking_uid, identifier=group.tracking_identifier
+                ),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=shift,
+                    source_image=_source_image(datasets, outline.index, outline.frame),
+                ),
+                finding_type=SPLEEN if key == "spleen" else LIVER,
+                algorithm_id=algorithm,
+                finding_sites=[hd.sr.FindingSite(SPLEEN if key == "spleen" else LIVER)],
             )
         )
     return groups
@@ -439,13 +485,15 @@ def build_sr(
     algorithm_version: str = lpm_node.__version__,
     identity: ContentIdentity | None = None,
     roi_disks: Sequence[RoiDisk] = (),
+    outlines: Mapping[str, Outline] | None = None,
     key_image: Dataset | None = None,
     predecessor: Dataset | None = None,
 ) -> Dataset:
     """Build a Comprehensive 3D SR (TID 1500) of ``measurement``, referencing ``seg``'s segments and the source.
 
     Values that are None are left out (never written as 0); the report then says why (category not assessable,
-    QC flags). ``roi_disks`` become planar groups with image regions; ``key_image`` is referenced as pertinent
+    QC flags). ``roi_disks`` become planar groups with image regions; ``outlines`` ("liver", "spleen") give the
+    volumetric groups of those structures a planar partner (same tracking UID); ``key_image`` is referenced as pertinent
     other evidence; ``predecessor`` (an earlier SR of the same series with other content) goes in the
     Predecessor Documents Sequence. UIDs are derived from ``identity`` (default: the series and the version).
     """
@@ -462,6 +510,7 @@ def build_sr(
     )
     algorithm = _algorithm(content)
     groups = _measurement_groups(seg, measurement, content, algorithm)
+    groups += _outline_groups(datasets, outlines or {}, groups, content, algorithm)
     groups += _disk_groups(datasets, roi_disks, measurement, content, algorithm)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),

@@ -20,7 +20,7 @@ from pydicom import Dataset
 
 import lpm_node
 from lpm_node.answer import build_key_image, build_seg, build_sr, nearest_source_slice, write_dataset
-from lpm_node.answer.frames import GAP, RoiDisk
+from lpm_node.answer.frames import GAP, Outline, RoiDisk, mask_outline
 from lpm_node.answer.keyimage import render_key_image
 from lpm_node.answer.kos import build_kos
 from lpm_node.answer.uids import ContentIdentity
@@ -195,6 +195,24 @@ def roi_disks(result: SeriesResult) -> list[tuple[int, RoiDisk]]:
     return out
 
 
+def outlines(masks: dict[str, np.ndarray], frame_refs: Sequence[tuple[int, int]], k: int) -> dict[str, Outline]:
+    """The liver's outline on source slice ``k`` and the spleen's on its largest source slice (real frames only)."""
+    out: dict[str, Outline] = {}
+    for name in ("liver", "spleen"):
+        if name not in masks or not masks[name].any():
+            continue
+        if name == "liver" and masks[name][k].any():
+            slice_k = k
+        else:
+            areas = masks[name].reshape(len(frame_refs), -1).sum(axis=1)
+            slice_k = nearest_source_slice(frame_refs, int(np.argmax(areas)))
+        index, frame = frame_refs[slice_k]
+        outline = mask_outline(masks[name][slice_k], index, frame)
+        if outline is not None:
+            out[name] = outline
+    return out
+
+
 def build_answer(
     result: SeriesResult, settings: Settings, predecessor: Dataset | None = None
 ) -> list[tuple[str, Dataset]]:
@@ -211,10 +229,10 @@ def build_answer(
         algorithm_version=content.software_version, model_description=result.model, identity=content,
     )
     disks = roi_disks(result)
+    # The method's index slice k (the middle ROI disk) on the source grid.
+    k = disks[len(disks) // 2][0] if disks else _key_slice(masks, source.frame_refs)
     key = None
     if settings.output.key_image:
-        # The method's index slice k (the middle ROI disk) on the source grid.
-        k = disks[len(disks) // 2][0] if disks else _key_slice(masks, source.frame_refs)
         key = build_key_image(
             source.datasets, source.frame_refs, k, masks["roi"][k], masks["liver"][k], result.measurement,
             algorithm_version=content.software_version, hu=sitk.GetArrayViewFromImage(source.image)[k],
@@ -222,7 +240,8 @@ def build_answer(
         )
     sr = build_sr(
         source.datasets, seg, result.measurement, algorithm_version=content.software_version, identity=content,
-        roi_disks=[disk for _, disk in disks], key_image=key, predecessor=predecessor,
+        roi_disks=[disk for _, disk in disks], outlines=outlines(masks, source.frame_refs, k), key_image=key,
+        predecessor=predecessor,
     )
     objects = [("SEG", seg), ("SR", sr)]
     if key is not None:
