@@ -80,16 +80,24 @@ def test_sr_draws_the_three_roi_disks_on_the_source_images(answers) -> None:
     for name in SOURCES:
         sr = hd.sr.srread(answers[name]["SR"])
         source = pydicom.dcmread(answers[name]["source"], stop_before_pixels=True)
-        planar = sr.content.get_planar_roi_measurement_groups()
+        groups = sr.content.get_planar_roi_measurement_groups()
+        planar = [g for g in groups if g.roi.graphic_type == hd.sr.GraphicTypeValues.CIRCLE]
+        outlines = {g.tracking_identifier: g for g in groups if g.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE}
         assert len(planar) == 3, name
+        # every volumetric group has a planar partner with the same tracking UID (OHIF merges them by it)
+        volumetric = {g.tracking_identifier: g.tracking_uid for g in sr.content.get_volumetric_roi_measurement_groups()}
+        partners = {g.tracking_identifier: g.tracking_uid for g in [*outlines.values(), planar[1]]}
+        assert partners == volumetric, name
+        for outline in outlines.values():
+            points = np.asarray(outline.roi.value)
+            assert len(points) >= 4 and np.array_equal(points[0], points[-1])  # closed
         for group in planar:
             region = group.roi
-            assert region.graphic_type == hd.sr.GraphicTypeValues.CIRCLE
             reference = region.ContentSequence[0].ReferencedSOPSequence[0]
             if name in ("legacy_enhanced", "enhanced"):
                 assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
                 assert int(reference.ReferencedFrameNumber) >= 1
-            assert "DL-parenchymal ROI disk" in group.tracking_identifier
+            assert group.tracking_identifier.startswith("DL-parenchymal ROI")
             (mean,) = [m for m in group.get_measurements() if m.method.value == "DLPARDISK"]
             assert 20.0 < mean.value < 50.0 and mean.unit.value == "[hnsf'U]"
             centre, edge = np.asarray(region.value)
@@ -103,7 +111,9 @@ def test_sr_draws_the_three_roi_disks_on_the_source_images(answers) -> None:
 def test_key_image_shows_the_index_slice_and_sr_and_kos_reference_it(answers) -> None:
     for name in SOURCES:
         sr, key, kos = (_read(answers, name, kind) for kind in ("SR", "KEY", "KOS"))
-        middle = hd.sr.srread(answers[name]["SR"]).content.get_planar_roi_measurement_groups()[1]
+        disks = [g for g in hd.sr.srread(answers[name]["SR"]).content.get_planar_roi_measurement_groups()
+                 if g.roi.graphic_type == hd.sr.GraphicTypeValues.CIRCLE]
+        middle = disks[1]
         region_ref = middle.roi.ContentSequence[0].ReferencedSOPSequence[0]
         key_ref = key.SourceImageSequence[0]
         assert key_ref.ReferencedSOPInstanceUID == region_ref.ReferencedSOPInstanceUID, name
