@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk orthanc dicom3tools dcm2niix openssl)
+APT_PACKAGES=(dcmtk orthanc dicom3tools dcm2niix openssl orthanc-dicomweb pixelmed-apps chromium openjdk-17-jdk-headless npm)
 VENV=.venv
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -30,6 +30,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e '.[test]'
   touch "$stamp"
+fi
+
+# OHIF for the viewer test: the published build, cached (gitignored); the test skips when it cannot be fetched.
+OHIF_VERSION=3.13.2
+if [ ! -f .cache/ohif/package/dist/index.html ] && command -v npm >/dev/null; then
+  mkdir -p .cache/ohif
+  (cd .cache/ohif && npm pack -q "@ohif/app@$OHIF_VERSION" >/dev/null && tar xzf "ohif-app-$OHIF_VERSION.tgz") \
+    || echo "dev.sh: could not fetch @ohif/app@$OHIF_VERSION (the viewer test will skip)" >&2
 fi
 
 case "${1:-}" in

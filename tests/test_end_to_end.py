@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 TRUE_HU = 30.0
-KINDS = {"SEG", "SR", "OT"}  # the key image is a Secondary Capture (Modality OT)
+KINDS = {"SEG", "SR", "OT", "KO"}  # the key image is a Secondary Capture (Modality OT); KO: key object selection
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +72,11 @@ def _results_at(orthanc: Orthanc, study_uid: str) -> dict[str, list]:
 
 
 def _sr_value(sr) -> float:  # noqa: ANN001
+    """The DL-parenchymal value, found as the README says: by its measurement method, not a tracking identifier."""
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
     for group in report.content.get_volumetric_roi_measurement_groups():
         for measurement in group.get_measurements():
-            if measurement.name.value == "112031" and "parenchymal" in str(group.tracking_identifier).lower():
+            if measurement.name.value == "112031" and measurement.method and measurement.method.value == "DLPAR":
                 return float(measurement.value)
     raise AssertionError("no DL-parenchymal attenuation in the SR")
 
@@ -88,7 +89,7 @@ def test_phantom_ct_is_measured_and_answered_at_orthanc(tmp_path, orthanc, chest
         row = node.wait_series_status(series_uid, ["done", "failed"], timeout=300)
         assert row["status"] == "done", row["reason"]
         deliveries = _wait_delivered(node, series_uid)
-        assert sorted(d["object_kind"] for d in deliveries) == ["KEY", "SEG", "SR"]
+        assert sorted(d["object_kind"] for d in deliveries) == ["KEY", "KOS", "SEG", "SR"]
         audit = {s["series_instance_uid"]: s for s in node.audit_json()}[series_uid]
         job = node.query("SELECT model_name, model_version, model_weights_sha256, model_test FROM jobs "
                          "WHERE series_instance_uid = ?", (series_uid,))[0]
@@ -124,7 +125,7 @@ def test_results_wait_while_the_pacs_is_down_and_go_out_once_it_is_back(tmp_path
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             rows = node.query("SELECT * FROM deliveries WHERE series_instance_uid = ?", (series_uid,))
-            if len(rows) == 3 and all(r["attempts"] >= 2 for r in rows):
+            if len(rows) == 4 and all(r["attempts"] >= 2 for r in rows):
                 break
             time.sleep(0.3)
         assert all(r["status"] == "pending" and "ConnectionRefused" in r["last_error"] for r in rows), rows

@@ -79,7 +79,7 @@ def test_process_writes_dicom_answer_that_validates(phantom_folder, tmp_path):
     result = _process(str(one), "--json", "--out", str(tmp_path / "out"), "--dicom-out")
     assert result.returncode == 0, result.stderr[-3000:]
     item = json.loads(result.stdout)
-    for kind in ("SEG", "SR", "KEY"):
+    for kind in ("SEG", "SR", "KEY", "KOS"):
         path = Path(item["files"][kind])
         assert dcmread(path).StudyInstanceUID == dcmread(next(one.iterdir())).StudyInstanceUID
         check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)

@@ -203,7 +203,10 @@ def test_writers_on_a_measured_phantom_are_consistent(tmp_path: Path, phantom: P
     assert f'Attenuation Coefficient")="{round(measurement.dl_parenchymal_hu, 2)}"' in dump
     read = hd.sr.srread(tmp_path / "sr.dcm")
     groups = {g.tracking_identifier: g for g in read.content.get_volumetric_roi_measurement_groups()}
-    (mean,) = [m for m in groups["DL-parenchymal ROI"].get_measurements() if m.derivation.value == "373098007"]
+    (mean,) = [
+        m for m in groups["DL-parenchymal ROI"].get_measurements()
+        if m.derivation is not None and m.derivation.value == "373098007" and m.method.value == "DLPAR"
+    ]
     assert mean.value == pytest.approx(measurement.dl_parenchymal_hu, abs=0.005)
     assert groups["DL-parenchymal ROI"].referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
     assert groups["DL-parenchymal ROI"].referenced_segment.referenced_segment_numbers == [2]
@@ -233,7 +236,7 @@ def test_seg_is_binary_uncompressed_aligned_with_source_instances() -> None:
     assert seg.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert seg.StudyInstanceUID == series.datasets[0].StudyInstanceUID
     assert seg.FrameOfReferenceUID == series.datasets[0].FrameOfReferenceUID
-    assert seg.SeriesDescription == "Liver segmentation (lpm-node)"
+    assert seg.SeriesDescription == "AI liver segmentation (lpm-node)"
     by_uid = {ds.SOPInstanceUID: ds for ds in series.datasets}
     for item in seg.PerFrameFunctionalGroupsSequence:
         source = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
@@ -243,7 +246,9 @@ def test_seg_is_binary_uncompressed_aligned_with_source_instances() -> None:
     assert labels == ["Liver", "DL-parenchymal ROI"]
     liver = seg.SegmentSequence[0]
     assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
-    assert liver.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"
+    assert liver.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"  # CID 7150 Anatomical Structure
+    assert seg.ContentCreatorName == "lpm-node^^^^"
+    assert seg.SeriesDate and seg.SeriesTime
     assert liver.SegmentAlgorithmType == "AUTOMATIC"
     assert liver.SegmentAlgorithmName == "lpm-node DL-parenchymal"
     read = hd.seg.Segmentation.from_dataset(seg)
@@ -313,9 +318,12 @@ def test_sr_validates_and_carries_the_measurement(tmp_path: Path) -> None:
         assert f'="{value}"' in dump, value
     assert "Moderate-to-severe hepatic steatosis" in dump
     assert "< 40 HU" in dump
-    assert '(197321007,SCT,"Steatosis of liver")' not in dump  # dsrdump prints concept names without codes
-    assert '"Steatosis of liver")=(52101004,SCT,"Present")' in dump
-    assert "Liver cut by the inferior end of the scan" in dump
+    assert '"Steatosis of liver")=(371924009,SCT,"Moderate to Severe")' in dump
+    assert "The liver is cut by the lower end of the scan." in dump  # the flag's sentence, never its name
+    assert "liver_cut_inferior" not in dump.replace("(liver_cut_inferior,99LPM", "")
+    assert '(370129005,SCT,"Measurement Method")' not in dump  # dsrdump: concept names only
+    assert "<has concept mod CODE:(,,\"Measurement Method\")" in dump
+    assert "<contains CODE:(,,\"Measurement Method\")" not in dump
 
     read = hd.sr.srread(path)
     assert read.StudyInstanceUID == series.datasets[0].StudyInstanceUID
@@ -337,8 +345,7 @@ def test_sr_validates_and_carries_the_measurement(tmp_path: Path) -> None:
     assert volume[0].value == pytest.approx(measurement.liver_volume_ml) and volume[0].unit.value == "ml"
     assert groups["Whole liver (DL-volumetric)"].referenced_segment.referenced_segment_numbers == [1]
     evaluations = {q.name.meaning: q.value for q in roi_group.get_qualitative_evaluations()}
-    assert evaluations["Steatosis of liver"].value == "52101004"
-    assert evaluations["Hepatic steatosis category"].meaning == "Moderate-to-severe hepatic steatosis"
+    assert evaluations["Steatosis of liver"].value == "371924009"  # CID 3716 Moderate to severe
     evidence = {
         item.SeriesInstanceUID for item in read.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     }
@@ -367,8 +374,9 @@ def test_sr_not_assessable_has_no_attenuation_values(tmp_path: Path) -> None:
     assert errors == []
     dump = _dsrdump(path)
     assert "hnsf" not in dump and "NUM:" not in dump.split("Imaging Measurements")[1]
-    assert '(82334004,SCT,"Indeterminate")' in dump
-    assert "Not assessable (no_liver)" in dump
+    assert '"Steatosis of liver")=(373068000,SCT,"Undetermined")' in dump
+    assert "Not assessable. No liver was found in the scan." in dump
+    assert '"Reason not assessable")=(no_liver,99LPM,"No liver was found in the scan")' in dump
     read = hd.sr.srread(path)
     (group,) = read.content.get_volumetric_roi_measurement_groups()
     assert group.get_measurements() == []
@@ -382,8 +390,8 @@ def test_sr_below_threshold_is_not_coded_as_absent_steatosis() -> None:
     groups = {g.tracking_identifier: g for g in read.content.get_volumetric_roi_measurement_groups()}
     assert "Spleen" not in groups
     evaluations = {q.name.meaning: q.value.meaning for q in groups["DL-parenchymal ROI"].get_qualitative_evaluations()}
-    assert "Steatosis of liver" not in evaluations  # below the threshold is not "absent": mild stays possible
-    assert evaluations["Hepatic steatosis category"] == "No moderate-to-severe hepatic steatosis"
+    # below the threshold is not "absent": mild stays possible
+    assert evaluations["Steatosis of liver"] == "Not moderate to severe"
 
 
 # --- key image ------------------------------------------------------------------------------------------------------

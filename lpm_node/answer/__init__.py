@@ -1,17 +1,21 @@
-"""DICOM writers: the SEG, the TID 1500 SR and the key image the node answers the PACS with.
+"""DICOM writers: the SEG, the TID 1500 SR, the key image and the Key Object Selection the node answers with.
 
-All three reference the source series in its study, with UIDs derived from the source series and the algorithm
-version (``derive_uid``), so a re-run replaces rather than duplicates.
+All reference the source series in its study, with UIDs derived from the identity of their content
+(``ContentIdentity``: source series, software version, model, result-changing settings), so a re-run replaces
+rather than duplicates and a different result never reuses a UID.
 """
 
 from lpm_node.answer.frames import nearest_source_slice, write_dataset
 from lpm_node.answer.keyimage import build_key_image
+from lpm_node.answer.kos import build_kos
 from lpm_node.answer.seg import build_seg, segment_number
 from lpm_node.answer.sr import build_sr
-from lpm_node.answer.uids import derive_uid
+from lpm_node.answer.uids import ContentIdentity, derive_uid
 
 __all__ = [
+    "ContentIdentity",
     "build_key_image",
+    "build_kos",
     "build_seg",
     "build_sr",
     "derive_uid",

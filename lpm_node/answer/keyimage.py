@@ -14,23 +14,30 @@ from pydicom.uid import ExplicitVRLittleEndian
 import lpm_node
 from lpm_node.answer.frames import (
     GAP,
+    KEY_IMAGE_SERIES_DESCRIPTION,
     KEY_IMAGE_SERIES_NUMBER,
     MANUFACTURER,
+    MODEL_NAME,
+    TEST_MODEL_NOTICE,
     check_frame_refs,
     frame_hu,
     frame_orientation,
     frame_pixel_spacing,
+    hu_text,
+    model_text,
     number_of_frames,
     source_series_uid,
+    stamp_context,
 )
-from lpm_node.answer.uids import derive_uid
-from lpm_node.imaging.measurement import NOT_ASSESSABLE, STEATOSIS, Measurement
+from lpm_node.answer.uids import ContentIdentity, identity_for
+from lpm_node.imaging.measurement import NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
+from lpm_node.imaging.model_identity import ModelIdentity
 
-SERIES_DESCRIPTION = "Liver attenuation key image (lpm-node)"
+SERIES_DESCRIPTION = KEY_IMAGE_SERIES_DESCRIPTION
 WINDOW_CENTRE = 40.0
 WINDOW_WIDTH = 400.0
 LIVER_COLOUR = (0, 200, 255)  # RGB: light blue outline
-ROI_COLOUR = (255, 220, 0)  # RGB: yellow outline
+ROI_COLOUR = (0, 255, 0)  # RGB: pure green outline, no grey CT pixel comes near it
 TEXT_COLOURS = {STEATOSIS: (255, 80, 80), NOT_ASSESSABLE: (255, 200, 0)}
 DEFAULT_TEXT_COLOUR = (120, 255, 120)
 
@@ -59,21 +66,37 @@ def _outline(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], th
     cv2.drawContours(rgb, contours, -1, colour, thickness)
 
 
-def result_lines(measurement: Measurement) -> list[str]:
-    """The text burnt into the key image: the value and the category (or why there is none)."""
-    if measurement.dl_parenchymal_hu is None or measurement.category == NOT_ASSESSABLE:
-        lines = ["DL-parenchymal attenuation: not assessable"]
-        if measurement.qc_flags:
-            lines.append("QC: " + ", ".join(measurement.qc_flags))
-        return lines
-    relation = "<" if measurement.category == STEATOSIS else ">="
-    verdict = "Moderate-to-severe" if measurement.category == STEATOSIS else "No moderate-to-severe"
-    lines = [
-        f"DL-parenchymal attenuation: {measurement.dl_parenchymal_hu:.1f} HU",
-        f"{verdict} hepatic steatosis ({relation} {measurement.threshold_hu:g} HU)",
-    ]
-    if measurement.qc_flags:
-        lines.append("QC: " + ", ".join(measurement.qc_flags))
+def _reasons(measurement: Measurement) -> list[str]:
+    return list(measurement.not_assessable_reasons)
+
+
+def result_lines(measurement: Measurement, model: ModelIdentity | None = None) -> list[str]:
+    """The text burnt into the key image: the value and the category (or "Not assessable" and why), each QC flag
+    as a sentence, the model and, for a test model, a notice that it is not for clinical use.
+
+    Values are shown with as many decimals as it takes to stay on their side of the threshold."""
+    value, threshold = measurement.dl_parenchymal_hu, measurement.threshold_hu
+    lines: list[str] = []
+    if model is not None and model.test_model:
+        lines.append(f"{TEST_MODEL_NOTICE}")
+    if value is None or measurement.category == NOT_ASSESSABLE:
+        lines.append("Not assessable")
+        reasons = _reasons(measurement)
+        lines += [f"- {flag_sentence(flag)}" for flag in reasons] or ["- No DL-parenchymal value could be measured."]
+        if value is not None:
+            lines.append(f"DL-parenchymal attenuation {hu_text(value, threshold)} HU (not used for a category)")
+        others = [flag for flag in measurement.qc_flags if flag not in reasons]
+    else:
+        relation = "<" if measurement.category == STEATOSIS else ">="
+        verdict = "Moderate-to-severe" if measurement.category == STEATOSIS else "No moderate-to-severe"
+        lines += [
+            f"DL-parenchymal attenuation: {hu_text(value, threshold)} HU",
+            f"{verdict} hepatic steatosis ({hu_text(value, threshold)} {relation} {threshold:g} HU)",
+        ]
+        others = list(measurement.qc_flags)
+    lines += [f"QC: {flag_sentence(flag)}" for flag in others]
+    if model is not None:
+        lines.append(f"Model: {model_text(model)}")
     return lines
 
 
@@ -94,7 +117,11 @@ def _wrap(lines: list[str], draw: ImageDraw.ImageDraw, font: ImageFont.FreeTypeF
 
 
 def render_key_image(
-    hu: np.ndarray, roi_mask_slice: np.ndarray, liver_mask_slice: np.ndarray, measurement: Measurement
+    hu: np.ndarray,
+    roi_mask_slice: np.ndarray,
+    liver_mask_slice: np.ndarray,
+    measurement: Measurement,
+    model: ModelIdentity | None = None,
 ) -> np.ndarray:
     """RGB uint8 (rows, cols, 3): windowed CT, liver and ROI outlines, result text."""
     rows, cols = hu.shape
@@ -109,10 +136,11 @@ def render_key_image(
     font = ImageFont.load_default(size=size)
     colour = TEXT_COLOURS.get(measurement.category, DEFAULT_TEXT_COLOUR)
     y = size // 2
-    for line in _wrap(result_lines(measurement), draw, font, cols - size):
+    for line in _wrap(result_lines(measurement, model), draw, font, cols - size):
         draw.text((size // 2, y), line, fill=colour, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
         y += round(size * 1.3)
-    draw.text((size // 2, rows - size * 2), "lpm-node (not for primary diagnosis)", fill=(200, 200, 200), font=font)
+    footer = "AI-generated by lpm-node (not for primary diagnosis)"
+    draw.text((size // 2, rows - size * 2), footer, fill=(200, 200, 200), font=font)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -135,6 +163,7 @@ def build_key_image(
     *,
     algorithm_version: str = lpm_node.__version__,
     hu: np.ndarray | None = None,
+    identity: ContentIdentity | None = None,
 ) -> Dataset:
     """Secondary Capture (RGB) of source slice k = ``hu_slice_index`` with outlines and the result burnt in.
 
@@ -143,7 +172,7 @@ def build_key_image(
 
     The masks are (rows, cols) on that source slice, which must have a source frame (see
     ``nearest_source_slice`` for slices the loader interpolated). Patient and study come from the source
-    dataset; UIDs are derived from the source series and the version.
+    dataset; UIDs are derived from ``identity`` (default: the source series and the version).
     """
     check_frame_refs(datasets, frame_refs)
     if not 0 <= hu_slice_index < len(frame_refs):
@@ -156,17 +185,17 @@ def build_key_image(
     for name, mask in (("roi", roi_mask_slice), ("liver", liver_mask_slice)):
         if np.shape(mask) != hu.shape:
             raise ValueError(f"{name} mask slice shape {np.shape(mask)} differs from the CT slice {hu.shape}")
-    pixels = render_key_image(hu, roi_mask_slice, liver_mask_slice, measurement)
-    series_uid = source_series_uid(datasets)
+    content = identity_for(source_series_uid(datasets), algorithm_version, identity)
+    pixels = render_key_image(hu, roi_mask_slice, liver_mask_slice, measurement, content.model)
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=derive_uid(series_uid, algorithm_version, "key-image-series"),
+        series_instance_uid=content.uid("key-image-series"),
         series_number=KEY_IMAGE_SERIES_NUMBER,
-        sop_instance_uid=derive_uid(series_uid, algorithm_version, "key-image-instance"),
+        sop_instance_uid=content.uid("key-image-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         pixel_spacing=frame_pixel_spacing(source, frame),
@@ -178,7 +207,10 @@ def build_key_image(
     image.SeriesDescription = SERIES_DESCRIPTION
     image.DerivationDescription = "CT slice (W400/L40) with liver and DL-parenchymal ROI outlined, result burnt in"
     image.SourceImageSequence = [_source_image_item(source, frame)]
-    image.SoftwareVersions = algorithm_version
+    image.SoftwareVersions = content.software_version
+    image.ManufacturerModelName = MODEL_NAME
+    image.ConversionType = "WSD"  # a workstation rendering, not a digitised film (DI)
+    stamp_context(image, source)
     if source.get("BodyPartExamined"):
         image.BodyPartExamined = source.BodyPartExamined
     else:

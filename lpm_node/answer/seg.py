@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -17,19 +18,24 @@ from lpm_node.answer.frames import (
     GAP,
     MANUFACTURER,
     MODEL_NAME,
+    SEG_SERIES_DESCRIPTION,
     SEG_SERIES_NUMBER,
+    TEST_MODEL_NOTICE,
     check_frame_refs,
     number_of_frames,
     source_series_uid,
+    stamp_context,
 )
-from lpm_node.answer.uids import derive_uid
+from lpm_node.answer.uids import ContentIdentity, identity_for
+from lpm_node.imaging.model_identity import ModelIdentity
 
-SERIES_DESCRIPTION = "Liver segmentation (lpm-node)"
+SERIES_DESCRIPTION = SEG_SERIES_DESCRIPTION
+CONTENT_CREATOR = "lpm-node^^^^"  # Content Creator's Name of an automatic segmentation: the software itself
 
 LIVER = Code("10200004", "SCT", "Liver")
 SPLEEN = Code("78961009", "SCT", "Spleen")
-ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
-SPATIAL_AND_RELATIONAL_CONCEPT = Code("309825002", "SCT", "Spatial and Relational Concept")
+ANATOMICAL_STRUCTURE = codes.cid7150.AnatomicalStructure  # (91723000, SCT), CID 7150
+SPATIAL_AND_RELATIONAL_CONCEPT = codes.cid7150.SpatialAndRelationalConcept  # (309825002, SCT), CID 7150
 REGION_OF_INTEREST = Code("C85402", "NCIt", "Imaging Region of Interest")
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 
@@ -57,9 +63,21 @@ SEGMENTS: tuple[SegmentSpec, ...] = (
 SEGMENT_LABELS: dict[str, str] = {spec.key: spec.label for spec in SEGMENTS}
 
 
-def algorithm_identification(algorithm_version: str, model_description: str = "") -> hd.AlgorithmIdentificationSequence:
-    """Algorithm Identification Sequence naming the node's algorithm and version."""
-    parameters = {"model": model_description} if model_description else None
+def model_parameters(model: ModelIdentity | None, model_description: str = "") -> dict[str, str]:
+    """Algorithm parameters naming the model (name, version, weights checksum; a test model says so)."""
+    if model is None:
+        return {"model": model_description} if model_description else {}
+    parameters = {"model": model.name, "model version": model.version, "weights sha256": model.weights_sha256}
+    if model.test_model:
+        parameters["use"] = TEST_MODEL_NOTICE
+    return parameters
+
+
+def algorithm_identification(
+    algorithm_version: str, model_description: str = "", model: ModelIdentity | None = None
+) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification Sequence naming the node's algorithm, its version and the model."""
+    parameters = model_parameters(model, model_description) or None
     return hd.AlgorithmIdentificationSequence(
         name=lpm_node.ALGORITHM_NAME,
         family=ARTIFICIAL_INTELLIGENCE,
@@ -128,13 +146,14 @@ def build_seg(
     omit_empty_frames: bool = True,
     algorithm_version: str = lpm_node.__version__,
     model_description: str = "",
+    identity: ContentIdentity | None = None,
 ) -> Dataset:
     """Build a BINARY DICOM-SEG of ``masks`` on the source CT grid.
 
     ``masks`` maps "liver" (required), "roi" and "spleen" (optional) to uint8 arrays (k, rows, cols) in the k order
     of ``frame_refs`` (for each k: index into ``datasets``, 0-based frame number; ``(-1, -1)`` for a slice
     interpolated across a gap, which is left out). Works for single-frame series in any order and for one
-    multi-frame (Enhanced) CT. UIDs are derived from the source series and the version.
+    multi-frame (Enhanced) CT. UIDs are derived from ``identity`` (default: the source series and the version).
     """
     unknown = set(masks) - set(SEGMENT_LABELS)
     if unknown or "liver" not in masks:
@@ -154,8 +173,8 @@ def build_seg(
     pixels = _segment_array(arrays, ks, frames, number_of_frames(source_images[0]))
     # highdicom refuses a SEG without any frame: keep all frames when every mask is empty.
     omit = omit_empty_frames and bool(pixels.any())
-    series_uid = source_series_uid(datasets)
-    algorithm = algorithm_identification(algorithm_version, model_description)
+    content = identity_for(source_series_uid(datasets), algorithm_version, identity)
+    algorithm = algorithm_identification(algorithm_version, model_description, content.model)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -164,7 +183,7 @@ def build_seg(
             segmented_property_type=spec.property_type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=derive_uid(series_uid, algorithm_version, f"segment-{spec.key}"),
+            tracking_uid=content.uid(f"segment-{spec.key}"),
             tracking_id=spec.label,
             anatomic_regions=list(spec.anatomic_regions) or None,
             display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
@@ -177,9 +196,9 @@ def build_seg(
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=derive_uid(series_uid, algorithm_version, "seg-series"),
+        series_instance_uid=content.uid("seg-series"),
         series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=derive_uid(series_uid, algorithm_version, "seg-instance"),
+        sop_instance_uid=content.uid("seg-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
@@ -187,9 +206,12 @@ def build_seg(
         device_serial_number=DEVICE_SERIAL,
         content_label="LIVER_SEG",
         content_description="Liver, DL-parenchymal ROI and spleen",
-        content_creator_name=None,
+        content_creator_name=CONTENT_CREATOR,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=omit,
     )
     seg.SeriesDescription = SERIES_DESCRIPTION
+    if datasets[0].get("BodyPartExamined"):
+        seg.BodyPartExamined = datasets[0].BodyPartExamined
+    stamp_context(seg, datasets[0])
     return seg

@@ -42,7 +42,7 @@ from lpm_node.core.states import DeliveryStatus
 
 LOG = logging.getLogger(__name__)
 
-KINDS = ("SEG", "SR", "KEY")
+KINDS = ("SEG", "SR", "KEY", "KOS")
 MAX_CONTEXTS = 128  # presentation contexts per association (PS3.8: odd context ids 1..255)
 
 

@@ -1,8 +1,26 @@
-"""Comprehensive 3D SR with a TID 1500 Measurement Report of the node's liver attenuation measurement."""
+"""Comprehensive 3D SR with a TID 1500 Measurement Report of the node's liver attenuation measurement.
+
+Content (PS3.16):
+
+- TID 1411 volumetric groups that reference the SEG's segments: the DL-parenchymal ROI (the primary value, the
+  steatosis category, the QC and liver minus spleen), the robust parenchymal estimate, the whole liver
+  (attenuation and volume) and the spleen;
+- TID 1410 planar groups, one per ROI disk, with the disk as a CIRCLE (SCOORD) on its source CT image and its
+  mean HU, so viewers that draw image regions (OHIF) show the ROIs and the values; the group of the index slice
+  k is the same finding as the volumetric DL-parenchymal group (same tracking UID) and also carries the pooled
+  value and the category; the liver and spleen groups get a planar partner with the organ's outline (a viewer
+  that merges groups by tracking UID, as OHIF does, then has an image region for every measurement);
+- the report's Qualitative Evaluations: the category as code and as sentences, the reasons when not assessable,
+  every QC flag as a sentence, the model, and a notice for outputs of a test model.
+
+Finding the primary value without our tracking identifiers: the NUM (112031, DCM, "Attenuation Coefficient")
+with Measurement Method (370129005, SCT) = (DLPAR, 99LPM) in the measurement group whose Finding Site is
+(10200004, SCT, "Liver"); the category is the CODE (197321007, SCT, "Steatosis of liver") in the same group.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -15,54 +33,69 @@ from lpm_node.answer.frames import (
     DEVICE_SERIAL,
     MANUFACTURER,
     MODEL_NAME,
+    SR_SERIES_DESCRIPTION,
     SR_SERIES_NUMBER,
+    TEST_MODEL_NOTICE,
+    Outline,
+    RoiDisk,
+    frame_geometry_view,
+    honest_round,
+    hu_text,
+    model_text,
     number_of_frames,
     source_series_uid,
+    stamp_context,
 )
-from lpm_node.answer.seg import ARTIFICIAL_INTELLIGENCE, LIVER, SPLEEN, segment_number
-from lpm_node.answer.uids import derive_uid
-from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement
+from lpm_node.answer.seg import ARTIFICIAL_INTELLIGENCE, LIVER, SPLEEN, model_parameters, segment_number
+from lpm_node.answer.uids import DEVICE_OBSERVER_UID, ContentIdentity, identity_for
+from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
 
-SERIES_DESCRIPTION = "Liver attenuation report (lpm-node)"
+SERIES_DESCRIPTION = SR_SERIES_DESCRIPTION
 
-# Local coding scheme for the node's own concepts (declared in CodingSchemeIdentificationSequence).
+# Local coding scheme for the node's own concepts, only where no standard code exists (declared in
+# CodingSchemeIdentificationSequence).
 LOCAL_SCHEME = "99LPM"
-ATTENUATION = Code("112031", "DCM", "Attenuation Coefficient")
+ATTENUATION = codes.DCM.AttenuationCoefficient  # (112031, DCM)
 HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
-HU_DECIMALS = 2  # values are written rounded to 0.01 HU and 0.1 ml
+HU_DECIMALS = 2  # values are written rounded to 0.01 HU (more where that would cross the threshold) and 0.1 ml
 ML_DECIMALS = 1
 ML = Code("ml", "UCUM", "milliliter")
-MEAN = Code("373098007", "SCT", "Mean")
+MEAN = codes.SCT.Mean  # (373098007, SCT)
 STANDARD_DEVIATION = Code("386136009", "SCT", "Standard Deviation")
-VOLUME = Code("118565006", "SCT", "Volume")
+VOLUME = codes.cid7472.Volume  # (118565006, SCT)
+SUM_OF_VOXELS = codes.cid7474.SumOfSegmentedVoxelMethodForVolume  # (126030, DCM)
 PARENCHYMA = Code("91772007", "SCT", "Parenchyma")
 STEATOSIS_OF_LIVER = Code("197321007", "SCT", "Steatosis of liver")
-PRESENT = Code("52101004", "SCT", "Present")
-INDETERMINATE = Code("82334004", "SCT", "Indeterminate")
-COMPUTED_TOMOGRAPHY = Code("77477000", "SCT", "Computed Tomography")
+MODERATE_TO_SEVERE = codes.cid3716.ModerateToSevere  # (371924009, SCT), CID 3716 Severity
+UNDETERMINED = codes.cid230.Undetermined  # (373068000, SCT)
+MEASUREMENT_METHOD = Code("370129005", "SCT", "Measurement Method")
+PROCEDURE_REPORTED = codes.cid100.CTUnspecifiedBodyRegion  # (25045-6, LN), CID 100
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
-COMMENT = Code("121106", "DCM", "Comment")
+COMMENT = codes.DCM.Comment  # (121106, DCM)
+ALGORITHM_PARAMETERS = Code("111002", "DCM", "Algorithm Parameters")
 
 METHOD_DL_PARENCHYMAL = Code("DLPAR", LOCAL_SCHEME, "DL-parenchymal three-disk ROI (Zhang et al. 2024)")
+METHOD_DL_PARENCHYMAL_DISK = Code("DLPARDISK", LOCAL_SCHEME, "One disk of the DL-parenchymal ROI")
 METHOD_ROBUST = Code("ROBUSTPAR", LOCAL_SCHEME, "Robust parenchymal: liver eroded 5 mm, 3 robust-SD clipped mean")
 METHOD_VOLUMETRIC = Code("DLVOL", LOCAL_SCHEME, "DL-volumetric: mean over the whole liver mask")
 METHOD_LIVER_MINUS_SPLEEN = Code("LMS", LOCAL_SCHEME, "Liver minus spleen attenuation")
-STEATOSIS_CATEGORY = Code("CATEGORY", LOCAL_SCHEME, "Hepatic steatosis category")
+NO_MODERATE_TO_SEVERE = Code("NOMODSEV", LOCAL_SCHEME, "Not moderate to severe")
 QC_FLAG = Code("QCFLAG", LOCAL_SCHEME, "Quality control flag")
-CATEGORY_CODES = {
-    STEATOSIS: Code("MODSEV", LOCAL_SCHEME, "Moderate-to-severe hepatic steatosis"),
-    NO_STEATOSIS: Code("NOMODSEV", LOCAL_SCHEME, "No moderate-to-severe hepatic steatosis"),
-    NOT_ASSESSABLE: Code("NOTASSESSABLE", LOCAL_SCHEME, "Not assessable"),
-}
-# "Steatosis of liver" is coded only where the method says something about it: present (moderate-to-severe) or
-# indeterminate. Below-threshold is not "absent" (mild steatosis stays possible): the category code says it.
-STEATOSIS_PRESENCE = {STEATOSIS: PRESENT, NOT_ASSESSABLE: INDETERMINATE}
+NOT_ASSESSABLE_REASON = Code("NAREASON", LOCAL_SCHEME, "Reason not assessable")
+MODEL = Code("MODEL", LOCAL_SCHEME, "Segmentation model")
+
+# The category as the value of (197321007, SCT, "Steatosis of liver"): moderate to severe (CID 3716), not
+# assessable = undetermined (CID 230); below the threshold is not "absent" (mild steatosis stays possible), and no
+# standard code says "not moderate to severe", hence the local one.
+CATEGORY_VALUES = {STEATOSIS: MODERATE_TO_SEVERE, NO_STEATOSIS: NO_MODERATE_TO_SEVERE, NOT_ASSESSABLE: UNDETERMINED}
 
 TRACKING_DL_PARENCHYMAL = "DL-parenchymal ROI"
 TRACKING_ROBUST = "Liver parenchyma, robust estimate"
 TRACKING_LIVER = "Whole liver (DL-volumetric)"
 TRACKING_SPLEEN = "Spleen"
-TRACKING_LIVER_MINUS_SPLEEN = "Liver minus spleen"
+TRACKING_DISK = "DL-parenchymal ROI disk {number} of {count} ({label})"
+# Which structure's outline stands for each volumetric group in a viewer that draws only image regions.
+TRACKING_STRUCTURES = {TRACKING_ROBUST: "liver", TRACKING_LIVER: "liver", TRACKING_SPLEEN: "spleen"}
 
 
 def _coding_scheme_identification() -> Dataset:
@@ -73,46 +106,56 @@ def _coding_scheme_identification() -> Dataset:
     return item
 
 
-QC_FLAG_MEANINGS = {
-    "no_liver": "No liver found",
-    "roi_outside_liver": "ROI not fully inside the liver",
-    "liver_cut_inferior": "Liver cut by the inferior end of the scan",
-    "liver_cut_superior": "Liver cut by the superior end of the scan",
-    "little_liver": "Too little liver in view",
-    "roi_noisy": "High noise in the ROI",
-    "roi_on_edge_slices": "ROI slices moved off the largest-liver slice (scan edge)",
-    "roi_clipped": "ROI clipped at the image border",
-    "roi_slice_without_liver": "An ROI slice holds no liver",
-    "off_method_grid": "Measured off the 0.7 x 0.7 x 2.5 mm method grid",
-    "no_spleen": "No spleen found",
-}
+def _meaning(text: str) -> str:
+    """A Code Meaning (LO, at most 64 characters) from a sentence."""
+    text = text.rstrip(".")
+    return text if len(text) <= 64 else text[:63].rstrip() + "…"
 
 
 def qc_flag_code(flag: str) -> hd.sr.CodedConcept:
-    """A local code for one QC flag: the flag's name as code value, a readable meaning."""
-    return hd.sr.CodedConcept(flag, LOCAL_SCHEME, QC_FLAG_MEANINGS.get(flag, flag)[:64])
+    """A local code for one QC flag: the flag's name as code value, its sentence (shortened) as meaning."""
+    return hd.sr.CodedConcept(flag, LOCAL_SCHEME, _meaning(flag_sentence(flag)))
+
+
+def effective_category(measurement: Measurement) -> str:
+    """The category, not assessable whenever there is no DL-parenchymal value."""
+    return measurement.category if measurement.dl_parenchymal_hu is not None else NOT_ASSESSABLE
+
+
+def not_assessable_reasons(measurement: Measurement) -> list[str]:
+    """The QC flags that made the result not assessable."""
+    return list(measurement.not_assessable_reasons)
 
 
 def category_text(measurement: Measurement) -> str:
-    """One sentence stating the category, the value it rests on and the threshold (or why it is not assessable)."""
+    """One sentence stating the category, the value it rests on and the threshold (or why it is not assessable).
+
+    The value is shown with as many decimals as it takes to stay on its side of the threshold."""
     threshold = f"{measurement.threshold_hu:g} HU"
-    if measurement.category == NOT_ASSESSABLE or measurement.dl_parenchymal_hu is None:
-        reasons = ", ".join(measurement.qc_flags) or "no DL-parenchymal value"
-        return f"Not assessable ({reasons}); no attenuation value is reported. Threshold {threshold}."
-    value = f"DL-parenchymal attenuation {measurement.dl_parenchymal_hu:.1f} HU"
+    value = measurement.dl_parenchymal_hu
+    if effective_category(measurement) == NOT_ASSESSABLE:
+        reasons = " ".join(flag_sentence(f) for f in not_assessable_reasons(measurement))
+        reasons = reasons or "No DL-parenchymal value could be measured."
+        measured = "" if value is None else (
+            f" The DL-parenchymal attenuation measured {hu_text(value, measurement.threshold_hu)} HU, "
+            "but it is not used for a category."
+        )
+        return f"Not assessable. {reasons}{measured} Threshold {threshold}."
+    shown = f"DL-parenchymal attenuation {hu_text(value, measurement.threshold_hu)} HU"
     if measurement.category == STEATOSIS:
-        return f"Moderate-to-severe hepatic steatosis: {value} < {threshold}."
-    return f"No moderate-to-severe hepatic steatosis: {value} >= {threshold}."
+        return f"Moderate-to-severe hepatic steatosis: {shown} < {threshold}."
+    return f"No moderate-to-severe hepatic steatosis: {shown} >= {threshold}."
 
 
-def _attenuation(value: float, derivation: Code = MEAN, method: Code | None = None) -> hd.sr.Measurement:
-    return hd.sr.Measurement(
-        name=ATTENUATION, value=round(float(value), HU_DECIMALS), unit=HU, derivation=derivation, method=method
-    )
+def _attenuation(
+    value: float, derivation: Code | None = MEAN, method: Code | None = None, threshold: float | None = None
+) -> hd.sr.Measurement:
+    shown = honest_round(value, threshold, HU_DECIMALS) if threshold is not None else round(float(value), HU_DECIMALS)
+    return hd.sr.Measurement(name=ATTENUATION, value=shown, unit=HU, derivation=derivation, method=method)
 
 
-def _tracking(series_uid: str, version: str, label: str) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=derive_uid(series_uid, version, f"tracking-{label}"), identifier=label)
+def _tracking(content: ContentIdentity, label: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=content.uid(f"tracking-{label}"), identifier=label)
 
 
 def _referenced_segment(seg: Dataset, key: str, series_uid: str) -> hd.sr.ReferencedSegment | None:
@@ -128,48 +171,148 @@ def _referenced_segment(seg: Dataset, key: str, series_uid: str) -> hd.sr.Refere
 
 
 def _group_kwargs(
-    series_uid: str, version: str, label: str, seg: Dataset, key: str, algorithm: hd.sr.AlgorithmIdentification
+    content: ContentIdentity, label: str, seg: Dataset, key: str, algorithm: hd.sr.AlgorithmIdentification
 ) -> dict:
     """Common arguments of a TID 1411 group (tracking identifier, segment, algorithm)."""
-    segment = _referenced_segment(seg, key, series_uid)
+    segment = _referenced_segment(seg, key, content.source_series_uid)
     if segment is None:
         raise ValueError(f"the SEG has no segment for {key!r}")
-    return {
-        "tracking_identifier": _tracking(series_uid, version, label),
-        "referenced_segment": segment,
-        "algorithm_id": algorithm,
-    }
+    return {"tracking_identifier": _tracking(content, label), "referenced_segment": segment, "algorithm_id": algorithm}
 
 
 def _category_evaluations(measurement: Measurement) -> list[hd.sr.QualitativeEvaluation]:
-    category = measurement.category if measurement.dl_parenchymal_hu is not None else NOT_ASSESSABLE
-    evaluations = []
-    if category in STEATOSIS_PRESENCE:
-        evaluations.append(hd.sr.QualitativeEvaluation(STEATOSIS_OF_LIVER, STEATOSIS_PRESENCE[category]))
-    evaluations.append(hd.sr.QualitativeEvaluation(STEATOSIS_CATEGORY, CATEGORY_CODES[category]))
+    category = effective_category(measurement)
+    evaluations = [hd.sr.QualitativeEvaluation(STEATOSIS_OF_LIVER, CATEGORY_VALUES[category])]
+    if category == NOT_ASSESSABLE:
+        evaluations += [
+            hd.sr.QualitativeEvaluation(NOT_ASSESSABLE_REASON, qc_flag_code(flag))
+            for flag in not_assessable_reasons(measurement)
+        ]
     evaluations += [hd.sr.QualitativeEvaluation(QC_FLAG, qc_flag_code(flag)) for flag in measurement.qc_flags]
     return evaluations
 
 
-def _measurement_groups(
-    seg: Dataset, measurement: Measurement, series_uid: str, version: str
-) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations]:
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=lpm_node.ALGORITHM_NAME, version=version, family=ARTIFICIAL_INTELLIGENCE
+def _algorithm(content: ContentIdentity) -> hd.sr.AlgorithmIdentification:
+    parameters = [f"{name}: {value}" for name, value in model_parameters(content.model).items()]
+    return hd.sr.AlgorithmIdentification(
+        name=lpm_node.ALGORITHM_NAME, version=content.software_version, parameters=parameters or None,
+        family=ARTIFICIAL_INTELLIGENCE,
     )
+
+
+def _disk_groups(
+    datasets: Sequence[Dataset],
+    disks: Sequence[RoiDisk],
+    measurement: Measurement,
+    content: ContentIdentity,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """TID 1410 groups: each ROI disk as a CIRCLE on its source image with its mean; the middle disk (index
+    slice k) also carries the pooled DL-parenchymal value and the category."""
+    groups = []
+    middle = len(disks) // 2
+    for number, disk in enumerate(disks, start=1):
+        cx, cy = disk.centre
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
+            # PS3.3 C.18.6.1.2: pixel coordinates with (0.5, 0.5) the centre of the top left pixel... here the
+            # TLHC of the image is (0, 0), so a 0-based pixel centre c lies at c + 0.5.
+            graphic_data=np.array([[cx + 0.5, cy + 0.5], [cx + 0.5 + disk.radius, cy + 0.5]]),
+            source_image=_source_image(datasets, disk.index, disk.frame),
+        )
+        measurements = [_attenuation(disk.mean_hu, MEAN, METHOD_DL_PARENCHYMAL_DISK)]
+        evaluations = None
+        if number - 1 == middle and measurement.dl_parenchymal_hu is not None:
+            measurements.insert(
+                0, _attenuation(measurement.dl_parenchymal_hu, MEAN, METHOD_DL_PARENCHYMAL, measurement.threshold_hu)
+            )
+            evaluations = [hd.sr.QualitativeEvaluation(STEATOSIS_OF_LIVER, CATEGORY_VALUES[effective_category(
+                measurement)])]
+        # The index slice's disk is the DL-parenchymal ROI finding itself (same tracking identifier and UID as the
+        # volumetric group): viewers that merge groups by tracking UID show the pooled value and category on it.
+        tracking = (
+            _tracking(content, TRACKING_DL_PARENCHYMAL) if number - 1 == middle
+            else _tracking(content, TRACKING_DISK.format(number=number, count=len(disks), label=disk.label))
+        )
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_region=region,
+                finding_type=PARENCHYMA,
+                method=METHOD_DL_PARENCHYMAL,
+                algorithm_id=algorithm,
+                finding_sites=[hd.sr.FindingSite(LIVER)],
+                measurements=measurements,
+                qualitative_evaluations=evaluations,
+            )
+        )
+    return groups
+
+
+def _source_image(datasets: Sequence[Dataset], index: int, frame: int) -> hd.sr.SourceImageForRegion:
+    source = datasets[index]
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        referenced_frame_numbers=[frame + 1] if number_of_frames(source) > 1 else None,
+    )
+
+
+def _outline_groups(
+    datasets: Sequence[Dataset],
+    outlines: Mapping[str, Outline],
+    volumetric: Sequence,
+    content: ContentIdentity,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """For each volumetric group of a structure with an outline: a TID 1410 group with the same tracking
+    identifier and UID (the same finding) holding the structure's outline on one source image as a closed
+    POLYLINE. Viewers that draw only image regions (OHIF) then show the volumetric group's values there."""
+    groups = []
+    for group in volumetric:
+        key = TRACKING_STRUCTURES.get(group.tracking_identifier)
+        outline = outlines.get(key) if key else None
+        if outline is None:
+            continue
+        shift = np.array(outline.points) + 0.5  # 0-based pixel centres -> TLHC-origin pixel coordinates
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=group.tracking_uid, identifier=group.tracking_identifier
+                ),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=shift,
+                    source_image=_source_image(datasets, outline.index, outline.frame),
+                ),
+                finding_type=SPLEEN if key == "spleen" else LIVER,
+                algorithm_id=algorithm,
+                finding_sites=[hd.sr.FindingSite(SPLEEN if key == "spleen" else LIVER)],
+            )
+        )
+    return groups
+
+
+def _measurement_groups(
+    seg: Dataset, measurement: Measurement, content: ContentIdentity, algorithm: hd.sr.AlgorithmIdentification
+) -> list:
     liver_site = [hd.sr.FindingSite(LIVER)]
     groups: list = []
-    has_roi = segment_number(seg, "roi") is not None
-    roi_key = "roi" if has_roi else "liver"
+    roi_key = "roi" if segment_number(seg, "roi") is not None else "liver"
     # The DL-parenchymal group always exists: it carries the category, also when the value is not assessable.
     roi_measurements = []
     if measurement.dl_parenchymal_hu is not None:
-        roi_measurements.append(_attenuation(measurement.dl_parenchymal_hu))
+        roi_measurements.append(
+            _attenuation(measurement.dl_parenchymal_hu, MEAN, METHOD_DL_PARENCHYMAL, measurement.threshold_hu)
+        )
         if measurement.roi_sd_hu is not None:
             roi_measurements.append(_attenuation(measurement.roi_sd_hu, STANDARD_DEVIATION))
+        if measurement.liver_minus_spleen_hu is not None:
+            # A difference of two attenuations, kept in this group (a TID 1501 group of its own is read as a
+            # TID 1411 group without a region by pixelmed's validator).
+            roi_measurements.append(_attenuation(measurement.liver_minus_spleen_hu, None, METHOD_LIVER_MINUS_SPLEEN))
     groups.append(
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            **_group_kwargs(series_uid, version, TRACKING_DL_PARENCHYMAL, seg, roi_key, algorithm),
+            **_group_kwargs(content, TRACKING_DL_PARENCHYMAL, seg, roi_key, algorithm),
             finding_type=PARENCHYMA,
             method=METHOD_DL_PARENCHYMAL,
             finding_sites=liver_site,
@@ -180,7 +323,7 @@ def _measurement_groups(
     if measurement.robust_parenchymal_hu is not None:
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                **_group_kwargs(series_uid, version, TRACKING_ROBUST, seg, "liver", algorithm),
+                **_group_kwargs(content, TRACKING_ROBUST, seg, "liver", algorithm),
                 finding_type=PARENCHYMA,
                 method=METHOD_ROBUST,
                 finding_sites=liver_site,
@@ -189,15 +332,18 @@ def _measurement_groups(
         )
     liver_measurements = []
     if measurement.dl_volumetric_hu is not None:
-        liver_measurements.append(_attenuation(measurement.dl_volumetric_hu))
+        liver_measurements.append(_attenuation(measurement.dl_volumetric_hu, MEAN, METHOD_VOLUMETRIC))
     if measurement.liver_volume_ml and measurement.liver_volume_ml > 0:
         liver_measurements.append(
-            hd.sr.Measurement(name=VOLUME, value=round(float(measurement.liver_volume_ml), ML_DECIMALS), unit=ML)
+            hd.sr.Measurement(
+                name=VOLUME, value=round(float(measurement.liver_volume_ml), ML_DECIMALS), unit=ML,
+                method=SUM_OF_VOXELS,
+            )
         )
     if liver_measurements:
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                **_group_kwargs(series_uid, version, TRACKING_LIVER, seg, "liver", algorithm),
+                **_group_kwargs(content, TRACKING_LIVER, seg, "liver", algorithm),
                 finding_type=LIVER,
                 method=METHOD_VOLUMETRIC,
                 finding_sites=liver_site,
@@ -207,60 +353,51 @@ def _measurement_groups(
     if measurement.spleen_hu is not None and segment_number(seg, "spleen") is not None:
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                **_group_kwargs(series_uid, version, TRACKING_SPLEEN, seg, "spleen", algorithm),
+                **_group_kwargs(content, TRACKING_SPLEEN, seg, "spleen", algorithm),
                 finding_type=SPLEEN,
                 finding_sites=[hd.sr.FindingSite(SPLEEN)],
                 measurements=[_attenuation(measurement.spleen_hu)],
             )
         )
-    if measurement.liver_minus_spleen_hu is not None:
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(series_uid, version, TRACKING_LIVER_MINUS_SPLEEN),
-                method=METHOD_LIVER_MINUS_SPLEEN,
-                algorithm_id=algorithm,
-                finding_sites=liver_site,
-                measurements=[
-                    hd.sr.Measurement(
-                        name=ATTENUATION,
-                        value=round(float(measurement.liver_minus_spleen_hu), HU_DECIMALS),
-                        unit=HU,
-                        method=METHOD_LIVER_MINUS_SPLEEN,
-                    )
-                ],
-            )
-        )
     return groups
 
 
-def _report_evaluations(measurement: Measurement) -> hd.sr.ContainerContentItem:
-    """TID 1500 row "Qualitative Evaluations": the category as code and as a sentence with the threshold."""
+def _text(name: Code, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def report_sentences(measurement: Measurement, content: ContentIdentity) -> list[tuple[Code, str]]:
+    """The report's text items: category sentence, each QC flag as a sentence, the model, a test-model notice."""
+    items: list[tuple[Code, str]] = [(COMMENT, category_text(measurement))]
+    if effective_category(measurement) == NOT_ASSESSABLE:
+        items += [(NOT_ASSESSABLE_REASON, flag_sentence(f)) for f in not_assessable_reasons(measurement)]
+    items += [(QC_FLAG, flag_sentence(f)) for f in measurement.qc_flags]
+    if content.model is not None:
+        items.append((MODEL, model_text(content.model)))
+        if content.model.test_model:
+            items.append(
+                (COMMENT, f"{TEST_MODEL_NOTICE}: this result comes from a test model trained on synthetic "
+                          "phantoms; it is not for clinical use.")
+            )
+    return items
+
+
+def _report_evaluations(measurement: Measurement, content: ContentIdentity) -> hd.sr.ContainerContentItem:
+    """TID 1500 row "Qualitative Evaluations": the category as code and as sentences."""
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    category = measurement.category if measurement.dl_parenchymal_hu is not None else NOT_ASSESSABLE
+    category = effective_category(measurement)
     container.ContentSequence = hd.sr.ContentSequence(
         [
             hd.sr.CodeContentItem(
-                name=STEATOSIS_CATEGORY,
-                value=CATEGORY_CODES[category],
+                name=STEATOSIS_OF_LIVER,
+                value=CATEGORY_VALUES[category],
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             ),
-            hd.sr.TextContentItem(
-                name=COMMENT,
-                value=category_text(measurement),
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            ),
+            *(_text(name, value) for name, value in report_sentences(measurement, content)),
         ]
     )
-    if measurement.qc_flags:
-        container.ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=QC_FLAG,
-                value="QC flags: " + "; ".join(QC_FLAG_MEANINGS.get(f, f) for f in measurement.qc_flags),
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        )
     return container
 
 
@@ -274,6 +411,14 @@ def _nonempty_frames(seg: Dataset) -> np.ndarray:
     return bits.reshape(n_frames, n_pixels).any(axis=1)
 
 
+def _library_entry(ds: Dataset, frames: Sequence[int]) -> Dataset:
+    """The image as the image library sees it: a multi-frame image described by its first referenced frame
+    (Enhanced CT keeps Pixel Spacing and the plane in its functional groups)."""
+    if number_of_frames(ds) > 1 or "PixelSpacing" not in ds:
+        return frame_geometry_view(ds, min(frames) if frames else 0)
+    return ds
+
+
 def library_images(datasets: Sequence[Dataset], seg: Dataset) -> list[Dataset]:
     """The source images the measurement was made on, for the TID 1600 image library.
 
@@ -285,18 +430,50 @@ def library_images(datasets: Sequence[Dataset], seg: Dataset) -> list[Dataset]:
     shared = seg.SharedFunctionalGroupsSequence[0]
     for key in ("roi", "liver"):
         number = segment_number(seg, key)
-        uids: dict[str, None] = {}
+        uids: dict[str, list[int]] = {}
         for frame, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
             identification = item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
             if identification[0].ReferencedSegmentNumber != number or not nonempty[frame]:
                 continue
             for derivation in item.get("DerivationImageSequence", []):
                 for source in derivation.SourceImageSequence:
-                    uids[str(source.ReferencedSOPInstanceUID)] = None
-        images = [by_uid[uid] for uid in uids if uid in by_uid]
+                    frames = uids.setdefault(str(source.ReferencedSOPInstanceUID), [])
+                    if "ReferencedFrameNumber" in source:
+                        frames += [int(n) - 1 for n in np.atleast_1d(source.ReferencedFrameNumber)]
+        images = [_library_entry(by_uid[uid], frames) for uid, frames in uids.items() if uid in by_uid]
         if images:
             return images
-    return [datasets[len(datasets) // 2]]
+    middle = datasets[len(datasets) // 2]
+    return [_library_entry(middle, [number_of_frames(middle) // 2])]
+
+
+def _concept_value(item: Dataset) -> str | None:
+    sequence = item.get("ConceptNameCodeSequence")
+    return str(sequence[0].CodeValue) if sequence else None
+
+
+def fix_measurement_method_relationship(items: Sequence[Dataset]) -> None:
+    """Measurement Method (370129005, SCT) of a measurement group is HAS CONCEPT MOD (TID 1419 row 1, TID 1501
+    row 5); highdicom writes CONTAINS. Fixed in place, recursively."""
+    for item in items:
+        if _concept_value(item) == MEASUREMENT_METHOD.value and item.get("RelationshipType") == "CONTAINS":
+            item.RelationshipType = "HAS CONCEPT MOD"
+        if "ContentSequence" in item:
+            fix_measurement_method_relationship(item.ContentSequence)
+
+
+def _key_image_reference(key_image: Dataset) -> Dataset:
+    """Pertinent Other Evidence item (Hierarchical SOP Instance Reference) of the key image."""
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = key_image.SOPClassUID
+    instance.ReferencedSOPInstanceUID = key_image.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = key_image.SeriesInstanceUID
+    series.ReferencedSOPSequence = [instance]
+    study = Dataset()
+    study.StudyInstanceUID = key_image.StudyInstanceUID
+    study.ReferencedSeriesSequence = [series]
+    return study
 
 
 def build_sr(
@@ -305,42 +482,65 @@ def build_sr(
     measurement: Measurement,
     *,
     algorithm_version: str = lpm_node.__version__,
+    identity: ContentIdentity | None = None,
+    roi_disks: Sequence[RoiDisk] = (),
+    outlines: Mapping[str, Outline] | None = None,
+    key_image: Dataset | None = None,
+    predecessor: Dataset | None = None,
 ) -> Dataset:
     """Build a Comprehensive 3D SR (TID 1500) of ``measurement``, referencing ``seg``'s segments and the source.
 
     Values that are None are left out (never written as 0); the report then says why (category not assessable,
-    QC flags). The robust estimate, the whole liver, the spleen and liver-minus-spleen are separate groups.
+    QC flags). ``roi_disks`` become planar groups with image regions; ``outlines`` ("liver", "spleen") give the
+    volumetric groups of those structures a planar partner (same tracking UID); ``key_image`` is referenced as pertinent
+    other evidence; ``predecessor`` (an earlier SR of the same series with other content) goes in the
+    Predecessor Documents Sequence. UIDs are derived from ``identity`` (default: the series and the version).
     """
-    series_uid = source_series_uid(datasets)
+    content = identity_for(source_series_uid(datasets), algorithm_version, identity)
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derive_uid(series_uid, algorithm_version, "device-observer"),
+            uid=DEVICE_OBSERVER_UID,
             name=lpm_node.ALGORITHM_NAME,
             manufacturer_name=MANUFACTURER,
             model_name=MODEL_NAME,
             serial_number=DEVICE_SERIAL,
         ),
     )
+    algorithm = _algorithm(content)
+    groups = _measurement_groups(seg, measurement, content, algorithm)
+    groups += _outline_groups(datasets, outlines or {}, groups, content, algorithm)
+    groups += _disk_groups(datasets, roi_disks, measurement, content, algorithm)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=COMPUTED_TOMOGRAPHY,
-        imaging_measurements=_measurement_groups(seg, measurement, series_uid, algorithm_version),
+        procedure_reported=PROCEDURE_REPORTED,
+        imaging_measurements=groups,
         referenced_images=library_images(datasets, seg),
     )
-    report[0].ContentSequence.append(_report_evaluations(measurement))
+    report[0].ContentSequence.append(_report_evaluations(measurement, content))
+    fix_measurement_method_relationship(report[0].ContentSequence)
+    previous = None
+    if predecessor is not None and predecessor.SOPInstanceUID != content.uid("sr-instance"):
+        previous = [predecessor]
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*datasets, seg],
         content=report[0],
-        series_instance_uid=derive_uid(series_uid, algorithm_version, "sr-series"),
+        series_instance_uid=content.uid("sr-series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derive_uid(series_uid, algorithm_version, "sr-instance"),
+        sop_instance_uid=content.uid("sr-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
+        previous_versions=previous,
     )
     sr.SeriesDescription = SERIES_DESCRIPTION
+    sr.ManufacturerModelName = MODEL_NAME
+    sr.SoftwareVersions = content.software_version
+    sr.DeviceSerialNumber = DEVICE_SERIAL
     sr.CodingSchemeIdentificationSequence = [_coding_scheme_identification()]
+    if key_image is not None:
+        sr.PertinentOtherEvidenceSequence = [_key_image_reference(key_image)]
+    stamp_context(sr, datasets[0])
     return sr

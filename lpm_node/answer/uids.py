@@ -1,24 +1,68 @@
-"""Deterministic UIDs for the node's outputs.
+"""Deterministic UIDs for the node's outputs, from the identity of their content.
 
-An output's UID depends only on the source series, the algorithm version and the output's role, so a re-run of
-the same version on the same series produces the same UIDs and replaces (rather than duplicates) the objects at
-the PACS. The UIDs are 2.25 UIDs (PS3.5 B.2) of name-based (SHA-1, RFC 4122 version 5) UUIDs.
+An output's UID depends on everything that decides its content: the source series, the software version, the
+model's identity (name, version, weights checksum) and the settings that change the result (threshold, QC
+thresholds, SEG frame omission, ...), plus the output's role. The same inputs give the same UIDs, so a re-send
+replaces rather than duplicates; any change gives new UIDs (PS3.5 9: one UID, one content). The UIDs are 2.25
+UIDs (PS3.5 B.2) of name-based (SHA-1, RFC 4122 version 5) UUIDs.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import lpm_node
+from lpm_node.imaging.model_identity import ModelIdentity
 
 # Namespace of the node's output UIDs, so another tool hashing the same inputs never collides with us.
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:lpm-node:output-uid:v1")
 
+# One UID for the node as an SR observer device (PS3.16 TID 1004): the same in every report it writes.
+DEVICE_OBSERVER_UID = f"2.25.{uuid.uuid5(_NAMESPACE, 'device-observer').int}"
 
-def derive_uid(source_series_uid: str, algorithm_version: str, role: str) -> str:
-    """Return a DICOM UID (2.25.<int>) derived from the source series UID, algorithm version and role.
 
-    Same inputs give the same UID; any difference in one of them gives a different UID.
+def derive_uid(source_series_uid: str, content: str, role: str) -> str:
+    """Return a DICOM UID (2.25.<int>) derived from the source series UID, a content key and the role.
+
+    ``content`` is the rest of the content identity (for example :meth:`ContentIdentity.key`, or a bare
+    software version). Same inputs give the same UID; any difference in one of them gives a different UID.
     """
     if not source_series_uid or not role:
         raise ValueError("source_series_uid and role must not be empty")
-    name = "\x1f".join((str(source_series_uid).strip(), str(algorithm_version), role))
+    name = "\x1f".join((str(source_series_uid).strip(), str(content), role))
     return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
+
+
+@dataclass(frozen=True)
+class ContentIdentity:
+    """What an answer's content depends on; its UIDs are derived from it.
+
+    ``settings`` holds the settings that change the result, flattened to ``"section.name" -> value``.
+    """
+
+    source_series_uid: str
+    software_version: str = lpm_node.__version__
+    model: ModelIdentity | None = None
+    settings: Mapping[str, object] = field(default_factory=dict)
+
+    def key(self) -> str:
+        """Canonical text of everything but the source series (sorted JSON)."""
+        model = self.model.as_dict() if self.model is not None else None
+        body = {"software_version": self.software_version, "model": model, "settings": dict(self.settings)}
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+
+    def uid(self, role: str) -> str:
+        """The UID of one output role (e.g. "sr-instance") for this content."""
+        return derive_uid(self.source_series_uid, self.key(), role)
+
+
+def identity_for(source_series_uid: str, algorithm_version: str, identity: ContentIdentity | None) -> ContentIdentity:
+    """``identity`` when given (checked to name the same series), else one from the series and version alone."""
+    if identity is None:
+        return ContentIdentity(source_series_uid, algorithm_version)
+    if identity.source_series_uid != source_series_uid:
+        raise ValueError("the content identity names another source series")
+    return identity

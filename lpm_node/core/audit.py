@@ -175,7 +175,7 @@ class Delivery(Base):
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     destination: Mapped[str] = mapped_column(String(256))  # AET@HOST:PORT
-    object_kind: Mapped[str] = mapped_column(String(16))  # SEG | SR | KEY
+    object_kind: Mapped[str] = mapped_column(String(16))  # SEG | SR | KEY | KOS
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING, index=True)

@@ -17,11 +17,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
+from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer.sending import enqueue_results, result_destinations
-from lpm_node.core.audit import Job, Series, utcnow
+from lpm_node.core.audit import Delivery, Job, Series, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.core.states import JobStatus, SeriesStatus
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
@@ -165,9 +167,10 @@ class Worker:
         segmenter = self.segmenter
         result = analyse_series(paths, self.settings, segmenter)
         folder = self.outbox_path / job.series_instance_uid
-        if folder.exists():  # an earlier, interrupted run: its files are replaced by this one
+        predecessor = self._previous_sr(job.series_instance_uid, folder)
+        if folder.exists():  # an earlier run: its files are replaced by this one
             shutil.rmtree(folder)
-        objects = write_answer(result, self.settings, folder)
+        objects = write_answer(result, self.settings, folder, predecessor)
         m = result.measurement
         with self.sessions() as session:
             row = session.get(Job, job.id)
@@ -222,6 +225,20 @@ class Worker:
                         Path(folder))
         if self.on_results is not None:
             self.on_results()
+
+    def _previous_sr(self, series_instance_uid: str, folder: Path) -> Dataset | None:
+        """The SR last written for this series (from the audit DB's outbox rows, else the outbox folder), read
+        without its content tree's bulk data; None when there was none or its file is gone."""
+        with self.sessions() as session:
+            paths = list(session.scalars(
+                select(Delivery.path).where(Delivery.series_instance_uid == series_instance_uid,
+                                            Delivery.object_kind == "SR").order_by(Delivery.id.desc())
+            ))
+        paths += [str(p) for p in sorted(folder.glob("SR_*.dcm"))] if folder.exists() else []
+        for path in paths:
+            if Path(path).is_file():
+                return pydicom.dcmread(path, stop_before_pixels=True)
+        return None
 
     def _fail(self, job: Job, error: str) -> None:
         with self.sessions() as session:
