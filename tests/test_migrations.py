@@ -61,6 +61,8 @@ def test_baseline_database_is_upgraded_with_its_rows(tmp_path: Path) -> None:
     with sessions() as session:
         job = session.get(Job, 7)
         assert job is not None and job.dl_parenchymal_hu == 55.5 and job.status == "done"
+        # columns added since 0.1.0 get their defaults on old rows
+        assert (job.model_name, job.model_weights_sha256, job.model_test, job.stopped_starts) == ("", "", False, 0)
         series = session.scalars(select(Series)).one()
         assert series.status == "done" and series.first_received_at == dt.datetime(2026, 1, 2, 3, 4, 5)
         delivery = session.scalars(select(Delivery)).one()

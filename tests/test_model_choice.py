@@ -46,24 +46,3 @@ def test_doctor_reports_the_missing_model_and_names_the_test_model(tmp_path: Pat
 def test_model_and_demo_model_exclude_each_other(tmp_path: Path) -> None:
     result = _cli("doctor", "--data-dir", str(tmp_path), "--demo-model", "--model", str(tmp_path))
     assert result.returncode == 2 and "exclude each other" in result.stderr
-
-
-def test_an_older_audit_database_gets_the_model_columns(tmp_path: Path) -> None:
-    """A database written before jobs named their model is opened and gains the columns, with their defaults."""
-    import sqlite3
-
-    from sqlalchemy import inspect
-
-    from lpm_node.core.audit import open_engine
-
-    path = tmp_path / "audit.sqlite"
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, series_instance_uid VARCHAR(64), model TEXT)")
-        db.execute("INSERT INTO jobs (series_instance_uid, model) VALUES ('1.2.3', 'old')")
-    engine = open_engine(f"sqlite:///{path}")
-    columns = {c["name"] for c in inspect(engine).get_columns("jobs")}
-    engine.dispose()
-    assert {"model_name", "model_version", "model_weights_sha256", "model_test"} <= columns
-    with sqlite3.connect(path) as db:
-        row = db.execute("SELECT model, model_name, model_test FROM jobs").fetchone()
-    assert row == ("old", "", 0)
