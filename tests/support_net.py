@@ -248,4 +248,4 @@ class NodeProcess:
             [sys.executable, "-m", "lpm_node.cli", "audit", "--data-dir", str(self.data_dir), "--json"],
             cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
         )
-        return json.loads(out.stdout)
+        return json.loads(out.stdout)["series"]

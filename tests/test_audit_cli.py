@@ -58,7 +58,9 @@ def data_dir(tmp_path, audit_sessions) -> Path:
 def test_json_lists_series_with_job_and_delivery(data_dir):
     out = _audit(data_dir, "--json")
     assert out.returncode == 0, out.stderr
-    rows = {r["series_instance_uid"]: r for r in json.loads(out.stdout)}
+    listing = json.loads(out.stdout)
+    assert listing["refusals"] == []  # nothing was refused in this data set
+    rows = {r["series_instance_uid"]: r for r in listing["series"]}
     measured, rejected = rows[MEASURED], rows[REJECTED]
     assert measured["study_instance_uid"] == STUDY and measured["instances"] == 3
     assert measured["dl_parenchymal_hu"] == pytest.approx(35.2)

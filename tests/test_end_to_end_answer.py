@@ -9,18 +9,15 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
+from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.demo.phantom import make_phantom
-from tests import support_orthanc
 from tests.support_net import NodeProcess, have_dcmtk, storescu
-from tests.support_orthanc import Orthanc
 from tests.support_sources import ENHANCED_CT, LEGACY_CONVERTED_ENHANCED_CT, write_multiframe
 from tests.test_end_to_end import _wait_delivered
 
-orthanc = support_orthanc.orthanc
-
 pytestmark = [
     pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed"),
-    pytest.mark.skipif(not support_orthanc.orthanc_available(), reason="Orthanc not installed"),
+    pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed"),
     pytest.mark.timeout(900),
 ]
 

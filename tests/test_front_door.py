@@ -385,6 +385,10 @@ def test_refusals_are_in_lpm_node_audit(door):
     text = subprocess.run([sys.executable, "-m", "lpm_node.cli", "audit", "--data-dir", str(door.node.data_dir)],
                           cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout
     assert "refused and aborted connections" in text and "aborted" in text
+    listing = json.loads(subprocess.run(
+        [sys.executable, "-m", "lpm_node.cli", "audit", "--data-dir", str(door.node.data_dir), "--json",
+         "--limit", "500"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert "series" in listing and any("0xA900" in r["reason"] for r in listing["refusals"])
 
 
 # --- property: any sequence of PDUs leaves the node whole --------------------------------------------

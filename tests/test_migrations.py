@@ -127,7 +127,7 @@ def test_commands_upgrade_an_old_database_and_refuse_a_newer_one(tmp_path: Path)
     _baseline_database(tmp_path / "audit.sqlite")
     listed = run_cli("audit", "--data-dir", str(tmp_path), "--json", timeout=120)
     assert listed.returncode == 0, listed.stderr
-    assert [row["series_instance_uid"] for row in json.loads(listed.stdout)] == ["1.2.3.1"]
+    assert [row["series_instance_uid"] for row in json.loads(listed.stdout)["series"]] == ["1.2.3.1"]
     with sqlite3.connect(tmp_path / "audit.sqlite") as db:
         db.execute("UPDATE alembic_version SET version_num = '9999'")
     refused = run_cli("serve", "--data-dir", str(tmp_path), "--port", str(free_port()), timeout=120)

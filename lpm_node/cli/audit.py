@@ -311,15 +311,15 @@ def audit_command(settings: Settings, args: argparse.Namespace) -> int:
                 print(json.dumps(refusals, indent=2) if args.json else format_refusals(refusals))
                 return 0
             rows = list_series(session, int(getattr(args, "limit", 50) or 50))
-            recent_refusals = list_refusals(session, 10)
+            recent_refusals = list_refusals(session, int(getattr(args, "limit", 50) or 50) if args.json else 10)
     finally:
         sessions.kw["bind"].dispose()
     if getattr(args, "csv", None):
         write_csv(rows, args.csv)
         if args.csv == "-":
             return 0
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if args.json:  # the series and, beside them, the latest refused and aborted connections
+        print(json.dumps({"series": rows, "refusals": recent_refusals}, indent=2))
     elif not getattr(args, "csv", None):
         print(format_table(rows))
         print()
