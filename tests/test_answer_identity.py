@@ -14,7 +14,7 @@ from lpm_node.answer import ContentIdentity, build_key_image, build_kos, build_s
 from lpm_node.answer.keyimage import result_lines
 from lpm_node.answer.sr import category_text, report_sentences
 from lpm_node.core.config import Settings
-from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement
+from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
 from lpm_node.imaging.model_identity import ModelIdentity
 from lpm_node.node.pipeline import result_settings
 from tests.support_writers import make_ct_datasets
@@ -100,7 +100,7 @@ def test_texts_show_sentences_honest_rounding_and_the_test_model() -> None:
     lines = result_lines(close, TEST_MODEL)
     assert lines[0] == "TEST MODEL, NOT FOR CLINICAL USE"
     assert any("39.96 < 40 HU" in line for line in lines)
-    assert any("The liver is cut by the lower end of the scan." in line for line in lines)
+    assert any(flag_sentence("liver_cut_inferior") in line for line in lines)
     assert not any("liver_cut_inferior" in line for line in lines)
     assert any("phantom_liver" in line for line in lines)
     above = _measurement(dl_parenchymal_hu=40.04, category=NO_STEATOSIS)
@@ -110,7 +110,8 @@ def test_texts_show_sentences_honest_rounding_and_the_test_model() -> None:
 
 
 def test_not_assessable_says_so_and_why_in_words() -> None:
-    measurement = _measurement(category=NOT_ASSESSABLE, qc_flags=["roi_outside_liver", "roi_noisy"])
+    measurement = _measurement(category=NOT_ASSESSABLE, qc_flags=["roi_outside_liver", "roi_noisy"],
+                               not_assessable_reasons=["roi_outside_liver", "roi_noisy"])
     lines = result_lines(measurement, MODEL)
     assert lines[0] == "Not assessable"
     assert "- Part of the measurement region lies outside the segmented liver." in lines
@@ -118,14 +119,13 @@ def test_not_assessable_says_so_and_why_in_words() -> None:
     text = category_text(measurement)
     assert text.startswith("Not assessable. Part of the measurement region lies outside the segmented liver.")
     assert "31.8 HU" in text and "not used for a category" in text
-    reasons = getattr(measurement, "not_assessable_reasons", None)
-    if reasons is None:  # until the measurement names its reasons, every flag is one
-        seg = build_seg(SERIES.datasets, SERIES.frame_refs, {"liver": SERIES.liver, "roi": SERIES.roi})
-        sr = build_sr(SERIES.datasets, seg, measurement)
-        read = hd.sr.Comprehensive3DSR.from_dataset(sr)
-        (group,) = [g for g in read.content.get_volumetric_roi_measurement_groups()
-                    if g.tracking_identifier == "DL-parenchymal ROI"]
-        values = [q.value.value for q in group.get_qualitative_evaluations() if q.name.value == "NAREASON"]
-        assert values == ["roi_outside_liver", "roi_noisy"]
+    # the reasons are coded in the SR
+    seg = build_seg(SERIES.datasets, SERIES.frame_refs, {"liver": SERIES.liver, "roi": SERIES.roi})
+    sr = build_sr(SERIES.datasets, seg, measurement)
+    read = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    (group,) = [g for g in read.content.get_volumetric_roi_measurement_groups()
+                if g.tracking_identifier == "DL-parenchymal ROI"]
+    values = [q.value.value for q in group.get_qualitative_evaluations() if q.name.value == "NAREASON"]
+    assert values == ["roi_outside_liver", "roi_noisy"]
     image = build_key_image(SERIES.datasets, SERIES.frame_refs, 3, SERIES.roi[3], SERIES.liver[3], measurement)
     assert np.asarray(image.pixel_array).shape == (32, 32, 3)

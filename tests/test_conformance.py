@@ -4,6 +4,7 @@ viewer and a PACS need (image regions, references, codes, version attributes, se
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from lpm_node.answer.frames import honest_decimals, hu_text
 from lpm_node.answer.uids import DEVICE_OBSERVER_UID
 from lpm_node.core.config import Settings
+from lpm_node.demo.model import bundled_model_folder
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.imaging.segmentation import load_segmenter
 from lpm_node.node.pipeline import analyse_series, roi_disks, write_answer
@@ -24,6 +26,9 @@ from tests.support_validators import dciodvfy_errors, have_pixelmed, pixelmed_er
 pytestmark = pytest.mark.timeout(1200)
 
 SOURCES = ("head_first", "feet_first", "legacy_enhanced", "enhanced")
+
+
+BUNDLED_NAME = json.loads((bundled_model_folder() / "dataset.json").read_text())["name"]  # the model's own name
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +44,7 @@ def answers(tmp_path_factory) -> dict[str, dict[str, Path]]:
         "enhanced": [write_multiframe(phantom, root / "ect", enhanced=True)],
     }
     settings = Settings()
+    settings.model.folder = str(bundled_model_folder())
     segmenter = load_segmenter(settings.model)
     out: dict[str, dict[str, Path]] = {}
     for name, paths in files.items():
@@ -149,11 +155,11 @@ def test_versions_model_and_one_device_observer(answers) -> None:
         text = " ".join(item.TextValue for item in hd.sr.utils.find_content_items(sr, recursive=True)
                         if item.ValueType == "TEXT")
         assert "TEST MODEL, NOT FOR CLINICAL USE" in text  # the bundled model made it
-        assert "phantom_liver" in text
+        assert BUNDLED_NAME in text
         seg = _read(answers, name, "SEG")
         assert seg.ContentCreatorName
         parameters = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
-        assert "phantom_liver" in parameters and "TEST MODEL" in parameters
+        assert BUNDLED_NAME in parameters and "TEST MODEL" in parameters
     assert observers == {DEVICE_OBSERVER_UID}
 
 

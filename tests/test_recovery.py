@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from lpm_node.answer.sending import KINDS
 from lpm_node.demo.orthanc import orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from tests.support_net import REPO, NodeProcess, free_port, have_dcmtk, storescu
@@ -19,6 +20,7 @@ from tests.support_net import REPO, NodeProcess, free_port, have_dcmtk, storescu
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")
 
 STUDY = "1.2.826.0.1.3680043.8.498.77001"
+ANSWER_OBJECTS = len(KINDS)  # SEG, SR, key image and KOS
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +238,7 @@ def test_full_disk_at_start_is_one_line_and_an_exit_code(tmp_path):
 
 def _delivered(node: NodeProcess, uid: str, timeout: float = 300) -> list:
     return node.wait_rows("SELECT * FROM deliveries WHERE series_instance_uid = ?", (uid,),
-                          until=lambda rows: len(rows) == 3 and all(r["status"] == "sent" for r in rows),
+                          until=lambda rows: len(rows) == ANSWER_OBJECTS and all(r["status"] == "sent" for r in rows),
                           timeout=timeout)
 
 
@@ -247,8 +249,8 @@ def test_lost_database_is_refused_and_reindex_never_resends(tmp_path, orthanc, c
     destination = ["--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]
     with NodeProcess(data, stable_seconds=1, measure=True, extra=destination) as node:
         _sent(chest, node)
-        assert len(_delivered(node, uid)) == 3
-    assert len(orthanc.instances()) == 3
+        assert len(_delivered(node, uid)) == ANSWER_OBJECTS
+    assert len(orthanc.instances()) == ANSWER_OBJECTS
 
     for leftover in data.glob("audit.sqlite*"):
         leftover.unlink()
@@ -268,7 +270,7 @@ def test_lost_database_is_refused_and_reindex_never_resends(tmp_path, orthanc, c
         assert node.series(uid)["status"] == "done"
         assert node.query("SELECT id FROM jobs") == []
         assert [r["status"] for r in node.query("SELECT status FROM deliveries")] == ["sent"] * 3
-    assert len(orthanc.instances()) == 3
+    assert len(orthanc.instances()) == ANSWER_OBJECTS
     actions = json.loads(_cli("audit", "--actions", "--json", "--data-dir", str(data)).stdout)
     assert actions[0]["command"].startswith("lpm-node reindex") and "1 series already delivered" in \
         actions[0]["outcome"]
@@ -284,18 +286,18 @@ def test_dead_letters_go_to_the_corrected_destination(tmp_path, orthanc, chest):
     right.write_text(f'[output]\ndestinations = ["{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]\n')
     with NodeProcess(data, stable_seconds=1, measure=True, config=wrong) as node:
         _sent(chest, node)
-        node.wait_rows("SELECT * FROM deliveries", until=lambda rows: len(rows) == 3 and all(
+        node.wait_rows("SELECT * FROM deliveries", until=lambda rows: len(rows) == ANSWER_OBJECTS and all(
             r["status"] == "dead" for r in rows), timeout=300)
         listed = json.loads(_cli("outbox", "list", "--json", "--data-dir", str(data)).stdout)
         assert all(d["status"] == "dead" and d["next_attempt_at"] is None for d in listed)
 
         retried = _cli("outbox", "retry", "--config", str(right), "--data-dir", str(data))
         assert retried.returncode == 0, retried.stderr
-        assert retried.stdout.count("redirected to") == 3
+        assert retried.stdout.count("redirected to") == ANSWER_OBJECTS
         rows = _delivered_to(node, f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
-        assert len(rows) == 3
+        assert len(rows) == ANSWER_OBJECTS
     assert sorted(r["status"] for r in node.query("SELECT status FROM deliveries")) == ["redirected"] * 3 + ["sent"] * 3
-    assert len(orthanc.instances()) == 3
+    assert len(orthanc.instances()) == ANSWER_OBJECTS
     actions = json.loads(_cli("audit", "--actions", "--json", "--data-dir", str(data)).stdout)
     assert actions[0]["command"].startswith("lpm-node outbox retry") and "redirected" in actions[0]["outcome"]
     detail = json.loads(_cli("audit", "--series", uid, "--json", "--data-dir", str(data)).stdout)
@@ -304,4 +306,4 @@ def test_dead_letters_go_to_the_corrected_destination(tmp_path, orthanc, chest):
 
 def _delivered_to(node: NodeProcess, destination: str) -> list:
     return node.wait_rows("SELECT * FROM deliveries WHERE destination = ? AND status = 'sent'", (destination,),
-                          until=lambda rows: len(rows) == 3, timeout=120)
+                          until=lambda rows: len(rows) == ANSWER_OBJECTS, timeout=120)

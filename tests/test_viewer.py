@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from lpm_node.core.config import Settings
+from lpm_node.demo.model import bundled_model_folder
 from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.imaging.segmentation import load_segmenter
@@ -43,6 +44,7 @@ def study(tmp_path_factory) -> tuple[list[Path], dict[str, Path], float]:
     phantom = make_phantom(36.0, n_slices=64, size=256, pixel_spacing=1.4, seed=51)
     files = write_ct_series(phantom, root / "ct")
     settings = Settings()
+    settings.model.folder = str(bundled_model_folder())
     result = analyse_series(files, settings, load_segmenter(settings.model))
     answer = {o.kind: o.path for o in write_answer(result, settings, root / "answer")}
     return files, answer, float(result.measurement.dl_parenchymal_hu)

@@ -33,6 +33,7 @@ from lpm_node.imaging.measurement import (
     STEATOSIS,
     Measurement,
     dl_parenchymal_roi,
+    flag_sentence,
     measure,
 )
 from tests.support_writers import (
@@ -319,7 +320,7 @@ def test_sr_validates_and_carries_the_measurement(tmp_path: Path) -> None:
     assert "Moderate-to-severe hepatic steatosis" in dump
     assert "< 40 HU" in dump
     assert '"Steatosis of liver")=(371924009,SCT,"Moderate to Severe")' in dump
-    assert "The liver is cut by the lower end of the scan." in dump  # the flag's sentence, never its name
+    assert flag_sentence("liver_cut_inferior") in dump  # the flag's sentence, never its name
     assert "liver_cut_inferior" not in dump.replace("(liver_cut_inferior,99LPM", "")
     assert '(370129005,SCT,"Measurement Method")' not in dump  # dsrdump: concept names only
     assert "<has concept mod CODE:(,,\"Measurement Method\")" in dump
@@ -367,6 +368,7 @@ def test_sr_not_assessable_has_no_attenuation_values(tmp_path: Path) -> None:
         spleen_hu=None,
         liver_minus_spleen_hu=None,
         qc_flags=["no_liver"],
+        not_assessable_reasons=["no_liver"],
     )
     sr = build_sr(series.datasets, seg, measurement)
     path = write_dataset(sr, tmp_path / "sr.dcm")
