@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk orthanc dicom3tools dcm2niix openssl orthanc-dicomweb pixelmed-apps chromium openjdk-17-jdk-headless npm)
+APT_PACKAGES=(dcmtk orthanc dicom3tools dcm2niix openssl orthanc-dicomweb pixelmed-apps chromium openjdk-17-jdk-headless)
+# npm fetches the OHIF build; Debian's npm only where no npm is installed (a NodeSource nodejs ships its own)
+command -v npm >/dev/null || APT_PACKAGES+=(npm)
 VENV=.venv
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
