@@ -13,11 +13,11 @@ network size as asked) -> preprocessing -> training of one fold -> model folder 
 fold_N/checkpoint_final.pth without optimizer state) -> optional Dice on held-out phantoms. nnU-Net's folders
 (nnUNet_raw, nnUNet_preprocessed, nnUNet_results) live in a working folder (temporary unless --work is given).
 
-The bundled test/demo model lpm_node/models/phantom_liver was made with (see scripts/train_liver_model.md):
+The bundled test/demo model lpm_node/demo/models/phantom_liver was made with (see scripts/train_liver_model.md):
   python scripts/train_liver_model.py --phantoms 40 --method-grid-every 5 --phantom-grid 3.5 5.0 \
       --features small --target-spacing 5 3.5 3.5 --patch-size 40 80 80 --batch-size 2 \
       --epochs 70 --iterations-per-epoch 30 --val-iterations 4 --holdout 6 --device cpu \
-      --out lpm_node/models/phantom_liver
+      --out lpm_node/demo/models/phantom_liver
 """
 
 from __future__ import annotations
