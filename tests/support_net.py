@@ -37,15 +37,25 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def associate_rq(calling_ae: str, abstract_syntax: str = "1.2.840.10008.1.1") -> bytes:
-    """An encoded A-ASSOCIATE-RQ PDU proposing one presentation context (ID 1), for raw-socket peers."""
+def associate_rq(
+    calling_ae: str,
+    abstract_syntax: str = "1.2.840.10008.1.1",
+    *,
+    contexts: Sequence[tuple[int, str]] | None = None,
+    transfer_syntaxes: Sequence[str] | None = None,
+) -> bytes:
+    """An encoded A-ASSOCIATE-RQ PDU for raw-socket peers: ``contexts`` as (context ID, abstract syntax) pairs
+    (default: ID 1 with ``abstract_syntax``), each with ``transfer_syntaxes`` (default: pynetdicom's)."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = calling_ae
     primitive.called_ae_title = NODE_AET
-    cx = build_context(abstract_syntax)
-    cx.context_id = 1
-    primitive.presentation_context_definition_list = [cx]
+    proposed = []
+    for context_id, abstract in contexts if contexts is not None else [(1, abstract_syntax)]:
+        cx = build_context(abstract, list(transfer_syntaxes) if transfer_syntaxes else None)
+        cx.context_id = context_id
+        proposed.append(cx)
+    primitive.presentation_context_definition_list = proposed
     max_length = MaximumLengthNotification()
     max_length.maximum_length_received = 16384
     primitive.user_information = [max_length]

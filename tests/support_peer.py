@@ -8,12 +8,8 @@ import struct
 import time
 from pathlib import Path
 
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
-
 from lpm_node.intake.header import read_file_meta
-from tests.support_net import NODE_AET, read_pdu
+from tests.support_net import associate_rq, read_pdu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -25,22 +21,8 @@ A_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 
 def associate_rq_pdu(calling_ae: str = "HOSTILE", contexts: list[tuple[int, str]] | None = None) -> bytes:
     """A-ASSOCIATE-RQ proposing ``(context ID, abstract syntax)`` pairs, each with Explicit VR Little Endian."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = calling_ae
-    primitive.called_ae_title = NODE_AET
-    pcs = []
-    for cid, abstract in [(1, CT), (3, VERIFICATION)] if contexts is None else contexts:
-        cx = build_context(abstract, [EXPLICIT])
-        cx.context_id = cid
-        pcs.append(cx)
-    primitive.presentation_context_definition_list = pcs
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    primitive.user_information = [max_length]
-    rq = A_ASSOCIATE_RQ()
-    rq.from_primitive(primitive)
-    return rq.encode()
+    return associate_rq(calling_ae, contexts=[(1, CT), (3, VERIFICATION)] if contexts is None else contexts,
+                        transfer_syntaxes=[EXPLICIT])
 
 
 def connect(port: int, timeout: float = 10.0) -> socket.socket:

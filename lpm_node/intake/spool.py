@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from lpm_node.core.files import fsync_folder
+from lpm_node.core.files import atomic_write, fsync_folder
 from lpm_node.intake.header import is_valid_uid
 
 LOG = logging.getLogger(__name__)
@@ -224,18 +224,6 @@ class Spool:
             )
 
     # -- writing --------------------------------------------------------------------------------
-    def _create_temporary(self, folder: Path, name: str) -> tuple[int, Path]:
-        """Create a new temporary file in ``folder`` (made, durably, when missing); returns (fd, path)."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        self._ensure_dir(folder)
-        tmp = folder / name
-        try:
-            return os.open(tmp, flags, 0o644), tmp
-        except FileNotFoundError:  # the folder was removed since it was made: make it again
-            self._known_dirs.discard(folder)
-            self._ensure_dir(folder)
-            return os.open(tmp, flags, 0o644), tmp
-
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._known_dirs:
             return
@@ -267,35 +255,16 @@ class Spool:
             return StoredInstance(final, final.stat().st_size, True, checksum=file_checksum(final))
         size = sum(len(c) for c in chunks)
         self.check_space(size)
-        folder = final.parent
-        fd, tmp = self._create_temporary(folder, f".{sop_uid}.{threading.get_ident()}{TMP_SUFFIX}")
-        try:
-            written = os.writev(fd, chunks)
-            if written != size:  # short write: start again with a plain loop
-                os.lseek(fd, 0, os.SEEK_SET)
-                os.ftruncate(fd, 0)
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
-            t_sync = time.perf_counter()
-            os.fdatasync(fd)
-            sync_s = time.perf_counter() - t_sync
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.rename(tmp, final)
-        t_sync = time.perf_counter()
-        fsync_folder(folder)
-        sync_s += time.perf_counter() - t_sync
+        self._ensure_dir(final.parent)
+        t_write = time.perf_counter()
+        atomic_write(final, chunks, make_parents=False)
+        write_s = time.perf_counter() - t_write
         with self._lock:
             self._used += size
         digest = hashlib.sha256()
         for chunk in chunks:
             digest.update(chunk)
-        return StoredInstance(final, size, False, sync_s, digest.hexdigest())
+        return StoredInstance(final, size, False, write_s, digest.hexdigest())
 
     def adopt(self, received: Path, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
         """Make a fully received file (in :attr:`incoming`) the instance's durable spool file.
