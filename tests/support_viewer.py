@@ -13,6 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+from pydicom import Dataset
+from scipy import ndimage
+
+from lpm_node.answer.seg import segment_number
+
 REPO = Path(__file__).resolve().parents[1]
 OHIF_VERSION = "3.13.2"
 OHIF_CACHE = REPO / ".cache" / "ohif"
@@ -122,3 +128,73 @@ def viewer_server(orthanc_url: str) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _world(ds: Dataset, rows_cols: np.ndarray) -> list[list[float]]:
+    """Patient coordinates (mm) of (row, column) pixel centres of a single-frame image."""
+    origin = np.asarray(ds.ImagePositionPatient, dtype=float)
+    orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+    return [(origin + c * column_spacing * orientation[:3] + r * row_spacing * orientation[3:]).tolist()
+            for r, c in rows_cols]
+
+
+def seg_probe_points(seg: Dataset, source: Dataset, margin: int = 3, count: int = 6) -> tuple[list, list]:
+    """World points on ``source``'s slice: (inside the SEG's liver frame, in the body outside every segment),
+    each at least ``margin`` SEG pixels from a segment's edge; ``count`` of each, spread over the region."""
+    liver_number = segment_number(seg, "liver")
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    liver = np.zeros((seg.Rows, seg.Columns), bool)
+    any_segment = np.zeros_like(liver)
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        source_uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        if source_uid != source.SOPInstanceUID:
+            continue
+        any_segment |= frame > 0
+        if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == liver_number:
+            liver |= frame > 0
+    assert liver.sum() > 100, "the SEG has no liver on the source slice"
+    hu = source.pixel_array * float(source.RescaleSlope) + float(source.RescaleIntercept)
+    inside = ndimage.binary_erosion(liver, iterations=margin)
+    outside = ~ndimage.binary_dilation(any_segment, iterations=margin) & ndimage.binary_erosion(
+        hu > -300, iterations=margin)
+
+    def spread(mask: np.ndarray) -> np.ndarray:
+        where = np.argwhere(mask)
+        return where[np.linspace(0, len(where) - 1, count).round().astype(int)]
+
+    return _world(source, spread(inside)), _world(source, spread(outside))
+
+
+# Bring the stack (or volume) viewport showing ``sop`` to that instance; returns what it did.
+JUMP_TO_INSTANCE_JS = """async (sop) => {
+  for (const enabled of window.cornerstone.getEnabledElements()) {
+    const viewport = enabled.viewport;
+    const ids = viewport.getImageIds ? viewport.getImageIds() : [];
+    const index = ids.findIndex((id) => id.includes(sop));
+    if (index < 0) continue;
+    if (viewport.setImageIdIndex) await viewport.setImageIdIndex(index);
+    else window.cornerstoneTools.utilities.jumpToSlice(viewport.element, { imageIndex: index });
+    viewport.render();
+    return { viewportId: viewport.id, type: viewport.type, index, count: ids.length };
+  }
+  return null;
+}"""
+
+# The viewport's own transform: world points -> page pixels, with its camera and the segmentations it shows.
+WORLD_TO_PAGE_JS = """({ viewportId, points }) => {
+  const enabled = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === viewportId);
+  const viewport = enabled.viewport;
+  const rect = viewport.canvas.getBoundingClientRect();
+  const camera = viewport.getCamera();
+  const segmentations = window.services.segmentationService.getSegmentationRepresentations
+    ? window.services.segmentationService.getSegmentationRepresentations(viewportId).map((r) => r.segmentationId)
+    : [];
+  return {
+    page: points.map((p) => { const c = viewport.worldToCanvas(p); return [rect.left + c[0], rect.top + c[1]]; }),
+    rect: [rect.left, rect.top, rect.right, rect.bottom],
+    focalPoint: camera.focalPoint, viewPlaneNormal: camera.viewPlaneNormal,
+    imageId: viewport.getCurrentImageId ? viewport.getCurrentImageId() : null,
+    segmentations,
+  };
+}"""

@@ -2,8 +2,15 @@
 the phantom study with the node's SEG, SR and key image from Orthanc's DICOMweb through a same-origin proxy.
 
 Checked from the page: the SR opens without a console error, its ROI disk and organ outlines are drawn and the
-DL-parenchymal value is on screen; the SEG overlay is drawn in colour inside the liver on the slice shown; the key
-image displays with its burnt-in text. Screenshots go to test-artifacts/viewer/ (gitignored).
+DL-parenchymal value is on screen; the key image displays with its burnt-in text. The SEG: OHIF's preview shows
+coloured pixels; its "Do you want to open this Segmentation?" prompt is answered Yes, so the segmentation is loaded
+onto the CT viewport (checked through OHIF's segmentationService); cornerstone3D (``window.cornerstone``) brings that
+viewport to the method's slice k (the source slice of the middle ROI disk), checked by the camera's focal point lying
+in that slice's plane and by the image shown; then points of the node's SEG liver frame for slice k (3 SEG pixels in
+from its edge) and points of the body outside every segment (3 pixels away) are mapped from patient coordinates
+(the slice's Image Position/Orientation and Pixel Spacing) to the page with the viewport's own ``worldToCanvas``, and
+the screenshot must be overlay-coloured at each liver point and grey at each outside point. Screenshots go to
+test-artifacts/viewer/ (gitignored).
 """
 
 from __future__ import annotations
@@ -21,8 +28,17 @@ from lpm_node.demo.model import bundled_model_folder
 from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.imaging.segmentation import load_segmenter
-from lpm_node.node.pipeline import analyse_series, write_answer
-from tests.support_viewer import CHROMIUM, ORTHANC_DICOMWEB_PLUGIN, REPO, ohif_dist, viewer_server
+from lpm_node.node.pipeline import analyse_series, roi_disks, write_answer
+from tests.support_viewer import (
+    CHROMIUM,
+    JUMP_TO_INSTANCE_JS,
+    ORTHANC_DICOMWEB_PLUGIN,
+    REPO,
+    WORLD_TO_PAGE_JS,
+    ohif_dist,
+    seg_probe_points,
+    viewer_server,
+)
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -38,8 +54,9 @@ BROWSER_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> tuple[list[Path], dict[str, Path], float]:
-    """A phantom chest CT and the node's answer to it (bundled model): (CT files, {kind: file}, DL value)."""
+def study(tmp_path_factory) -> tuple[list[Path], dict[str, Path], float, str]:
+    """A phantom chest CT and the node's answer to it (bundled model): (CT files, {kind: file}, DL value,
+    SOP Instance UID of the method's slice k, the source slice of the middle ROI disk)."""
     root = tmp_path_factory.mktemp("viewer")
     phantom = make_phantom(36.0, n_slices=64, size=256, pixel_spacing=1.4, seed=51)
     files = write_ct_series(phantom, root / "ct")
@@ -47,13 +64,33 @@ def study(tmp_path_factory) -> tuple[list[Path], dict[str, Path], float]:
     settings.model.folder = str(bundled_model_folder())
     result = analyse_series(files, settings, load_segmenter(settings.model))
     answer = {o.kind: o.path for o in write_answer(result, settings, root / "answer")}
-    return files, answer, float(result.measurement.dl_parenchymal_hu)
+    disks = [disk for _, disk in roi_disks(result)]
+    middle = next((disk for disk in disks if disk.label == "slice k"), disks[len(disks) // 2])
+    slice_k = str(result.source.datasets[middle.index].SOPInstanceUID)
+    return files, answer, float(result.measurement.dl_parenchymal_hu), slice_k
 
 
 def _coloured(png: Path, box: tuple[int, int, int, int]) -> np.ndarray:
     """Pixels inside ``box`` (left, top, right, bottom) that are not grey: overlay, annotation or burnt-in text."""
     rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)[box[1]:box[3], box[0]:box[2]]
     return (np.abs(rgb[..., 0] - rgb[..., 1]) > 40) | (np.abs(rgb[..., 1] - rgb[..., 2]) > 40)
+
+
+def _colour(png: Path, points: list[list[float]]) -> list[int]:
+    """How far from grey the screenshot is at each page point (x, y): its largest channel difference."""
+    rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    spread = rgb.max(axis=2) - rgb.min(axis=2)
+    return [int(spread[int(y), int(x)]) for x, y in points]
+
+
+def _accept_seg(page) -> bool:  # noqa: ANN001
+    """Answer Yes to OHIF's "Do you want to open this Segmentation?" prompt; False if there was none."""
+    page.get_by_text("Do you want to open this Segmentation?").first.wait_for(timeout=30_000)
+    try:
+        page.get_by_role("button", name="Yes", exact=True).first.click(timeout=10_000)
+    except playwright.Error:
+        return False
+    return True
 
 
 def _dismiss(page) -> None:  # noqa: ANN001
@@ -69,7 +106,7 @@ def test_ohif_shows_the_sr_values_the_seg_overlay_and_the_key_image(study, tmp_p
         ohif_dist()
     except (OSError, RuntimeError) as exc:  # no npm registry and no cached tarball
         pytest.skip(f"OHIF {exc}")
-    files, answer, value = study
+    files, answer, value, slice_k = study
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     config = {"Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
@@ -103,12 +140,35 @@ def test_ohif_shows_the_sr_values_the_seg_overlay_and_the_key_image(study, tmp_p
                 box = tuple(int(v) for v in (viewport["x"], viewport["y"], viewport["x"] + viewport["width"],
                                              viewport["y"] + viewport["height"]))
 
-                # the SEG: coloured overlay pixels appear in the viewport once it is loaded
+                # the SEG: OHIF's preview shows coloured pixels; then the segmentation is loaded onto the CT
                 page.get_by_text("AI liver segmentation").first.dblclick()
                 time.sleep(20)
                 _dismiss(page)
+                page.screenshot(path=str(ARTIFACTS / "3-seg-preview.png"))
+                assert _coloured(ARTIFACTS / "3-seg-preview.png", box).sum() > 2000
+                assert _accept_seg(page), "no Yes button on the prompt to open the segmentation"
+                time.sleep(10)
+                page.screenshot(path=str(ARTIFACTS / "3-seg-loaded.png"))
+
+                # ... then the CT viewport is brought to slice k and the SEG's liver frame there is mapped to the page
+                # with the viewport's own worldToCanvas: overlay colour inside the liver, grey outside every segment
+                jump = page.evaluate(JUMP_TO_INSTANCE_JS, slice_k)
+                assert jump is not None, "no viewport holds the method's slice k"
+                time.sleep(5)
+                source = next(ds for ds in map(pydicom.dcmread, files) if ds.SOPInstanceUID == slice_k)
+                liver, outside = seg_probe_points(pydicom.dcmread(answer["SEG"]), source, margin=3, count=10)
+                shown = page.evaluate(WORLD_TO_PAGE_JS, {"viewportId": jump["viewportId"], "points": liver + outside})
                 page.screenshot(path=str(ARTIFACTS / "3-seg.png"))
-                assert _coloured(ARTIFACTS / "3-seg.png", box).sum() > 2000
+                assert shown["segmentations"], "the segmentation is not on the CT viewport"
+                assert shown["imageId"] is None or slice_k in shown["imageId"]
+                off_plane = np.dot(np.subtract(shown["focalPoint"], source.ImagePositionPatient),
+                                   shown["viewPlaneNormal"])
+                assert abs(off_plane) < float(source.SliceThickness) / 2, f"viewport is {off_plane} mm off slice k"
+                left, top, right, bottom = shown["rect"]
+                assert all(left < x < right and top < y < bottom for x, y in shown["page"])
+                colours = _colour(ARTIFACTS / "3-seg.png", shown["page"])
+                assert min(colours[:len(liver)]) > 25, f"liver points not overlay-coloured: {colours}"
+                assert max(colours[len(liver):]) < 10, f"points outside the segments coloured: {colours}"
                 assert errors == [], errors
 
                 # the key image: the Secondary Capture displays with its burnt-in (coloured) text
