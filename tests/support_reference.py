@@ -1,14 +1,17 @@
-"""Where the published method's reference files are: ``<repo>/../shared`` or /work/shared. A test that needs them
-fails (never skips) when they are missing."""
+"""Where the published method's reference files are: ``<repo>/../shared`` (or the folder named by the
+``LPM_NODE_SHARED`` environment variable). A test that needs them fails (never skips) when they are missing."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CANDIDATES = (REPO.parent / "shared", Path("/work/shared"))
+SHARED_CANDIDATES = tuple(
+    Path(p) for p in (os.environ.get("LPM_NODE_SHARED", ""), REPO.parent / "shared") if str(p)
+)
 REFERENCE_SUBDIR = Path("reference") / "dl-parenchymal"
 LABEL_NAME = "LIDC-IDRI_0002_3d_liver_seg.nii.gz"
 PUBLISHED_ROI_NAME = "LIDC-IDRI_0002_AI_ROI_seg.nii.gz"
