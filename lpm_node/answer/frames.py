@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,14 +193,6 @@ def frame_geometry_view(ds: Dataset, frame: int) -> Dataset:
         thickness = ds.get("SliceThickness", None)
     view.SliceThickness = thickness if thickness is not None else 0.0
     return view
-
-
-def disk_polygon(centre: tuple[float, float], radius: float, points: int = 32) -> list[tuple[float, float]]:
-    """A closed polygon (first point repeated last) approximating a circle, (column, row) pairs."""
-    cx, cy = centre
-    ring = [(cx + radius * math.cos(2 * math.pi * i / points), cy + radius * math.sin(2 * math.pi * i / points))
-            for i in range(points)]
-    return [*ring, ring[0]]
 
 
 @dataclass(frozen=True)

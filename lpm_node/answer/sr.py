@@ -72,7 +72,6 @@ MEASUREMENT_METHOD = Code("370129005", "SCT", "Measurement Method")
 PROCEDURE_REPORTED = codes.cid100.CTUnspecifiedBodyRegion  # (25045-6, LN), CID 100
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 COMMENT = codes.DCM.Comment  # (121106, DCM)
-ALGORITHM_PARAMETERS = Code("111002", "DCM", "Algorithm Parameters")
 
 METHOD_DL_PARENCHYMAL = Code("DLPAR", LOCAL_SCHEME, "DL-parenchymal three-disk ROI (Zhang et al. 2024)")
 METHOD_DL_PARENCHYMAL_DISK = Code("DLPARDISK", LOCAL_SCHEME, "One disk of the DL-parenchymal ROI")

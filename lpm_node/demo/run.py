@@ -30,7 +30,6 @@ from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.node.service import Node
 
 WAIT_S = 900.0
-RESULT_KINDS = 3  # SEG, SR, key image
 
 
 def send_series(files: list[Path], port: int, called_ae: str, calling_ae: str = "DEMO_PACS") -> None:
