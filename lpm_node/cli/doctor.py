@@ -171,10 +171,20 @@ def check_database(settings: Settings) -> Check:
                          f"{str(exc).splitlines()[0]}); C-STORE is answered 0xA700 until it can")
         engine.dispose()
     except Exception as exc:  # noqa: BLE001 - any database error is the report
-        return Check("database", False, f"{settings.db_url}: {type(exc).__name__}: {exc}")
+        return Check("database", False, f"{shown_url(settings.db_url)}: {type(exc).__name__}: {exc}")
     detail = (f"{engine.url} ({mode}): {queued} jobs queued, {failed} failed, "
               f"{pending} deliveries pending, {dead} dead")
     return Check("database", dead == 0, detail + ("" if dead == 0 else " (see `lpm-node outbox list`)"))
+
+
+def shown_url(url: str) -> str:
+    """A database URL fit for a report: its password replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy understands: shown without what follows the scheme
+        return url.split("://", 1)[0] + "://..."
 
 
 def write_probe(engine) -> None:  # noqa: ANN001

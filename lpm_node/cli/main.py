@@ -16,7 +16,7 @@ from lpm_node.core.config import Settings, load_settings
 def _settings(args: argparse.Namespace) -> Settings:
     """Settings from ``--config`` with the command-line overrides applied."""
     node: dict[str, Any] = {}
-    for key in ("host", "port", "ae_title", "data_dir"):
+    for key in ("host", "port", "ae_title", "data_dir", "database_url"):
         if getattr(args, key, None) is not None:
             node[key] = getattr(args, key)
     if getattr(args, "no_measure", False):
@@ -116,6 +116,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 def _node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML settings file (default: built-in defaults)")
     p.add_argument("--data-dir", help="folder for the spool, outbox and the default SQLite database")
+    p.add_argument("--database-url", metavar="URL",
+                   help="the audit database (default: SQLite in --data-dir; several machines: "
+                        "postgresql+psycopg://USER@HOST/DB)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Audit database: what the node saw and did (SQLAlchemy; SQLite file with WAL by default).
+"""Audit database: what the node saw and did (SQLAlchemy; SQLite file with WAL by default, PostgreSQL through
+psycopg 3 (``postgresql+psycopg://``) when several processes or machines share it).
 
 Tables: associations, instances, series, jobs (the measurement queue and its results),
 deliveries (the outbox) and delivery_attempts. Rows carry UIDs, never patient names.
@@ -241,7 +242,8 @@ def open_engine(url: str) -> Engine:
     """
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, future=True)
+    # pre-ping: a connection PostgreSQL closed meanwhile (restart, fail-over) is replaced, not handed out
+    engine = create_engine(url, future=True, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     upgrade_database(engine, Base.metadata)
