@@ -239,11 +239,13 @@ class NodeProcess:
     # -- reading the audit DB (read-only, plain sqlite3 or psycopg: independent of the code under test) ----
     @property
     def db_path(self) -> Path:
+        if self.database_url.startswith("sqlite:///"):
+            return Path(self.database_url.removeprefix("sqlite:///"))
         return self.data_dir / "audit.sqlite"
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Rows of ``sql`` (``?`` placeholders); each row is read by column name or position, like sqlite3.Row."""
-        if self.database_url:
+        if self.database_url.startswith("postgresql"):
             return query_postgres(self.database_url, sql, params)
         con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
         con.row_factory = sqlite3.Row
@@ -253,7 +255,7 @@ class NodeProcess:
             con.close()
 
     def _database_there(self) -> bool:
-        return bool(self.database_url) or self.db_path.exists()
+        return self.database_url.startswith("postgresql") or self.db_path.exists()
 
     def wait_rows(
         self, sql: str, params: Sequence[Any] = (), *, until: Any = bool, timeout: float = 15.0
