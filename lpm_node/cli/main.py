@@ -21,6 +21,10 @@ def _settings(args: argparse.Namespace) -> Settings:
             node[key] = getattr(args, key)
     if getattr(args, "no_measure", False):
         node["measure"] = False
+    if getattr(args, "role", None):
+        node["role"] = args.role
+    if getattr(args, "reuse_port", False):
+        node["reuse_port"] = True
     if getattr(args, "allow_ae", None):
         node["allowed_ae_titles"] = list(args.allow_ae)
     overrides: dict[str, dict[str, Any]] = {"node": node}
@@ -147,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="inference device")
     p.add_argument("--no-measure", action="store_true", help="receive, decide and queue only; measure nothing")
+    p.add_argument("--role", choices=["all", "receiver", "worker", "sender"],
+                   help="the part of the node this process runs (default all; the others need --database-url "
+                        "postgresql+psycopg://...)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="share the DICOM port with other receiver processes on this machine (SO_REUSEPORT)")
 
     p = add("audit", _cmd_audit, "what the node received, decided, measured and sent")
     _node_options(p)

@@ -133,6 +133,13 @@ class FrontDoorServer(ThreadedAssociationServer):
 
 
 
+class SharedPortFrontDoorServer(FrontDoorServer):
+    """The same, bound with SO_REUSEPORT: several receiver processes on one machine share the port (the kernel
+    spreads the connections over them)."""
+
+    allow_reuse_port = True
+
+
 class FrontDoorAssociation(Association):
     """pynetdicom's acceptor association that tells the listener when its thread ends, however it ends."""
 
@@ -276,8 +283,9 @@ class Listener:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda _event: STATUS_SUCCESS),
         ]
+        server_class = SharedPortFrontDoorServer if node.reuse_port else FrontDoorServer
         server = ae.make_server((node.host, int(node.port)), evt_handlers=handlers,  # type: ignore[arg-type]
-                                server_class=FrontDoorServer, request_handler=FrontDoorHandler)
+                                server_class=server_class, request_handler=FrontDoorHandler)
         server.listener = self  # type: ignore[attr-defined]
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="front-door", daemon=True)
