@@ -83,9 +83,10 @@ def test_contract_one_process_measures_once_and_delivers_once(tmp_path, orthanc,
     assert len(orthanc.instances()) == len(KINDS)
 
 
-def _serve(data: Path, role: str, config: Path, database_url: str, port: int = 0) -> NodeProcess:
+def _serve(data: Path, role: str, config: Path, database_url: str, port: int = 0,
+           extra: list[str] | None = None) -> NodeProcess:
     node = NodeProcess(data, port=port or free_port(), stable_seconds=1, config=config, measure=role != "receiver",
-                       database_url=database_url, extra=["--role", role],
+                       database_url=database_url, extra=[*(extra or []), "--role", role],
                        ready_by_echo=role in ("receiver", "all"))
     if role in ("receiver", "all"):
         return node.start()
@@ -174,3 +175,31 @@ def test_killed_worker_job_is_taken_over_and_a_third_cut_fails_it(tmp_path, orth
     finally:
         receiver.kill()
     assert orthanc.instances() == []
+
+
+def test_series_split_over_two_receivers_completes_once_and_receivers_share_a_port(tmp_path, orthanc, chest,
+                                                                                  postgres):
+    url = postgres.new_database()
+    config = _roles_config(tmp_path, orthanc)
+    data = tmp_path / "shared"
+    uid = _uid(chest)
+    port = free_port()
+    first = _serve(data, "receiver", config, url, port=port, extra=["--reuse-port"])
+    second = _serve(data, "receiver", config, url, port=port, extra=["--reuse-port"])  # the same port
+    other = _serve(data, "receiver", config, url)
+    try:
+        assert first.proc.poll() is None and second.proc.poll() is None
+        _sent(chest[:24], other.port)  # half through one receiver, the rest through the shared port
+        _sent(chest[24:], port)
+        row = other.wait_series_status(uid, ["queued", "rejected"], timeout=60)
+        assert row["instance_count"] == 48 and row["status"] == "queued"
+        time.sleep(3)  # every receiver has had several rounds
+        decisions = [r["status"] for r in other.query(
+            "SELECT status FROM series_decisions WHERE series_instance_uid = ? ORDER BY id", (uid,))]
+        assert decisions.count("complete") == 1 and decisions.count("queued") == 1, decisions
+        assert len(other.query("SELECT id FROM jobs")) == 1
+        ended = other.query("SELECT outcome FROM associations WHERE calling_ae = 'STORESCU' ORDER BY id")
+        assert [r["outcome"] for r in ended] == ["released", "released"]
+    finally:
+        for node in (first, second, other):
+            node.kill()

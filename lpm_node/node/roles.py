@@ -13,16 +13,39 @@ import datetime as dt
 import os
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import RoleHeartbeat, as_utc, utcnow
 
 ROLES = ("all", "receiver", "worker", "sender")
 MARKER_FILE = ".lpm-node-data"  # in the data folder: one random id, the same for every process that shares it
+
+
+SERIES_STEP_LOCK = 7_264_512  # PostgreSQL advisory lock: one receiver at a time completes series and applies rules
+
+
+@contextmanager
+def one_at_a_time(engine: Engine, key: int) -> Iterator[bool]:
+    """Across processes sharing a PostgreSQL database: yields True to the one holding ``key`` now, False to the
+    others (they skip this round). On SQLite (one process) always True."""
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    with engine.connect() as connection:
+        held = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar())
+        connection.commit()
+        try:
+            yield held
+        finally:
+            if held:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                connection.commit()
 
 
 def does(role: str, part: str) -> bool:

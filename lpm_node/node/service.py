@@ -32,7 +32,7 @@ from lpm_node.intake.series import SeriesAssembler, reconcile_spool
 from lpm_node.intake.spool import Spool
 from lpm_node.node.engine import JobEngine, defer_measurement, ensure_engine_schema, uses_job_engine
 from lpm_node.node.preflight import preflight
-from lpm_node.node.roles import Heartbeat, data_marker, does
+from lpm_node.node.roles import SERIES_STEP_LOCK, Heartbeat, data_marker, does, one_at_a_time
 from lpm_node.node.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -139,8 +139,11 @@ class Node:
     def series_step(self) -> bool:
         """Complete quiet series, decide on complete ones, queue one per study."""
         assert self.listener is not None
-        self.assembler.complete_stable(settle=self.listener.recorder.flush)
-        queued = self.rules.run_once()
+        with one_at_a_time(self.sessions.kw["bind"], SERIES_STEP_LOCK) as mine:
+            if not mine:  # another receiver is deciding now
+                return False
+            self.assembler.complete_stable(settle=self.listener.recorder.flush)
+            queued = self.rules.run_once()
         return bool(queued)
 
     def sender_step(self) -> bool:
