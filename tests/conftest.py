@@ -14,9 +14,9 @@ from sqlalchemy.orm import sessionmaker
 
 from lpm_node.core.audit import session_factory
 from lpm_node.demo.orthanc import ORTHANC_BIN, Orthanc, orthanc_available
+from lpm_node.demo.postgres import PostgresServer, postgres_bin_dir
 from tests.support_net import NodeProcess, dcmtk_env, free_port, have_dcmtk
 from tests.support_phantom import small_phantom, write_series
-from tests.support_postgres import PostgresServer, postgres_bin_dir
 
 DATABASES = ("sqlite", "postgresql")
 

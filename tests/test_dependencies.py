@@ -12,8 +12,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
-# declared, never imported by name: pydicom finds these pixel-data decoders itself, SQLAlchemy its PostgreSQL driver
-RUNTIME_PLUGINS = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "psycopg"}
+# declared, never imported by name: pydicom finds these pixel-data decoders itself
+RUNTIME_PLUGINS = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle"}
 
 
 def _name(requirement: str) -> str:

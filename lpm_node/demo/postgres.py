@@ -1,4 +1,5 @@
-"""A real PostgreSQL server for the tests: Debian's binaries, a cluster in a temporary folder, 127.0.0.1 only.
+"""A local PostgreSQL server for the tests and benchmarks: Debian's binaries, a cluster in a temporary folder,
+127.0.0.1 only.
 
 PostgreSQL refuses to run as root; the tests (and CI) may run as root, so the cluster then belongs to the
 ``postgres`` user that Debian's package creates and its programs run as that user. The folder lies directly under
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import psycopg
 
-from tests.support_net import free_port
+from lpm_node.demo.orthanc import free_port
 
 
 def postgres_bin_dir() -> Path | None:
