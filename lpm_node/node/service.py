@@ -107,7 +107,7 @@ class Node:
             poll = min(0.5, max(0.05, settings.series.stable_seconds / 4))
             self.add_loop(Loop("series", self.series_step, poll))
         self.sender: Sender | None = None
-        if does(self.role, "sender") or (shared and does(self.role, "worker")):
+        if does(self.role, "sender"):
             self.sender = Sender(self.sessions, settings.output, node.ae_title,
                                  tls_context=tls_client_context(settings), ledger_dir=settings.delivered_path)
         self.worker: Worker | None = None
@@ -117,7 +117,7 @@ class Node:
         if shared:
             self.engine = JobEngine(
                 settings.db_url, measure=self.worker.run_job if self.worker is not None else None,
-                deliver=self.sender.run_once if does(self.role, "sender") and self.sender is not None else None,
+                deliver=self.sender.run_once if self.sender is not None else None,
                 heartbeat_s=node.heartbeat_seconds, stalled_after_s=node.stalled_after_seconds,
                 name=f"{self.role}@{socket.gethostname()}:{os.getpid()}",
             )
