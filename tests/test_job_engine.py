@@ -170,11 +170,22 @@ def test_killed_worker_job_is_taken_over_and_a_third_cut_fails_it(tmp_path, orth
             assert rows[0]["attempts"] == 4 and "gave up: the node crashed 3 times" in rows[0]["error"]
             assert receiver.series(uid)["status"] == "failed"
             assert "taken over" in last.log()
+            assert orthanc.instances() == []
+            sender = _serve(data, "sender", config, url)
+            try:  # the operator queues it again: measured by the live worker, delivered once
+                rerun = subprocess.run([sys.executable, "-m", "lpm_node.cli", "rerun", "--failed", "--config",
+                                        str(config), "--data-dir", str(data), "--database-url", url],
+                                       cwd=REPO, capture_output=True, text=True, timeout=120)
+                assert rerun.returncode == 0, rerun.stderr
+                receiver.wait_series_status(uid, ["done"], timeout=300)
+                _delivered(receiver, uid)
+            finally:
+                sender.kill()
         finally:
             last.kill()
     finally:
         receiver.kill()
-    assert orthanc.instances() == []
+    assert len(orthanc.instances()) == len(KINDS)
 
 
 def test_series_split_over_two_receivers_completes_once_and_receivers_share_a_port(tmp_path, orthanc, chest,
