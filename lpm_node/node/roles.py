@@ -78,27 +78,29 @@ def data_marker(data_path: Path) -> str:
 
 
 class Heartbeat:
-    """This process's row in ``role_heartbeats``: written at start, refreshed by :meth:`beat`, closed at stop."""
+    """This process's row in ``role_heartbeats``: written at the first :meth:`beat`, refreshed by each later one,
+    closed by :meth:`stop`. A database that cannot be written now only delays the row (the next beat tries again)."""
 
     def __init__(self, sessions: sessionmaker, role: str, marker: str, detail: str = "") -> None:
         self.sessions = sessions
-        with sessions() as session:
-            row = RoleHeartbeat(role=role, host=socket.gethostname(), pid=os.getpid(), started_at=utcnow(),
-                                last_seen_at=utcnow(), data_marker=marker, detail=detail)
-            session.add(row)
+        self.role, self.marker, self.detail = role, marker, detail
+        self.started_at = utcnow()
+        self.id: int | None = None
+
+    def beat(self) -> None:
+        with self.sessions() as session:
+            row = session.get(RoleHeartbeat, self.id) if self.id is not None else None
+            if row is None:
+                row = RoleHeartbeat(role=self.role, host=socket.gethostname(), pid=os.getpid(),
+                                    started_at=self.started_at, data_marker=self.marker, detail=self.detail)
+                session.add(row)
+            row.last_seen_at = utcnow()
             session.commit()
             self.id = row.id
 
-    def beat(self, detail: str | None = None) -> None:
-        with self.sessions() as session:
-            row = session.get(RoleHeartbeat, self.id)
-            if row is not None:
-                row.last_seen_at = utcnow()
-                if detail is not None:
-                    row.detail = detail
-                session.commit()
-
     def stop(self) -> None:
+        if self.id is None:
+            return
         with self.sessions() as session:
             row = session.get(RoleHeartbeat, self.id)
             if row is not None:

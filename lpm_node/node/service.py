@@ -182,6 +182,10 @@ class Node:
         where = f"listening on {self.address[0]}:{self.address[1]}" if self.address else ""
         engine = f"job engine: {', '.join(self.engine.queues) or 'deferring only'}" if self.engine else ""
         self.heartbeat = Heartbeat(self.sessions, self.role, marker, "; ".join(x for x in (where, engine) if x))
+        try:
+            self.heartbeat.beat()
+        except Exception as exc:  # noqa: BLE001 - the database may be unwritable for now: C-STOREs say so (0xA700)
+            LOG.warning("the heartbeat could not be written yet (%s); trying again", exc)
         if self.engine is not None:
             self.engine.start()
         for loop in self.loops:
@@ -210,7 +214,10 @@ class Node:
                     self.worker.release_running()
                     self.job_left_running = True
         if self.heartbeat is not None:
-            self.heartbeat.stop()
+            try:
+                self.heartbeat.stop()
+            except Exception:  # noqa: BLE001 - the stop goes on; the row then just ages out
+                LOG.warning("the heartbeat's stop could not be written")
         self.spool.close()
         self.sessions.kw["bind"].dispose()
         LOG.info("node stopped")
