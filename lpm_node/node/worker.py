@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from lpm_node.node.pipeline import analyse_series, write_answer
 LOG = logging.getLogger(__name__)
 
 MAX_JOB_STARTS = 3  # a job whose run was cut short by a crash this often is failed, not retried forever
+MEASURING_PROCESS = f"{socket.gethostname()}:{os.getpid()}"  # named in the audit at each start of a job
 
 
 
@@ -142,7 +145,7 @@ class Worker:
             series = self._series(session, job)
             if series is not None:
                 record_decision(session, series, SeriesStatus.PROCESSING,
-                                f"measuring (job {job.id}, start {job.attempts})")
+                                f"measuring (job {job.id}, start {job.attempts}) in {MEASURING_PROCESS}")
             session.commit()
             return job
 
