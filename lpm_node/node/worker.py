@@ -103,9 +103,14 @@ class Worker:
             session.commit()
         return len(jobs)
 
-    def release_running(self, why: str = "the node was stopped during the job") -> int:
+    @property
+    def running(self) -> list[int]:
+        """The ids of the jobs this process runs now."""
+        return sorted(self._running)
+
+    def release_running(self, why: str = "the node was stopped during the job") -> list[Job]:
         """Put the jobs this process runs back in the queue after an orderly stop; such starts do not count as
-        crashes."""
+        crashes. Returns the jobs put back."""
         with self.sessions() as session:
             jobs = list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING,
                                                           Job.id.in_(sorted(self._running)))))
@@ -118,7 +123,7 @@ class Worker:
                     record_decision(session, series, SeriesStatus.QUEUED, f"job {job.id}: {why}; queued again")
                 LOG.warning("job %d (series %s): %s; queued again", job.id, job.series_instance_uid, why)
             session.commit()
-        return len(jobs)
+        return jobs
 
     @staticmethod
     def crashed_starts(job: Job) -> int:
