@@ -29,6 +29,7 @@ from lpm_node.intake.header import is_valid_uid
 LOG = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
+STALE_TEMPORARY_SECONDS = 120.0  # a temporary file untouched this long belongs to no transfer in progress
 INCOMING_DIR = ".incoming"  # where transfers in progress are written (same file system as the spool)
 DICOM_SUFFIX = ".dcm"
 IMPLEMENTATION_VERSION_NAME = "LPM_NODE_01"
@@ -302,14 +303,19 @@ class Spool:
             self._used += size
         return StoredInstance(final, size, False, sync_s, digest.hexdigest())
 
-    def remove_stale_temporaries(self) -> int:
-        """Delete temporary files left by an interrupted write; returns how many."""
+    def remove_stale_temporaries(self, untouched_s: float = STALE_TEMPORARY_SECONDS) -> int:
+        """Delete temporary files left by an interrupted write (untouched for ``untouched_s`` seconds: the data folder
+        may be shared, and another process's transfers in progress are written there now); returns how many."""
         count = 0
+        now = time.time()
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if name.endswith(TMP_SUFFIX) or os.path.basename(dirpath) == INCOMING_DIR:
+                    path = os.path.join(dirpath, name)
                     try:
-                        os.unlink(os.path.join(dirpath, name))
+                        if now - os.stat(path).st_mtime < untouched_s:
+                            continue
+                        os.unlink(path)
                         count += 1
                     except OSError:
                         pass
