@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from lpm_node.core.config import Settings
 from lpm_node.imaging.measurement import NOT_ASSESSABLE, Measurement, _on_method_grid, flag_sentence, measure
+from lpm_node.imaging.orientation import nifti_orientation
 from lpm_node.imaging.segmentation import largest_component
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -113,7 +114,9 @@ def measure_command(settings: Settings, args: argparse.Namespace) -> int:
     del raw_liver
     liver = _to_lps(liver, flips)
     spacing_zyx = (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])
-    result, roi = measure(hu, liver, spacing_zyx, spleen=spleen, settings=settings.measurement)
+    orientation = nifti_orientation(args.ct, ct.GetDirection())
+    result, roi = measure(hu, liver, spacing_zyx, spleen=spleen, settings=settings.measurement,
+                          orientation=orientation)
     if any(flips):  # report indices in the input's own array
         shape = hu.shape
         result.roi_centres = [
