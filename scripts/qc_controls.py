@@ -6,6 +6,7 @@ A control must get its definite category; a hazard must be ``not_assessable``. E
 
     .venv/bin/python scripts/qc_controls.py                 # all three paths (process: a few minutes)
     .venv/bin/python scripts/qc_controls.py --paths api cli # without the model
+    .venv/bin/python scripts/qc_controls.py --pictures docs # and the README's two pictures
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from pydicom.uid import generate_uid
 
 from lpm_node.cli.measure import measure_command
@@ -88,12 +90,61 @@ def via_process(settings: Settings, folder: Path) -> list[tuple[str, str, str, d
     return sorted(rows, key=lambda r: order.index(r[:3]))
 
 
+PICTURES = {
+    "qc-withheld-mirrored.png": "phantom seed 1, 30 HU, mirrored",
+    "qc-measured-tight-fov.png": "phantom seed 1, 38 HU, wall cut 15 mm beyond the liver",
+}
+
+
+def picture(case: QcCase, settings: Settings, path: Path) -> None:
+    """The key image of the case's middle ROI slice, with the body's midline (dashed, yellow) and, on each ROI
+    row, the tissue between the liver's edge and the edge of the field of view (cyan)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from lpm_node.answer.keyimage import render_key_image
+    from lpm_node.imaging.anatomy import body_midline_x
+
+    hu, label = case.claimed()
+    liver = largest_component(label > 0).view(bool)
+    result, roi = measure(hu, liver, (2.5, 0.7, 0.7), settings=settings.measurement)
+    z = result.roi_slices[len(result.roi_slices) // 2]
+    image = Image.fromarray(render_key_image(hu[z], roi[z], liver[z], result))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=15)
+    present = [int(k) for k in np.flatnonzero(liver.any(axis=(1, 2)))]
+    midline = body_midline_x(hu, present[:: max(1, len(present) // 24)], liver)
+    if midline is not None:
+        for y0 in range(0, hu.shape[1], 12):
+            draw.line([(midline, y0), (midline, y0 + 6)], fill=(255, 220, 0), width=2)
+        draw.text((midline + 5, hu.shape[1] * 0.78), "body midline", fill=(255, 220, 0), font=font,
+                  stroke_width=2, stroke_fill=(0, 0, 0))
+    for (zc, y, x), tissue in zip(result.roi_centres, result.lateral_tissue_mm, strict=True):
+        if zc == z and tissue is not None:
+            edge = x - 30
+            draw.line([(0, y), (edge, y)], fill=(0, 230, 255), width=3)
+            draw.text((4, y + 16), f"{tissue:.0f} mm of tissue beyond the liver's edge,", fill=(0, 230, 255),
+                      font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+            draw.text((4, y + 34), "then the edge of the field of view", fill=(0, 230, 255), font=font,
+                      stroke_width=2, stroke_fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paths", nargs="+", choices=("api", "cli", "process"), default=["api", "cli", "process"])
     parser.add_argument("--no-reference", action="store_true", help="leave out the published masks")
+    parser.add_argument("--pictures", type=Path, help="write the README's pictures of a withheld and a measured "
+                        "tight-field-of-view case into this folder, then stop")
     args = parser.parse_args()
     settings = load_settings(None, {"model": {"folder": str(bundled_model_folder())}})
+    if args.pictures:
+        wanted = {name: file for file, name in PICTURES.items()}
+        for case in all_cases(with_reference=False):
+            if case.name in wanted:
+                picture(case, settings, args.pictures / wanted[case.name])
+                print(args.pictures / wanted[case.name])
+        return 0
     failures = total = 0
     started = time.perf_counter()
     print(f"{'':4s} {'path':7s} {'group':7s} {'case':72s} {'expected':15s} {'value':>6s} {'category':15s} flags")

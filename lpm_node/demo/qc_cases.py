@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 
 import cv2
@@ -61,19 +61,37 @@ def expected_category(liver_hu: float) -> str:
     return STEATOSIS if liver_hu < THRESHOLD_HU else NO_STEATOSIS
 
 
+Volume = tuple[np.ndarray, np.ndarray, tuple[float, ...]]  # HU int16, liver label uint8 (z, y, x) LPS, origin
+
+
 @dataclass
 class QcCase:
-    """One calibration case on the method grid."""
+    """One calibration case on the method grid; its arrays are made when first used (``build``)."""
 
     name: str
     group: str  # "control" | "hazard"
     expected: str  # the category a control must get; NOT_ASSESSABLE for a hazard
-    truth_hu: np.ndarray  # int16 (z, y, x), LPS
-    truth_label: np.ndarray  # uint8, the liver label before the largest-component step, LPS
+    build: Callable[[], Volume]
     storage: str = "LPS"
-    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # LPS (x, y, z) mm of voxel [0, 0, 0]
-    note: str = ""
-    extra: dict[str, object] = field(default_factory=dict)
+
+    @cached_property
+    def _volume(self) -> Volume:
+        return self.build()
+
+    @property
+    def truth_hu(self) -> np.ndarray:
+        """HU, int16 (z, y, x), LPS."""
+        return self._volume[0]
+
+    @property
+    def truth_label(self) -> np.ndarray:
+        """The liver label (uint8) before the largest-component step, LPS."""
+        return self._volume[1]
+
+    @property
+    def origin(self) -> tuple[float, ...]:
+        """LPS (x, y, z) mm of voxel [0, 0, 0]."""
+        return self._volume[2]
 
     def _flips(self) -> tuple[bool, bool, bool]:
         return STORAGES[self.storage][0]
@@ -89,7 +107,7 @@ class QcCase:
             return self.truth_hu, self.truth_label
         return self._stored(self.truth_hu), self._stored(self.truth_label)
 
-    def write_nifti(self, folder: Path) -> tuple[Path, Path]:
+    def write_nifti(self, folder: Path, compress: bool = True) -> tuple[Path, Path]:
         """The stored CT and label as NIfTI with their header's affine; returns (ct, label) paths."""
         import SimpleITK as sitk
 
@@ -111,8 +129,8 @@ class QcCase:
             image.SetSpacing(spacing)
             image.SetOrigin(tuple(float(v) for v in origin))
             image.SetDirection(tuple(float(v) for v in direction.ravel()))
-            path = folder / f"{name}.nii.gz"
-            sitk.WriteImage(image, str(path), useCompression=True)
+            path = folder / (f"{name}.nii.gz" if compress else f"{name}.nii")
+            sitk.WriteImage(image, str(path), useCompression=compress)
             paths.append(path)
         return paths[0], paths[1]
 
@@ -231,23 +249,24 @@ def tight_field_of_view(hu: np.ndarray, label: np.ndarray, origin: tuple[float, 
     return np.ascontiguousarray(hu[:, :, start:]), np.ascontiguousarray(label[:, :, start:]), new_origin
 
 
+def _tight(make: Callable[[float, float], Volume], liver_hu: float, margin_mm: float) -> Volume:
+    return tight_field_of_view(*make(liver_hu, 18.0), margin_mm)
+
+
 def controls(with_reference: bool = True) -> Iterator[QcCase]:
     """Every control: each liver shape at each control HU and noise SD; tight fields of view; other storages."""
     for shape_name, make in liver_shapes(with_reference).items():
         for liver_hu in CONTROL_HU:
             for noise in NOISE_SD:
-                hu, label, origin = make(liver_hu, noise)
                 yield QcCase(f"{shape_name}, {liver_hu:g} HU, noise {noise:g}", "control",
-                             expected_category(liver_hu), hu, label, origin=origin)
+                             expected_category(liver_hu), partial(make, liver_hu, noise))
         for liver_hu, margin in zip((38.0, 42.0, 38.0), TIGHT_MARGINS_MM, strict=True):
-            hu, label, origin = tight_field_of_view(*make(liver_hu, 18.0), margin)
             yield QcCase(f"{shape_name}, {liver_hu:g} HU, wall cut {margin:g} mm beyond the liver", "control",
-                         expected_category(liver_hu), hu, label, origin=origin)
+                         expected_category(liver_hu), partial(_tight, make, liver_hu, margin))
     for storage in ("RAS-stored", "feet-first", "prone"):
         for shape_name, liver_hu in (("phantom seed 1", 38.0), ("ellipsoid", 42.0)):
-            hu, label, origin = liver_shapes(False)[shape_name](liver_hu, 18.0)
             yield QcCase(f"{shape_name}, {liver_hu:g} HU, {storage}", "control", expected_category(liver_hu),
-                         hu, label, storage=storage, origin=origin)
+                         partial(liver_shapes(False)[shape_name], liver_hu, 18.0), storage=storage)
 
 
 def _lesion_over_a_quarter_disk(hu: np.ndarray, label: np.ndarray, lesion_hu: float) -> np.ndarray:
@@ -266,46 +285,54 @@ def _lesion_over_a_quarter_disk(hu: np.ndarray, label: np.ndarray, lesion_hu: fl
     return out
 
 
+def _with_lesion(make: Callable[[float, float], Volume]) -> Volume:
+    hu, label, origin = make(46.0, 12.0)
+    return _lesion_over_a_quarter_disk(hu, label, -50.0), label, origin
+
+
+def _into_liver(make: Callable[[float, float], Volume], mask_short: bool) -> Volume:
+    """The image cut 20 mm inside the liver's lateral edge; ``mask_short``: the new edge shows a drawn body wall
+    (fat, muscle: 7 mm) and the label stops short of it."""
+    hu, label, origin = make(35.0, 12.0)
+    cut = int(np.argmax(label.any(axis=(0, 1)))) + int(round(20.0 / METHOD_SPACING_ZYX[2]))
+    hu, label = np.ascontiguousarray(hu[:, :, cut:]), np.ascontiguousarray(label[:, :, cut:])
+    if mask_short:
+        wall_px = int(round(3.5 / METHOD_SPACING_ZYX[2]))
+        hu[:, :, :wall_px] = -100
+        hu[:, :, wall_px : 2 * wall_px] = 50
+        label[:, :, : 2 * wall_px] = 0
+    return hu, label, (origin[0] + cut * METHOD_SPACING_ZYX[2], origin[1], origin[2])
+
+
 def hazards(with_reference: bool = True) -> Iterator[QcCase]:
     """Every hazard of the issue: none may get a definite category."""
     for shape_name in ("phantom seed 1", "ellipsoid"):
         make = liver_shapes(False)[shape_name]
         for storage in ("mirrored", "prone, orientation lost"):
             for liver_hu in (30.0, 60.0):
-                hu, label, origin = make(liver_hu, 12.0)
-                yield QcCase(f"{shape_name}, {liver_hu:g} HU, {storage}", "hazard", NOT_ASSESSABLE, hu, label,
-                             storage=storage, origin=origin)
+                yield QcCase(f"{shape_name}, {liver_hu:g} HU, {storage}", "hazard", NOT_ASSESSABLE,
+                             partial(make, liver_hu, 12.0), storage=storage)
     if with_reference and shared_folder() is not None:
-        hu, label, origin = reference_shape("published nnU-Net mask")(60.0, 12.0)
-        yield QcCase("published nnU-Net mask, 60 HU, mirrored", "hazard", NOT_ASSESSABLE, hu, label,
-                     storage="mirrored", origin=origin)
+        yield QcCase("published nnU-Net mask, 60 HU, mirrored", "hazard", NOT_ASSESSABLE,
+                     partial(reference_shape("published nnU-Net mask"), 60.0, 12.0), storage="mirrored")
     for seed in PHANTOM_SEEDS:
-        p = _phantom_anatomy(seed)
-        yield _spleen_beside_small_liver(p, seed)
+        yield QcCase(f"phantom seed {seed}, 55 HU, larger spleen-like component beside a small liver", "hazard",
+                     NOT_ASSESSABLE, partial(_spleen_beside_small_liver, seed))
     for shape_name in ("phantom seed 1", "phantom seed 2", "ellipsoid"):
-        hu, label, origin = liver_shapes(False)[shape_name](46.0, 12.0)
         yield QcCase(f"{shape_name}, 46 HU, lesion over a quarter of one ROI disk", "hazard", NOT_ASSESSABLE,
-                     _lesion_over_a_quarter_disk(hu, label, -50.0), label, origin=origin,
-                     note="faithful value pulled below 40 HU by one disk")
+                     partial(_with_lesion, liver_shapes(False)[shape_name]))
     for shape_name in ("phantom seed 1", "ellipsoid"):
-        hu, label, origin = liver_shapes(False)[shape_name](35.0, 12.0)
-        x_min = int(np.argmax(label.any(axis=(0, 1))))
-        cut = x_min + int(round(20.0 / METHOD_SPACING_ZYX[2]))
+        make = liver_shapes(False)[shape_name]
         yield QcCase(f"{shape_name}, 35 HU, field of view 20 mm into the liver", "hazard", NOT_ASSESSABLE,
-                     np.ascontiguousarray(hu[:, :, cut:]), np.ascontiguousarray(label[:, :, cut:]), origin=origin)
-        wall_px = int(round(3.5 / METHOD_SPACING_ZYX[2]))
-        hu_wall = np.ascontiguousarray(hu[:, :, cut:])
-        label_wall = np.ascontiguousarray(label[:, :, cut:])
-        hu_wall[:, :, :wall_px] = -100
-        hu_wall[:, :, wall_px : 2 * wall_px] = 50
-        label_wall[:, :, : 2 * wall_px] = 0
+                     partial(_into_liver, make, False))
         yield QcCase(f"{shape_name}, 35 HU, field of view into the liver, mask 7 mm short of it", "hazard",
-                     NOT_ASSESSABLE, hu_wall, label_wall, origin=origin)
+                     NOT_ASSESSABLE, partial(_into_liver, make, True))
 
 
-def _spleen_beside_small_liver(p: Phantom, seed: int) -> QcCase:
+def _spleen_beside_small_liver(seed: int) -> Volume:
     """A small liver (its top, about 220 ml) beside a spleen-like component enlarged to outweigh it (splenomegaly),
     both labelled liver: the largest-component step keeps the spleen-like one."""
+    p = _phantom_anatomy(seed)
     liver = p.masks["liver"] > 0
     areas = liver.sum(axis=(1, 2)) * 1.225 / 1000.0  # ml per slice
     from_top = np.cumsum(areas[::-1])
@@ -323,11 +350,7 @@ def _spleen_beside_small_liver(p: Phantom, seed: int) -> QcCase:
     base = p.hu.astype(np.float32)
     base[big] = 50.0
     hu = _with_liver(base, p.masks["liver_parenchyma"] > 0, 55.0, 12.0, seed)
-    label = (small | big).astype(np.uint8)
-    liver_ml, spleen_ml = float(small.sum()) * 1.225 / 1000, float(big.sum()) * 1.225 / 1000
-    return QcCase(f"phantom seed {seed}, 55 HU, larger spleen-like component beside a small liver", "hazard",
-                  NOT_ASSESSABLE, hu, label, origin=p.origin,
-                  note=f"liver {liver_ml:.0f} ml, spleen-like {spleen_ml:.0f} ml")
+    return hu, (small | big).astype(np.uint8), p.origin
 
 
 def all_cases(with_reference: bool = True) -> Iterator[QcCase]:
