@@ -75,16 +75,15 @@ def right_fraction(liver: np.ndarray, midline_x: float, slices: Sequence[int]) -
 
 def wall_gap_fraction(hu: np.ndarray, edges: Sequence[tuple[int, int, int]], midline_x: float) -> float | None:
     """Largest, over the ROI rows (z, y, x_min), of (x_min - body's right surface) / (midline - right surface);
-    None when no row has body to the right of the midline."""
+    None when no row has its edge on the patient's right of the midline. The surface is the first air (or padding,
+    or the image border) going outward from the edge, so an arm beside the chest does not count as body wall."""
     worst: float | None = None
     for z, y, x_min in edges:
-        row = np.asarray(hu[z, y], dtype=np.float64)
-        tissue = np.flatnonzero((row > TISSUE_ABOVE_HU) & (row > PADDING_BELOW_HU))
-        if tissue.size == 0:
-            continue
-        surface = int(tissue[0])
+        row = np.asarray(hu[z, y, :x_min], dtype=np.float64)[::-1]  # from the component outward
+        air = np.flatnonzero(row <= TISSUE_ABOVE_HU)
+        surface = x_min - (int(air[0]) if air.size else x_min)
         half = midline_x - surface
-        if half <= 0:
+        if half <= 0 or x_min >= midline_x:
             continue
         fraction = (x_min - surface) / half
         worst = fraction if worst is None else max(worst, fraction)
