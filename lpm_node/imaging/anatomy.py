@@ -7,8 +7,8 @@ measurement (``imaging/measurement.py``) turns the figures into QC flags.
 
 - ``body_midline_x``: the body's left-right middle (median over rows of the centre of the body's extent).
 - ``right_fraction``: the share of the component's voxels on the patient's right of the midline. A liver holds
-  about three quarters of its volume there (the left lobe crosses the midline); a mirrored image, a prone image
-  read as supine, situs inversus or a spleen kept by the largest-component rule hold a quarter or less.
+  most of its volume there (the left lobe crosses the midline: 85-95 % in the controls); a mirrored image, a prone
+  image read as supine, situs inversus or a spleen kept by the largest-component rule hold 0-30 %.
 - ``wall_gap_fraction``: on the ROI rows, the gap between the body's right surface and the component's lateral
   edge, as a share of the distance from that surface to the midline. The right lobe lies against the lateral body
   wall (the gap is the wall itself, 10-35 % of the half width); a component whose edge lies nearer the midline than

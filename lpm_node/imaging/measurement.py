@@ -116,7 +116,9 @@ ROI_REACH_PX = ROI_OFFSET_PX + ROI_RADIUS_PX
 # a few millimetres short, as in a tight reconstruction of a large patient) is withheld, while a field of view that
 # cuts the body wall 15-25 mm beyond the liver (a common tight chest reconstruction) is measured.
 MIN_LATERAL_TISSUE_PX = ROI_OFFSET_PX - ROI_RADIUS_PX
-MIN_RIGHT_FRACTION = 0.5  # the liver's bulk lies on the patient's right (about 3/4; mirrored: about 1/4)
+# share of the component on the patient's right: 0.85-0.95 for the controls' livers; 0-0.3 mirrored, prone read as
+# supine, or a spleen kept as the largest component
+MIN_RIGHT_FRACTION = 0.5
 MAX_WALL_GAP_FRACTION = 0.5  # the right lobe's edge lies nearer the right body wall than the midline
 DISK_OUTLIER_SD = 3.0  # a disk pixel beyond 3 robust SDs of the liver's median is an outlier
 MIN_LIVER_SD_HU = 5.0  # floor of the liver's robust SD for the outlier test (noise-free images)
