@@ -133,6 +133,10 @@ class MeasurementSettings:
     plausible_min_hu: float = -100.0  # ROI mean outside plausible_min_hu .. plausible_max_hu (unenhanced liver)
     plausible_max_hu: float = 100.0
     max_faithful_robust_difference_hu: Positive = 10.0  # DL-parenchymal and the robust estimate further apart
+    # One ROI disk unlike the liver (reported; not_assessable only when the category without it differs): more than
+    # this share of its pixels beyond 3 robust SDs of the liver's median, or its mean this far from the robust value.
+    max_roi_disk_outlier_fraction: Annotated[float, Field(ge=0, le=1)] = 0.10
+    max_roi_disk_difference_hu: Positive = 8.0
 
 
 @dataclass

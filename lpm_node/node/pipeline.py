@@ -28,6 +28,7 @@ from lpm_node.core.config import Settings
 from lpm_node.imaging.loading import CTSeries, load_series
 from lpm_node.imaging.measurement import Measurement, failed_measurement, measure
 from lpm_node.imaging.model_identity import ModelIdentity
+from lpm_node.imaging.orientation import dicom_orientation
 from lpm_node.imaging.resampling import mask_to_source_grid, method_slices_near, resample_to_method_grid
 from lpm_node.imaging.segmentation import Segmenter
 
@@ -104,6 +105,7 @@ def analyse_series(paths: Sequence[str | Path], settings: Settings, segmenter: S
             measurement, roi = measure(
                 hu, masks["liver"], spacing_zyx, spleen=masks.get("spleen"), settings=settings.measurement,
                 interpolated_slices=method_slices_near(gaps, source.image, method_image),
+                orientation=dicom_orientation(source.image.GetDirection(), source.datasets[0].get("PatientPosition")),
             )
         except Exception:  # noqa: BLE001 - a series the measurement cannot handle is answered "not assessable"
             log.exception("measurement failed on series %s", source.series_instance_uid)
