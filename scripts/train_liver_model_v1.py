@@ -8,7 +8,8 @@ nnU-Net v1's own prediction command without downloads:
   raw task (imagesTr/labelsTr, v1 dataset.json) -> ``nnUNet_plan_and_preprocess`` (v1's own planning, 3d only)
   -> a smaller network in the plans (base features, patch size) -> ``nnUNetTrainerV2`` on one fold with a short
   schedule -> ``RESULTS_FOLDER/nnUNet/3d_fullres/Task521_LpmLiver/nnUNetTrainerV2__nnUNetPlansv2.1``
-  (``plans.pkl``, ``fold_0/model_final_checkpoint.model`` and its ``.pkl``), copied to ``--out``.
+  (``plans.pkl``, ``fold_0/model_final_checkpoint.model`` and its ``.pkl``), copied to ``--out`` with the task's
+  ``dataset.json`` beside ``plans.pkl`` (the label names), marked as a test model.
 
 Needs the optional extra: ``pip install "lpm-node[nnunet-v1]"``. The test model tests/data/nnunet_v1 was made with:
   python scripts/train_liver_model_v1.py --phantoms 12 --epochs 12 --iterations-per-epoch 20 \
@@ -81,6 +82,15 @@ def shrink_plans(plans_file: Path, base_features: int, patch_size: list[int]) ->
           f"pools {pool} base features {base_features}")
 
 
+def write_model_dataset_json(task_dataset: Path, target: Path) -> None:
+    """The task's dataset.json beside plans.pkl (v1 keeps label names only there), marked as a test model."""
+    dataset = json.loads(task_dataset.read_text())
+    dataset = {k: v for k, v in dataset.items() if k not in ("training", "test")}
+    dataset["lpm_node"] = {"test_model": True,
+                           "note": "trained on synthetic phantoms only; for tests, never for clinical use"}
+    (target / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+
+
 def train(fold: int, epochs: int, iterations: int) -> Path:
     """nnUNetTrainerV2 with its own code; only the schedule is shorter. Returns the trainer's output folder."""
     import torch
@@ -104,7 +114,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phantoms", type=int, default=12)
     parser.add_argument("--seed", type=int, default=521)
-    parser.add_argument("--size", type=int, default=256, help="phantom matrix at 0.7 mm (scaled to the grid)")
+    parser.add_argument("--size", type=int, default=512, help="phantom matrix at 0.7 mm (scaled to the grid)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--iterations-per-epoch", type=int, default=20)
     parser.add_argument("--base-features", type=int, default=4)
@@ -133,6 +143,7 @@ def main() -> int:
     shutil.copy2(output / "plans.pkl", target / "plans.pkl")
     for name in ("model_final_checkpoint.model", "model_final_checkpoint.model.pkl"):
         shutil.copy2(output / "fold_0" / name, target / "fold_0" / name)
+    write_model_dataset_json(work / "raw" / "nnUNet_raw_data" / TASK / "dataset.json", target)
     print(f"v1 model folder: {target} ({time.perf_counter() - t0:.0f} s)")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
