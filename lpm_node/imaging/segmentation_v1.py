@@ -311,6 +311,8 @@ class NnUNetV1Predictor:
         pkl = fold_dirs[0] / f"{info.checkpoint}.model.pkl"
         self.trainer = _restore_trainer(folder, pkl, _unpickle(pkl, pkl.name))
         self.params = [load_v1_checkpoint(d / f"{info.checkpoint}.model") for d in fold_dirs]
+        with _quiet():
+            self.trainer.load_checkpoint_ram(self.params[0], False)  # one fold: loaded once, kept
         self.device = device
         self.network = self.trainer.network.to(torch.device(device))
         self.network.eval()
@@ -327,8 +329,9 @@ class NnUNetV1Predictor:
         data, _, properties = trainer.preprocess_patient([image_file])
         softmax: np.ndarray | None = None
         for params in self.params:
-            trainer.load_checkpoint_ram(params, False)
-            self.network.to(self.device)
+            if len(self.params) > 1:  # folds take turns in the one network, as in nnUNet_predict
+                trainer.load_checkpoint_ram(params, False)
+                self.network.to(self.device)
             part = trainer.predict_preprocessed_data_return_seg_and_softmax(
                 data, do_mirroring=self.mirroring, mirror_axes=trainer.data_aug_params["mirror_axes"],
                 use_sliding_window=True, step_size=self.tile_step_size, use_gaussian=True, all_in_gpu=False,
@@ -357,8 +360,8 @@ class NnUNetV1Predictor:
             return seg
 
         with tempfile.TemporaryDirectory(prefix="lpm-nnunet-v1-") as tmp, _quiet():
-            image_file = os.path.join(tmp, "case_0000.nii.gz")
-            sitk.WriteImage(image, image_file, useCompression=False)
+            image_file = os.path.join(tmp, "case_0000.nii")
+            sitk.WriteImage(image, image_file)
             softmax, props = self._softmax(image_file)
             if save_or_return_probabilities:
                 return self._labels_and_probabilities(softmax, props)
