@@ -14,6 +14,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
 
 from lpm_node.cli import main
 from lpm_node.core.config import ModelSettings
+from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.imaging.model_identity import ModelIdentity, file_sha256
 from lpm_node.imaging.segmentation import largest_component, load_segmenter, verify_model_folder
 from lpm_node.imaging.segmentation_v1 import NnUNetV1Segmenter
-from tests.support_net import run_cli
+from tests.support_net import NodeProcess, have_dcmtk, run_cli, storescu
 from tests.support_segmentation import dice, method_grid_phantom
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,3 +266,51 @@ def test_process_measures_with_a_v1_folder_and_names_it_everywhere(tmp_path: Pat
     assert identity.short() in " ".join(dump.split()), dump[-3000:]
     key = dcmread(item["files"]["KEY"])
     assert key.BurnedInAnnotation == "YES" and key.StudyInstanceUID == seg.StudyInstanceUID
+# --------------------------------------------------------------------------------------------------- serve
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (have_dcmtk() and orthanc_available()), reason="dcmtk or Orthanc not installed")
+def test_serve_with_a_v1_folder_answers_the_pacs_and_names_the_model(tmp_path: Path, orthanc: Orthanc) -> None:
+    truth = 30.0
+    files = write_ct_series(make_phantom(truth, n_slices=64, size=256, pixel_spacing=1.4, seed=2102),
+                            tmp_path / "ct")
+    source = dcmread(files[0], stop_before_pixels=True)
+    series_uid, study_uid = str(source.SeriesInstanceUID), str(source.StudyInstanceUID)
+    config = tmp_path / "node.toml"
+    config.write_text("[output]\nbackoff_initial_s = 0.5\nbackoff_max_s = 1.0\nmax_attempts = 100\n")
+    node = NodeProcess(tmp_path / "node", measure=True, stable_seconds=1, config=config,
+                       extra=["--model", str(RESULTS_FOLDER),
+                              "--destination", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"])
+    with node:
+        sent = storescu(node.port, files)
+        assert sent.returncode == 0, sent.stderr
+        row = node.wait_series_status(series_uid, ["done", "failed"], timeout=300)
+        assert row["status"] == "done", row["reason"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            kinds = {r["object_kind"]: r["status"] for r in node.query(
+                "SELECT object_kind, status FROM deliveries WHERE series_instance_uid = ?", (series_uid,))}
+            if kinds and set(kinds.values()) == {"sent"}:
+                break
+            time.sleep(0.3)
+        assert sorted(kinds) == ["KEY", "KOS", "SEG", "SR"] and set(kinds.values()) == {"sent"}, node.log()[-3000:]
+        job = node.query("SELECT model_name, model_version, model_weights_sha256, model_test FROM jobs "
+                         "WHERE series_instance_uid = ?", (series_uid,))[0]
+        audit = {s["series_instance_uid"]: s for s in node.audit_json()}[series_uid]
+    checksum = file_sha256(FOLD / "model_final_checkpoint.model", FOLD / "model_final_checkpoint.model.pkl")
+    assert job["model_name"] == TASK and job["model_weights_sha256"] == checksum and job["model_test"] == 1
+    assert job["model_version"].startswith("nnU-Net v1 3d_fullres, nnUNetTrainerV2, nnUNetPlansv2.1, fold 0")
+    assert abs(audit["dl_parenchymal_hu"] - truth) <= 1.5
+    found: dict[str, object] = {}
+    for instance in orthanc.instances():
+        tags = orthanc.instance_tags(instance)
+        if tags.get("StudyInstanceUID") == study_uid and tags.get("Modality") in ("SEG", "SR", "OT"):
+            found[tags["Modality"]] = dcmread(DicomBytesIO(orthanc.instance_file(instance)))
+    assert sorted(found) == ["OT", "SEG", "SR"]
+    algorithm = found["SEG"].SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert TASK in str(algorithm.AlgorithmParameters) and checksum in str(algorithm.AlgorithmParameters)
+    sr_file = tmp_path / "sr.dcm"
+    found["SR"].save_as(sr_file)
+    dump = subprocess.run(["dsrdump", "+Pl", str(sr_file)], capture_output=True, text=True).stdout
+    assert "nnU-Net v1 3d_fullres" in dump and TASK in dump
