@@ -3,6 +3,7 @@
 A model folder is what ``nnUNetv2_train`` leaves in ``nnUNet_results/DatasetXXX/Trainer__Plans__Config``:
 ``dataset.json``, ``plans.json`` and ``fold_N/<checkpoint>``. A label profile says which label numbers of the
 model are the liver and the spleen (``lpm_node/imaging/profiles/*.toml``, or any TOML file of the same form).
+nnU-Net v1 result folders (the published method's models) are recognised here and handled in ``segmentation_v1``.
 """
 
 from __future__ import annotations

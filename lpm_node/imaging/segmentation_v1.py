@@ -233,7 +233,7 @@ def verify_v1_folder(folder: str | Path, profile: str | None = None, *, folds: l
     if str(next(iter(modalities.values()))).upper() != "CT":
         info.warnings.append(f"input channel is {next(iter(modalities.values()))!r}, not 'CT' (CT normalization?)")
     if load_weights:
-        trainer = _restore_trainer(path, files[1], info_pkl)
+        trainer = _restore_trainer(path, files[1])
         try:
             trainer.network.load_state_dict(_network_weights(saved["state_dict"]))
         except Exception as exc:  # noqa: BLE001 - shape or key mismatches come in several exception types
@@ -270,8 +270,9 @@ def _network_weights(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
-def _restore_trainer(folder: Path, pkl_file: Path, info_pkl: dict[str, Any]) -> Any:
-    """The v1 trainer ready for inference, built as ``load_model_and_checkpoint_files`` does (no training data)."""
+def _restore_trainer(folder: Path, pkl_file: Path) -> Any:
+    """The v1 trainer ready for inference, built as ``load_model_and_checkpoint_files`` does (no training data);
+    ``restore_model`` unpickles ``pkl_file`` of the administrator's model folder (trusted, see above)."""
     _import_nnunet_v1()
     from nnunet.training.model_restore import restore_model
 
@@ -279,11 +280,8 @@ def _restore_trainer(folder: Path, pkl_file: Path, info_pkl: dict[str, Any]) -> 
         with _quiet():
             trainer = restore_model(str(pkl_file), checkpoint=None, train=False, fp16=False)
             trainer.output_folder = trainer.output_folder_base = str(folder)
-            trainer.update_fold(0 if (folder / "fold_0").is_dir() else "all")
             trainer.output_folder = str(pkl_file.parent)  # exists: initialize creates nothing
             trainer.initialize(False)
-    except SegmentationError:
-        raise
     except Exception as exc:  # noqa: BLE001 - nnU-Net v1 raises RuntimeError, AssertionError, KeyError...
         raise SegmentationError(f"nnU-Net v1 cannot build the model of {folder}: {type(exc).__name__}: {exc}") from exc
     return trainer
@@ -309,7 +307,7 @@ class NnUNetV1Predictor:
         folder = Path(info.folder)
         fold_dirs = [_fold_dir(folder, fold) for fold in info.folds]
         pkl = fold_dirs[0] / f"{info.checkpoint}.model.pkl"
-        self.trainer = _restore_trainer(folder, pkl, _unpickle(pkl, pkl.name))
+        self.trainer = _restore_trainer(folder, pkl)
         self.params = [load_v1_checkpoint(d / f"{info.checkpoint}.model") for d in fold_dirs]
         with _quiet():
             self.trainer.load_checkpoint_ram(self.params[0], False)  # one fold: loaded once, kept
