@@ -209,6 +209,7 @@ def test_liver_mask_identical_to_nnunet_v1_predict(reference) -> None:  # noqa: 
     assert np.array_equal(liver, expected)
 
 
+@pytest.mark.slow  # eight mirrored passes on the CPU, twice: minutes on 2 cores
 def test_mirrored_liver_mask_identical_to_nnunet_v1_predict_default(phantom_on_method_grid, tmp_path) -> None:  # noqa: ANN001
     """``mirroring = true`` is nnUNet_predict's default test-time mirroring (all three axes)."""
     phantom, image = phantom_on_method_grid
