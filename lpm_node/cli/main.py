@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     _node_options(p)
 
     p = add("model", _cmd_model_verify, "model management")
-    p.add_argument("action", choices=["verify"], help="verify: check that a folder is a loadable nnU-Net v2 model")
-    p.add_argument("folder", help="nnU-Net v2 model folder")
+    p.add_argument("action", choices=["verify"], help="verify: check that a folder is a loadable nnU-Net model")
+    p.add_argument("folder", help="nnU-Net v2 model folder, or nnU-Net v1 result folder (or its RESULTS_FOLDER)")
     p.add_argument("--profile", help="label profile name or TOML file")
     p.add_argument("--json", action="store_true", help="print JSON")
 

@@ -1,4 +1,4 @@
-"""``lpm-node model verify``: is a folder a loadable nnU-Net v2 model, with which labels."""
+"""``lpm-node model verify``: is a folder a loadable nnU-Net v2 model or v1 result folder, with which labels."""
 
 from __future__ import annotations
 

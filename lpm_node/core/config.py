@@ -113,7 +113,7 @@ class RuleSettings:
 
 @dataclass
 class ModelSettings:
-    folder: str = ""  # nnU-Net v2 model folder; required to measure (serve refuses to start without one)
+    folder: str = ""  # nnU-Net v2 model folder or v1 result folder; required to measure (serve refuses without)
     folds: list[str] = field(default_factory=lambda: ["0"])
     checkpoint: str = "checkpoint_final.pth"
     device: Literal["auto", "cuda", "cpu"] = "auto"
