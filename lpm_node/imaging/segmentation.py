@@ -25,7 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from lpm_node.core.config import ModelSettings
-from lpm_node.imaging.model_identity import ModelIdentity, file_sha256
+from lpm_node.core.files import file_checksum
+from lpm_node.imaging.model_identity import ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +354,7 @@ def model_identity(info: ModelInfo) -> ModelIdentity:
     checkpoints = [folder / f"fold_{fold}" / info.checkpoint for fold in info.folds]
     version = (f"nnU-Net v2 {info.configuration}, {info.trainer_name}, {info.plans_name}, "
                f"fold {','.join(info.folds)}, {info.checkpoint}")
-    return ModelIdentity(name=info.name, version=version, weights_sha256=file_sha256(*checkpoints),
+    return ModelIdentity(name=info.name, version=version, weights_sha256=file_checksum(*checkpoints),
                          test_model=info.test_model)
 
 

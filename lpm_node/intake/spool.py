@@ -5,7 +5,7 @@ component is a UID that passed :func:`is_valid_uid`; nothing a peer sent is used
 Transfers in progress are written to ``<spool>/.incoming`` (same file system); :meth:`Spool.adopt`
 then syncs the file, renames it to its final name and syncs the folder. Once it returns, the
 instance survives a crash. Each instance's SHA-256 is returned so that it can be recorded at
-receipt and checked before measurement (:func:`verify_checksum`).
+receipt and checked before measurement (:func:`lpm_node.intake.integrity.verify_series_files`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from lpm_node.core.files import atomic_write, fsync_folder
+from lpm_node.core.files import atomic_write, file_checksum, fsync_folder
 from lpm_node.intake.header import is_valid_uid
 
 LOG = logging.getLogger(__name__)
@@ -34,25 +34,8 @@ DICOM_SUFFIX = ".dcm"
 IMPLEMENTATION_VERSION_NAME = "LPM_NODE_01"
 
 
-def file_checksum(path: str | Path) -> str:
-    """SHA-256 of a file, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fp:
-        while chunk := fp.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class ChecksumMismatch(Exception):
     """A spooled file no longer has the checksum recorded when it was received."""
-
-
-def verify_checksum(path: str | Path, expected: str | None) -> None:
-    """Raise :class:`ChecksumMismatch` when ``path``'s SHA-256 differs from ``expected`` (skipped when none was
-    recorded)."""
-    if expected and (actual := file_checksum(path)) != expected:
-        raise ChecksumMismatch(f"checksum mismatch in spooled file {Path(path).name}: recorded {expected[:12]}…, "
-                               f"now {actual[:12]}…")
 
 
 class SpoolFull(Exception):

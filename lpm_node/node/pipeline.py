@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +23,9 @@ from lpm_node.answer import build_key_image, build_seg, build_sr, nearest_source
 from lpm_node.answer.frames import GAP, Outline, RoiDisk, mask_outline
 from lpm_node.answer.keyimage import render_key_image
 from lpm_node.answer.kos import build_kos
-from lpm_node.answer.uids import ContentIdentity
+from lpm_node.answer.uids import ContentIdentity, instances_digest
 from lpm_node.core.config import Settings
+from lpm_node.core.files import file_checksum
 from lpm_node.imaging.loading import CTSeries, load_series
 from lpm_node.imaging.measurement import Measurement, failed_measurement, measure
 from lpm_node.imaging.model_identity import ModelIdentity
@@ -48,6 +49,7 @@ class SeriesResult:
     device: str
     model: str
     model_identity: ModelIdentity
+    instances: tuple[tuple[str, str], ...] = ()  # measured source instances: (SOP Instance UID, file SHA-256)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
     @property
@@ -87,11 +89,28 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def analyse_series(paths: Sequence[str | Path], settings: Settings, segmenter: Segmenter) -> SeriesResult:
-    """Load, resample, segment and measure one series (raises SeriesLoadError for a series it cannot use)."""
+def measured_instances(source: CTSeries, checksums: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    """(SOP Instance UID, file SHA-256) of each source instance the loader used; checksums are taken from
+    ``checksums`` (by path, as verified at intake) and computed for files it does not name."""
+    known = checksums or {}
+    out = []
+    for ds in source.datasets:
+        path = str(ds.filename)
+        out.append((str(ds.SOPInstanceUID), known.get(path) or file_checksum(path)))
+    return tuple(out)
+
+
+def analyse_series(
+    paths: Sequence[str | Path], settings: Settings, segmenter: Segmenter, checksums: Mapping[str, str] | None = None
+) -> SeriesResult:
+    """Load, resample, segment and measure one series (raises SeriesLoadError for a series it cannot use).
+
+    ``checksums`` (path -> SHA-256, as verified at intake) saves reading the files again for the content
+    identity; files it does not name are checksummed here."""
     timings: dict[str, float] = {}
     with _timed(timings, "load"):
         source = load_series(paths, keep_pixel_data=False)  # the HU image holds the pixels
+        instances = measured_instances(source, checksums)
     with _timed(timings, "resample"):
         method_image = resample_to_method_grid(source.image)
     with _timed(timings, "segment"):
@@ -111,7 +130,8 @@ def analyse_series(paths: Sequence[str | Path], settings: Settings, segmenter: S
             roi = np.zeros(hu.shape, dtype=np.uint8)
     return SeriesResult(
         source=source, method_image=method_image, masks=masks, roi=roi, measurement=measurement,
-        device=segmenter.device, model=segmenter.description, model_identity=segmenter.identity, timings=timings,
+        device=segmenter.device, model=segmenter.description, model_identity=segmenter.identity,
+        instances=instances, timings=timings,
     )
 
 
@@ -157,6 +177,7 @@ def content_identity(result: SeriesResult, settings: Settings) -> ContentIdentit
         software_version=lpm_node.__version__,
         model=result.model_identity,
         settings=result_settings(settings),
+        instances=instances_digest(result.instances),
     )
 
 
