@@ -11,13 +11,13 @@ import pydicom
 import pytest
 
 from lpm_node.answer import ContentIdentity, build_key_image, build_kos, build_seg, build_sr
+from lpm_node.answer.build import result_settings
 from lpm_node.answer.keyimage import result_lines
 from lpm_node.answer.sr import category_text, report_sentences
 from lpm_node.answer.uids import instances_digest
 from lpm_node.core.config import Settings
 from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
 from lpm_node.imaging.model_identity import ModelIdentity
-from lpm_node.node.pipeline import result_settings
 from tests.support_writers import make_ct_datasets
 
 SERIES = make_ct_datasets(n_slices=6, size=32)

@@ -14,19 +14,16 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 import lpm_node
-from lpm_node.answer.frames import (
+from lpm_node.answer.equipment import (
     DEVICE_SERIAL,
-    GAP,
     MANUFACTURER,
     MODEL_NAME,
     SEG_SERIES_DESCRIPTION,
     SEG_SERIES_NUMBER,
     TEST_MODEL_NOTICE,
-    check_frame_refs,
-    number_of_frames,
-    source_series_uid,
     stamp_context,
 )
+from lpm_node.answer.source import GAP, check_frame_refs, number_of_frames, source_series_uid
 from lpm_node.answer.uids import ContentIdentity, identity_for
 from lpm_node.imaging.model_identity import ModelIdentity
 
