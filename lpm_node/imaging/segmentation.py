@@ -570,29 +570,3 @@ def _grid_like(image: sitk.Image, spacing_xyz: tuple[float, ...]) -> sitk.Image:
     grid.SetDirection(image.GetDirection())
     grid.SetOrigin([float(v) for v in corner + direction @ (0.5 * sp_out)])
     return grid
-
-
-# ---------------------------------------------------------------------------------------------------- the CLI
-
-
-def _by_value(item: tuple[str, int]) -> int:
-    return item[1]
-
-
-def _format_info(info: ModelInfo) -> str:
-    lines = [
-        f"model folder:   {info.folder}",
-        f"configuration:  {info.configuration} (trainer {info.trainer_name}, plans {info.plans_name})",
-        f"folds:          {', '.join(info.folds)} ({info.checkpoint}, {info.checkpoint_mb} MB)",
-        "expected spacing (z, y, x): " + " x ".join(f"{s:g}" for s in info.spacing_zyx_mm) + " mm",
-        "patch size (z, y, x): " + " x ".join(str(s) for s in info.patch_size),
-        f"input channels: {', '.join(info.channel_names)}",
-        "model labels:   " + ", ".join(f"{k} = {v}" for k, v in sorted(info.model_labels.items(), key=_by_value)),
-        f"profile:        {info.profile}",
-        "labels used:    " + ", ".join(f"{k} = {v}" for k, v in info.labels.items()),
-    ]
-    if info.parameters:
-        lines.append(f"parameters:     {info.parameters:,}")
-    lines += [f"warning: {w}" for w in info.warnings]
-    lines.append("OK: loadable nnU-Net v2 model")
-    return "\n".join(lines)
