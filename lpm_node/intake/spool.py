@@ -14,16 +14,13 @@ import hashlib
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
-
-from lpm_node.core.files import atomic_write, file_checksum, fsync_folder
+from lpm_node.core.files import file_checksum, fsync_folder
 from lpm_node.intake.header import is_valid_uid
 
 LOG = logging.getLogger(__name__)
@@ -31,7 +28,6 @@ LOG = logging.getLogger(__name__)
 TMP_SUFFIX = ".tmp"
 INCOMING_DIR = ".incoming"  # where transfers in progress are written (same file system as the spool)
 DICOM_SUFFIX = ".dcm"
-IMPLEMENTATION_VERSION_NAME = "LPM_NODE_01"
 
 
 class ChecksumMismatch(Exception):
@@ -51,39 +47,6 @@ class StoredInstance:
     duplicate: bool
     sync_s: float = 0.0  # time spent making it durable (fdatasync + folder fsync)
     checksum: str = ""  # SHA-256 of the file, hex
-
-
-def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian element (short form: 2-byte length; OB: 4-byte length)."""
-    if vr == b"OB":
-        return struct.pack("<HH2s2xI", group, elem, vr, len(value)) + value
-    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str = "") -> bytes:
-    """The 128-byte preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1), encoded directly.
-
-    All values are validated UIDs or an AE title, so the few bytes are built here rather than
-    through a pydicom Dataset (which costs more than the rest of the per-instance CPU work).
-    """
-    ae = "".join(c for c in source_ae if 32 <= ord(c) < 127 and c != "\\").strip()[:16]
-    body = b"".join(
-        [
-            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
-            _element(0x0002, 0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
-            _element(0x0002, 0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
-            _element(0x0002, 0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
-            _element(0x0002, 0x0012, b"UI", _padded(PYDICOM_IMPLEMENTATION_UID, b"\x00")),
-            _element(0x0002, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
-        ]
-        + ([_element(0x0002, 0x0016, b"AE", _padded(ae, b" "))] if ae else [])
-    )
-    return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 class Spool:
@@ -220,34 +183,6 @@ class Spool:
         for path in reversed(created):
             fsync_folder(path.parent)
         self._known_dirs.add(folder)
-
-    def store(
-        self,
-        study_uid: str,
-        series_uid: str,
-        sop_uid: str,
-        chunks: list[bytes | bytearray | memoryview],
-    ) -> StoredInstance:
-        """Write ``chunks`` (preamble + meta + dataset) durably as the instance's file.
-
-        An instance already in the spool is not written again (``duplicate=True``).
-        Raises :class:`SpoolFull` before writing anything when space or quota is short.
-        """
-        final = self.instance_path(study_uid, series_uid, sop_uid)
-        if final.exists():
-            return StoredInstance(final, final.stat().st_size, True, checksum=file_checksum(final))
-        size = sum(len(c) for c in chunks)
-        self.check_space(size)
-        self._ensure_dir(final.parent)
-        t_write = time.perf_counter()
-        atomic_write(final, chunks, make_parents=False)
-        write_s = time.perf_counter() - t_write
-        with self._lock:
-            self._used += size
-        digest = hashlib.sha256()
-        for chunk in chunks:
-            digest.update(chunk)
-        return StoredInstance(final, size, False, write_s, digest.hexdigest())
 
     def adopt(self, received: Path, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
         """Make a fully received file (in :attr:`incoming`) the instance's durable spool file.
