@@ -26,7 +26,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from lpm_node.core.config import ModelSettings
-from lpm_node.imaging.model_identity import ModelIdentity, file_sha256
+from lpm_node.core.files import file_checksum
+from lpm_node.imaging.model_identity import ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +367,7 @@ def model_identity(info: ModelInfo) -> ModelIdentity:
     checkpoints = [folder / f"fold_{fold}" / info.checkpoint for fold in info.folds]
     version = (f"nnU-Net v2 {info.configuration}, {info.trainer_name}, {info.plans_name}, "
                f"fold {','.join(info.folds)}, {info.checkpoint}")
-    return ModelIdentity(name=info.name, version=version, weights_sha256=file_sha256(*checkpoints),
+    return ModelIdentity(name=info.name, version=version, weights_sha256=file_checksum(*checkpoints),
                          test_model=info.test_model)
 
 
@@ -586,30 +587,3 @@ def _grid_like(image: sitk.Image, spacing_xyz: tuple[float, ...]) -> sitk.Image:
     grid.SetDirection(image.GetDirection())
     grid.SetOrigin([float(v) for v in corner + direction @ (0.5 * sp_out)])
     return grid
-
-
-# ---------------------------------------------------------------------------------------------------- the CLI
-
-
-def _by_value(item: tuple[str, int]) -> int:
-    return item[1]
-
-
-def _format_info(info: ModelInfo) -> str:
-    lines = [
-        f"model folder:   {info.folder}",
-        f"nnU-Net:        {info.nnunet_version}" + (f", task {info.task}" if info.task else ""),
-        f"configuration:  {info.configuration} (trainer {info.trainer_name}, plans {info.plans_name})",
-        f"folds:          {', '.join(info.folds)} ({info.checkpoint}, {info.checkpoint_mb} MB)",
-        "expected spacing (z, y, x): " + " x ".join(f"{s:g}" for s in info.spacing_zyx_mm) + " mm",
-        "patch size (z, y, x): " + " x ".join(str(s) for s in info.patch_size),
-        f"input channels: {', '.join(info.channel_names)}",
-        "model labels:   " + ", ".join(f"{k} = {v}" for k, v in sorted(info.model_labels.items(), key=_by_value)),
-        f"profile:        {info.profile}",
-        "labels used:    " + ", ".join(f"{k} = {v}" for k, v in info.labels.items()),
-    ]
-    if info.parameters:
-        lines.append(f"parameters:     {info.parameters:,}")
-    lines += [f"warning: {w}" for w in info.warnings]
-    lines.append(f"OK: loadable nnU-Net {info.nnunet_version} model")
-    return "\n".join(lines)

@@ -194,9 +194,8 @@ class Worker:
         paths = self.spool.series_files(job.study_instance_uid, job.series_instance_uid)
         if not paths:
             raise FileNotFoundError(f"no spooled files for series {job.series_instance_uid}")
-        verify_series_files(self.sessions, paths)
-        segmenter = self.segmenter
-        result = analyse_series(paths, self.settings, segmenter)
+        checksums = verify_series_files(self.sessions, paths)
+        result = analyse_series(paths, self.settings, self.segmenter, checksums)
         folder = self.outbox_path / job.series_instance_uid
         predecessor = self._previous_sr(job.series_instance_uid, folder)
         if folder.exists():  # an earlier run: its files are replaced by this one
