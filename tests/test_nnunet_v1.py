@@ -26,9 +26,10 @@ from pydicom.filebase import DicomBytesIO
 
 from lpm_node.cli import main
 from lpm_node.core.config import ModelSettings
+from lpm_node.core.files import file_checksum
 from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
-from lpm_node.imaging.model_identity import ModelIdentity, file_sha256
+from lpm_node.imaging.model_identity import ModelIdentity
 from lpm_node.imaging.segmentation import largest_component, load_segmenter, verify_model_folder
 from lpm_node.imaging.segmentation_v1 import NnUNetV1Segmenter
 from tests.support_net import NodeProcess, have_dcmtk, run_cli, storescu
@@ -237,7 +238,7 @@ def test_identity_names_v1_its_task_and_checksum() -> None:
     assert identity.name == TASK and identity.test_model
     assert identity.version == ("nnU-Net v1 3d_fullres, nnUNetTrainerV2, nnUNetPlansv2.1, fold 0, "
                                 "model_final_checkpoint")
-    assert identity.weights_sha256 == file_sha256(FOLD / "model_final_checkpoint.model",
+    assert identity.weights_sha256 == file_checksum(FOLD / "model_final_checkpoint.model",
                                                   FOLD / "model_final_checkpoint.model.pkl")
     assert segmenter.description == f"nnU-Net v1 3d_fullres fold 0 ({TASK})"
 
@@ -257,7 +258,7 @@ def test_process_measures_with_a_v1_folder_and_names_it_everywhere(tmp_path: Pat
     assert abs(item["dl_parenchymal_hu"] - truth) <= 1.5
     identity = ModelIdentity(**item["model_identity"])
     assert identity.name == TASK and identity.version.startswith("nnU-Net v1 3d_fullres, nnUNetTrainerV2")
-    assert identity.weights_sha256 == file_sha256(FOLD / "model_final_checkpoint.model",
+    assert identity.weights_sha256 == file_checksum(FOLD / "model_final_checkpoint.model",
                                                   FOLD / "model_final_checkpoint.model.pkl")
     seg = dcmread(item["files"]["SEG"])
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
@@ -299,7 +300,7 @@ def test_serve_with_a_v1_folder_answers_the_pacs_and_names_the_model(tmp_path: P
         job = node.query("SELECT model_name, model_version, model_weights_sha256, model_test FROM jobs "
                          "WHERE series_instance_uid = ?", (series_uid,))[0]
         audit = {s["series_instance_uid"]: s for s in node.audit_json()}[series_uid]
-    checksum = file_sha256(FOLD / "model_final_checkpoint.model", FOLD / "model_final_checkpoint.model.pkl")
+    checksum = file_checksum(FOLD / "model_final_checkpoint.model", FOLD / "model_final_checkpoint.model.pkl")
     assert job["model_name"] == TASK and job["model_weights_sha256"] == checksum and job["model_test"] == 1
     assert job["model_version"].startswith("nnU-Net v1 3d_fullres, nnUNetTrainerV2, nnUNetPlansv2.1, fold 0")
     assert abs(audit["dl_parenchymal_hu"] - truth) <= 1.5

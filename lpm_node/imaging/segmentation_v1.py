@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from lpm_node.imaging.model_identity import ModelIdentity, file_sha256
+from lpm_node.core.files import file_checksum
+from lpm_node.imaging.model_identity import ModelIdentity
 from lpm_node.imaging.segmentation import (
     TEST_MODEL_MARKER,
     ModelInfo,
@@ -250,7 +251,7 @@ def v1_model_identity(info: ModelInfo) -> ModelIdentity:
              for fold in info.folds for suffix in (".model", ".model.pkl")]
     version = (f"nnU-Net v1 {info.configuration}, {info.trainer_name}, {info.plans_name}, "
                f"fold {','.join(info.folds)}, {info.checkpoint}")
-    return ModelIdentity(name=info.name, version=version, weights_sha256=file_sha256(*files),
+    return ModelIdentity(name=info.name, version=version, weights_sha256=file_checksum(*files),
                          test_model=info.test_model)
 
 
