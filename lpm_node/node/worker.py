@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer.sending import enqueue_results, result_destinations
-from lpm_node.core.audit import Delivery, Job, Series, utcnow
+from lpm_node.core.audit import Delivery, Job, Series, measuring_suspended, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.core.states import JobStatus, SeriesStatus
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
@@ -121,6 +121,8 @@ class Worker:
 
     def _claim(self) -> Job | None:
         with self.sessions() as session:
+            if measuring_suspended(session):  # an operator suspended measuring: queued jobs wait
+                return None
             job = session.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.id).limit(1)).first()
             if job is None:
                 return None
