@@ -14,6 +14,7 @@ from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from lpm_node.console.story import iso_date
 from lpm_node.core.audit import Instance, Job, Series, SeriesLookup, as_utc, utcnow
 
 HEADER_TAGS = ["AccessionNumber", "PatientID", "PatientName", "StudyDate", "StudyDescription"]
@@ -141,10 +142,6 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
 
 
-def _date(yyyymmdd: str) -> str:
-    return f"{yyyymmdd[:4]}-{yyyymmdd[4:6]}-{yyyymmdd[6:8]}" if len(yyyymmdd) == 8 else yyyymmdd
-
-
 def row_dict(series: Series, lookup: SeriesLookup, job: Job | None) -> dict[str, Any]:
     """One found series as plain values (a result row, a CSV line, the API's JSON)."""
     return {
@@ -152,7 +149,7 @@ def row_dict(series: Series, lookup: SeriesLookup, job: Job | None) -> dict[str,
         "accession_number": lookup.accession_number,
         "patient_id": lookup.patient_id,
         "patient_name": lookup.patient_name,
-        "study_date": _date(lookup.study_date),
+        "study_date": iso_date(lookup.study_date),
         "study_description": lookup.study_description,
         "series_description": series.series_description,
         "modality": series.modality,

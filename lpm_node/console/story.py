@@ -38,6 +38,11 @@ def category_words(category: str | None) -> str:
     return CATEGORY_WORDS.get(category or "", (category or "").replace("_", " "))
 
 
+def iso_date(yyyymmdd: str) -> str:
+    """A DICOM date (YYYYMMDD) as YYYY-MM-DD (anything else as it is)."""
+    return f"{yyyymmdd[:4]}-{yyyymmdd[4:6]}-{yyyymmdd[6:8]}" if len(yyyymmdd) == 8 else yyyymmdd
+
+
 def _iso(value: dt.datetime | None) -> str | None:
     value = as_utc(value)
     return value.isoformat(timespec="seconds") if value else None
@@ -148,7 +153,7 @@ def series_story(session: Session, series: Series, lookup: SeriesLookup, viewer_
     return {
         "id": lookup.public_id,
         "accession_number": lookup.accession_number, "patient_id": lookup.patient_id,
-        "patient_name": lookup.patient_name, "study_date": lookup.study_date,
+        "patient_name": lookup.patient_name, "study_date": iso_date(lookup.study_date),
         "study_description": lookup.study_description, "series_description": series.series_description,
         "modality": series.modality, "status": series.status, "reason": series.reason,
         "instances": series.instance_count, "calling_ae": series.calling_ae,
