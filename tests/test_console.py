@@ -51,6 +51,7 @@ def node_data(tmp_path: Path) -> dict:
                          patient_id="PID-7", series_description=PAYLOAD_DESCRIPTION,
                          overrides={"AccessionNumber": "ACC-1", "StudyDate": "20261130"})
     refused = write_series(small_phantom(30.0, n_slices=2, seed=3), tmp_path / "refused", patient_id="PID-8",
+                           study_description="=HYPERLINK(1) CT",
                            overrides={"AccessionNumber": "ACC-2", "StudyDate": "20260101"}, series_number=5)
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     other = pydicom.dcmread(refused[0], stop_before_pixels=True)
@@ -187,6 +188,9 @@ def test_csv_export_has_every_match_and_no_formula_cells(node_data) -> None:
         lines = answer.text.strip().splitlines()
         assert len(lines) == 3 and lines[0].startswith("id,accession_number")
         assert "ACC-1" in answer.text and "ACC-2" in answer.text
+        assert "'=HYPERLINK(1) CT" in answer.text and ",=HYPERLINK" not in answer.text
+        assert client.post("/find.csv", data={}).status_code == 403  # a form from elsewhere
+        assert client.post("/find", data={"accession": "ACC-1"}).status_code in (303, 403)
 
 
 def test_off_loopback_every_page_and_api_needs_a_login(node_data) -> None:

@@ -103,6 +103,12 @@ class Console:
             token = request.session["csrf"] = new_csrf_token()
         return token
 
+    def same_origin_form(self, request: Request, form: Any) -> bool:
+        """A posted form carries this session's CSRF token (or the request signed in with HTTP Basic)."""
+        if getattr(request.state, "basic_user", None):
+            return True
+        return same_token(request.session.get("csrf"), request.headers.get("x-csrf-token") or form.get("csrf_token"))
+
     async def require_admin(self, request: Request, form: Any = None) -> dict[str, str]:
         """The admin taking an action; raises Forbidden for a viewer or a missing or wrong CSRF token."""
         user = self.user_of(request)
@@ -215,6 +221,8 @@ def build_app(settings: Settings, sessions: sessionmaker | None = None) -> Starl
 
     async def find_post(request: Request) -> Response:
         form = await request.form()
+        if not console.same_origin_form(request, form):
+            return console.outcome(request, False, "the form has expired: reload the page", "/find", status=403)
         try:
             filters = lookup.SearchFilters.from_mapping(form)
         except ValueError as exc:
@@ -224,6 +232,8 @@ def build_app(settings: Settings, sessions: sessionmaker | None = None) -> Starl
 
     async def find_csv(request: Request) -> Response:
         form = await request.form()
+        if not console.same_origin_form(request, form):
+            return JSONResponse({"error": "the form has expired: reload the page"}, status_code=403)
         try:
             filters = lookup.SearchFilters.from_mapping(form)
         except ValueError as exc:
