@@ -7,7 +7,12 @@ the end-to-end test with a real node, storescu, Orthanc and chromium is tests/te
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -33,6 +38,7 @@ from lpm_node.core.audit import (
 )
 from lpm_node.core.config import load_settings
 from lpm_node.node.worker import Worker
+from tests.support_net import REPO, free_port
 from tests.support_phantom import small_phantom, write_series
 
 PAYLOAD_NAME = '<script>window.pwned=1</script>^Doe'
@@ -295,3 +301,31 @@ def test_a_console_on_loopback_refuses_other_host_names(node_data) -> None:
     app = build_app(_settings(node_data["data"], users=False))
     with TestClient(app, base_url="http://rebound.example:8480") as client:
         assert client.get("/find").status_code == 421
+
+
+def test_lpm_node_console_serves_on_loopback_and_refuses_to_be_exposed_without_users(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    refused = subprocess.run([sys.executable, "-m", "lpm_node.cli", "console", "--data-dir", str(data),
+                              "--console-host", "0.0.0.0", "--console-port", str(port)],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not loopback" in refused.stderr
+    process = subprocess.Popen([sys.executable, "-m", "lpm_node.cli", "console", "--data-dir", str(data),
+                                "--console-port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=5) as answer:
+                    assert json.loads(answer.read())["status"] == "ready"
+                    break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/find", timeout=5) as answer:
+            assert "Find a series" in answer.read().decode()
+    finally:
+        process.terminate()
+        assert process.wait(20) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import uvicorn
@@ -29,8 +30,16 @@ def _server(settings: Settings) -> uvicorn.Server:
 
 
 def run_console(settings: Settings) -> int:
-    """Serve the console until SIGINT or SIGTERM."""
-    _server(settings).run()
+    """Serve the console until SIGINT or SIGTERM; exit status 0 after an orderly stop."""
+    server = _server(settings)
+    # uvicorn re-raises the stopping signal once it has shut down: here it only ends the command, with status 0
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    LOG.info("console stopped")
     return 0
 
 
