@@ -329,3 +329,20 @@ def test_lpm_node_console_serves_on_loopback_and_refuses_to_be_exposed_without_u
     finally:
         process.terminate()
         assert process.wait(20) == 0
+
+
+def test_api_actions_take_json_and_admins_only(node_data) -> None:
+    with _client(_settings(node_data["data"], users=False)) as client:  # loopback, no users: the local operator
+        assert client.post("/api/actions/suspend", data={"x": "1"}).status_code == 415  # no cross-site form
+        assert client.post("/api/actions/suspend", json={}).json()["message"].startswith("measuring suspended")
+        assert client.post("/api/actions/resume", json={}).status_code == 200
+        public_id = _public_id(client, accession="ACC-1")
+        assert "re-queued" in client.post("/api/actions/measure-again", json={"id": public_id}).json()["message"]
+        assert client.post("/api/actions/retry", json={"destination": "not a destination"}).status_code == 400
+    with _client(_settings(node_data["data"])) as client:
+        assert client.post("/api/actions/suspend", json={}, auth=("vic", VIEWER_PASSWORD)).status_code == 403
+        answer = client.post("/api/actions/retry", json={"delivery_ids": [1]}, auth=("ana", ADMIN_PASSWORD))
+        assert answer.status_code == 200 and "requeued 1" in answer.json()["message"]
+        _login(client, "ana", ADMIN_PASSWORD)  # a browser session: the token is needed as well
+        assert client.post("/api/actions/resume", json={}).status_code == 403
+        assert client.post("/api/actions/resume", json={}, headers={"X-CSRF-Token": _csrf(client)}).status_code == 200
