@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from pathlib import Path
 
 import bcrypt
 import pytest
@@ -101,6 +102,19 @@ def node(tmp_path_factory):  # noqa: ANN201
     finally:
         process.__exit__(None, None, None)
         orthanc.stop(graceful=False)
+
+
+def _storescp(aet: str, port: int, folder: Path) -> subprocess.Popen:
+    """dcmtk's storescp as an archive on 127.0.0.1:port, writing what it receives to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(["storescp", "-aet", aet, "--output-directory", str(folder), str(port)],
+                               env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while subprocess.run(["echoscu", "-aec", aet, "127.0.0.1", str(port)], env=dcmtk_env(),
+                         capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline and process.poll() is None, "storescp did not start"
+        time.sleep(0.2)
+    return process
 
 
 def _login(page, base: str, name: str, password: str) -> None:  # noqa: ANN001
@@ -202,24 +216,36 @@ def test_admin_finds_reads_retries_measures_again_and_suspends(node) -> None:
                 assert expected in timeline, expected
             page.screenshot(path=str(ARTIFACTS / "2-story.png"), full_page=True)
 
-            # the archive comes up; retry all its dead letters from the queue page
-            archive = subprocess.Popen(["storescp", "-aet", "ARCHIVE", "--output-directory",
-                                        str(node["root"] / "archive-in"), str(node["down_port"])],
-                                       env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            (node["root"] / "archive-in").mkdir(exist_ok=True)
+            # one dead letter, ticked, to another archive; then the first archive comes up and the rest go to it
+            second_port = free_port()
+            archives = [_storescp("SECOND", second_port, node["root"] / "second-in"),
+                        _storescp("ARCHIVE", node["down_port"], node["root"] / "archive-in")]
             try:
                 page.goto(f"{base}/queues")
                 assert page.locator("#dead tbody tr").count() == 4
                 page.screenshot(path=str(ARTIFACTS / "3-queues.png"), full_page=True)
+                ticked = page.locator("#dead tbody input[type=checkbox]").first
+                ticked_id = ticked.get_attribute("value")
+                ticked.check()
+                page.fill("#other-destination", f"SECOND@127.0.0.1:{second_port}")
                 page.click("#retry-all")
                 page.locator("#message .ok").wait_for()
-                assert "requeued 4" in page.inner_text("#message")
+                assert f"delivery {ticked_id} redirected to SECOND@127.0.0.1:{second_port}" in page.inner_text(
+                    "#message")
+                _wait(lambda: len(list((node["root"] / "second-in").iterdir())) == 1, 60,
+                      "the redirected dead letter not at the second archive", process)
+                page.goto(f"{base}/queues")
+                assert page.locator("#dead tbody tr").count() == 3
+                page.click("#retry-all")
+                page.locator("#message .ok").wait_for()
+                assert "requeued 3" in page.inner_text("#message")
                 _wait(lambda: len(process.query("SELECT * FROM deliveries WHERE status = 'sent'")) == 8, 120,
                       "the retried dead letters not sent", process)
-                assert len(list((node["root"] / "archive-in").iterdir())) == 4
+                assert len(list((node["root"] / "archive-in").iterdir())) == 3
             finally:
-                archive.terminate()
-                archive.wait(10)
+                for archive in archives:
+                    archive.terminate()
+                    archive.wait(10)
 
             # measure again: a second job, and the earlier result among the previous results
             page.goto(f"{base}/find")
@@ -260,11 +286,12 @@ def test_admin_finds_reads_retries_measures_again_and_suspends(node) -> None:
 
             assert page.evaluate("window.pwned === undefined")
             assert all("pwned" not in d for d in dialogs)
-            assert len(dialogs) == 4  # retry all, measure again, suspend, resume: each asked for confirmation
+            assert len(dialogs) == 5  # 2 retries, measure again, suspend, resume: each asked for confirmation
         finally:
             browser.close()
     actions = process.query("SELECT user, command FROM operator_actions ORDER BY id")
     assert [(a["user"], a["command"]) for a in actions] == [
+        (ADMIN, f"console: retry deliveries {ticked_id} to SECOND@127.0.0.1:{second_port}"),
         (ADMIN, "console: retry all dead letters"), (ADMIN, "console: measure again"),
         (ADMIN, "console: suspend measuring"), (ADMIN, "console: resume measuring")]
     log = process.log()  # the node's and the console's (uvicorn's access lines name opaque ids only)
