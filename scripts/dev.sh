@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk orthanc dicom3tools dcm2niix openssl orthanc-dicomweb pixelmed-apps chromium openjdk-17-jdk-headless)
+APT_PACKAGES=(dcmtk orthanc dicom3tools dcm2niix openssl orthanc-dicomweb pixelmed-apps chromium openjdk-17-jdk-headless
+              postgresql)
 # npm fetches the OHIF build; Debian's npm only where no npm is installed (a NodeSource nodejs ships its own)
 command -v npm >/dev/null || APT_PACKAGES+=(npm)
 VENV=.venv

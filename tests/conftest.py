@@ -14,8 +14,11 @@ from sqlalchemy.orm import sessionmaker
 
 from lpm_node.core.audit import session_factory
 from lpm_node.demo.orthanc import ORTHANC_BIN, Orthanc, orthanc_available
+from lpm_node.demo.postgres import PostgresServer, postgres_bin_dir
 from tests.support_net import NodeProcess, dcmtk_env, free_port, have_dcmtk
 from tests.support_phantom import small_phantom, write_series
+
+DATABASES = ("sqlite", "postgresql")
 
 
 @pytest.fixture
@@ -24,10 +27,39 @@ def port() -> int:
     return free_port()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on 127.0.0.1 for the whole test run (Debian's ``postgresql``), stopped at the end."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.fail("PostgreSQL is not installed (Debian's postgresql package; scripts/dev.sh installs it)")
+    server = PostgresServer(bin_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, empty audit database: a SQLite file, then a database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'audit.sqlite'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture(params=DATABASES)
+def node_database_url(request: pytest.FixtureRequest) -> str:
+    """``NodeProcess(database_url=...)``: empty (the node's own SQLite file), then a new PostgreSQL database."""
+    return "" if request.param == "sqlite" else request.getfixturevalue("postgres").new_database()
+
+
 @pytest.fixture
-def audit_sessions(tmp_path: Path) -> sessionmaker:
-    """Sessions on a new audit database (a real SQLite file, ``tmp_path/audit.sqlite``, schema at the newest)."""
-    return session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+def audit_sessions(database_url: str) -> Iterator[sessionmaker]:
+    """Sessions on a new audit database (SQLite and PostgreSQL, schema at the newest)."""
+    sessions = session_factory(database_url)
+    yield sessions
+    sessions.kw["bind"].dispose()
 
 
 @pytest.fixture

@@ -16,12 +16,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_AET = "LPM_NODE"
+DATABASE_ERRORS = (sqlite3.OperationalError, psycopg.Error)
+
+
+class Row(tuple):
+    """A result row read by position or by column name (as sqlite3.Row); ``dict(row)`` gives the columns."""
+
+    names: tuple[str, ...] = ()
+
+    def __new__(cls, values: Sequence[Any], names: Sequence[str]) -> Row:
+        row = super().__new__(cls, values)
+        row.names = tuple(names)
+        return row
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        return super().__getitem__(self.names.index(key) if isinstance(key, str) else key)
+
+    def keys(self) -> tuple[str, ...]:
+        return self.names
+
+
+def query_postgres(url: str, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+    """Rows of ``sql`` (``?`` placeholders) on the PostgreSQL database at SQLAlchemy ``url``, with plain psycopg."""
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as connection:
+        cursor = connection.execute(sql.replace("?", "%s"), tuple(params))
+        if cursor.description is None:
+            return []
+        names = [column.name for column in cursor.description]
+        return [Row(values, names) for values in cursor.fetchall()]
 
 
 def free_port() -> int:
@@ -145,6 +174,7 @@ class NodeProcess:
     measure: bool = False  # front-door tests: receive, decide and queue only
     ready_by_echo: bool = True  # False: ready once it accepts connections (allow-lists that refuse ECHOSCU here)
     echo_extra: Sequence[str] = ()  # echoscu options to reach the node (e.g. TLS)
+    database_url: str = ""  # empty: the SQLite file in data_dir
     proc: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
 
@@ -157,6 +187,8 @@ class NodeProcess:
             cmd += ["--allow-ae", title]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
+        if self.database_url:
+            cmd += ["--database-url", self.database_url]
         if not self.measure:
             cmd.append("--no-measure")
         elif "--model" not in self.extra:
@@ -204,12 +236,17 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 pass
 
-    # -- reading the audit DB (read-only, plain sqlite3: independent of the code under test) ----
+    # -- reading the audit DB (read-only, plain sqlite3 or psycopg: independent of the code under test) ----
     @property
     def db_path(self) -> Path:
+        if self.database_url.startswith("sqlite:///"):
+            return Path(self.database_url.removeprefix("sqlite:///"))
         return self.data_dir / "audit.sqlite"
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of ``sql`` (``?`` placeholders); each row is read by column name or position, like sqlite3.Row."""
+        if self.database_url.startswith("postgresql"):
+            return query_postgres(self.database_url, sql, params)
         con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
         con.row_factory = sqlite3.Row
         try:
@@ -217,45 +254,52 @@ class NodeProcess:
         finally:
             con.close()
 
+    def _database_there(self) -> bool:
+        return self.database_url.startswith("postgresql") or self.db_path.exists()
+
     def wait_rows(
         self, sql: str, params: Sequence[Any] = (), *, until: Any = bool, timeout: float = 15.0
-    ) -> list[sqlite3.Row]:
+    ) -> list[Any]:
         """Run ``sql`` until ``until(rows)`` holds (audit rows are written shortly after the event)."""
         deadline = time.monotonic() + timeout
-        rows: list[sqlite3.Row] = []
+        rows: list[Any] = []
         while time.monotonic() < deadline:
             try:
                 rows = self.query(sql, params)
-            except sqlite3.OperationalError:
+            except DATABASE_ERRORS:
                 rows = []
             if until(rows):
                 return rows
             time.sleep(0.2)
         return rows
 
-    def series(self, uid: str) -> sqlite3.Row | None:
+    def series(self, uid: str) -> Any:
         rows = self.query("SELECT * FROM series WHERE series_instance_uid = ?", (uid,))
         return rows[0] if rows else None
 
-    def wait_series_status(self, uid: str, statuses: Sequence[str], timeout: float = 30.0) -> sqlite3.Row:
+    def wait_series_status(self, uid: str, statuses: Sequence[str], timeout: float = 30.0) -> Any:
         """Wait until the series row has one of ``statuses``; returns the row."""
         deadline = time.monotonic() + timeout
         row = None
         while time.monotonic() < deadline:
-            if self.db_path.exists():
+            if self._database_there():
                 try:
                     row = self.series(uid)
-                except sqlite3.OperationalError:
+                except DATABASE_ERRORS:
                     row = None
                 if row is not None and row["status"] in statuses:
                     return row
             time.sleep(0.2)
         raise TimeoutError(f"series {uid} not in {statuses} after {timeout} s (last: {dict(row) if row else None})")
 
+    def cli_database(self) -> list[str]:
+        """The options that point a command at this node's audit database."""
+        return ["--data-dir", str(self.data_dir)] + (["--database-url", self.database_url] if self.database_url else [])
+
     def audit_json(self) -> list[dict[str, Any]]:
         """``lpm-node audit --data-dir ... --json``, parsed."""
         out = subprocess.run(
-            [sys.executable, "-m", "lpm_node.cli", "audit", "--data-dir", str(self.data_dir), "--json"],
+            [sys.executable, "-m", "lpm_node.cli", "audit", *self.cli_database(), "--json"],
             cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
         )
         return json.loads(out.stdout)["series"]

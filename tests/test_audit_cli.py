@@ -1,4 +1,5 @@
-"""``lpm-node audit``: table, one series in full, CSV and JSON, with jobs and deliveries when present."""
+"""``lpm-node audit``: table, one series in full, CSV and JSON, with jobs and deliveries when present
+(on SQLite and on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import datetime as dt
 import json
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,9 @@ REJECTED = "1.2.840.1.2.2"
 STUDY = "1.2.840.1.1"
 
 
-def _audit(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return run_cli("audit", "--data-dir", str(data_dir), *args, timeout=60)
+def _audit(data_dir: Path, *args: str, database_url: str = "") -> subprocess.CompletedProcess:
+    database = ["--database-url", database_url] if database_url else []
+    return run_cli("audit", "--data-dir", str(data_dir), *database, *args, timeout=60)
 
 
 @pytest.fixture()
@@ -55,8 +58,8 @@ def data_dir(tmp_path, audit_sessions) -> Path:
     return tmp_path
 
 
-def test_json_lists_series_with_job_and_delivery(data_dir):
-    out = _audit(data_dir, "--json")
+def test_json_lists_series_with_job_and_delivery(data_dir, database_url):
+    out = _audit(data_dir, "--json", database_url=database_url)
     assert out.returncode == 0, out.stderr
     listing = json.loads(out.stdout)
     assert listing["refusals"] == []  # nothing was refused in this data set
@@ -71,30 +74,31 @@ def test_json_lists_series_with_job_and_delivery(data_dir):
     assert list(rows) == [REJECTED, MEASURED]  # newest first
 
 
-def test_table_detail_and_csv(data_dir, tmp_path):
-    table = _audit(data_dir)
+def test_table_detail_and_csv(data_dir, tmp_path, database_url):
+    audit = partial(_audit, database_url=database_url)
+    table = audit(data_dir)
     assert table.returncode == 0
     assert "contrast-enhanced: ContrastBolusAgent=IOHEXOL" in table.stdout and "35.2" in table.stdout
 
-    detail = _audit(data_dir, "--series", MEASURED)
+    detail = audit(data_dir, "--series", MEASURED)
     assert detail.returncode == 0, detail.stderr
     for expected in ("status   done", "instances 3 (3 indexed", "#1 PACS from 127.0.0.1:4242 released",
                      "queued: selected: soft kernel", "DL-parenchymal 35.2 HU", "SEG -> PACS@127.0.0.1:104 sent"):
         assert expected in detail.stdout, (expected, detail.stdout)
-    as_json = json.loads(_audit(data_dir, "--series", MEASURED, "--json").stdout)
+    as_json = json.loads(audit(data_dir, "--series", MEASURED, "--json").stdout)
     assert [d["object"] for d in as_json["deliveries"]] == ["SEG", "SR"]
     assert as_json["associations"][0]["calling_ae"] == "PACS"
 
     target = tmp_path / "series.csv"
-    assert _audit(data_dir, "--csv", str(target)).returncode == 0
+    assert audit(data_dir, "--csv", str(target)).returncode == 0
     with open(target, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["series_instance_uid"] for r in rows} == {MEASURED, REJECTED}
     assert next(r for r in rows if r["series_instance_uid"] == MEASURED)["dl_parenchymal_hu"] == "35.2"
-    stdout_csv = _audit(data_dir, "--csv", "-")
+    stdout_csv = audit(data_dir, "--csv", "-")
     assert stdout_csv.stdout.splitlines()[0].startswith("study_instance_uid,series_instance_uid")
 
-    missing = _audit(data_dir, "--series", "1.2.999")
+    missing = audit(data_dir, "--series", "1.2.999")
     assert missing.returncode == 1
 
 

@@ -22,6 +22,7 @@ from pydicom import dcmread
 
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.intake.header import is_valid_uid
+from lpm_node.node.roles import MARKER_FILE
 from tests.support_net import REPO, NodeProcess, echoscu, have_dcmtk, storescu
 from tests.support_peer import (
     A_ABORT,
@@ -104,12 +105,14 @@ def _wait_threads(door: Door, timeout: float = 15.0) -> int:
 
 
 def _outside_spool(data_dir: Path) -> list[Path]:
-    """Files in the data folder that are neither the audit database, a log nor a spooled instance."""
+    """Files in the data folder that are neither the audit database, a log, the data folder marker nor a spooled
+    instance."""
     odd = []
     for path in data_dir.rglob("*"):
         rel = path.relative_to(data_dir)
         if path.is_dir() or rel.parts[0] != "spool":
-            if path.is_file() and not (path.name.startswith("audit.sqlite") or path.suffix == ".log"):
+            if path.is_file() and not (path.name.startswith("audit.sqlite") or path.suffix == ".log"
+                                       or rel == Path(MARKER_FILE)):
                 odd.append(path)
             continue
         parts = rel.parts[1:]

@@ -12,7 +12,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from lpm_node.core.audit import Base, Delivery, DeliveryAttempt, Job, Series, session_factory
@@ -133,3 +133,37 @@ def test_commands_upgrade_an_old_database_and_refuse_a_newer_one(tmp_path: Path)
     refused = run_cli("serve", "--data-dir", str(tmp_path), "--port", str(free_port()), timeout=120)
     assert refused.returncode == 2
     assert "lpm-node serve: error: the audit database" in refused.stderr and "revision 9999" in refused.stderr
+
+
+def test_migrations_run_on_postgresql_up_and_down(postgres) -> None:
+    """Every revision upgrades and downgrades on PostgreSQL; the result matches the models and enforces them."""
+    url = postgres.new_database()
+    _migrate(url, BASELINE)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO jobs (id, series_instance_uid, study_instance_uid, status, created_at, attempts, error, "
+            "device, model, category) VALUES (7, '1.2.3.1', '1.2.3', 'done', now(), 1, '', 'cpu', 'm', 'normal')"))
+        for delivery_id in (1, 2):  # the same object to the same destination twice: merged by the upgrade
+            connection.execute(text(
+                "INSERT INTO deliveries (id, job_id, series_instance_uid, destination, object_kind, sop_instance_uid, "
+                "path, status, attempts, next_attempt_at, last_error, created_at) VALUES (:id, 7, '1.2.3.1', "
+                "'PACS@10.0.0.5:104', 'SR', '1.2.9', '/x/sr.dcm', 'sent', 1, now(), '', now())"), {"id": delivery_id})
+    sessions = session_factory(url)  # opening the database upgrades it
+    with sessions() as session:
+        assert session.get(Job, 7).stopped_starts == 0
+        assert len(session.scalars(select(Delivery)).all()) == 1
+    with engine.begin() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+    with sessions() as session:
+        session.get(Job, 7).status = "finished"  # not a JobStatus
+        with pytest.raises(IntegrityError, match="ck_jobs_status"):
+            session.commit()
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "base")
+        assert set(inspect(connection).get_table_names()) == {"alembic_version"}
+        command.upgrade(alembic_config(connection), "head")
+    engine.dispose()
+    sessions.kw["bind"].dispose()

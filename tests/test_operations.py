@@ -35,7 +35,7 @@ def test_doctor_says_ok_for_a_ready_node(tmp_path, orthanc):
     result = run_cli("doctor", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--demo-model")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith(("OK", "PROBLEM"))}
-    assert set(lines) == {"device", "model", "destination", "disk", "database"}
+    assert set(lines) == {"device", "model", "destination", "disk", "database", "data"}  # data folder
     assert all(line.startswith("OK") for line in lines.values())
     assert "C-ECHO OK" in lines["destination"] and "liver=1" in lines["model"]
 
@@ -52,7 +52,7 @@ def test_doctor_names_each_problem(tmp_path):
     assert [p.split()[1] for p in problems] == ["model", "destination", "disk"]
     assert "model folder not found" in problems[0]
     assert "no connection" in problems[1] or "rejected" in problems[1]
-    assert "2 OK, 3 problem(s)" in result.stdout
+    assert "3 OK, 3 problem(s)" in result.stdout
 
 
 def test_dockerfile_matches_the_package_and_the_cli():

@@ -1,5 +1,6 @@
 """Series completion by association release, and recovery, with real processes: storescu, lpm-node serve,
-SIGKILL and SIGTERM, a tmpfs full disk, a lost database, the operator's rerun, reindex and outbox retry."""
+SIGKILL and SIGTERM, a tmpfs full disk, a lost database, the operator's rerun, reindex and outbox retry.
+The completion, restart and rerun tests run on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def _decisions(node: NodeProcess, uid: str) -> list[tuple[str, str]]:
     return [(r["status"], r["reason"]) for r in rows]
 
 
+def _json(value: object) -> object:
+    """A JSON column as read back: text from SQLite, already decoded from PostgreSQL."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def _sent(files: list[Path], node: NodeProcess) -> None:
     result = storescu(node.port, files)
     assert result.returncode == 0, result.stderr
@@ -86,9 +92,9 @@ def test_released_contiguous_series_complete_long_before_stable_seconds(tmp_path
             assert any("released" in r for s, r in _decisions(node, _uid(files)) if s == "complete")
 
 
-def test_series_split_over_two_associations(tmp_path, chest, second):
+def test_series_split_over_two_associations(tmp_path, chest, second, node_database_url):
     config = _config(tmp_path, "[rules]\nmin_slices = 10\nmin_z_coverage_mm = 40\n")
-    with NodeProcess(tmp_path / "node", stable_seconds=300, config=config) as node:
+    with NodeProcess(tmp_path / "node", stable_seconds=300, config=config, database_url=node_database_url) as node:
         # not contiguous after the first association: it waits (stable_seconds), then the rest completes it
         _sent(chest[:20] + chest[40:], node)
         time.sleep(6)
@@ -111,9 +117,10 @@ def test_series_split_over_two_associations(tmp_path, chest, second):
         assert "more instances arrived after the decision (not_selected" in _decisions(node, _uid(second))[3][1]
 
 
-def test_measured_series_reopened_by_a_second_association_is_measured_again(tmp_path, chest):
+def test_measured_series_reopened_by_a_second_association_is_measured_again(tmp_path, chest, node_database_url):
     config = _config(tmp_path, "[rules]\nmin_slices = 10\nmin_z_coverage_mm = 40\n")
-    with NodeProcess(tmp_path / "node", stable_seconds=300, config=config, measure=True) as node:
+    with NodeProcess(tmp_path / "node", stable_seconds=300, config=config, measure=True,
+                     database_url=node_database_url) as node:
         uid = _uid(chest)
         _sent(chest[:40], node)
         node.wait_series_status(uid, ["done", "failed"], timeout=300)
@@ -123,18 +130,18 @@ def test_measured_series_reopened_by_a_second_association_is_measured_again(tmp_
         jobs = node.query("SELECT status, result FROM jobs WHERE series_instance_uid = ? ORDER BY id", (uid,))
         assert [j["status"] for j in jobs] == ["done", "done"]  # both results stay in the audit
         assert node.series(uid)["status"] == "done" and node.series(uid)["instance_count"] == 64
-        facts = json.loads(node.series(uid)["facts"])
+        facts = _json(node.series(uid)["facts"])
         assert facts["slices"] == 64
 
 
 # -- restarts ------------------------------------------------------------------------------------------------------
 
 
-def test_downtime_is_not_quiet_time(tmp_path, chest):
+def test_downtime_is_not_quiet_time(tmp_path, chest, node_database_url):
     """SIGKILL with half a series received, down longer than stable_seconds: evaluated once, on all of it."""
     config = _config(tmp_path, "[series]\nrelease_grace_seconds = -1\n")
     uid = _uid(chest)
-    node = NodeProcess(tmp_path / "node", stable_seconds=3, config=config).start()
+    node = NodeProcess(tmp_path / "node", stable_seconds=3, config=config, database_url=node_database_url).start()
     try:
         _sent(chest[:32], node)
         node.kill()
@@ -143,7 +150,7 @@ def test_downtime_is_not_quiet_time(tmp_path, chest):
         _sent(chest[32:], node)
         row = node.wait_series_status(uid, ["queued"], timeout=30)
         assert row["instance_count"] == 64
-        assert json.loads(row["facts"])["slices"] == 64
+        assert _json(row["facts"])["slices"] == 64
         assert [s for s, _ in _decisions(node, uid)].count("complete") == 1
         assert len(node.query("SELECT id FROM jobs")) == 1
         assert node.stop() == 0
@@ -151,10 +158,11 @@ def test_downtime_is_not_quiet_time(tmp_path, chest):
         node.kill()
 
 
-def test_sigterm_during_a_job_is_not_a_crash(tmp_path, chest):
+def test_sigterm_during_a_job_is_not_a_crash(tmp_path, chest, node_database_url):
     config = _config(tmp_path, "[node]\nstop_grace_seconds = 0.2\n")
     uid = _uid(chest)
-    node = NodeProcess(tmp_path / "node", stable_seconds=1, config=config, measure=True).start()
+    node = NodeProcess(tmp_path / "node", stable_seconds=1, config=config, measure=True,
+                       database_url=node_database_url).start()
     try:
         _sent(chest, node)
         node.wait_rows("SELECT id FROM jobs WHERE status = 'running'", timeout=60)
@@ -171,10 +179,11 @@ def test_sigterm_during_a_job_is_not_a_crash(tmp_path, chest):
         node.kill()
 
 
-def test_failed_series_is_rerun_by_the_operator(tmp_path, chest):
+def test_failed_series_is_rerun_by_the_operator(tmp_path, chest, node_database_url):
     uid = _uid(chest)
     config = _config(tmp_path, "[series]\nrelease_grace_seconds = -1\n")
-    node = NodeProcess(tmp_path / "node", stable_seconds=3, config=config, measure=True).start()
+    node = NodeProcess(tmp_path / "node", stable_seconds=3, config=config, measure=True,
+                       database_url=node_database_url).start()
     try:
         _sent(chest, node)
         spool = tmp_path / "node" / "spool"
@@ -188,16 +197,16 @@ def test_failed_series_is_rerun_by_the_operator(tmp_path, chest):
         assert row["status"] == "failed", row["reason"]
 
         damaged.write_bytes(original)  # put right
-        result = _cli("rerun", "--failed", "--data-dir", str(tmp_path / "node"))
+        result = _cli("rerun", "--failed", *node.cli_database())
         assert result.returncode == 0, result.stderr
         assert f"{uid}: re-queued (was failed)" in result.stdout
         node.wait_rows("SELECT id FROM jobs WHERE status = 'done'", timeout=300)
         jobs = node.query("SELECT status FROM jobs ORDER BY id")
         assert [j["status"] for j in jobs] == ["failed", "done"]
         assert node.series(uid)["status"] == "done"
-        again = _cli("rerun", "--series", uid, "--series", "1.2.3.4", "--data-dir", str(tmp_path / "node"))
+        again = _cli("rerun", "--series", uid, "--series", "1.2.3.4", *node.cli_database())
         assert again.returncode == 1 and "1.2.3.4: no such series" in again.stdout
-        actions = json.loads(_cli("audit", "--actions", "--json", "--data-dir", str(tmp_path / "node")).stdout)
+        actions = json.loads(_cli("audit", "--actions", "--json", *node.cli_database()).stdout)
         assert [a["outcome"] for a in reversed(actions)] == ["re-queued (was failed)", "re-queued (was done)",
                                                              "no such series"]
         assert all(a["user"] and "lpm-node rerun" in a["command"] for a in actions)

@@ -1,4 +1,5 @@
-"""Outbox and sender against real peers: Orthanc (up, down, frozen, full, checking its AE title) and LocalStore."""
+"""Outbox and sender against real peers: Orthanc (up, down, frozen, full, checking its AE title) and LocalStore;
+the outbox on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from lpm_node.answer.sending import (
     series_delivery_status,
 )
 from lpm_node.cli import main as cli_main
-from lpm_node.core.audit import Delivery, DeliveryAttempt, session_factory, utcnow
+from lpm_node.core.audit import Delivery, DeliveryAttempt, utcnow
 from lpm_node.core.config import Destination, OutputSettings, load_settings
 from lpm_node.demo.local_store import LocalStore
 from lpm_node.demo.orthanc import Orthanc, orthanc_available
@@ -54,9 +55,9 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def sessions(data_dir: Path) -> sessionmaker:
-    # the same database file the CLI opens for --data-dir
-    return session_factory(load_settings(overrides={"node": {"data_dir": str(data_dir)}}).db_url)
+def sessions(audit_sessions: sessionmaker) -> sessionmaker:
+    """The outbox on SQLite, then on PostgreSQL (the commands are given the same ``--database-url``)."""
+    return audit_sessions
 
 
 def output(max_attempts: int = 10) -> OutputSettings:
@@ -198,8 +199,10 @@ def test_pacs_down_keeps_results_queued_with_backoff_then_delivers_once(
 
 
 def test_dead_letter_listed_and_retried_from_the_command_line(
-    orthanc: Orthanc, sessions, data_dir: Path, results: ResultFiles, capsys: pytest.CaptureFixture[str]
+    orthanc: Orthanc, sessions, data_dir: Path, database_url: str, results: ResultFiles,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    where = ["--data-dir", str(data_dir), "--database-url", database_url]
     enqueue(sessions, results, to_orthanc(orthanc))
     sender = Sender(sessions, output(max_attempts=2), "LPM_NODE", timeout_s=5)
     orthanc.stop()
@@ -210,7 +213,7 @@ def test_dead_letter_listed_and_retried_from_the_command_line(
     assert len(attempts(sessions)) == 6
 
     capsys.readouterr()
-    assert cli_main(["outbox", "list", "--json", "--data-dir", str(data_dir)]) == 0
+    assert cli_main(["outbox", "list", "--json", *where]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(d["status"], d["attempts"], d["kind"]) for d in listed] == [
         ("dead", 2, "SEG"), ("dead", 2, "SR"), ("dead", 2, "KEY")
@@ -219,16 +222,16 @@ def test_dead_letter_listed_and_retried_from_the_command_line(
     assert all(d["last_error"].startswith("ConnectionRefused") for d in listed)
     assert all(d["next_attempt_at"] is None for d in listed)
 
-    assert cli_main(["outbox", "list", "--data-dir", str(data_dir)]) == 0
+    assert cli_main(["outbox", "list", *where]) == 0
     table = capsys.readouterr().out
     assert table.count("dead") == 3 and "ConnectionRefused" in table
 
-    assert cli_main(["outbox", "retry", "--id", "999", "--data-dir", str(data_dir)]) == 1
+    assert cli_main(["outbox", "retry", "--id", "999", *where]) == 1
     assert "999" in capsys.readouterr().out
     assert [r.status for r in deliveries(sessions)] == ["dead"] * 3
 
     orthanc.start()
-    assert cli_main(["outbox", "retry", "--data-dir", str(data_dir)]) == 0
+    assert cli_main(["outbox", "retry", *where]) == 0
     assert "requeued 3" in capsys.readouterr().out
     assert [(r.status, r.attempts) for r in deliveries(sessions)] == [("pending", 0)] * 3
 

@@ -1,4 +1,4 @@
-"""Series assembly: completion after stable_seconds, and recovery after a crash."""
+"""Series assembly: completion after stable_seconds, and recovery after a crash (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import delete, select
 
-from lpm_node.core.audit import Instance, Job, Series, SeriesDecision, session_factory, utcnow
+from lpm_node.core.audit import Instance, Job, Series, SeriesDecision, utcnow
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.intake.series import SeriesAssembler, reconcile_spool
 from lpm_node.intake.spool import Spool
@@ -22,8 +22,8 @@ def chest(tmp_path_factory) -> list[Path]:
     return write_ct_series(make_phantom(n_slices=64), tmp_path_factory.mktemp("chest"))
 
 
-def test_completion_waits_for_stable_seconds(tmp_path):
-    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+def test_completion_waits_for_stable_seconds(audit_sessions):
+    sessions = audit_sessions
     now = utcnow()
     with sessions() as s:
         s.add(Series(series_instance_uid="1.2.3.1", study_instance_uid="1.2.3", status="receiving",
@@ -40,9 +40,9 @@ def test_completion_waits_for_stable_seconds(tmp_path):
         assert set(s.scalars(select(Series.status))) == {"complete"}
 
 
-def test_reconcile_indexes_spooled_files_missing_from_the_db(tmp_path, chest):
+def test_reconcile_indexes_spooled_files_missing_from_the_db(tmp_path, chest, audit_sessions):
     spool = Spool(tmp_path / "spool")
-    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    sessions = audit_sessions
     for path in chest[:10]:
         ds = dcmread(path, stop_before_pixels=True)
         target = spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
@@ -108,10 +108,10 @@ def _decided(sessions, status: str, reason: str = "done before") -> None:
 
 @pytest.mark.parametrize("status", ["complete", "rejected", "eligible", "not_selected", "queued", "processing",
                                     "done", "failed"])
-def test_every_decision_reopens_on_new_instances_and_keeps_the_jobs(tmp_path, status):
+def test_every_decision_reopens_on_new_instances_and_keeps_the_jobs(audit_sessions, status):
     from lpm_node.intake.series import note_instance_on_series
 
-    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    sessions = audit_sessions
     _decided(sessions, status)
     with sessions() as s:
         row = s.scalars(select(Series)).one()
@@ -126,8 +126,8 @@ def test_every_decision_reopens_on_new_instances_and_keeps_the_jobs(tmp_path, st
         assert [d.status for d in s.scalars(select(SeriesDecision))] == ["receiving"]
 
 
-def test_quiet_clock_starts_again_at_start_and_missing_spool_files_hold_the_series(tmp_path):
-    sessions = session_factory(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+def test_quiet_clock_starts_again_at_start_and_missing_spool_files_hold_the_series(tmp_path, audit_sessions):
+    sessions = audit_sessions
     started = utcnow()
     present = tmp_path / "present.dcm"
     present.write_bytes(b"x")

@@ -1,4 +1,5 @@
-"""``lpm-node doctor``: is this node ready to serve? Device, model, destinations, disk space, database."""
+"""``lpm-node doctor``: is this node ready to serve? Device, model, destinations, disk space, database, and the
+data folder shared with the node's other processes."""
 
 from __future__ import annotations
 
@@ -153,10 +154,47 @@ def check_database(settings: Settings) -> Check:
                          f"{str(exc).splitlines()[0]}); C-STORE is answered 0xA700 until it can")
         engine.dispose()
     except Exception as exc:  # noqa: BLE001 - any database error is the report
-        return Check("database", False, f"{settings.db_url}: {type(exc).__name__}: {exc}")
+        return Check("database", False, f"{shown_url(settings.db_url)}: {type(exc).__name__}: {exc}")
     detail = (f"{engine.url} ({mode}): {queued} jobs queued, {failed} failed, "
               f"{pending} deliveries pending, {dead} dead")
     return Check("database", dead == 0, detail + ("" if dead == 0 else " (see `lpm-node outbox list`)"))
+
+
+def check_data_folder(settings: Settings) -> Check:
+    """This machine sees the same data folder as the node's running processes (the marker of the first start)."""
+    from lpm_node.core.audit import session_factory
+    from lpm_node.node.roles import live_processes, read_data_marker
+
+    marker = read_data_marker(settings.data_path)
+    sessions = session_factory(settings.db_url)
+    try:
+        with sessions() as session:
+            live = live_processes(session, within_s=3 * settings.node.heartbeat_seconds + 5)
+    finally:
+        sessions.kw["bind"].dispose()
+    names = ", ".join(f"{p.role}@{p.host}:{p.pid}" for p in live)
+    others = {p.data_marker for p in live}
+    if not live:
+        state = f"marker {marker}" if marker else "no marker yet (the first start writes it)"
+        return Check("data folder", True, f"{settings.data_path}: {state}; no running process")
+    if not marker:
+        return Check("data folder", False, f"{settings.data_path} has no marker, but {len(live)} processes run "
+                     f"({names}): this machine does not see their data folder (mount it here)")
+    if others != {marker}:
+        return Check("data folder", False, f"{settings.data_path}: marker {marker}, the running processes see "
+                     f"{', '.join(sorted(others))} ({names}): another folder")
+    return Check("data folder", True, f"{settings.data_path}: marker {marker}, the same as {len(live)} "
+                 f"process{'es' if len(live) != 1 else ''} ({names})")
+
+
+def shown_url(url: str) -> str:
+    """A database URL fit for a report: its password replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy understands: shown without what follows the scheme
+        return url.split("://", 1)[0] + "://..."
 
 
 def write_probe(engine) -> None:  # noqa: ANN001
@@ -173,7 +211,7 @@ def run_checks(settings: Settings) -> list[Check]:
     """Every check, in the order a PACS administrator reads them."""
     checks: list[Check] = []
     steps: list[Callable[[Settings], Check | list[Check]]] = [
-        check_device, check_model, check_destinations, check_disk, check_database,
+        check_device, check_model, check_destinations, check_disk, check_database, check_data_folder,
     ]
     for step in steps:
         try:

@@ -16,11 +16,15 @@ from lpm_node.core.config import Settings, load_settings
 def _settings(args: argparse.Namespace) -> Settings:
     """Settings from ``--config`` with the command-line overrides applied."""
     node: dict[str, Any] = {}
-    for key in ("host", "port", "ae_title", "data_dir"):
+    for key in ("host", "port", "ae_title", "data_dir", "database_url"):
         if getattr(args, key, None) is not None:
             node[key] = getattr(args, key)
     if getattr(args, "no_measure", False):
         node["measure"] = False
+    if getattr(args, "role", None):
+        node["role"] = args.role
+    if getattr(args, "reuse_port", False):
+        node["reuse_port"] = True
     if getattr(args, "allow_ae", None):
         node["allowed_ae_titles"] = list(args.allow_ae)
     overrides: dict[str, dict[str, Any]] = {"node": node}
@@ -136,6 +140,9 @@ def _console_options(p: argparse.ArgumentParser) -> None:
 def _node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML settings file (default: built-in defaults)")
     p.add_argument("--data-dir", help="folder for the spool, outbox and the default SQLite database")
+    p.add_argument("--database-url", metavar="URL",
+                   help="the audit database (default: SQLite in --data-dir; several machines: "
+                        "postgresql+psycopg://USER@HOST/DB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="inference device")
     p.add_argument("--no-measure", action="store_true", help="receive, decide and queue only; measure nothing")
     p.add_argument("--console", action="store_true", help="also serve the web console ([console] settings)")
+    p.add_argument("--role", choices=["all", "receiver", "worker", "sender"],
+                   help="the part of the node this process runs (default all; the others need --database-url "
+                        "postgresql+psycopg://...)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="share the DICOM port with other receiver processes on this machine (SO_REUSEPORT)")
     _console_options(p)
 
     p = add("console", _cmd_console, "the administrators' web console: find series, their story, queues, health")

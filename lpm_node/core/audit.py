@@ -1,7 +1,9 @@
-"""Audit database: what the node saw and did (SQLAlchemy; SQLite file with WAL by default).
+"""Audit database: what the node saw and did (SQLAlchemy; SQLite file with WAL by default, PostgreSQL through
+psycopg 3 (``postgresql+psycopg://``) when several processes or machines share it).
 
 Tables: associations, instances, series, jobs (the measurement queue and its results),
-deliveries (the outbox) and delivery_attempts. Rows carry UIDs, never patient names.
+deliveries (the outbox), delivery_attempts, operator_actions and role_heartbeats (the running processes).
+Rows carry UIDs, never patient names.
 Status columns hold the words of lpm_node.core.states, enforced by CHECK constraints. The schema is
 versioned by the Alembic revisions in lpm_node.core.migrations: opening a database upgrades it.
 """
@@ -157,6 +159,7 @@ class Job(Base):
     dl_volumetric_hu: Mapped[float | None] = mapped_column(Float, nullable=True)
     category: Mapped[str] = mapped_column(String(64), default="")
     qc_flags: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    engine_job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the job engine's id (PostgreSQL)
 
 
 class Delivery(Base):
@@ -195,6 +198,22 @@ class DeliveryAttempt(Base):
     ok: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(64), default="")  # DIMSE status or error class
     error: Mapped[str] = mapped_column(Text, default="")
+
+
+class RoleHeartbeat(Base):
+    """One running node process (a role on a machine) and when it was last seen alive: written every few seconds
+    by the process itself, read by ``lpm-node doctor`` and the console."""
+
+    __tablename__ = "role_heartbeats"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))  # receiver | worker | sender | all
+    host: Mapped[str] = mapped_column(String(256), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    data_marker: Mapped[str] = mapped_column(String(64), default="")  # the data folder's marker it sees
+    detail: Mapped[str] = mapped_column(Text, default="")  # e.g. where it listens, its job engine
 
 
 class OperatorAction(Base):
@@ -292,7 +311,8 @@ def open_engine(url: str) -> Engine:
     """
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, future=True)
+    # pre-ping: a connection PostgreSQL closed meanwhile (restart, fail-over) is replaced, not handed out
+    engine = create_engine(url, future=True, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     upgrade_database(engine, Base.metadata)

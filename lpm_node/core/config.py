@@ -23,6 +23,7 @@ Count = Annotated[int, Field(ge=0)]
 AtLeastOne = Annotated[int, Field(ge=1)]
 Amount = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
+Role = Literal["all", "receiver", "worker", "sender"]
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,10 @@ class NodeSettings:
     tls_require_client_certificate: bool = False  # refuse peers without a certificate signed by those CAs
     measure: bool = True  # False: receive, decide and queue only (e.g. while checking the routing rules)
     stop_grace_seconds: Amount = 10.0  # a job still running this long after a stop is queued again (not a crash)
+    role: Role = "all"  # all | receiver | worker | sender (several processes need a PostgreSQL database_url)
+    reuse_port: bool = False  # SO_REUSEPORT: several receiver processes on one machine share the port
+    heartbeat_seconds: Positive = 5.0  # each process notes that it is alive this often (role_heartbeats)
+    stalled_after_seconds: Positive = 30.0  # a worker silent this long has its job taken over by another
 
 
 @dataclass
@@ -251,6 +256,10 @@ def _check_together(settings: Settings, source: str) -> None:
     names = [u.name for u in console.users]
     if len(names) != len(set(names)):
         raise ConfigError(f"{source}: [console] users: a user name is listed twice")
+    node = settings.node
+    if node.role != "all" and not node.database_url.startswith("postgres"):
+        raise ConfigError(f"{source}: [node] role = {node.role!r} shares the work with other processes: it needs "
+                          "a PostgreSQL database_url (SQLite serves one process, role \"all\")")
     for dest in output.destinations:
         try:
             Destination.parse(dest)

@@ -133,6 +133,13 @@ class FrontDoorServer(ThreadedAssociationServer):
 
 
 
+class SharedPortFrontDoorServer(FrontDoorServer):
+    """The same, bound with SO_REUSEPORT: several receiver processes on one machine share the port (the kernel
+    spreads the connections over them)."""
+
+    allow_reuse_port = True
+
+
 class FrontDoorAssociation(Association):
     """pynetdicom's acceptor association that tells the listener when its thread ends, however it ends."""
 
@@ -276,8 +283,9 @@ class Listener:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda _event: STATUS_SUCCESS),
         ]
+        server_class = SharedPortFrontDoorServer if node.reuse_port else FrontDoorServer
         server = ae.make_server((node.host, int(node.port)), evt_handlers=handlers,  # type: ignore[arg-type]
-                                server_class=FrontDoorServer, request_handler=FrontDoorHandler)
+                                server_class=server_class, request_handler=FrontDoorHandler)
         server.listener = self  # type: ignore[attr-defined]
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="front-door", daemon=True)
@@ -387,6 +395,12 @@ class Listener:
         started = time.perf_counter()
         try:
             return self._store(event)
+        except Exception as exc:  # noqa: BLE001 - never pynetdicom's unaudited 0xC211: 0x0110, audited, logged
+            sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+            LOG.exception("C-STORE %s from %s (%s): unexpected error in the handler", sop_uid or "(unparsed)",
+                          event.assoc.info.calling_ae, event.assoc.info.address)
+            return self._refuse(event.assoc.info, STATUS_PROCESSING_FAILURE,
+                                f"processing failure: {type(exc).__name__}: {exc}", sop_uid)
         finally:
             event.assoc.info.handler_s += time.perf_counter() - started
 
@@ -401,6 +415,13 @@ class Listener:
         if command_class != str(context.abstract_syntax):
             return self._refuse(info, STATUS_MISMATCH, f"command SOP class {command_class!r} is not the "
                                 f"context's {context.abstract_syntax}", command_sop)
+        incoming = getattr(request, "_dataset_file", None)
+        if isinstance(incoming, IncomingFile) and incoming.error is not None:
+            LOG.error("refusing C-STORE %s: the data set could not be written while it arrived: %s", command_sop,
+                      incoming.error)
+            return self._refuse(info, STATUS_OUT_OF_RESOURCES, "out of resources: the data set could not be "
+                                f"written while it arrived ({incoming.error.strerror or incoming.error})",
+                                command_sop)
         try:
             self.check_folders()
         except OSError as exc:
@@ -446,13 +467,73 @@ class Listener:
         return STATUS_SUCCESS
 
 
-def _incoming_file(folder: Path, **kwargs: Any) -> Any:
+class IncomingFile:
+    """The file pynetdicom writes an arriving data set to. A failed write (the disk filled up, an I/O error) is
+    kept in :attr:`error` instead of raised: raised, it would end the association inside pynetdicom's state
+    machine (an abort, nothing audited); kept, the transfer runs to its end, the file is emptied to give the
+    space back, and the C-STORE handler answers 0xA700 with the reason."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    @property
+    def name(self) -> str:
+        return self._file.name
+
+    @property
+    def file(self) -> IncomingFile:  # pynetdicom flushes ``.file`` after each fragment
+        return self
+
+    def _failed(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+            LOG.error("writing an arriving data set to %s failed: %s", self._file.name, exc)
+        try:
+            self._file.truncate(0)
+        except (OSError, ValueError):
+            pass
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                return self._file.write(data)
+            except OSError as exc:
+                self._failed(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._failed(exc)
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as exc:
+            self._failed(exc)
+            try:
+                self._file.close()
+            except OSError:
+                pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def _incoming_file(folder: Path, **kwargs: Any) -> IncomingFile:
     """A temporary file for a data set being received, in ``folder``; when the spool is gone (the C-STORE is then
     refused), in the system's temporary folder, from which pynetdicom removes it after the refusal."""
     try:
-        return NamedTemporaryFile(dir=folder, **kwargs)
+        return IncomingFile(NamedTemporaryFile(dir=folder, **kwargs))
     except FileNotFoundError:
-        return NamedTemporaryFile(**kwargs)
+        return IncomingFile(NamedTemporaryFile(**kwargs))
+    except OSError as exc:  # e.g. no room for even the file's entry: the data set is discarded, then refused
+        incoming = IncomingFile(NamedTemporaryFile(**kwargs))
+        incoming._failed(exc)
+        return incoming
 
 
 def _sqlite_folder(url: str) -> Path | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,10 +392,12 @@ def select_for_study(session: Session, study_uid: str) -> str | None:
 class RuleEngine:
     """Evaluates complete series and queues one per study."""
 
-    def __init__(self, sessions: sessionmaker, spool: Spool, rules: RuleSettings) -> None:
+    def __init__(self, sessions: sessionmaker, spool: Spool, rules: RuleSettings,
+                 on_queued: Callable[[Session, Job], object] | None = None) -> None:
         self.sessions = sessions
         self.spool = spool
         self.rules = rules
+        self.on_queued = on_queued  # called for each new job inside the transaction that queues it
 
     def run_once(self) -> list[str]:
         """Evaluate every complete series, then select per study; returns the newly queued series UIDs."""
@@ -418,5 +420,10 @@ class RuleEngine:
                 uid = select_for_study(session, study_uid)
                 if uid:
                     queued.append(uid)
+            new_jobs = [row for row in session.new if isinstance(row, Job)]
+            session.flush()
+            if self.on_queued is not None:
+                for job in new_jobs:
+                    self.on_queued(session, job)
             session.commit()
         return queued

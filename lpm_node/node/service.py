@@ -2,7 +2,8 @@
 
 :class:`Node` owns the shared pieces (settings, audit DB sessions, spool, listener) and a list
 of :class:`Loop` objects, each a function called repeatedly in its own thread: series completion
-and rules, the measurement worker (one warm model, jobs in order) and the sender (the outbox).
+and rules, the measurement worker (one warm model, jobs in order), the sender (the outbox) and the
+heartbeat. ``[node] role`` picks the parts one process runs (``all``: every part).
 """
 
 from __future__ import annotations
@@ -11,22 +12,27 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer.sending import Sender, tls_client_context
-from lpm_node.core.audit import session_factory, utcnow
+from lpm_node.core.audit import Delivery, session_factory, utcnow
 from lpm_node.core.config import Settings
+from lpm_node.core.states import DeliveryStatus
 from lpm_node.intake.listener import Listener
 from lpm_node.intake.rules import RuleEngine
 from lpm_node.intake.series import SeriesAssembler, reconcile_spool
 from lpm_node.intake.spool import Spool
+from lpm_node.node.engine import JobEngine, defer_measurement, ensure_engine_schema, uses_job_engine
 from lpm_node.node.preflight import preflight
+from lpm_node.node.roles import SERIES_STEP_LOCK, Heartbeat, data_marker, does, one_at_a_time
 from lpm_node.node.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -67,32 +73,64 @@ def remove_retired_journal(settings: Settings) -> None:
 
 
 class Node:
-    """The running node: listener, series completion, rules, and any further loops."""
+    """The running node, or one role of it: listener, series completion and rules (receiver), measurement
+    (worker), the outbox (sender); ``all`` runs every part in one process.
+
+    On SQLite the worker and the sender are loops over the ``jobs`` and ``deliveries`` tables; on PostgreSQL
+    they run on the job engine (:mod:`lpm_node.node.engine`), which defers each measurement inside the rules'
+    transaction."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.sessions: sessionmaker = session_factory(settings.db_url)
         node = settings.node
+        self.role = node.role
         remove_retired_journal(settings)
         self.spool = Spool(settings.spool_path, quota_mb=node.spool_quota_mb, min_free_disk_mb=node.min_free_disk_mb)
-        self.listener = Listener(settings, self.sessions, self.spool)
-        series = settings.series
-        grace = series.release_grace_seconds if series.release_grace_seconds >= 0 else None
-        self.assembler = SeriesAssembler(self.sessions, series.stable_seconds, grace)
-        self.rules = RuleEngine(self.sessions, self.spool, settings.rules)
         self.loops: list[Loop] = []
         self._stop = threading.Event()
         self.job_left_running = False  # set by stop(): a job's thread was still at work (its job is re-queued)
         self.address: tuple[str, int] | None = None
-        poll = min(0.5, max(0.05, settings.series.stable_seconds / 4))
-        self.add_loop(Loop("series", self.series_step, poll))
-        self.sender = Sender(self.sessions, settings.output, node.ae_title, tls_context=tls_client_context(settings),
-                             ledger_dir=settings.delivered_path)
+        self.heartbeat: Heartbeat | None = None
+        self.engine: JobEngine | None = None
+        shared = uses_job_engine(settings.db_url)
+        if shared:
+            ensure_engine_schema(self.sessions.kw["bind"])
+        self.listener: Listener | None = None
+        if does(self.role, "receiver"):
+            self.listener = Listener(settings, self.sessions, self.spool)
+            series = settings.series
+            grace = series.release_grace_seconds if series.release_grace_seconds >= 0 else None
+            self.assembler = SeriesAssembler(self.sessions, series.stable_seconds, grace)
+            self.rules = RuleEngine(self.sessions, self.spool, settings.rules,
+                                    on_queued=defer_measurement if shared else None)
+            poll = min(0.5, max(0.05, settings.series.stable_seconds / 4))
+            self.add_loop(Loop("series", self.series_step, poll))
+        self.sender: Sender | None = None
+        if does(self.role, "sender"):
+            self.sender = Sender(self.sessions, settings.output, node.ae_title,
+                                 tls_context=tls_client_context(settings), ledger_dir=settings.delivered_path)
         self.worker: Worker | None = None
-        if node.measure:
-            self.worker = Worker(settings, self.sessions, self.spool, on_results=self.sender.wake)
-            self.add_loop(Loop("worker", self.worker.step, 0.5))
-        self.add_loop(Loop("sender", self.sender_step, 0.5, wait=self.sender.wait_for_work))
+        if node.measure and does(self.role, "worker"):
+            wake = self.sender.wake if self.sender is not None else None
+            self.worker = Worker(settings, self.sessions, self.spool, on_results=wake)
+        if shared:
+            self.engine = JobEngine(
+                settings.db_url, measure=self.worker.run_job if self.worker is not None else None,
+                deliver=self.sender.run_once if self.sender is not None else None,
+                heartbeat_s=node.heartbeat_seconds, stalled_after_s=node.stalled_after_seconds,
+                name=f"{self.role}@{socket.gethostname()}:{os.getpid()}",
+            )
+            if self.worker is not None:
+                self.worker.on_results = self.engine.defer_delivery
+            if does(self.role, "sender"):
+                self.add_loop(Loop("outbox", self.outbox_tick, 2.0))
+        else:
+            if self.worker is not None:
+                self.add_loop(Loop("worker", self.worker.step, 0.5))
+            if self.sender is not None:
+                self.add_loop(Loop("sender", self.sender_step, 0.5, wait=self.sender.wait_for_work))
+        self.add_loop(Loop("heartbeat", self.heartbeat_step, node.heartbeat_seconds))
 
     def add_loop(self, loop: Loop) -> None:
         """Register a background loop (before :meth:`start`)."""
@@ -100,23 +138,56 @@ class Node:
 
     def series_step(self) -> bool:
         """Complete quiet series, decide on complete ones, queue one per study."""
-        self.assembler.complete_stable(settle=self.listener.recorder.flush)
-        queued = self.rules.run_once()
+        assert self.listener is not None
+        with one_at_a_time(self.sessions.kw["bind"], SERIES_STEP_LOCK) as mine:
+            if not mine:  # another receiver is deciding now
+                return False
+            self.assembler.complete_stable(settle=self.listener.recorder.flush)
+            queued = self.rules.run_once()
         return bool(queued)
 
     def sender_step(self) -> bool:
         """Send what is due in the outbox."""
+        assert self.sender is not None
         return bool(self.sender.run_once())
 
-    def start(self) -> tuple[str, int]:
-        """Recover state from the spool, start listening, start the loops; returns the bound address."""
+    def outbox_tick(self) -> bool:
+        """Job engine: ask for a delivery run when something in the outbox is due."""
+        assert self.engine is not None
+        with self.sessions() as session:
+            due = session.scalars(select(Delivery.id).where(Delivery.status == DeliveryStatus.PENDING,
+                                                            Delivery.next_attempt_at <= utcnow()).limit(1)).first()
+        if due is not None:
+            self.engine.defer_delivery()
+        return False
+
+    def heartbeat_step(self) -> bool:
+        """Note that this process is alive (``role_heartbeats``)."""
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
+        return False
+
+    def start(self) -> tuple[str, int] | None:
+        """Recover state, start listening (receivers), start the loops; returns the bound address (receivers)."""
         if self.worker is not None:
             self.worker.check_model()
-            self.worker.recover()
+            if self.engine is None:
+                self.worker.recover()  # on the job engine, a stalled job is taken over when its heartbeat lapses
             self.worker.segmenter  # noqa: B018 - loaded before listening: importing it would slow the first transfers
-        reconcile_spool(self.sessions, self.spool)
-        self.assembler.started_at = utcnow()  # downtime is not quiet time: every series' clock starts again now
-        self.address = self.listener.start()
+        if self.listener is not None:
+            reconcile_spool(self.sessions, self.spool)
+            self.assembler.started_at = utcnow()  # downtime is not quiet time: every series' clock starts again now
+            self.address = self.listener.start()
+        marker = data_marker(self.settings.data_path)
+        where = f"listening on {self.address[0]}:{self.address[1]}" if self.address else ""
+        engine = f"job engine: {', '.join(self.engine.queues) or 'deferring only'}" if self.engine else ""
+        self.heartbeat = Heartbeat(self.sessions, self.role, marker, "; ".join(x for x in (where, engine) if x))
+        try:
+            self.heartbeat.beat()
+        except Exception as exc:  # noqa: BLE001 - the database may be unwritable for now: C-STOREs say so (0xA700)
+            LOG.warning("the heartbeat could not be written yet (%s); trying again", exc)
+        if self.engine is not None:
+            self.engine.start()
         for loop in self.loops:
             loop.thread = threading.Thread(target=loop.run, args=(self._stop,), name=f"loop-{loop.name}", daemon=True)
             loop.thread.start()
@@ -126,16 +197,27 @@ class Node:
         """Stop accepting, stop the loops, write the remaining audit rows.
 
         A job still running after ``[node] stop_grace_seconds`` goes back to the queue, not counted as a crash,
-        and runs again at the next start."""
+        and runs again at the next start (on the job engine: by any worker, once this one's heartbeat lapsed)."""
         self._stop.set()
-        self.listener.stop()
+        if self.listener is not None:
+            self.listener.stop()
+        grace = self.settings.node.stop_grace_seconds
+        if self.engine is not None and not self.engine.stop(timeout=grace if self.worker is not None else 30):
+            if self.worker is not None:
+                self.worker.release_running()
+            self.job_left_running = True
         for loop in self.loops:
             if loop.thread is not None:
-                wait = self.settings.node.stop_grace_seconds if loop.name == "worker" else 30
+                wait = grace if loop.name == "worker" else 30
                 loop.thread.join(timeout=wait)
                 if loop.name == "worker" and loop.thread.is_alive() and self.worker is not None:
                     self.worker.release_running()
                     self.job_left_running = True
+        if self.heartbeat is not None:
+            try:
+                self.heartbeat.stop()
+            except Exception:  # noqa: BLE001 - the stop goes on; the row then just ages out
+                LOG.warning("the heartbeat's stop could not be written")
         self.spool.close()
         self.sessions.kw["bind"].dispose()
         LOG.info("node stopped")
@@ -157,9 +239,12 @@ def serve(settings: Settings) -> int:
         LOG.warning("measurement is off (--no-measure): series are received, decided and queued only")
     previous = {sig: signal.signal(sig, node.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        host, port = node.start()
-        LOG.info("lpm-node ready: AE title %s on %s:%d, data in %s", settings.node.ae_title, host, port,
-                 settings.data_path)
+        address = node.start()
+        if address is not None:
+            LOG.info("lpm-node ready (role %s): AE title %s on %s:%d, data in %s", node.role, settings.node.ae_title,
+                     address[0], address[1], settings.data_path)
+        else:
+            LOG.info("lpm-node ready (role %s), data in %s", node.role, settings.data_path)
         node.wait()
         LOG.info("stopping")
     finally:

@@ -68,6 +68,7 @@ class Worker:
         self.on_results = on_results
         self.outbox_path = settings.data_path / "outbox"
         self._segmenter: Segmenter | None = None
+        self._running: set[int] = set()  # jobs this process runs now (only these are released at a stop)
 
     @property
     def segmenter(self) -> Segmenter:
@@ -100,9 +101,11 @@ class Worker:
         return len(jobs)
 
     def release_running(self, why: str = "the node was stopped during the job") -> int:
-        """Put running jobs back in the queue after an orderly stop; such starts do not count as crashes."""
+        """Put the jobs this process runs back in the queue after an orderly stop; such starts do not count as
+        crashes."""
         with self.sessions() as session:
-            jobs = list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)))
+            jobs = list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING,
+                                                          Job.id.in_(sorted(self._running)))))
             for job in jobs:
                 job.status = JobStatus.QUEUED.value
                 job.stopped_starts = (job.stopped_starts or 0) + 1
@@ -119,11 +122,20 @@ class Worker:
         """Earlier starts of ``job`` that ended in a crash (not finished, not stopped in order)."""
         return max(0, job.attempts - 1 - (job.stopped_starts or 0))
 
-    def _claim(self) -> Job | None:
+    def _claim(self, job_id: int | None = None) -> Job | None:
+        """Mark the oldest queued job (or job ``job_id``, handed over by the job engine) running; None when there is
+        none to run. A job engine's job whose row is still ``running`` was cut short elsewhere: that start counts."""
         with self.sessions() as session:
-            if measuring_suspended(session):  # an operator suspended measuring: queued jobs wait
-                return None
-            job = session.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.id).limit(1)).first()
+            if job_id is None:
+                if measuring_suspended(session):  # an operator suspended measuring: queued jobs wait
+                    return None
+                job = session.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.id)
+                                      .limit(1)).first()
+            else:
+                job = session.get(Job, job_id, with_for_update=True)
+                if job is not None and job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+                    LOG.info("job %d is %s: nothing to run", job.id, job.status)
+                    job = None
             if job is None:
                 return None
             job.status = JobStatus.RUNNING.value
@@ -148,10 +160,30 @@ class Worker:
         job = self._claim()
         if job is None:
             return False
+        self._execute(job)
+        return True
+
+    def run_job(self, job_id: int) -> bool:
+        """Run job ``job_id`` (the job engine's task); False when it was not to run (done, cancelled, failed)."""
+        job = self._claim(job_id)
+        if job is None:
+            return False
+        self._execute(job)
+        return True
+
+    def _execute(self, job: Job) -> None:
+        """Run a claimed job: the pipeline, then its results into the outbox; a failure is recorded with its reason."""
+        self._running.add(job.id)
+        try:
+            self._execute_claimed(job)
+        finally:
+            self._running.discard(job.id)
+
+    def _execute_claimed(self, job: Job) -> None:
         if self.crashed_starts(job) >= MAX_JOB_STARTS:
             self._fail(job, f"gave up: the node crashed {self.crashed_starts(job)} times during this job "
                             "(`lpm-node rerun` queues it again)")
-            return True
+            return
         try:
             self._run(job)
         except Exception as exc:  # one bad series never stops the node
@@ -159,7 +191,6 @@ class Worker:
             self._fail(job, f"{type(exc).__name__}: {exc}")
         finally:
             release_freed_memory()
-        return True
 
     def _run(self, job: Job) -> None:
         paths = self.spool.series_files(job.study_instance_uid, job.series_instance_uid)

@@ -1,7 +1,7 @@
 """Console: the series search index (identifying header values, opaque ids) and the node's operator switches.
 
 Revision ID: 0008_console
-Revises: 0005
+Revises: 0006_roles
 Create Date: 2026-12-02
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008_console"
-down_revision = "0005"
+down_revision = "0006_roles"
 branch_labels = None
 depends_on = None
 

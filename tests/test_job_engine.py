@@ -1,0 +1,216 @@
+"""Jobs and deliveries the same way on SQLite (the embedded queue) and on PostgreSQL (procrastinate), with real
+processes: storescu as the sender, ``lpm-node serve`` in its roles, Orthanc as the PACS, SIGKILL for crashes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from lpm_node.answer.sending import KINDS
+from lpm_node.demo.orthanc import orthanc_available
+from lpm_node.demo.phantom import make_phantom, write_ct_series
+from tests.support_net import REPO, NodeProcess, free_port, have_dcmtk, storescu
+
+pytestmark = [
+    pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed"),
+    pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed"),
+]
+
+STUDY = "1.2.826.0.1.3680043.8.498.78001"
+
+
+@pytest.fixture(scope="module")
+def chest(tmp_path_factory) -> list[Path]:
+    return write_ct_series(make_phantom(30.0, n_slices=48, size=128, pixel_spacing=2.8, seed=31),
+                           tmp_path_factory.mktemp("chest"), study_uid=STUDY)
+
+
+def _uid(files: list[Path]) -> str:
+    return str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _sent(files: list[Path], port: int) -> None:
+    result = storescu(port, files)
+    assert result.returncode == 0, result.stderr
+
+
+def _delivered(node: NodeProcess, uid: str, timeout: float = 300) -> list:
+    rows = node.wait_rows("SELECT * FROM deliveries WHERE series_instance_uid = ?", (uid,),
+                          until=lambda rows: len(rows) == len(KINDS) and all(r["status"] == "sent" for r in rows),
+                          timeout=timeout)
+    assert [r["status"] for r in rows] == ["sent"] * len(KINDS), [dict(r) for r in rows]
+    return rows
+
+
+def _roles_config(tmp_path: Path, orthanc, **node: object) -> Path:
+    path = tmp_path / "roles.toml"
+    lines = ["[node]"] + [f"{k} = {json.dumps(v)}" for k, v in node.items()]
+    lines += ["[rules]", "min_slices = 10", "min_z_coverage_mm = 40"]
+    lines += ["[output]", f'destinations = ["{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_contract_one_process_measures_once_and_delivers_once(tmp_path, orthanc, chest, node_database_url):
+    """The same story in the audit on SQLite and on PostgreSQL: queued -> processing -> done, one job that ran once,
+    each answer object sent once."""
+    uid = _uid(chest)
+    config = _roles_config(tmp_path, orthanc)
+    with NodeProcess(tmp_path / "node", stable_seconds=1, config=config, measure=True,
+                     database_url=node_database_url) as node:
+        _sent(chest, node.port)
+        node.wait_series_status(uid, ["done", "failed", "rejected"], timeout=300)
+        _delivered(node, uid)
+        jobs = node.query("SELECT * FROM jobs")
+        assert [(j["status"], j["attempts"], j["error"]) for j in jobs] == [("done", 1, "")]
+        statuses = [r["status"] for r in node.query(
+            "SELECT status FROM series_decisions WHERE series_instance_uid = ? ORDER BY id", (uid,))]
+        assert statuses[-3:] == ["queued", "processing", "done"]
+        if node_database_url:  # the job ran on procrastinate, deferred with the rules' commit
+            engine_id = jobs[0]["engine_job_id"]
+            rows = node.query("SELECT status, lock, queueing_lock FROM procrastinate_jobs WHERE id = ?", (engine_id,))
+            assert [tuple(r) for r in rows] == [("succeeded", f"series:{uid}", f"job:{jobs[0]['id']}")]
+        else:
+            assert jobs[0]["engine_job_id"] is None
+        beats = node.query("SELECT role, data_marker FROM role_heartbeats WHERE stopped_at IS NULL")
+        assert [b["role"] for b in beats] == ["all"] and beats[0]["data_marker"]
+    assert len(orthanc.instances()) == len(KINDS)
+
+
+def _serve(data: Path, role: str, config: Path, database_url: str, port: int = 0,
+           extra: list[str] | None = None) -> NodeProcess:
+    node = NodeProcess(data, port=port or free_port(), stable_seconds=1, config=config, measure=role != "receiver",
+                       database_url=database_url, extra=[*(extra or []), "--role", role],
+                       ready_by_echo=role in ("receiver", "all"))
+    if role in ("receiver", "all"):
+        return node.start()
+    return _start_without_port(node)
+
+
+def _start_without_port(node: NodeProcess, timeout: float = 120) -> NodeProcess:
+    """Start a worker or sender (no DICOM port): ready once its heartbeat row is there."""
+    node.data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "lpm_node.cli", "serve", "--data-dir", str(node.data_dir), "--config",
+           str(node.config), "--database-url", node.database_url, *node.extra]
+    if node.measure:
+        cmd.append("--demo-model")
+    node.log_path = node.data_dir / f"{node.extra[-1]}-{time.monotonic_ns()}.log"
+    with open(node.log_path, "wb") as log:
+        node.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node.query("SELECT id FROM role_heartbeats WHERE pid = ? AND stopped_at IS NULL", (node.proc.pid,)):
+            return node
+        assert node.proc.poll() is None, node.log()
+        time.sleep(0.2)
+    node.kill()
+    raise TimeoutError(node.log())
+
+
+def test_roles_in_separate_processes_share_one_database_and_data_folder(tmp_path, orthanc, chest, postgres):
+    url = postgres.new_database()
+    config = _roles_config(tmp_path, orthanc)
+    data = tmp_path / "shared"
+    uid = _uid(chest)
+    receiver = _serve(data, "receiver", config, url)
+    worker = _serve(data, "worker", config, url)
+    sender = _serve(data, "sender", config, url)
+    try:
+        _sent(chest, receiver.port)
+        receiver.wait_series_status(uid, ["done", "failed", "rejected"], timeout=300)
+        _delivered(receiver, uid)
+        beats = receiver.query("SELECT role, pid, data_marker FROM role_heartbeats WHERE stopped_at IS NULL "
+                               "ORDER BY id")
+        assert [b["role"] for b in beats] == ["receiver", "worker", "sender"]
+        assert len({b["data_marker"] for b in beats}) == 1
+        doctor = subprocess.run([sys.executable, "-m", "lpm_node.cli", "doctor", "--demo-model", "--config",
+                                 str(config), "--data-dir", str(data), "--database-url", url],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        line = next(x for x in doctor.stdout.splitlines() if "data folder" in x)
+        assert line.startswith("OK") and "the same as 3 processes (receiver@" in line, doctor.stdout
+        other = subprocess.run([sys.executable, "-m", "lpm_node.cli", "doctor", "--demo-model", "--config",
+                                str(config), "--data-dir", str(tmp_path / "elsewhere"), "--database-url", url],
+                               cwd=REPO, capture_output=True, text=True, timeout=120)
+        line = next(x for x in other.stdout.splitlines() if "data folder" in x)
+        assert line.startswith("PROBLEM") and "does not see their data folder" in line, other.stdout
+        for node in (receiver, worker, sender):
+            assert node.stop() == 0
+    finally:
+        for node in (receiver, worker, sender):
+            node.kill()
+    assert len(orthanc.instances()) == len(KINDS)
+
+
+def test_killed_worker_job_is_taken_over_and_a_third_cut_fails_it(tmp_path, orthanc, chest, postgres):
+    url = postgres.new_database()
+    config = _roles_config(tmp_path, orthanc, heartbeat_seconds=0.5, stalled_after_seconds=3.0)
+    data = tmp_path / "shared"
+    uid = _uid(chest)
+    receiver = _serve(data, "receiver", config, url)
+    try:
+        _sent(chest, receiver.port)
+        receiver.wait_series_status(uid, ["queued", "rejected"], timeout=60)
+        for start in (1, 2, 3):  # each worker is killed while it measures
+            worker = _serve(data, "worker", config, url)
+            receiver.wait_rows("SELECT id FROM jobs WHERE status = 'running' AND attempts = ?", (start,),
+                               timeout=120)
+            worker.kill()
+        job = receiver.query("SELECT * FROM jobs")[0]
+        assert (job["status"], job["attempts"]) == ("running", 3)
+        last = _serve(data, "worker", config, url)  # takes the job over once the killed one's heartbeat lapsed
+        try:
+            rows = receiver.wait_rows("SELECT * FROM jobs WHERE status = 'failed'", timeout=120)
+            assert rows, receiver.query("SELECT * FROM jobs")
+            assert rows[0]["attempts"] == 4 and "gave up: the node crashed 3 times" in rows[0]["error"]
+            assert receiver.series(uid)["status"] == "failed"
+            assert "taken over" in last.log()
+            assert orthanc.instances() == []
+            sender = _serve(data, "sender", config, url)
+            try:  # the operator queues it again: measured by the live worker, delivered once
+                rerun = subprocess.run([sys.executable, "-m", "lpm_node.cli", "rerun", "--failed", "--config",
+                                        str(config), "--data-dir", str(data), "--database-url", url],
+                                       cwd=REPO, capture_output=True, text=True, timeout=120)
+                assert rerun.returncode == 0, rerun.stderr
+                receiver.wait_series_status(uid, ["done"], timeout=300)
+                _delivered(receiver, uid)
+            finally:
+                sender.kill()
+        finally:
+            last.kill()
+    finally:
+        receiver.kill()
+    assert len(orthanc.instances()) == len(KINDS)
+
+
+def test_series_split_over_two_receivers_completes_once_and_receivers_share_a_port(tmp_path, orthanc, chest,
+                                                                                  postgres):
+    url = postgres.new_database()
+    config = _roles_config(tmp_path, orthanc)
+    data = tmp_path / "shared"
+    uid = _uid(chest)
+    port = free_port()
+    first = _serve(data, "receiver", config, url, port=port, extra=["--reuse-port"])
+    second = _serve(data, "receiver", config, url, port=port, extra=["--reuse-port"])  # the same port
+    other = _serve(data, "receiver", config, url)
+    try:
+        assert first.proc.poll() is None and second.proc.poll() is None
+        _sent(chest[:24], other.port)  # half through one receiver, the rest through the shared port
+        _sent(chest[24:], port)
+        row = other.wait_series_status(uid, ["queued", "rejected"], timeout=60)
+        assert row["instance_count"] == 48 and row["status"] == "queued"
+        time.sleep(3)  # every receiver has had several rounds
+        decisions = [r["status"] for r in other.query(
+            "SELECT status FROM series_decisions WHERE series_instance_uid = ? ORDER BY id", (uid,))]
+        assert decisions.count("complete") == 1 and decisions.count("queued") == 1, decisions
+        assert len(other.query("SELECT id FROM jobs")) == 1
+        ended = other.query("SELECT outcome FROM associations WHERE calling_ae = 'STORESCU' ORDER BY id")
+        assert [r["outcome"] for r in ended] == ["released", "released"]
+    finally:
+        for node in (first, second, other):
+            node.kill()
