@@ -31,6 +31,7 @@ from lpm_node.core.audit import (
     Instance,
     Job,
     OperatorAction,
+    RoleHeartbeat,
     Series,
     SeriesDecision,
     session_factory,
@@ -295,6 +296,25 @@ def test_login_attempts_are_rate_limited(node_data) -> None:
         assert codes == [401, 401, 401, 429]
         right = client.post("/login", data={"name": "ana", "password": ADMIN_PASSWORD, "csrf_token": token})
         assert right.status_code == 429  # still refused within the minute, even with the right password
+
+
+def test_health_lists_each_role_with_its_heartbeat(node_data) -> None:
+    settings = _settings(node_data["data"], users=False)
+    sessions = session_factory(settings.db_url)
+    now = utcnow()
+    with sessions() as session:
+        session.add_all([
+            RoleHeartbeat(role="receiver", host="node-a", pid=11, started_at=now, last_seen_at=now),
+            RoleHeartbeat(role="worker", host="gpu-b", pid=22, started_at=now,
+                          last_seen_at=now - dt.timedelta(minutes=5)),
+            RoleHeartbeat(role="sender", host="node-a", pid=33, started_at=now, last_seen_at=now, stopped_at=now),
+        ])
+        session.commit()
+    sessions.kw["bind"].dispose()
+    with _client(settings) as client:
+        listed = {(r["role"], r["ok"]) for r in client.get("/api/health").json()["roles"]}
+        assert listed == {("receiver", True), ("worker", False), ("console", True)}  # the stopped sender is gone
+        assert "gpu-b pid 22" in client.get("/health").text
 
 
 def test_a_console_on_loopback_refuses_other_host_names(node_data) -> None:

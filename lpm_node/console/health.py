@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node import __version__
-from lpm_node.core.audit import Job, as_utc, utcnow
+from lpm_node.core.audit import Job, RoleHeartbeat, as_utc, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.core.states import JobStatus
 from lpm_node.node.peers import echo
@@ -104,11 +104,22 @@ def model(settings: Settings, session: Session) -> dict[str, Any]:
     return found
 
 
-def roles() -> list[dict[str, Any]]:
-    """The node's roles and their last heartbeat. Until receivers, workers and senders publish heartbeats in the
-    audit database, only this console process is listed (it is alive, since it answers)."""
-    return [{"role": "console", "where": f"pid {os.getpid()}", "last_seen": utcnow().isoformat(timespec="seconds"),
-             "ok": True}]
+def roles(session: Session, now: dt.datetime, late_after_s: float = 30.0) -> list[dict[str, Any]]:
+    """Each node process heard from in the last hour and not stopped (receivers, workers, senders, all-in-one),
+    late when silent for ``late_after_s``; then this console process (alive, since it answers)."""
+    since = now - dt.timedelta(hours=1)
+    found = []
+    for row in session.scalars(select(RoleHeartbeat).where(RoleHeartbeat.stopped_at.is_(None),
+                                                           RoleHeartbeat.last_seen_at >= since)
+                               .order_by(RoleHeartbeat.role, RoleHeartbeat.id)):
+        seen = as_utc(row.last_seen_at)
+        where = f"{row.host} pid {row.pid}" + (f", {row.detail}" if row.detail else "")
+        found.append({"role": row.role, "where": where,
+                      "last_seen": seen.isoformat(timespec="seconds"),
+                      "ok": (now - seen).total_seconds() <= late_after_s})
+    found.append({"role": "console", "where": f"pid {os.getpid()}", "last_seen": now.isoformat(timespec="seconds"),
+                  "ok": True})
+    return found
 
 
 def health(settings: Settings, sessions: sessionmaker, watch: EchoWatch | None) -> dict[str, Any]:
@@ -118,13 +129,13 @@ def health(settings: Settings, sessions: sessionmaker, watch: EchoWatch | None) 
         "version": __version__,
         "uptime_s": round(time.monotonic() - STARTED),
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "roles": roles(),
         "disk": disk(settings),
         "database": db,
         "destinations": [r.__dict__ for r in (watch.results.values() if watch else [])],
     }
     if db["ok"]:
         with sessions() as session:
+            found["roles"] = roles(session, utcnow())
             found["model"] = model(settings, session)
     return found
 
