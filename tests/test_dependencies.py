@@ -12,8 +12,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
-# declared, never imported by name: pydicom finds these pixel-data decoders itself
-RUNTIME_PLUGINS = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle"}
+# declared, never imported by name: pydicom finds these pixel-data decoders itself, and starlette its session
+# signer (itsdangerous) and its form parser (python-multipart)
+RUNTIME_PLUGINS = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "itsdangerous",
+                   "python-multipart"}
 # optional features of the package, installed as extras (``lpm-node[nnunet-v1]``); the test extra includes them
 FEATURE_EXTRAS = {name: deps for name, deps in PROJECT["optional-dependencies"].items() if name != "test"}
 

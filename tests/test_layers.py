@@ -1,7 +1,8 @@
 """The package's folders follow the flow, and imports point down it only.
 
-core <- intake, imaging <- answer <- node <- cli; demo (phantoms, local PACS helpers, the bundled test model) is
-used by cli and the tests only. Read from the source with ``ast``, so a lazy import inside a function counts too.
+core <- intake, imaging <- answer <- node <- console (the web console) <- cli; demo (phantoms, local PACS helpers,
+the bundled test model) is used by cli and the tests only. Read from the source with ``ast``, so a lazy import
+inside a function counts too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ ALLOWED: dict[str, set[str]] = {
     "answer": {"core", "imaging"},
     "node": {"core", "intake", "imaging", "answer"},
     "demo": {"core", "intake", "imaging", "answer", "node"},
-    "cli": {"core", "intake", "imaging", "answer", "node", "demo"},
+    "console": {"core", "intake", "imaging", "answer", "node"},
+    "cli": {"core", "intake", "imaging", "answer", "node", "console", "demo"},
 }
 
 

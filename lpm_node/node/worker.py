@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer.sending import enqueue_results, result_destinations
-from lpm_node.core.audit import Delivery, Job, Series, utcnow
+from lpm_node.core.audit import Delivery, Job, Series, measuring_suspended, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.core.states import JobStatus, SeriesStatus
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
@@ -127,6 +127,8 @@ class Worker:
         none to run. A job engine's job whose row is still ``running`` was cut short elsewhere: that start counts."""
         with self.sessions() as session:
             if job_id is None:
+                if measuring_suspended(session):  # an operator suspended measuring: queued jobs wait
+                    return None
                 job = session.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.id)
                                       .limit(1)).first()
             else:
