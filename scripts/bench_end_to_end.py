@@ -42,12 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_series import BenchSeries, shapes_arg, time_dcm2niix, verdict, write_bench_series  # noqa: E402
 
 from lpm_node.answer import build_seg  # noqa: E402
+from lpm_node.answer.geometry import source_masks  # noqa: E402
 from lpm_node.answer.seg import SEGMENTS  # noqa: E402
 from lpm_node.core.config import SeriesSettings, Settings  # noqa: E402
 from lpm_node.demo.model import bundled_model_folder  # noqa: E402
 from lpm_node.demo.orthanc import Orthanc, free_port  # noqa: E402
 from lpm_node.imaging.segmentation import load_segmenter  # noqa: E402
-from lpm_node.node.pipeline import analyse_series, source_masks  # noqa: E402
+from lpm_node.node.pipeline import analyse_series  # noqa: E402
 
 
 def _ts(value: str | None) -> float:

@@ -45,13 +45,14 @@ from bench_series import (  # noqa: E402
     write_bench_series,
 )
 
+from lpm_node.answer.build import write_answer  # noqa: E402
 from lpm_node.core.config import Settings  # noqa: E402
 from lpm_node.demo.model import bundled_model_folder  # noqa: E402
 from lpm_node.imaging.loading import load_series  # noqa: E402
 from lpm_node.imaging.measurement import measure  # noqa: E402
 from lpm_node.imaging.resampling import resample_to_method_grid  # noqa: E402
+from lpm_node.imaging.result import SeriesResult  # noqa: E402
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter  # noqa: E402
-from lpm_node.node.pipeline import SeriesResult, write_answer  # noqa: E402
 
 LOAD_RATIO, MEASURE_S, WRITE_S, MEMORY_X = 2.0, 0.3, 1.5, 3.0
 

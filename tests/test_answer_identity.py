@@ -11,12 +11,13 @@ import pydicom
 import pytest
 
 from lpm_node.answer import ContentIdentity, build_key_image, build_kos, build_seg, build_sr
+from lpm_node.answer.build import result_settings
 from lpm_node.answer.keyimage import result_lines
 from lpm_node.answer.sr import category_text, report_sentences
+from lpm_node.answer.uids import instances_digest
 from lpm_node.core.config import Settings
 from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
 from lpm_node.imaging.model_identity import ModelIdentity
-from lpm_node.node.pipeline import result_settings
 from tests.support_writers import make_ct_datasets
 
 SERIES = make_ct_datasets(n_slices=6, size=32)
@@ -31,9 +32,13 @@ def _measurement(**overrides) -> Measurement:
     return Measurement(**values)
 
 
-def _identity(settings: Settings | None = None, model: ModelIdentity = MODEL, version: str = "1.0.0"):
+MEASURED = [(str(ds.SOPInstanceUID), f"{i:064x}") for i, ds in enumerate(SERIES.datasets)]
+
+
+def _identity(settings: Settings | None = None, model: ModelIdentity = MODEL, version: str = "1.0.0",
+              instances: list[tuple[str, str]] = MEASURED):
     uid = str(SERIES.datasets[0].SeriesInstanceUID)
-    return ContentIdentity(uid, version, model, result_settings(settings or Settings()))
+    return ContentIdentity(uid, version, model, result_settings(settings or Settings()), instances_digest(instances))
 
 
 def _answer(identity: ContentIdentity, predecessor: pydicom.Dataset | None = None) -> list[pydicom.Dataset]:
@@ -70,8 +75,11 @@ def test_same_inputs_give_the_same_uids() -> None:
         _identity(model=dataclasses.replace(MODEL, weights_sha256="ef" * 32)),
         _identity(model=TEST_MODEL),
         _identity(version="1.0.1"),
+        _identity(instances=MEASURED[:4]),
+        _identity(instances=[*MEASURED[:-1], (MEASURED[-1][0], "ff" * 32)]),
     ],
-    ids=["threshold", "qc-threshold", "omit-empty-frames", "weights", "test-model", "version"],
+    ids=["threshold", "qc-threshold", "omit-empty-frames", "weights", "test-model", "version", "fewer-instances",
+         "instance-changed"],
 )
 def test_any_change_gives_new_uids_and_the_sr_references_its_predecessor(changed: ContentIdentity) -> None:
     first = _answer(_identity())
@@ -87,6 +95,10 @@ def test_a_resend_of_the_same_content_has_no_predecessor() -> None:
     first = _answer(_identity())
     again = _answer(_identity(), predecessor=first[2])
     assert "PredecessorDocumentsSequence" not in again[2]
+
+
+def test_the_instances_digest_does_not_depend_on_their_order() -> None:
+    assert instances_digest(MEASURED) == instances_digest(reversed(MEASURED)) != instances_digest(MEASURED[1:])
 
 
 def test_device_settings_do_not_change_the_uids() -> None:

@@ -13,13 +13,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from lpm_node.answer.frames import honest_decimals, hu_text
+from lpm_node.answer.build import write_answer
+from lpm_node.answer.geometry import roi_disks
 from lpm_node.answer.uids import DEVICE_OBSERVER_UID
+from lpm_node.answer.wording import honest_decimals, hu_text
 from lpm_node.core.config import Settings
 from lpm_node.demo.model import bundled_model_folder
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.imaging.segmentation import load_segmenter
-from lpm_node.node.pipeline import analyse_series, roi_disks, write_answer
+from lpm_node.node.pipeline import analyse_series
 from tests.support_sources import write_multiframe
 from tests.support_validators import dciodvfy_errors, have_pixelmed, pixelmed_errors, pixelmed_reports
 

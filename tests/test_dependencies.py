@@ -12,8 +12,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
-# declared, never imported by name: pydicom finds these pixel-data decoders itself
-RUNTIME_PLUGINS = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle"}
+# declared, never imported by name: pydicom finds these pixel-data decoders itself, and starlette its session
+# signer (itsdangerous) and its form parser (python-multipart)
+RUNTIME_PLUGINS = {"pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "itsdangerous",
+                   "python-multipart"}
+# optional features of the package, installed as extras (``lpm-node[nnunet-v1]``); the test extra includes them
+FEATURE_EXTRAS = {name: deps for name, deps in PROJECT["optional-dependencies"].items() if name != "test"}
 
 
 def _name(requirement: str) -> str:
@@ -46,6 +50,7 @@ def _imported_distributions(*folders: str) -> dict[str, set[str]]:
 
 def test_package_imports_exactly_its_declared_dependencies() -> None:
     declared = {_name(r) for r in PROJECT["dependencies"]}
+    declared |= {_name(r) for deps in FEATURE_EXTRAS.values() for r in deps}
     imported = _imported_distributions("lpm_node")
     undeclared = {d: sorted(files)[:3] for d, files in imported.items() if d not in declared}
     assert undeclared == {}, "imported by lpm_node, missing from [project] dependencies"
@@ -55,6 +60,8 @@ def test_package_imports_exactly_its_declared_dependencies() -> None:
 
 def test_tests_and_scripts_import_declared_packages_only() -> None:
     declared = {_name(r) for r in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["test"]}
+    declared |= {_name(r) for name in FEATURE_EXTRAS if f"lpm-node[{name}]" in PROJECT["optional-dependencies"]["test"]
+                 for r in FEATURE_EXTRAS[name]}
     imported = _imported_distributions("tests", "scripts")
     undeclared = {d: sorted(files)[:3] for d, files in imported.items() if d not in declared}
     assert undeclared == {}, "imported by tests or scripts, missing from the dependencies and the test extra"

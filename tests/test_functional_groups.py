@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from lpm_node.answer.frames import frame_orientation, frame_pixel_spacing, frame_rescale
+from lpm_node.answer.source import frame_orientation, frame_pixel_spacing, frame_rescale
 from lpm_node.imaging.functional_groups import functional_group_value
 
 

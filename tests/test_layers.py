@@ -1,7 +1,8 @@
 """The package's folders follow the flow, and imports point down it only.
 
-core <- intake, imaging <- answer <- node <- cli; demo (phantoms, local PACS helpers, the bundled test model) is
-used by cli and the tests only. Read from the source with ``ast``, so a lazy import inside a function counts too.
+core <- intake, imaging <- answer <- node <- console (the web console) <- cli; demo (phantoms, local PACS helpers,
+the bundled test model) is used by cli and the tests only. Read from the source with ``ast``, so a lazy import
+inside a function counts too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ ALLOWED: dict[str, set[str]] = {
     "answer": {"core", "imaging"},
     "node": {"core", "intake", "imaging", "answer"},
     "demo": {"core", "intake", "imaging", "answer", "node"},
-    "cli": {"core", "intake", "imaging", "answer", "node", "demo"},
+    "console": {"core", "intake", "imaging", "answer", "node"},
+    "cli": {"core", "intake", "imaging", "answer", "node", "console", "demo"},
 }
 
 
@@ -86,3 +88,34 @@ def test_tests_take_their_helpers_from_tests() -> None:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lpm_node"):
                 offenders += [f"{path.name}:{node.lineno} {a.name}" for a in node.names if a.name in own]
     assert offenders == []
+
+
+# What node/ may import from answer/: the one entry that builds the answer, and the outbox that delivers it.
+ANSWER_ENTRIES = {"lpm_node.answer.build", "lpm_node.answer.sending"}
+
+
+def test_node_reaches_the_answer_through_one_entry_and_the_answer_never_calls_back() -> None:
+    """node/ builds the answer only through ``answer.build`` (the outbox aside); answer/ imports nothing of node/
+    or cli/, so nothing it runs can call back up."""
+    wrong: list[str] = []
+    for path in sorted((PACKAGE / "node").rglob("*.py")):
+        for line, module in _imports(path):
+            if _layer_of_module(module) == "answer" and module not in ANSWER_ENTRIES:
+                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}")
+    for path in sorted((PACKAGE / "answer").rglob("*.py")):
+        for line, module in _imports(path):
+            if _layer_of_module(module) in {"node", "cli", "demo"}:
+                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}")
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_the_answer_entry_takes_the_imaging_result() -> None:
+    """The pipeline hands answer/ one object, the imaging half's SeriesResult, and the settings."""
+    import inspect
+
+    from lpm_node.answer.build import build_answer, write_answer
+    from lpm_node.imaging.result import SeriesResult
+
+    for entry in (build_answer, write_answer):
+        first = next(iter(inspect.signature(entry, eval_str=True).parameters.values()))
+        assert first.annotation is SeriesResult

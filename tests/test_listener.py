@@ -259,44 +259,27 @@ def test_uid_validation():
         assert not is_valid_uid(bad), bad
 
 
-def test_file_meta_is_what_pydicom_writes():
-    from io import BytesIO
-
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
-
-    from lpm_node.intake.spool import IMPLEMENTATION_VERSION_NAME, file_meta_bytes
-
-    for sop, ae in (("1.2.3.4", "STORESCU"), ("1.2.826.0.1.3680043.8.498.1141558326928426775568349349198520085", "")):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        if ae:
-            meta.SourceApplicationEntityTitle = ae
-        expected = BytesIO()
-        expected.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(expected, meta, enforce_standard=True)
-        assert file_meta_bytes("1.2.840.10008.5.1.4.1.1.2", sop, "1.2.840.10008.1.2.4.70", ae) == expected.getvalue()
-
-
-def test_spool_store_duplicate_quota_and_stale_temporaries(tmp_path):
+def test_spool_adopt_duplicate_quota_and_stale_temporaries(tmp_path):
     from lpm_node.intake.spool import Spool, SpoolFull
 
     spool = Spool(tmp_path / "spool", quota_mb=1)
-    first = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", [b"a" * 1000, b"b" * 1000])
-    assert not first.duplicate and first.path.read_bytes() == b"a" * 1000 + b"b" * 1000
+
+    def received(name: str, data: bytes) -> Path:
+        path = spool.incoming / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    first = spool.adopt(received("a", b"a" * 2000), "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert not first.duplicate and first.path.read_bytes() == b"a" * 2000
     assert first.path == tmp_path / "spool" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
-    again = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", [b"c" * 10])
+    again = spool.adopt(received("c", b"c" * 10), "1.2.3", "1.2.3.4", "1.2.3.4.5")
     assert again.duplicate and first.path.read_bytes()[:1] == b"a"
     with pytest.raises(SpoolFull, match="spool quota"):
-        spool.store("1.2.3", "1.2.3.4", "1.2.3.4.6", [b"x" * (2**20)])
+        spool.adopt(received("x", b"x" * (2**20)), "1.2.3", "1.2.3.4", "1.2.3.4.6")
     assert not (first.path.parent / "1.2.3.4.6.dcm").exists()
     with pytest.raises(ValueError):
-        spool.store("1.2.3", "../x", "1.2.3.4.7", [b"x"])
+        spool.adopt(received("y", b"x"), "1.2.3", "../x", "1.2.3.4.7")
     (first.path.parent / ".1.2.3.4.8.99.tmp").write_bytes(b"partial")
     reopened = Spool(tmp_path / "spool")
     assert not list(reopened.root.rglob("*.tmp"))

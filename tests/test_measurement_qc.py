@@ -139,8 +139,9 @@ class Expect:
 
 
 CASES: dict[str, tuple[Callable[[], Chest], Expect]] = {
-    "lesion under the ROI": (lesion_under_the_roi, Expect(NOT_ASSESSABLE, {"faithful_robust_disagree"},
-                                                          {"faithful_robust_disagree"})),
+    "lesion under the ROI": (lesion_under_the_roi, Expect(
+        NOT_ASSESSABLE, {"faithful_robust_disagree", "roi_disk_unlike_liver"},
+        {"faithful_robust_disagree", "roi_disk_changes_category"})),
     "FOV cut, no body wall at the new edge": (fov_cut(False), Expect(
         NOT_ASSESSABLE, {"lateral_edge_at_field_of_view", "liver_cut_by_field_of_view"})),
     "FOV cut, body wall at the new edge": (fov_cut(True), Expect(
@@ -215,9 +216,11 @@ def test_clean_cases_pass_with_the_default_minimum_volume() -> None:
 
 def test_plausible_range_and_disagreement_are_configurable() -> None:
     case = lesion_under_the_roi()
-    loose = MeasurementSettings(max_faithful_robust_difference_hu=100.0)
+    loose = MeasurementSettings(max_faithful_robust_difference_hu=100.0, max_roi_disk_difference_hu=1000.0,
+                                max_roi_disk_outlier_fraction=1.0)
     result, _ = measure(case.hu, case.liver, SPACING, settings=loose)
     assert result.category == STEATOSIS and "faithful_robust_disagree" not in result.qc_flags
+    assert "roi_disk_unlike_liver" not in result.qc_flags
     narrow = MeasurementSettings(plausible_min_hu=60.0, plausible_max_hu=100.0)
     clean_case = chest(55.0)
     result, _ = measure(clean_case.hu, clean_case.liver, SPACING, settings=narrow)
@@ -229,7 +232,9 @@ def test_a_lateral_edge_at_the_field_of_view_alone_makes_it_not_assessable(body_
     case = fov_cut(body_wall)()
     lenient = MeasurementSettings(min_liver_volume_ml=0.0, min_roi_in_liver_fraction=0.0)
     result, _ = measure(case.hu, case.liver, SPACING, settings=lenient)
-    assert result.not_assessable_reasons == ["lateral_edge_at_field_of_view"]
+    # without body wall the liver itself also touches the border beside the ROI
+    beside = ["liver_cut_by_field_of_view_at_roi"] if not body_wall else []
+    assert result.not_assessable_reasons == ["lateral_edge_at_field_of_view", *beside]
     assert result.dl_parenchymal_hu == pytest.approx(35.0, abs=2.0)  # the value is reported, the category is not
 
 

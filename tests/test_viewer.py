@@ -23,12 +23,14 @@ import pydicom
 import pytest
 from PIL import Image
 
+from lpm_node.answer.build import write_answer
+from lpm_node.answer.geometry import roi_disks
 from lpm_node.core.config import Settings
 from lpm_node.demo.model import bundled_model_folder
 from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.imaging.segmentation import load_segmenter
-from lpm_node.node.pipeline import analyse_series, roi_disks, write_answer
+from lpm_node.node.pipeline import analyse_series
 from tests.support_viewer import (
     CHROMIUM,
     JUMP_TO_INSTANCE_JS,

@@ -23,7 +23,7 @@ from lpm_node.answer import (
     write_dataset,
 )
 from lpm_node.answer.keyimage import LIVER_COLOUR, ROI_COLOUR
-from lpm_node.answer.seg import ANATOMICAL_STRUCTURE, LIVER
+from lpm_node.answer.seg import ANATOMICAL_STRUCTURE, LIVER, BinarySegmentation
 from lpm_node.answer.sr import library_images
 from lpm_node.demo.phantom import Phantom, make_phantom, write_ct_series
 from lpm_node.imaging.loading import CTSeries, load_series
@@ -511,3 +511,25 @@ def test_seg_omission_matches_highdicoms_own(tmp_path: Path, phantom: Phantom) -
 
     assert frames(seg) == frames(plain)
     assert referenced(seg) == referenced(plain) == {ds.SOPInstanceUID for ds in series.datasets}
+    assert {i.ReferencedSOPInstanceUID for i in seg.SourceImageSequence} == referenced(plain)
+    assert seg.SegmentsOverlap == plain.SegmentsOverlap == "YES"
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_segment_overlap_check_agrees_with_highdicoms(overlap: bool) -> None:
+    rng = np.random.default_rng(5)
+    block = np.zeros((3, 4, 16, 16), dtype=np.uint8)
+    block[0, :, :8] = 1
+    block[1, :, 8:] = rng.integers(0, 2, (4, 8, 16))
+    block[1, 2, 12, 3] = 0
+    block[2, 2, 3 if overlap else 12, 3] = 1  # inside segment 1 (overlap), or where no other segment is
+    pixels = block.transpose(1, 2, 3, 0)
+    numbers = np.array([1, 2, 3])
+    ours = BinarySegmentation._check_and_cast_pixel_array(pixels, numbers, hd.seg.SegmentationTypeValues.BINARY,
+                                                          np.uint8)
+    theirs = hd.seg.Segmentation._check_and_cast_pixel_array(
+        np.ascontiguousarray(pixels), numbers, hd.seg.SegmentationTypeValues.BINARY, np.uint8)
+    assert ours[1] == theirs[1] == (hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO)
+    with pytest.raises(ValueError):
+        BinarySegmentation._check_and_cast_pixel_array(pixels * 2, numbers, hd.seg.SegmentationTypeValues.BINARY,
+                                                        np.uint8)

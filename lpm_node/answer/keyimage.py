@@ -12,24 +12,26 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 import lpm_node
-from lpm_node.answer.frames import (
-    GAP,
+from lpm_node.answer.equipment import (
     KEY_IMAGE_SERIES_DESCRIPTION,
     KEY_IMAGE_SERIES_NUMBER,
     MANUFACTURER,
     MODEL_NAME,
     TEST_MODEL_NOTICE,
+    model_text,
+    stamp_context,
+)
+from lpm_node.answer.source import (
+    GAP,
     check_frame_refs,
     frame_hu,
     frame_orientation,
     frame_pixel_spacing,
-    hu_text,
-    model_text,
     number_of_frames,
     source_series_uid,
-    stamp_context,
 )
 from lpm_node.answer.uids import ContentIdentity, identity_for
+from lpm_node.answer.wording import hu_text
 from lpm_node.imaging.measurement import NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
 from lpm_node.imaging.model_identity import ModelIdentity
 

@@ -9,7 +9,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 import lpm_node
-from lpm_node.answer.frames import (
+from lpm_node.answer.equipment import (
     KOS_SERIES_DESCRIPTION,
     KOS_SERIES_NUMBER,
     MANUFACTURER,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -13,19 +14,16 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 import lpm_node
-from lpm_node.answer.frames import (
+from lpm_node.answer.equipment import (
     DEVICE_SERIAL,
-    GAP,
     MANUFACTURER,
     MODEL_NAME,
     SEG_SERIES_DESCRIPTION,
     SEG_SERIES_NUMBER,
     TEST_MODEL_NOTICE,
-    check_frame_refs,
-    number_of_frames,
-    source_series_uid,
     stamp_context,
 )
+from lpm_node.answer.source import GAP, check_frame_refs, number_of_frames, source_series_uid
 from lpm_node.answer.uids import ContentIdentity, identity_for
 from lpm_node.imaging.model_identity import ModelIdentity
 
@@ -126,16 +124,65 @@ def _checked_masks(masks: Mapping[str, np.ndarray], specs: Sequence[SegmentSpec]
 def _segment_array(
     arrays: Sequence[np.ndarray], ks: np.ndarray, frames: np.ndarray | None, n_frames: int
 ) -> np.ndarray:
-    """(frames, rows, cols, segments) uint8 array of slices ``ks`` in the source-image frame order."""
+    """(frames, rows, cols, segments) uint8 array of slices ``ks`` in the source-image frame order.
+
+    The array is a view of one (segments, frames, rows, cols) block, so each segment's frames are contiguous:
+    filling it, highdicom's per-segment reads and the overlap check below run over contiguous memory."""
     rows, cols = arrays[0].shape[1:]
     n_out = len(ks) if frames is None else n_frames
-    out = np.zeros((n_out, rows, cols, len(arrays)), dtype=np.uint8)
+    block = np.zeros((len(arrays), n_out, rows, cols), dtype=np.uint8)
     for s, mask in enumerate(arrays):
-        # Only slices holding this segment are copied (the strided write into the last axis is the slow part).
-        present = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)[ks])
+        present = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)[ks])  # only slices holding it
         target = present if frames is None else frames[present]
-        out[target, :, :, s] = mask[ks[present]] != 0
-    return out
+        block[s, target] = mask[ks[present]] != 0
+    return block.transpose(1, 2, 3, 0)
+
+
+def segments_overlap(pixels: np.ndarray) -> bool:
+    """Whether two segments of a binary (frames, rows, cols, segments) array share a pixel."""
+    n = pixels.shape[-1]
+    return any(np.logical_and(pixels[..., i], pixels[..., j]).any() for i in range(n) for j in range(i + 1, n))
+
+
+class BinarySegmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation, with its pixel check done per segment for a binary uint8 stack of segments.
+
+    highdicom finds overlapping segments by summing the whole (frames, rows, cols, segments) array into a
+    uint64 array (about 1 s on a 600-slice chest CT); comparing the segments pairwise gives the same answer
+    without it (``tests/test_writers.py`` checks both agree). Anything else goes to highdicom's own check."""
+
+    @classmethod
+    def _check_and_cast_pixel_array(  # type: ignore[override]
+        cls, pixel_array: Any, segment_numbers: np.ndarray, segmentation_type: Any, dtype: type
+    ) -> tuple[Any, hd.seg.SegmentsOverlapValues]:
+        simple = (
+            isinstance(pixel_array, np.ndarray) and pixel_array.ndim == 4 and pixel_array.dtype == np.uint8
+            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
+            and pixel_array.shape[-1] == len(segment_numbers) > 1
+            and list(segment_numbers) == list(range(1, len(segment_numbers) + 1))
+        )
+        if not simple:
+            return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
+        if pixel_array.max() > 1:
+            raise ValueError("a binary stack of segments holds values other than 0 and 1")
+        overlap = segments_overlap(pixel_array)
+        return pixel_array, hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
+
+
+def _reference_further_images(seg: Dataset, further: Sequence[Dataset]) -> None:
+    """List ``further`` (source slices holding no segment) after the source images, in the Source Image Sequence
+    and the Referenced Series Sequence, as highdicom's ``further_source_images`` does; done here because highdicom
+    checks each such image against the standard's IOD tables, which on a 600-slice series took longer than the
+    rest of the SEG."""
+    if not further:
+        return
+    by_series = {str(item.SeriesInstanceUID): item for item in seg.ReferencedSeriesSequence}
+    for ds in further:
+        for sequence in (seg.SourceImageSequence, by_series[str(ds.SeriesInstanceUID)].ReferencedInstanceSequence):
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = ds.SOPClassUID
+            ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            sequence.append(ref)
 
 
 def build_seg(
@@ -190,9 +237,8 @@ def build_seg(
         )
         for number, spec in enumerate(specs, start=1)
     ]
-    seg = hd.seg.Segmentation(
+    seg = BinarySegmentation(
         source_images=source_images,
-        further_source_images=further or None,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -210,6 +256,7 @@ def build_seg(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=omit,
     )
+    _reference_further_images(seg, further)
     seg.SeriesDescription = SERIES_DESCRIPTION
     if datasets[0].get("BodyPartExamined"):
         seg.BodyPartExamined = datasets[0].BodyPartExamined

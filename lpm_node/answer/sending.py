@@ -514,19 +514,6 @@ def delivery_dict(row: Delivery) -> dict[str, Any]:
     }
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        print("outbox is empty")
-        return
-    header = f"{'id':>5}  {'status':<8} {'kind':<4} {'att':>3}  {'destination':<32} {'next attempt':<25} last error"
-    print(header)
-    for r in rows:
-        print(
-            f"{r['id']:>5}  {r['status']:<8} {r['kind']:<4} {r['attempts']:>3}  {r['destination']:<32} "
-            f"{(r['next_attempt_at'] or '-'):<25} {r['last_error'] or '-'}"
-        )
-
-
 def _ledger_file(ledger_dir: Path, series_instance_uid: str) -> Path:
     return Path(ledger_dir) / f"{series_instance_uid}.json"
 

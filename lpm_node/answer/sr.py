@@ -29,25 +29,21 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 import lpm_node
-from lpm_node.answer.frames import (
+from lpm_node.answer.equipment import (
     DEVICE_SERIAL,
     MANUFACTURER,
     MODEL_NAME,
     SR_SERIES_DESCRIPTION,
     SR_SERIES_NUMBER,
     TEST_MODEL_NOTICE,
-    Outline,
-    RoiDisk,
-    frame_geometry_view,
-    honest_round,
-    hu_text,
     model_text,
-    number_of_frames,
-    source_series_uid,
     stamp_context,
 )
+from lpm_node.answer.geometry import Outline, RoiDisk
 from lpm_node.answer.seg import ARTIFICIAL_INTELLIGENCE, LIVER, SPLEEN, model_parameters, segment_number
+from lpm_node.answer.source import frame_geometry_view, number_of_frames, source_series_uid
 from lpm_node.answer.uids import DEVICE_OBSERVER_UID, ContentIdentity, identity_for
+from lpm_node.answer.wording import honest_round, hu_text
 from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
 
 SERIES_DESCRIPTION = SR_SERIES_DESCRIPTION

@@ -8,8 +8,9 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lpm_node.core.config import Destination, Settings
+from lpm_node.core.config import Settings
 from lpm_node.core.states import DeliveryStatus, JobStatus
+from lpm_node.node.peers import echo
 
 
 @dataclass
@@ -58,25 +59,6 @@ def check_model(settings: Settings) -> Check:
     labels = ", ".join(f"{k}={v}" for k, v in info.labels.items())
     note = " (a test model trained on synthetic phantoms: never for clinical use)" if info.test_model else ""
     return Check("model", True, f"{info.folder}: {info.configuration}, folds {','.join(info.folds)}, {labels}{note}")
-
-
-def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> str | None:
-    """C-ECHO ``destination``; None when it answered success, else what went wrong."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        return "association rejected or no answer" if assoc.is_rejected or assoc.is_aborted else "no connection"
-    try:
-        status = assoc.send_c_echo()
-        code = getattr(status, "Status", None)
-        return None if code == 0x0000 else f"C-ECHO status {code if code is not None else 'none (timeout)'}"
-    finally:
-        assoc.release()
 
 
 HEALTHCHECK_AE = "HEALTHCHECK"  # calling AE title of the liveness check when any caller is allowed

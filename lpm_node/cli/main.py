@@ -1,5 +1,5 @@
-"""The ``lpm-node`` command line: serve, process, measure, demo, audit, outbox, rerun, reindex, model, doctor,
-phantom."""
+"""The ``lpm-node`` command line: serve, console, process, measure, demo, audit, outbox, rerun, reindex, model,
+doctor, phantom."""
 
 from __future__ import annotations
 
@@ -42,13 +42,28 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["model"] = {"folder": str(bundled_model_folder())}
     if getattr(args, "device", None):
         overrides.setdefault("model", {})["device"] = args.device
+    console = {key: getattr(args, f"console_{key}") for key in ("host", "port")
+               if getattr(args, f"console_{key}", None) is not None}
+    if console:
+        overrides["console"] = console
     return load_settings(getattr(args, "config", None), overrides)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from lpm_node.node.service import serve
 
-    return serve(_settings(args))
+    settings = _settings(args)
+    if getattr(args, "console", False):
+        from lpm_node.console.server import start_console_thread
+
+        start_console_thread(settings)
+    return serve(settings)
+
+
+def _cmd_console(args: argparse.Namespace) -> int:
+    from lpm_node.console.server import run_console
+
+    return run_console(_settings(args))
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -117,6 +132,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="use the bundled phantom-trained test model (tests and demos only, never for clinical use)")
 
 
+def _console_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--console-host", help="the console's address (default 127.0.0.1; elsewhere a login is required)")
+    p.add_argument("--console-port", type=int, help="the console's HTTP port (default 8480)")
+
+
 def _node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML settings file (default: built-in defaults)")
     p.add_argument("--data-dir", help="folder for the spool, outbox and the default SQLite database")
@@ -151,11 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="inference device")
     p.add_argument("--no-measure", action="store_true", help="receive, decide and queue only; measure nothing")
+    p.add_argument("--console", action="store_true", help="also serve the web console ([console] settings)")
     p.add_argument("--role", choices=["all", "receiver", "worker", "sender"],
                    help="the part of the node this process runs (default all; the others need --database-url "
                         "postgresql+psycopg://...)")
     p.add_argument("--reuse-port", action="store_true",
                    help="share the DICOM port with other receiver processes on this machine (SO_REUSEPORT)")
+    _console_options(p)
+
+    p = add("console", _cmd_console, "the administrators' web console: find series, their story, queues, health")
+    _node_options(p)
+    _console_options(p)
 
     p = add("audit", _cmd_audit, "what the node received, decided, measured and sent")
     _node_options(p)
@@ -213,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     _node_options(p)
 
     p = add("model", _cmd_model_verify, "model management")
-    p.add_argument("action", choices=["verify"], help="verify: check that a folder is a loadable nnU-Net v2 model")
-    p.add_argument("folder", help="nnU-Net v2 model folder")
+    p.add_argument("action", choices=["verify"], help="verify: check that a folder is a loadable nnU-Net model")
+    p.add_argument("folder", help="nnU-Net v2 model folder, or nnU-Net v1 result folder (or its RESULTS_FOLDER)")
     p.add_argument("--profile", help="label profile name or TOML file")
     p.add_argument("--json", action="store_true", help="print JSON")
 

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from lpm_node.core.config import Settings
 from lpm_node.imaging.measurement import NOT_ASSESSABLE, Measurement, _on_method_grid, flag_sentence, measure
+from lpm_node.imaging.orientation import nifti_orientation
 from lpm_node.imaging.segmentation import largest_component
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -75,6 +76,20 @@ def _summary(result: Measurement, removed_voxels: int) -> str:
         f"ROI centres [z, y, x]:  {result.roi_centres}",
         f"largest component:      {removed_voxels} voxels of smaller components removed from the liver mask",
     ]
+    if result.liver_right_fraction is not None:
+        lines.append(f"liver's side:           {result.liver_right_fraction:.0%} on the patient's right of the body's "
+                     "midline")
+    if result.roi_disk_means_hu:
+        def listed(values: list[float | None], fmt: str) -> str:
+            return ", ".join("n/a" if v is None else format(v, fmt) for v in values)
+
+        lines.append(f"ROI disks:              mean {listed(result.roi_disk_means_hu, '.1f')} HU, SD "
+                     f"{listed(result.roi_disk_sds_hu, '.1f')} HU, outliers "
+                     f"{listed(result.roi_disk_outlier_fractions, '.1%')}")
+    if any(t is not None for t in result.lateral_tissue_mm):
+        lines.append("tissue beyond the edge: " + ", ".join("air in view" if t is None else f"{t:.1f} mm"
+                                                             for t in result.lateral_tissue_mm)
+                     + " (to the edge of the field of view)")
     if result.spleen_hu is not None or result.liver_minus_spleen_hu is not None:
         lines.append(
             f"spleen:                 {hu(result.spleen_hu)} (liver - spleen {hu(result.liver_minus_spleen_hu)})"
@@ -113,7 +128,9 @@ def measure_command(settings: Settings, args: argparse.Namespace) -> int:
     del raw_liver
     liver = _to_lps(liver, flips)
     spacing_zyx = (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])
-    result, roi = measure(hu, liver, spacing_zyx, spleen=spleen, settings=settings.measurement)
+    orientation = nifti_orientation(args.ct, ct.GetDirection())
+    result, roi = measure(hu, liver, spacing_zyx, spleen=spleen, settings=settings.measurement,
+                          orientation=orientation)
     if any(flips):  # report indices in the input's own array
         shape = hu.shape
         result.roi_centres = [

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from sqlalchemy import select
 
-from lpm_node.answer.sending import _print_table, delivery_dict, retry_deliveries
+from lpm_node.answer.sending import delivery_dict, retry_deliveries
 from lpm_node.cli.recovery import command_line
 from lpm_node.core.audit import Delivery, record_operator_action, session_factory
 from lpm_node.core.config import Destination, Settings
@@ -31,7 +32,7 @@ def outbox_command(settings: Settings, args: argparse.Namespace) -> int:
             if as_json:
                 print(json.dumps(rows, indent=2))
             else:
-                _print_table(rows)
+                print_outbox_table(rows)
             return 0
         result = retry_deliveries(session, ids, settings=settings, destinations=explicit)
         touched = set(result.requeued) | set(result.redirected)
@@ -50,3 +51,17 @@ def outbox_command(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print("\n".join(lines))
     return 1 if missing else 0
+
+
+def print_outbox_table(rows: list[dict[str, Any]]) -> None:
+    """The deliveries as a table: id, status, kind, attempts, destination, next attempt, last error."""
+    if not rows:
+        print("outbox is empty")
+        return
+    header = f"{'id':>5}  {'status':<8} {'kind':<4} {'att':>3}  {'destination':<32} {'next attempt':<25} last error"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['id']:>5}  {r['status']:<8} {r['kind']:<4} {r['attempts']:>3}  {r['destination']:<32} "
+            f"{(r['next_attempt_at'] or '-'):<25} {r['last_error'] or '-'}"
+        )

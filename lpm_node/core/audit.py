@@ -237,11 +237,62 @@ def operator_name() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def record_operator_action(session, command: str, target: str, outcome: str) -> OperatorAction:  # noqa: ANN001
-    """Add one operator action (who, what, when, effect) to ``session``; the caller commits."""
-    row = OperatorAction(at=utcnow(), user=operator_name(), command=command, target=target, outcome=outcome)
+def record_operator_action(session, command: str, target: str, outcome: str,  # noqa: ANN001
+                           user: str | None = None) -> OperatorAction:
+    """Add one operator action (who, what, when, effect) to ``session``; the caller commits.
+
+    ``user``: the operator's name when it is not the login running this process (the console's signed-in user)."""
+    row = OperatorAction(at=utcnow(), user=user or operator_name(), command=command, target=target, outcome=outcome)
     session.add(row)
     return row
+
+
+class SeriesLookup(Base):
+    """The console's search index of a series: its identifying header values, read from one spooled instance.
+
+    The only table that holds patient data (the rest of the audit carries UIDs); ``public_id`` is the opaque
+    id by which pages, the API and logs name a series."""
+
+    __tablename__ = "series_lookup"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), unique=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    patient_id: Mapped[str] = mapped_column(String(128), default="", index=True)
+    patient_name: Mapped[str] = mapped_column(String(256), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)  # YYYYMMDD as in the header
+    study_description: Mapped[str] = mapped_column(Text, default="")
+    indexed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class NodeControl(Base):
+    """A switch an operator sets on the running node (``measuring_suspended``): name, value, who and when."""
+
+    __tablename__ = "node_controls"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, default="")
+    set_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    set_by: Mapped[str] = mapped_column(String(128), default="")
+
+
+MEASURING_SUSPENDED = "measuring_suspended"
+
+
+def measuring_suspended(session) -> bool:  # noqa: ANN001
+    """True while an operator has suspended measuring (queued jobs wait; receiving and sending go on)."""
+    row = session.get(NodeControl, MEASURING_SUSPENDED)
+    return row is not None and row.value == "yes"
+
+
+def set_measuring_suspended(session, suspended: bool, user: str) -> None:  # noqa: ANN001
+    """Suspend or resume measuring; the caller audits the action and commits."""
+    row = session.get(NodeControl, MEASURING_SUSPENDED)
+    if row is None:
+        row = NodeControl(name=MEASURING_SUSPENDED)
+        session.add(row)
+    row.value = "yes" if suspended else "no"
+    row.set_at = utcnow()
+    row.set_by = user
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
@@ -113,7 +113,7 @@ class RuleSettings:
 
 @dataclass
 class ModelSettings:
-    folder: str = ""  # nnU-Net v2 model folder; required to measure (serve refuses to start without one)
+    folder: str = ""  # nnU-Net v2 model folder or v1 result folder; required to measure (serve refuses without)
     folds: list[str] = field(default_factory=lambda: ["0"])
     checkpoint: str = "checkpoint_final.pth"
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -133,6 +133,10 @@ class MeasurementSettings:
     plausible_min_hu: float = -100.0  # ROI mean outside plausible_min_hu .. plausible_max_hu (unenhanced liver)
     plausible_max_hu: float = 100.0
     max_faithful_robust_difference_hu: Positive = 10.0  # DL-parenchymal and the robust estimate further apart
+    # One ROI disk unlike the liver (reported; not_assessable only when the category without it differs): more than
+    # this share of its pixels beyond 3 robust SDs of the liver's median, or its mean this far from the robust value.
+    max_roi_disk_outlier_fraction: Annotated[float, Field(ge=0, le=1)] = 0.10
+    max_roi_disk_difference_hu: Positive = 8.0
 
 
 @dataclass
@@ -149,6 +153,31 @@ class OutputSettings:
     tls: bool = False  # send to destinations over DICOM TLS (see [node] tls_*)
 
 
+class ConsoleUser(BaseModel):
+    """One person who may sign in to the console: a password hash (argon2 or bcrypt) and a role."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    password_hash: Annotated[str, Field(pattern=r"^\$(argon2(id|i|d)|2[abxy])\$")]
+    role: Literal["viewer", "admin"] = "viewer"  # viewers read; only admins act
+
+
+@dataclass
+class ConsoleSettings:
+    host: str = "127.0.0.1"  # anywhere but loopback, every page and API call needs a login
+    port: Port = 8480
+    users: list[ConsoleUser] = field(default_factory=list)
+    viewer_url: str = ""  # e.g. https://ohif.example/viewer?StudyInstanceUIDs={study_uid}: a series' story links it
+    tls_certificate: str = ""  # PEM: the console speaks HTTPS itself (cookies are then Secure)
+    tls_private_key: str = ""
+    behind_tls_proxy: bool = False  # a TLS-terminating proxy in front: cookies are Secure
+    session_minutes: AtLeastOne = 480
+    login_attempts_per_minute: AtLeastOne = 5  # per address and per user name; more are refused for a minute
+    echo_interval_s: Positive = 60.0  # how often the destinations are C-ECHOed for the health page
+    page_size: AtLeastOne = 50
+
+
 @dataclass
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
@@ -157,6 +186,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     measurement: MeasurementSettings = field(default_factory=MeasurementSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     @property
     def data_path(self) -> Path:
@@ -224,6 +254,12 @@ def _check_together(settings: Settings, source: str) -> None:
     if output.backoff_initial_s > output.backoff_max_s:
         raise ConfigError(f"{source}: [output] backoff_initial_s ({output.backoff_initial_s}) is above "
                           f"backoff_max_s ({output.backoff_max_s})")
+    console = settings.console
+    if bool(console.tls_certificate) != bool(console.tls_private_key):
+        raise ConfigError(f"{source}: [console] tls_certificate and tls_private_key go together")
+    names = [u.name for u in console.users]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"{source}: [console] users: a user name is listed twice")
     node = settings.node
     if node.role != "all" and not node.database_url.startswith("postgres"):
         raise ConfigError(f"{source}: [node] role = {node.role!r} shares the work with other processes: it needs "

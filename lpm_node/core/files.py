@@ -1,12 +1,24 @@
-"""Durable files: the one atomic write the node uses everywhere (temporary file, fsync, rename, folder fsync)."""
+"""Durable files: the one atomic write the node uses everywhere (temporary file, fsync, rename, folder fsync), and
+the one file checksum (SHA-256)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
+
+
+def file_checksum(*paths: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, or of several files' bytes in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_folder(folder: str | Path) -> None:

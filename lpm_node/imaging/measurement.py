@@ -37,8 +37,19 @@ Beyond the paper, reported beside the faithful values and never instead of them:
   ``roi_mean_implausible``            the ROI mean lies outside ``plausible_min_hu`` .. ``plausible_max_hu``;
   ``faithful_robust_disagree``        DL-parenchymal and the robust estimate differ by more than
                                       ``max_faithful_robust_difference_hu`` (lesion, vessel or misplaced ROI);
-  ``lateral_edge_at_field_of_view``   on an ROI slice the liver's lateral edge, which the ROI is placed from, is
-                                      the edge of the field of view (no air between the liver and it).
+  ``lateral_edge_at_field_of_view``   on an ROI row, no air lies between the liver's lateral edge (which the ROI is
+                                      placed from) and the edge of the field of view, and fewer than
+                                      ``MIN_LATERAL_TISSUE_PX`` pixels of tissue do (see there);
+  ``liver_cut_by_field_of_view_at_roi`` on the ROI slices, the liver touches the image border or the padding
+                                      within ``ROI_REACH_PX`` columns of its lateral edge (where the ROI is placed
+                                      and lies);
+  ``liver_not_on_patient_right``      less than half the component lies on the patient's right of the body's
+                                      midline (``imaging/anatomy.py``): a mirrored image, a prone image read as
+                                      supine, situs inversus or another organ kept as the largest component;
+  ``component_not_liver_like``        the component's lateral edge lies nearer the body's midline than its right
+                                      wall on an ROI row (the right lobe lies against the wall);
+  ``roi_disk_changes_category``       one ROI disk is unlike the rest of the liver (``roi_disk_unlike_liver``) and
+                                      the category without it differs from the faithful category.
 
   Informative only:
 
@@ -46,6 +57,15 @@ Beyond the paper, reported beside the faithful values and never instead of them:
   ``liver_cut_inferior``/``_superior`` the liver is cut by the first/last slice and the slice of largest liver
                                       area lies within two slices of that end, so k may not be the true maximum;
   ``liver_cut_by_field_of_view``      the liver touches the in-plane border of the image (or its padding);
+  ``body_wall_cut_by_field_of_view``  the field of view cuts the body wall beyond the liver on an ROI row, with at
+                                      least ``MIN_LATERAL_TISSUE_PX`` pixels of tissue beyond the liver's edge:
+                                      measured;
+  ``roi_disk_unlike_liver``           one ROI disk holds more than ``max_roi_disk_outlier_fraction`` of pixels
+                                      beyond ``DISK_OUTLIER_SD`` robust SDs of the liver's median, or its mean lies
+                                      more than ``max_roi_disk_difference_hu`` from the robust estimate;
+  ``orientation_unknown``             the header states no orientation (the anatomy alone gave the patient's right);
+  ``liver_side_not_checked``          the image shows no body around the liver (a mask on a blank image);
+  ``patient_not_supine``              the patient lay prone or on one side (the header's orientation was used);
   ``roi_slice_interpolated``          an ROI slice was interpolated across a gap in the source slices;
   ``roi_on_edge_slices``              k < 2 or k > n-3: the ROI slices were taken as 0, 2, 4 or mirrored at the top;
   ``roi_slice_without_liver``         one of the chosen slices holds no liver, so it has no ROI;
@@ -62,9 +82,18 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from lpm_node.imaging.anatomy import (
+    PADDING_BELOW_HU,
+    body_midline_x,
+    lateral_tissue_px,
+    right_fraction,
+    wall_gap_fraction,
+)
+
 if TYPE_CHECKING:
 
     from lpm_node.core.config import MeasurementSettings
+    from lpm_node.imaging.orientation import PatientOrientation
 
 STEATOSIS = "moderate_to_severe_steatosis"
 NO_STEATOSIS = "no_moderate_to_severe_steatosis"
@@ -75,11 +104,27 @@ SPACING_TOLERANCE = 0.02  # relative
 ROI_KERNEL_SIZE = 23  # pixels, OpenCV MORPH_ELLIPSE
 ROI_OFFSET_PX = 30  # ROI centre: 30 px (21 mm) medial to the liver's lateral edge
 ROI_SLICE_STEP = 2  # slices k-2, k, k+2
+ROI_RADIUS_PX = ROI_KERNEL_SIZE // 2  # 11 px
+# The ROI's reach from the liver's lateral edge: its far rim, 30 + 11 = 41 px (28.7 mm) medial to the edge. The liver
+# there decides where the ROI goes (its lateral edge and first row) and holds it: cut by the field of view there,
+# the ROI is not where the method puts it.
+ROI_REACH_PX = ROI_OFFSET_PX + ROI_RADIUS_PX
+# The least tissue, in pixels along the ROI row, between the liver's lateral edge and the edge of the field of view
+# for the edge to be read as the liver's own: the ROI's near rim, 30 - 11 = 19 px (13.3 mm) inside the edge. The
+# method relies on that band inside the liver to keep the ROI off the edge's partial volume; the node asks for as
+# much tissue outside it, so that a segmentation edge drawn by the field of view (a liver cut by it, its mask stopped
+# a few millimetres short, as in a tight reconstruction of a large patient) is withheld, while a field of view that
+# cuts the body wall 15-25 mm beyond the liver (a common tight chest reconstruction) is measured.
+MIN_LATERAL_TISSUE_PX = ROI_OFFSET_PX - ROI_RADIUS_PX
+# share of the component on the patient's right: 0.85-0.95 for the controls' livers; 0-0.3 mirrored, prone read as
+# supine, or a spleen kept as the largest component
+MIN_RIGHT_FRACTION = 0.5
+MAX_WALL_GAP_FRACTION = 0.5  # the right lobe's edge lies nearer the right body wall than the midline
+DISK_OUTLIER_SD = 3.0  # a disk pixel beyond 3 robust SDs of the liver's median is an outlier
+MIN_LIVER_SD_HU = 5.0  # floor of the liver's robust SD for the outlier test (noise-free images)
 ROBUST_EROSION_MM = 5.0
 ROBUST_CLIP_SD = 3.0
 MIN_ROBUST_VOXELS = 1000
-AIR_BELOW_HU = -400.0  # lateral to the liver: air (outside the body) or lung
-PADDING_BELOW_HU = -1500.0  # outside the scanner's field of view (padding, e.g. -2048 or -3024)
 
 QC_NO_LIVER = "no_liver"
 QC_LITTLE_LIVER = "little_liver"
@@ -99,6 +144,15 @@ QC_ROI_ON_EDGE_SLICES = "roi_on_edge_slices"
 QC_ROI_SLICE_WITHOUT_LIVER = "roi_slice_without_liver"
 QC_OFF_METHOD_GRID = "off_method_grid"
 QC_NO_SPLEEN = "no_spleen"
+QC_BODY_WALL_CUT_BY_FIELD_OF_VIEW = "body_wall_cut_by_field_of_view"
+QC_LIVER_CUT_BY_FIELD_OF_VIEW_AT_ROI = "liver_cut_by_field_of_view_at_roi"
+QC_LIVER_NOT_ON_PATIENT_RIGHT = "liver_not_on_patient_right"
+QC_COMPONENT_NOT_LIVER_LIKE = "component_not_liver_like"
+QC_ORIENTATION_UNKNOWN = "orientation_unknown"
+QC_LIVER_SIDE_NOT_CHECKED = "liver_side_not_checked"
+QC_PATIENT_NOT_SUPINE = "patient_not_supine"
+QC_ROI_DISK_UNLIKE_LIVER = "roi_disk_unlike_liver"
+QC_ROI_DISK_CHANGES_CATEGORY = "roi_disk_changes_category"
 QC_MEASUREMENT_FAILED = "measurement_failed"
 
 # Every flag as a sentence a radiologist reads (SR, key image, README); never show the snake_case name.
@@ -126,6 +180,31 @@ QC_FLAG_SENTENCES: dict[str, str] = {
     QC_ROI_SLICE_WITHOUT_LIVER: "A measurement slice holds no liver.",
     QC_OFF_METHOD_GRID: "The image is not on the method's 0.7 x 0.7 x 2.5 mm grid.",
     QC_NO_SPLEEN: "No spleen was found, so liver-minus-spleen attenuation is not reported.",
+    QC_BODY_WALL_CUT_BY_FIELD_OF_VIEW: (
+        "The field of view cuts the body wall beyond the liver; the liver's outer edge and the tissue beyond it "
+        "are in view, so the liver was measured."
+    ),
+    QC_LIVER_CUT_BY_FIELD_OF_VIEW_AT_ROI: "The liver is cut by the field of view beside the measurement regions.",
+    QC_LIVER_NOT_ON_PATIENT_RIGHT: (
+        "The liver is not on the patient's right (mirrored image, situs inversus or a wrong header)."
+    ),
+    QC_COMPONENT_NOT_LIVER_LIKE: (
+        "The measured component is not liver-like (its outer edge lies far from the right body wall)."
+    ),
+    QC_ORIENTATION_UNKNOWN: (
+        "The image header states no orientation; the patient's right was found from the anatomy alone."
+    ),
+    QC_LIVER_SIDE_NOT_CHECKED: "No body was found around the liver, so its side could not be checked.",
+    QC_PATIENT_NOT_SUPINE: (
+        "The patient lay prone or on one side; the image's orientation was used to find the patient's right."
+    ),
+    QC_ROI_DISK_UNLIKE_LIVER: (
+        "A measurement region differs from the rest of the liver (part of it lies on a lesion, a vessel or "
+        "tissue outside the liver)."
+    ),
+    QC_ROI_DISK_CHANGES_CATEGORY: (
+        "Leaving out the measurement region that differs from the rest of the liver changes the category."
+    ),
     QC_MEASUREMENT_FAILED: "The measurement could not be completed on this series.",
 }
 
@@ -140,6 +219,10 @@ NOT_ASSESSABLE_FLAGS: tuple[str, ...] = (
     QC_ROI_MEAN_IMPLAUSIBLE,
     QC_FAITHFUL_ROBUST_DISAGREE,
     QC_LATERAL_EDGE_AT_FIELD_OF_VIEW,
+    QC_LIVER_CUT_BY_FIELD_OF_VIEW_AT_ROI,
+    QC_LIVER_NOT_ON_PATIENT_RIGHT,
+    QC_COMPONENT_NOT_LIVER_LIKE,
+    QC_ROI_DISK_CHANGES_CATEGORY,
     QC_MEASUREMENT_FAILED,
 )
 
@@ -169,6 +252,11 @@ class Measurement:
     not_assessable_reasons: list[str] = field(default_factory=list)  # the qc_flags that made it not_assessable
     spleen_hu: float | None = None
     liver_minus_spleen_hu: float | None = None
+    roi_disk_means_hu: list[float | None] = field(default_factory=list)  # per ROI disk
+    roi_disk_sds_hu: list[float | None] = field(default_factory=list)
+    roi_disk_outlier_fractions: list[float | None] = field(default_factory=list)  # vs the robust liver distribution
+    liver_right_fraction: float | None = None  # share of the liver on the patient's right of the body's midline
+    lateral_tissue_mm: list[float | None] = field(default_factory=list)  # per ROI row; None: air beyond the edge
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict."""
@@ -386,25 +474,47 @@ def eroded_mask_values(
     return np.asarray(values[box][inner], dtype=np.float64)
 
 
-def robust_mean(values: np.ndarray, clip_sd: float = ROBUST_CLIP_SD) -> float | None:
-    """Mean of the values within ``clip_sd`` robust SDs (1.4826 x MAD) of their median; None when empty."""
+@dataclass(frozen=True)
+class RobustStatistics:
+    """The liver's robust HU distribution: median, robust SD (1.4826 x MAD) and the mean of the inliers."""
+
+    median: float
+    sd: float
+    mean: float
+
+
+def robust_statistics(values: np.ndarray, clip_sd: float = ROBUST_CLIP_SD) -> RobustStatistics | None:
+    """Median, robust SD and the mean of the values within ``clip_sd`` robust SDs of the median; None when empty."""
     values = values[np.isfinite(values)]
     if values.size == 0:
         return None
     median = float(np.median(values))
     sigma = 1.4826 * float(np.median(np.abs(values - median)))
     if sigma == 0.0:
-        return median
+        return RobustStatistics(median, 0.0, median)
     inliers = values[np.abs(values - median) <= clip_sd * sigma]
-    return float(inliers.mean())
+    return RobustStatistics(median, sigma, float(inliers.mean()))
+
+
+def robust_mean(values: np.ndarray, clip_sd: float = ROBUST_CLIP_SD) -> float | None:
+    """Mean of the values within ``clip_sd`` robust SDs (1.4826 x MAD) of their median; None when empty."""
+    stats = robust_statistics(values, clip_sd)
+    return None if stats is None else stats.mean
+
+
+def _robust_liver(
+    hu: np.ndarray, liver: np.ndarray, spacing_zyx: tuple[float, float, float], box: tuple[slice, ...] | None = None
+) -> RobustStatistics | None:
+    values = eroded_mask_values(hu, _as_mask(liver), spacing_zyx, ROBUST_EROSION_MM, MIN_ROBUST_VOXELS, box)
+    return robust_statistics(values)
 
 
 def robust_parenchymal_hu(
     hu: np.ndarray, liver: np.ndarray, spacing_zyx: tuple[float, float, float], box: tuple[slice, ...] | None = None
 ) -> float | None:
     """Beyond the paper: MAD-clipped mean HU over the liver eroded by 5 mm (see the module docstring)."""
-    values = eroded_mask_values(hu, _as_mask(liver), spacing_zyx, ROBUST_EROSION_MM, MIN_ROBUST_VOXELS, box)
-    return robust_mean(values)
+    stats = _robust_liver(hu, liver, spacing_zyx, box)
+    return None if stats is None else stats.mean
 
 
 def _on_method_grid(spacing_zyx: tuple[float, float, float]) -> bool:
@@ -424,15 +534,87 @@ def _spleen(
     return float(values.mean())
 
 
-def _lateral_edge_at_field_of_view(hu: np.ndarray, edges: list[tuple[int, int, int]]) -> bool:
-    """True when, on an ROI slice, nothing like air lies between the liver's lateral edge and the image border
-    along the ROI's row: the body (and perhaps the liver) is cut by the field of view there."""
-    for z, y, x_min in edges:
-        row = np.asarray(hu[z, y, :x_min], dtype=np.float64)[::-1]  # from the liver outward
-        low = np.flatnonzero(row < AIR_BELOW_HU)
-        if low.size == 0 or row[low[0]] <= PADDING_BELOW_HU:
-            return True
-    return False
+def _field_of_view_flags(hu: np.ndarray, liver: np.ndarray, placement: _Placement, pixel_mm: float,
+                         result: Measurement) -> list[str]:
+    """The field of view beside the liver's lateral edge, on the ROI rows and slices (see ``MIN_LATERAL_TISSUE_PX``
+    and ``ROI_REACH_PX``); fills ``result.lateral_tissue_mm``."""
+    flags: list[str] = []
+    tissue = lateral_tissue_px(hu, placement.lateral_edges)
+    result.lateral_tissue_mm = [None if t is None else round(t * pixel_mm, 1) for t in tissue]
+    if any(t is not None and t < MIN_LATERAL_TISSUE_PX for t in tissue):
+        flags.append(QC_LATERAL_EDGE_AT_FIELD_OF_VIEW)
+    elif any(t is not None for t in tissue):
+        flags.append(QC_BODY_WALL_CUT_BY_FIELD_OF_VIEW)
+    if placement.lateral_edges:
+        z0 = min(z for z, _, _ in placement.lateral_edges)
+        z1 = max(z for z, _, _ in placement.lateral_edges) + 1
+        x1 = min(max(x for _, _, x in placement.lateral_edges) + ROI_REACH_PX + 1, liver.shape[2])
+        reach = (slice(z0, z1), slice(0, liver.shape[1]), slice(0, x1))
+        if _liver_cut_by_field_of_view(hu[reach], liver[reach], reach, liver.shape):
+            flags.append(QC_LIVER_CUT_BY_FIELD_OF_VIEW_AT_ROI)
+    return flags
+
+
+def _side_flags(hu: np.ndarray, liver: np.ndarray, areas: np.ndarray, placement: _Placement,
+                result: Measurement) -> list[str]:
+    """Is the component the liver on the patient's right (``imaging/anatomy.py``)? Fills
+    ``result.liver_right_fraction``."""
+    present = np.flatnonzero(areas)
+    step = max(1, present.size // 24)  # the midline from two dozen slices through the liver
+    midline = body_midline_x(hu, [int(z) for z in present[::step]], liver)
+    if midline is None:
+        return [QC_LIVER_SIDE_NOT_CHECKED]
+    result.liver_right_fraction = round(right_fraction(liver, midline, [int(z) for z in present]), 3)
+    if result.liver_right_fraction < MIN_RIGHT_FRACTION:
+        return [QC_LIVER_NOT_ON_PATIENT_RIGHT]
+    gap = wall_gap_fraction(hu, placement.lateral_edges, midline)
+    if gap is not None and gap > MAX_WALL_GAP_FRACTION:
+        return [QC_COMPONENT_NOT_LIVER_LIKE]
+    return []
+
+
+def _orientation_flags(orientation: PatientOrientation | None) -> list[str]:
+    if orientation is None:
+        return []
+    flags = [] if orientation.known else [QC_ORIENTATION_UNKNOWN]
+    if orientation.supine is False:
+        flags.append(QC_PATIENT_NOT_SUPINE)
+    return flags
+
+
+def _disk_flags(disk_values: list[np.ndarray], liver_stats: RobustStatistics | None, result: Measurement,
+                settings: MeasurementSettings) -> list[str]:
+    """Per ROI disk: mean, SD and the fraction of outlier pixels against the liver's robust distribution; a disk
+    unlike the liver is reported, and withheld when the category without it differs (``roi_disk_changes_category``).
+    """
+    means: list[float | None] = []
+    sds: list[float | None] = []
+    outliers: list[float | None] = []
+    unlike: list[bool] = []
+    for values in disk_values:
+        if values.size == 0 or liver_stats is None:
+            means.append(None)
+            sds.append(None)
+            outliers.append(None)
+            unlike.append(False)
+            continue
+        mean = float(values.mean())
+        sigma = max(liver_stats.sd, MIN_LIVER_SD_HU)
+        fraction = float(np.count_nonzero(np.abs(values - liver_stats.median) > DISK_OUTLIER_SD * sigma)) / values.size
+        means.append(round(mean, 2))
+        sds.append(round(float(values.std(ddof=1)), 2) if values.size > 1 else 0.0)
+        outliers.append(round(fraction, 4))
+        unlike.append(fraction > settings.max_roi_disk_outlier_fraction
+                      or abs(mean - liver_stats.mean) > settings.max_roi_disk_difference_hu)
+    result.roi_disk_means_hu, result.roi_disk_sds_hu, result.roi_disk_outlier_fractions = means, sds, outliers
+    if not any(unlike) or result.dl_parenchymal_hu is None or liver_stats is None:
+        return []
+    kept = [v for v, bad in zip(disk_values, unlike, strict=True) if not bad and v.size]
+    without = float(np.concatenate(kept).mean()) if kept else liver_stats.mean
+    threshold = settings.threshold_hu
+    if (result.dl_parenchymal_hu < threshold) != (without < threshold):
+        return [QC_ROI_DISK_UNLIKE_LIVER, QC_ROI_DISK_CHANGES_CATEGORY]
+    return [QC_ROI_DISK_UNLIKE_LIVER]
 
 
 def _liver_cut_by_field_of_view(hu_box: np.ndarray, liver_box: np.ndarray, box: tuple[slice, ...],
@@ -482,12 +664,15 @@ def measure(
     spleen: np.ndarray | None = None,
     settings: MeasurementSettings | None = None,
     interpolated_slices: Collection[int] = (),
+    orientation: PatientOrientation | None = None,
 ) -> tuple[Measurement, np.ndarray]:
     """Measure liver attenuation on a (z, y, x) HU volume and liver mask on the method grid.
 
     Returns the Measurement (faithful DL-parenchymal and DL-volumetric values, category, and the node's QC, robust
     and spleen values beside them) and the ROI mask (uint8, same shape). ``interpolated_slices``: method-grid
     slices interpolated across a gap in the source slices (flagged when an ROI slice is one of them).
+    ``orientation``: what the image's header said of its orientation (flagged when it said nothing, or that the
+    patient was not supine); the side of the liver is checked on the anatomy whatever it says.
     """
     if settings is None:
         from lpm_node.core.config import MeasurementSettings
@@ -514,6 +699,7 @@ def measure(
         flags.append(QC_NO_LIVER)
         if not _on_method_grid(spacing):
             flags.append(QC_OFF_METHOD_GRID)
+        flags += _orientation_flags(orientation)
         if spleen is not None:
             result.spleen_hu = _spleen(hu, spleen, spacing, flags)
         _categorise(result, settings)
@@ -544,7 +730,8 @@ def measure(
     liver_box = liver[box]
     hu_box = hu[box]
     result.dl_volumetric_hu = float(hu_box[liver_box].astype(np.float64).mean())
-    result.robust_parenchymal_hu = robust_parenchymal_hu(hu, liver, spacing, box)
+    liver_stats = _robust_liver(hu, liver, spacing, box)
+    result.robust_parenchymal_hu = None if liver_stats is None else liver_stats.mean
     if roi_values.size:
         result.dl_parenchymal_hu = float(roi_values.mean())
         result.roi_sd_hu = float(roi_values.std(ddof=1)) if roi_values.size > 1 else 0.0
@@ -575,8 +762,10 @@ def measure(
         and abs(result.dl_parenchymal_hu - result.robust_parenchymal_hu) > settings.max_faithful_robust_difference_hu
     ):
         flags.append(QC_FAITHFUL_ROBUST_DISAGREE)
-    if _lateral_edge_at_field_of_view(hu, placement.lateral_edges):
-        flags.append(QC_LATERAL_EDGE_AT_FIELD_OF_VIEW)
+    flags += _disk_flags(disk_values, liver_stats, result, settings)
+    flags += _field_of_view_flags(hu, liver, placement, spacing[2], result)
+    flags += _side_flags(hu, liver, areas, placement, result)
+    flags += _orientation_flags(orientation)
     if result.roi_in_liver_fraction is not None and result.roi_in_liver_fraction < 1.0:
         flags.append(QC_ROI_OUTSIDE_LIVER)
     flags += _cut_flags(areas, placement.k)

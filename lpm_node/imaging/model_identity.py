@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -24,13 +22,3 @@ class ModelIdentity:
     def as_dict(self) -> dict[str, object]:
         """JSON-ready."""
         return asdict(self)
-
-
-def file_sha256(*paths: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 over the bytes of the given files, in the order given."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()

@@ -3,6 +3,7 @@
 A model folder is what ``nnUNetv2_train`` leaves in ``nnUNet_results/DatasetXXX/Trainer__Plans__Config``:
 ``dataset.json``, ``plans.json`` and ``fold_N/<checkpoint>``. A label profile says which label numbers of the
 model are the liver and the spleen (``lpm_node/imaging/profiles/*.toml``, or any TOML file of the same form).
+nnU-Net v1 result folders (the published method's models) are recognised here and handled in ``segmentation_v1``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from lpm_node.core.config import ModelSettings
-from lpm_node.imaging.model_identity import ModelIdentity, file_sha256
+from lpm_node.core.files import file_checksum
+from lpm_node.imaging.model_identity import ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +194,8 @@ def infer_profile(model_labels: dict[str, int]) -> str:
 TEST_MODEL_MARKER = "lpm_node"  # dataset.json key: {"test_model": true} marks a model never for clinical use
 NO_MODEL_MESSAGE = (
     "no segmentation model configured: set [model] folder in the settings file (--config) to an nnU-Net v2 model "
-    "folder, or pass --model FOLDER; --demo-model uses the bundled phantom-trained test model, which is never for "
-    "clinical use"
+    "folder or an nnU-Net v1 result folder, or pass --model FOLDER; --demo-model uses the bundled phantom-trained "
+    "test model, which is never for clinical use"
 )
 
 
@@ -218,6 +220,8 @@ class ModelInfo:
     warnings: list[str] = field(default_factory=list)
     name: str = ""  # dataset.json "name", else the dataset folder's name
     test_model: bool = False  # dataset.json says {"lpm_node": {"test_model": true}}: never for clinical use
+    nnunet_version: str = "v2"  # "v1": an nnU-Net v1 result folder (lpm_node.imaging.segmentation_v1)
+    task: str = ""  # v1: the task folder's name (e.g. "Task521_Liver")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,8 +258,9 @@ def verify_model_folder(
     checkpoint: str = "checkpoint_final.pth",
     load_weights: bool = True,
 ) -> ModelInfo:
-    """Check that ``folder`` is a loadable nnU-Net v2 model for a label profile; raises SegmentationError.
+    """Check that ``folder`` is a loadable nnU-Net model for a label profile; raises SegmentationError.
 
+    An nnU-Net v1 result folder (or RESULTS_FOLDER tree) is checked by ``segmentation_v1.verify_v1_folder``.
     ``profile`` None or empty: inferred from the labels. ``folds`` None: every ``fold_N`` holding ``checkpoint``.
     With ``load_weights`` the network is built from the plans and the weights are loaded into it (strict).
     """
@@ -264,6 +269,11 @@ def verify_model_folder(
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise SegmentationError(f"model folder not found: {path}")
+    if not (path / "dataset.json").is_file() or not (path / "plans.json").is_file():
+        from lpm_node.imaging.segmentation_v1 import find_v1_model_folder, verify_v1_folder
+
+        if find_v1_model_folder(path) is not None:
+            return verify_v1_folder(path, profile, folds=folds, checkpoint=checkpoint, load_weights=load_weights)
     dataset = _read_json(path / "dataset.json", "dataset.json")
     model_labels = _model_labels(dataset, path / "dataset.json")
     channels = dataset.get("channel_names") or dataset.get("modality")
@@ -349,11 +359,15 @@ def verify_model_folder(
 
 def model_identity(info: ModelInfo) -> ModelIdentity:
     """Name, version and weights checksum of a verified model folder (the checkpoints of the folds used)."""
+    if info.nnunet_version == "v1":
+        from lpm_node.imaging.segmentation_v1 import v1_model_identity
+
+        return v1_model_identity(info)
     folder = Path(info.folder)
     checkpoints = [folder / f"fold_{fold}" / info.checkpoint for fold in info.folds]
     version = (f"nnU-Net v2 {info.configuration}, {info.trainer_name}, {info.plans_name}, "
                f"fold {','.join(info.folds)}, {info.checkpoint}")
-    return ModelIdentity(name=info.name, version=version, weights_sha256=file_sha256(*checkpoints),
+    return ModelIdentity(name=info.name, version=version, weights_sha256=file_checksum(*checkpoints),
                          test_model=info.test_model)
 
 
@@ -548,8 +562,12 @@ def load_segmenter(settings: ModelSettings) -> Segmenter:
         if key not in _CACHE:
             info = verify_model_folder(folder, settings.profile or None, folds=list(settings.folds),
                                        checkpoint=settings.checkpoint, load_weights=False)
-            _CACHE[key] = NnUNetSegmenter(info, device, settings.threads, mirroring=mirroring,
-                                          resampling=resampling)
+            segmenter_class = NnUNetSegmenter
+            if info.nnunet_version == "v1":
+                from lpm_node.imaging.segmentation_v1 import NnUNetV1Segmenter
+
+                segmenter_class = NnUNetV1Segmenter
+            _CACHE[key] = segmenter_class(info, device, settings.threads, mirroring=mirroring, resampling=resampling)
             # The model and its libraries live as long as the process: keep their objects out of every
             # later garbage collection (a full one otherwise costs ~0.3 s in the middle of a series load).
             gc.freeze()
@@ -569,29 +587,3 @@ def _grid_like(image: sitk.Image, spacing_xyz: tuple[float, ...]) -> sitk.Image:
     grid.SetDirection(image.GetDirection())
     grid.SetOrigin([float(v) for v in corner + direction @ (0.5 * sp_out)])
     return grid
-
-
-# ---------------------------------------------------------------------------------------------------- the CLI
-
-
-def _by_value(item: tuple[str, int]) -> int:
-    return item[1]
-
-
-def _format_info(info: ModelInfo) -> str:
-    lines = [
-        f"model folder:   {info.folder}",
-        f"configuration:  {info.configuration} (trainer {info.trainer_name}, plans {info.plans_name})",
-        f"folds:          {', '.join(info.folds)} ({info.checkpoint}, {info.checkpoint_mb} MB)",
-        "expected spacing (z, y, x): " + " x ".join(f"{s:g}" for s in info.spacing_zyx_mm) + " mm",
-        "patch size (z, y, x): " + " x ".join(str(s) for s in info.patch_size),
-        f"input channels: {', '.join(info.channel_names)}",
-        "model labels:   " + ", ".join(f"{k} = {v}" for k, v in sorted(info.model_labels.items(), key=_by_value)),
-        f"profile:        {info.profile}",
-        "labels used:    " + ", ".join(f"{k} = {v}" for k, v in info.labels.items()),
-    ]
-    if info.parameters:
-        lines.append(f"parameters:     {info.parameters:,}")
-    lines += [f"warning: {w}" for w in info.warnings]
-    lines.append("OK: loadable nnU-Net v2 model")
-    return "\n".join(lines)

@@ -24,10 +24,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Association, Instance, Job, Series, SeriesDecision, as_utc, utcnow
+from lpm_node.core.files import file_checksum
 from lpm_node.core.states import REOPENABLE_SERIES_STATUSES, AssociationOutcome, JobStatus, SeriesStatus
 from lpm_node.intake.geometry import contiguity, read_slices
 from lpm_node.intake.header import CannotUnderstand, Header, read_header
-from lpm_node.intake.spool import Spool, file_checksum
+from lpm_node.intake.spool import Spool
 
 LOG = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ component is a UID that passed :func:`is_valid_uid`; nothing a peer sent is used
 Transfers in progress are written to ``<spool>/.incoming`` (same file system); :meth:`Spool.adopt`
 then syncs the file, renames it to its final name and syncs the folder. Once it returns, the
 instance survives a crash. Each instance's SHA-256 is returned so that it can be recorded at
-receipt and checked before measurement (:func:`verify_checksum`).
+receipt and checked before measurement (:func:`lpm_node.intake.integrity.verify_series_files`).
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ import hashlib
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
-
-from lpm_node.core.files import atomic_write, fsync_folder
+from lpm_node.core.files import file_checksum, fsync_folder
 from lpm_node.intake.header import is_valid_uid
 
 LOG = logging.getLogger(__name__)
@@ -32,28 +29,10 @@ TMP_SUFFIX = ".tmp"
 STALE_TEMPORARY_SECONDS = 120.0  # a temporary file untouched this long belongs to no transfer in progress
 INCOMING_DIR = ".incoming"  # where transfers in progress are written (same file system as the spool)
 DICOM_SUFFIX = ".dcm"
-IMPLEMENTATION_VERSION_NAME = "LPM_NODE_01"
-
-
-def file_checksum(path: str | Path) -> str:
-    """SHA-256 of a file, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fp:
-        while chunk := fp.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ChecksumMismatch(Exception):
     """A spooled file no longer has the checksum recorded when it was received."""
-
-
-def verify_checksum(path: str | Path, expected: str | None) -> None:
-    """Raise :class:`ChecksumMismatch` when ``path``'s SHA-256 differs from ``expected`` (skipped when none was
-    recorded)."""
-    if expected and (actual := file_checksum(path)) != expected:
-        raise ChecksumMismatch(f"checksum mismatch in spooled file {Path(path).name}: recorded {expected[:12]}…, "
-                               f"now {actual[:12]}…")
 
 
 class SpoolFull(Exception):
@@ -69,39 +48,6 @@ class StoredInstance:
     duplicate: bool
     sync_s: float = 0.0  # time spent making it durable (fdatasync + folder fsync)
     checksum: str = ""  # SHA-256 of the file, hex
-
-
-def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian element (short form: 2-byte length; OB: 4-byte length)."""
-    if vr == b"OB":
-        return struct.pack("<HH2s2xI", group, elem, vr, len(value)) + value
-    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str = "") -> bytes:
-    """The 128-byte preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1), encoded directly.
-
-    All values are validated UIDs or an AE title, so the few bytes are built here rather than
-    through a pydicom Dataset (which costs more than the rest of the per-instance CPU work).
-    """
-    ae = "".join(c for c in source_ae if 32 <= ord(c) < 127 and c != "\\").strip()[:16]
-    body = b"".join(
-        [
-            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
-            _element(0x0002, 0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
-            _element(0x0002, 0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
-            _element(0x0002, 0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
-            _element(0x0002, 0x0012, b"UI", _padded(PYDICOM_IMPLEMENTATION_UID, b"\x00")),
-            _element(0x0002, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
-        ]
-        + ([_element(0x0002, 0x0016, b"AE", _padded(ae, b" "))] if ae else [])
-    )
-    return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 class Spool:
@@ -238,34 +184,6 @@ class Spool:
         for path in reversed(created):
             fsync_folder(path.parent)
         self._known_dirs.add(folder)
-
-    def store(
-        self,
-        study_uid: str,
-        series_uid: str,
-        sop_uid: str,
-        chunks: list[bytes | bytearray | memoryview],
-    ) -> StoredInstance:
-        """Write ``chunks`` (preamble + meta + dataset) durably as the instance's file.
-
-        An instance already in the spool is not written again (``duplicate=True``).
-        Raises :class:`SpoolFull` before writing anything when space or quota is short.
-        """
-        final = self.instance_path(study_uid, series_uid, sop_uid)
-        if final.exists():
-            return StoredInstance(final, final.stat().st_size, True, checksum=file_checksum(final))
-        size = sum(len(c) for c in chunks)
-        self.check_space(size)
-        self._ensure_dir(final.parent)
-        t_write = time.perf_counter()
-        atomic_write(final, chunks, make_parents=False)
-        write_s = time.perf_counter() - t_write
-        with self._lock:
-            self._used += size
-        digest = hashlib.sha256()
-        for chunk in chunks:
-            digest.update(chunk)
-        return StoredInstance(final, size, False, write_s, digest.hexdigest())
 
     def adopt(self, received: Path, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
         """Make a fully received file (in :attr:`incoming`) the instance's durable spool file.

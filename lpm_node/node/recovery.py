@@ -31,8 +31,9 @@ NOT_RERUNNABLE = {
 }
 
 
-def rerun_series(session: Session, series_uid: str, command: str) -> tuple[bool, str]:
-    """Put one series back to ``complete`` so that it is evaluated and measured again; audited. (done, why)."""
+def rerun_series(session: Session, series_uid: str, command: str, user: str | None = None) -> tuple[bool, str]:
+    """Put one series back to ``complete`` so that it is evaluated and measured again; audited (as ``user`` when
+    given, else the login running this). (done, why)."""
     row = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).first()
     if row is None:
         outcome = (False, "no such series")
@@ -40,10 +41,11 @@ def rerun_series(session: Session, series_uid: str, command: str) -> tuple[bool,
         outcome = (False, f"not re-run: {NOT_RERUNNABLE[SeriesStatus(row.status)]}")
     else:
         was = row.status
-        record_decision(session, row, SeriesStatus.COMPLETE, f"re-run requested by the operator (was {was}: "
+        who = f" {user}" if user else ""
+        record_decision(session, row, SeriesStatus.COMPLETE, f"re-run requested by the operator{who} (was {was}: "
                         f"{row.reason})")
         outcome = (True, f"re-queued (was {was})")
-    record_operator_action(session, command, series_uid, outcome[1])
+    record_operator_action(session, command, series_uid, outcome[1], user=user)
     return outcome
 
 

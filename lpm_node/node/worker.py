@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer.sending import enqueue_results, result_destinations
-from lpm_node.core.audit import Delivery, Job, Series, utcnow
+from lpm_node.core.audit import Delivery, Job, Series, measuring_suspended, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.core.states import JobStatus, SeriesStatus
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
@@ -135,6 +135,8 @@ class Worker:
         none to run. A job engine's job whose row is still ``running`` was cut short elsewhere: that start counts."""
         with self.sessions() as session:
             if job_id is None:
+                if measuring_suspended(session):  # an operator suspended measuring: queued jobs wait
+                    return None
                 job = session.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.id)
                                       .limit(1)).first()
             else:
@@ -202,9 +204,8 @@ class Worker:
         paths = self.spool.series_files(job.study_instance_uid, job.series_instance_uid)
         if not paths:
             raise FileNotFoundError(f"no spooled files for series {job.series_instance_uid}")
-        verify_series_files(self.sessions, paths)
-        segmenter = self.segmenter
-        result = analyse_series(paths, self.settings, segmenter)
+        checksums = verify_series_files(self.sessions, paths)
+        result = analyse_series(paths, self.settings, self.segmenter, checksums)
         folder = self.outbox_path / job.series_instance_uid
         predecessor = self._previous_sr(job.series_instance_uid, folder)
         if folder.exists():  # an earlier run: its files are replaced by this one
