@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -155,11 +156,17 @@ def test_a_start_removes_only_temporaries_no_transfer_is_writing(tmp_path):
     """The data folder may be shared: a process starting (any role) must not delete the temporaries another
     receiver is writing now, only those left untouched by an interrupted write."""
     spool = Spool(tmp_path / "spool")
-    live = spool.incoming / "tmp-live.dcm"
+    other = spool.incoming.parent / "other-host-42"  # another machine's receiver, writing now
+    other.mkdir()
+    live = other / "tmp-live.dcm"
     live.write_bytes(b"x" * 100)
     left = spool.incoming / "tmp-left.dcm"
     left.write_bytes(b"y" * 100)
     old = time.time() - STALE_TEMPORARY_SECONDS - 5
     os.utime(left, (old, old))
+    crashed = spool.incoming.parent / f"{socket.gethostname()}-99999999"  # a process of this machine, gone
+    crashed.mkdir()
+    (crashed / "tmp-cut.dcm").write_bytes(b"z" * 100)
     Spool(tmp_path / "spool")  # another process starts on the same folder
     assert live.exists() and not left.exists()
+    assert not crashed.exists()  # its writer is gone: removed at once
