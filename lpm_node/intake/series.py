@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Association, Instance, Job, Series, SeriesDecision, as_utc, utcnow
@@ -82,13 +82,14 @@ def reconcile_spool(sessions: sessionmaker, spool: Spool, tries: int = 5) -> int
     """Index spooled instances that have no audit row (written just before a crash); returns how many.
 
     Receivers sharing the data folder index their own instances meanwhile: when one of them indexed an instance
-    first, this pass is rolled back and made again (up to ``tries`` times).
+    first (or the two deadlocked), this pass is rolled back and made again (up to ``tries`` times).
     """
     for _ in range(tries - 1):
         try:
             return _reconcile_once(sessions, spool)
-        except IntegrityError:
-            LOG.info("another receiver indexed a spooled instance meanwhile; indexing the spool again")
+        except (IntegrityError, OperationalError) as exc:  # a duplicate, or a deadlock with that receiver
+            LOG.info("another receiver indexed spooled instances meanwhile (%s); indexing the spool again",
+                     type(getattr(exc, "orig", exc)).__name__)
     return _reconcile_once(sessions, spool)
 
 
