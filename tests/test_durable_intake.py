@@ -3,7 +3,9 @@ and each spooled file is checked against the checksum recorded at receipt."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from lpm_node.core.config import Settings
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.intake.integrity import verify_series_files
 from lpm_node.intake.listener import Listener
-from lpm_node.intake.spool import ChecksumMismatch, Spool
+from lpm_node.intake.spool import STALE_TEMPORARY_SECONDS, ChecksumMismatch, Spool
 from tests.support_net import REPO, NodeProcess, echoscu, free_port, have_dcmtk, storescu
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed")
@@ -148,3 +150,23 @@ def test_spool_adopt_is_durable_and_keeps_duplicates(tmp_path):
     again.write_bytes(b"y" * 10)
     assert spool.adopt(again, "1.2.3", "1.2.3.4", "1.2.3.4.5").duplicate
     assert stored.path.read_bytes() == b"x" * 1000
+
+
+def test_a_start_removes_only_temporaries_no_transfer_is_writing(tmp_path):
+    """The data folder may be shared: a process starting (any role) must not delete the temporaries another
+    receiver is writing now, only those left untouched by an interrupted write."""
+    spool = Spool(tmp_path / "spool")
+    other = spool.incoming.parent / "other-host-42"  # another machine's receiver, writing now
+    other.mkdir()
+    live = other / "tmp-live.dcm"
+    live.write_bytes(b"x" * 100)
+    left = spool.incoming / "tmp-left.dcm"
+    left.write_bytes(b"y" * 100)
+    old = time.time() - STALE_TEMPORARY_SECONDS - 5
+    os.utime(left, (old, old))
+    crashed = spool.incoming.parent / f"{socket.gethostname()}-99999999"  # a process of this machine, gone
+    crashed.mkdir()
+    (crashed / "tmp-cut.dcm").write_bytes(b"z" * 100)
+    Spool(tmp_path / "spool")  # another process starts on the same folder
+    assert live.exists() and not left.exists()
+    assert not crashed.exists()  # its writer is gone: removed at once

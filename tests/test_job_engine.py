@@ -15,7 +15,7 @@ from pydicom import dcmread
 from lpm_node.answer.sending import KINDS
 from lpm_node.demo.orthanc import orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
-from tests.support_net import REPO, NodeProcess, free_port, have_dcmtk, storescu
+from tests.support_net import DATABASE_ERRORS, REPO, NodeProcess, free_port, have_dcmtk, storescu
 
 pytestmark = [
     pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed"),
@@ -84,8 +84,8 @@ def test_contract_one_process_measures_once_and_delivers_once(tmp_path, orthanc,
 
 
 def _serve(data: Path, role: str, config: Path, database_url: str, port: int = 0,
-           extra: list[str] | None = None) -> NodeProcess:
-    node = NodeProcess(data, port=port or free_port(), stable_seconds=1, config=config, measure=role != "receiver",
+           extra: list[str] | None = None, stable: float = 1.0) -> NodeProcess:
+    node = NodeProcess(data, port=port or free_port(), stable_seconds=stable, config=config, measure=role != "receiver",
                        database_url=database_url, extra=[*(extra or []), "--role", role],
                        ready_by_echo=role in ("receiver", "all"))
     if role in ("receiver", "all"):
@@ -105,8 +105,11 @@ def _start_without_port(node: NodeProcess, timeout: float = 120) -> NodeProcess:
         node.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if node.query("SELECT id FROM role_heartbeats WHERE pid = ? AND stopped_at IS NULL", (node.proc.pid,)):
-            return node
+        try:
+            if node.query("SELECT id FROM role_heartbeats WHERE pid = ? AND stopped_at IS NULL", (node.proc.pid,)):
+                return node
+        except DATABASE_ERRORS:  # the first process to start may still be creating the tables
+            pass
         assert node.proc.poll() is None, node.log()
         time.sleep(0.2)
     node.kill()
@@ -214,3 +217,57 @@ def test_series_split_over_two_receivers_completes_once_and_receivers_share_a_po
     finally:
         for node in (first, second, other):
             node.kill()
+
+
+def _measuring(node: NodeProcess, timeout: float = 0) -> list[tuple[int, int, int]]:
+    """(job id, start, pid of the worker process measuring it) of each running job, from its latest start in the audit
+    (waits up to ``timeout`` seconds for one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = []
+        for job in node.query("SELECT id, attempts, series_instance_uid FROM jobs WHERE status = 'running'"):
+            reasons = [r["reason"] for r in node.query(
+                "SELECT reason FROM series_decisions WHERE series_instance_uid = ? AND status = 'processing' "
+                "ORDER BY id", (job["series_instance_uid"],))]
+            start = f"measuring (job {job['id']}, start {job['attempts']}) in "
+            if reasons and reasons[-1].startswith(start):
+                running.append((job["id"], job["attempts"], int(reasons[-1].rsplit(":", 1)[1])))
+        if running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.2)
+
+
+def test_orderly_stop_mid_job_gives_the_job_to_another_worker_at_once(tmp_path, orthanc, chest, postgres):
+    """SIGTERM a worker while it measures: past ``stop_grace_seconds`` its job goes back to the queue, uncounted,
+    and the other worker starts it at once (not once the stopped one's heartbeat lapsed: 60 s here)."""
+    url = postgres.new_database()
+    config = _roles_config(tmp_path, orthanc, heartbeat_seconds=0.5, stalled_after_seconds=60.0,
+                           stop_grace_seconds=0.2)
+    data = tmp_path / "shared"
+    uid = _uid(chest)
+    workers = [_serve(data, "worker", config, url) for _ in range(2)]
+    receiver = _serve(data, "receiver", config, url)
+    sender = _serve(data, "sender", config, url)
+    try:
+        _sent(chest, receiver.port)
+        [(job_id, start, pid)] = _measuring(receiver, timeout=120)
+        assert start == 1
+        [busy] = [w for w in workers if w.proc.pid == pid]
+        [other] = [w for w in workers if w is not busy]
+        stopped_at = time.monotonic()
+        assert busy.stop(timeout=30) == 0
+        taken = receiver.wait_rows("SELECT * FROM jobs WHERE id = ? AND attempts = 2", (job_id,), timeout=30)
+        assert taken and time.monotonic() - stopped_at < 30, receiver.query("SELECT * FROM jobs")
+        assert "given back to the job engine's queue" in busy.log()
+        receiver.wait_series_status(uid, ["done"], timeout=300)
+        _delivered(receiver, uid)
+        [job] = receiver.query("SELECT * FROM jobs")
+        assert (job["status"], job["attempts"], job["stopped_starts"]) == ("done", 2, 1)
+        assert f"job {job['id']} series {uid}" in other.log()
+        engine = receiver.query("SELECT status, attempts FROM procrastinate_jobs WHERE id = ?",
+                                (job["engine_job_id"],))
+        assert [tuple(r) for r in engine] == [("succeeded", 2)]
+    finally:
+        for node in (*workers, receiver, sender):
+            node.kill()
+    assert len(orthanc.instances()) == len(KINDS)

@@ -153,6 +153,21 @@ def test_one_series_per_study_prefers_soft_kernel_and_waits_for_siblings(small_p
         assert len(s.scalars(select(Job)).all()) == 1
 
 
+def test_every_job_queued_in_one_round_is_handed_on(small_phantom, tmp_path, audit_sessions):
+    """Several studies completing together: each new job reaches ``on_queued`` (the job engine defers it there),
+    not only the last one (each study's queries flush the jobs queued before)."""
+    sessions = audit_sessions
+    spool = Spool(tmp_path / "spool")
+    uids = [_spool_series(spool, sessions, write_ct_series(small_phantom, tmp_path / f"s{i}", patient_id=f"P{i}",
+                                                           study_uid=f"1.2.3.4.5.6.8.{i}")) for i in range(3)]
+    handed: list[str] = []
+    engine = RuleEngine(sessions, spool, RULES, on_queued=lambda _session, job: handed.append(job.series_instance_uid))
+    assert sorted(engine.run_once()) == sorted(uids)
+    assert sorted(handed) == sorted(uids)
+    with sessions() as s:
+        assert sorted(s.scalars(select(Job.series_instance_uid))) == sorted(uids)
+
+
 def test_better_series_replaces_a_queued_job(small_phantom, tmp_path, audit_sessions):
     sessions = audit_sessions
     spool = Spool(tmp_path / "spool")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Job, Series, utcnow
@@ -403,6 +403,13 @@ class RuleEngine:
         """Evaluate every complete series, then select per study; returns the newly queued series UIDs."""
         queued: list[str] = []
         with self.sessions() as session:
+            new_jobs: list[Job] = []  # noted as they are added: each study's queries flush the ones before
+
+            @event.listens_for(session, "transient_to_pending")
+            def note_job(_session: Session, row: object) -> None:
+                if isinstance(row, Job):
+                    new_jobs.append(row)
+
             complete = list(session.scalars(select(Series).where(Series.status == SeriesStatus.COMPLETE)))
             studies = set()
             for row in complete:
@@ -420,7 +427,6 @@ class RuleEngine:
                 uid = select_for_study(session, study_uid)
                 if uid:
                     queued.append(uid)
-            new_jobs = [row for row in session.new if isinstance(row, Job)]
             session.flush()
             if self.on_queued is not None:
                 for job in new_jobs:

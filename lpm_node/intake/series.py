@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Association, Instance, Job, Series, SeriesDecision, as_utc, utcnow
@@ -77,12 +78,25 @@ def _read_header(path: Path) -> Header | None:
         return None
 
 
-def reconcile_spool(sessions: sessionmaker, spool: Spool) -> int:
+def reconcile_spool(sessions: sessionmaker, spool: Spool, tries: int = 5) -> int:
     """Index spooled instances that have no audit row (written just before a crash); returns how many.
 
-    Their series get ``last_received_at`` = the file's modification time and status ``receiving``
-    (or keep theirs), so they complete and are evaluated like any other.
+    Receivers sharing the data folder index their own instances meanwhile: when one of them indexed an instance
+    first (or the two deadlocked), this pass is rolled back and made again (up to ``tries`` times).
     """
+    for _ in range(tries - 1):
+        try:
+            return _reconcile_once(sessions, spool)
+        except (IntegrityError, OperationalError) as exc:  # a duplicate, or a deadlock with that receiver
+            LOG.info("another receiver indexed spooled instances meanwhile (%s); indexing the spool again",
+                     type(getattr(exc, "orig", exc)).__name__)
+    return _reconcile_once(sessions, spool)
+
+
+def _reconcile_once(sessions: sessionmaker, spool: Spool) -> int:
+    """One pass of :func:`reconcile_spool`: the series of the instances it indexes get ``last_received_at`` =
+    the file's modification time and status ``receiving`` (or keep theirs), so they complete and are
+    evaluated like any other."""
     added = 0
     with sessions() as session:
         known = set(session.scalars(select(Instance.path)))

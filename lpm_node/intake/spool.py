@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,12 +27,31 @@ from lpm_node.intake.header import is_valid_uid
 LOG = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
+STALE_TEMPORARY_SECONDS = 120.0  # a temporary untouched this long belongs to no transfer in progress (another
+# machine's; those of this machine's ended processes are removed at once)
 INCOMING_DIR = ".incoming"  # where transfers in progress are written (same file system as the spool)
 DICOM_SUFFIX = ".dcm"
 
 
 class ChecksumMismatch(Exception):
     """A spooled file no longer has the checksum recorded when it was received."""
+
+
+def _writer_gone(folder: Path, incoming: Path) -> bool:
+    """Whether ``folder`` is the incoming folder of a process of this machine that no longer runs (its
+    temporaries are left over by a crash; those of other machines' processes age out instead)."""
+    if folder.parent != incoming:
+        return False
+    host, _, pid = folder.name.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 class SpoolFull(Exception):
@@ -71,9 +91,9 @@ class Spool:
 
     @property
     def incoming(self) -> Path:
-        """Folder for transfers in progress (emptied at start)."""
-        folder = self.root / INCOMING_DIR
-        folder.mkdir(exist_ok=True)
+        """Folder for this process's transfers in progress (one per process: the data folder may be shared)."""
+        folder = self.root / INCOMING_DIR / f"{socket.gethostname()}-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     def check_writable(self) -> None:
@@ -220,17 +240,27 @@ class Spool:
             self._used += size
         return StoredInstance(final, size, False, sync_s, digest.hexdigest())
 
-    def remove_stale_temporaries(self) -> int:
-        """Delete temporary files left by an interrupted write; returns how many."""
+    def remove_stale_temporaries(self, untouched_s: float = STALE_TEMPORARY_SECONDS) -> int:
+        """Delete temporary files left by an interrupted write (untouched for ``untouched_s`` seconds: the data folder
+        may be shared, and another process's transfers in progress are written there now); returns how many."""
         count = 0
+        now = time.time()
+        incoming = self.root / INCOMING_DIR
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
-                if name.endswith(TMP_SUFFIX) or os.path.basename(dirpath) == INCOMING_DIR:
+                folder = Path(dirpath)
+                if name.endswith(TMP_SUFFIX) or folder == incoming or folder.parent == incoming:
+                    path = os.path.join(dirpath, name)
                     try:
-                        os.unlink(os.path.join(dirpath, name))
+                        if not _writer_gone(folder, incoming) and now - os.stat(path).st_mtime < untouched_s:
+                            continue
+                        os.unlink(path)
                         count += 1
                     except OSError:
                         pass
+        for folder in incoming.iterdir() if incoming.is_dir() else []:
+            if folder.is_dir() and _writer_gone(folder, incoming):
+                shutil.rmtree(folder, ignore_errors=True)
         if count:
             LOG.info("removed %d incomplete temporary file(s) from the spool", count)
         return count

@@ -12,6 +12,9 @@ engine runs it (procrastinate: PostgreSQL only, jobs in the same database):
 - each worker process sends a heartbeat (procrastinate's ``procrastinate_workers``); the job of a worker whose
   heartbeat lapsed (``stalled_after_seconds``) is taken over by another worker. Such starts count as crashes in
   the ``jobs`` row: the third is the last (the job fails with its reason);
+- an orderly stop with a measurement still running after ``stop_grace_seconds`` gives its job back
+  (:meth:`JobEngine.hand_back`): the ``jobs`` row and the procrastinate job are queued again at once, so another
+  worker starts it now, not once this process's heartbeat lapsed; the run left behind never reports;
 - deliveries: one ``deliver`` task at a time in the whole system (lock ``outbox``) sends what is due in the outbox
   (the same :class:`~lpm_node.answer.sending.Sender` with its backoff); it is deferred when results are queued and
   every few seconds by the sender processes.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 
 import procrastinate
 from procrastinate.exceptions import AlreadyEnqueued
@@ -32,7 +35,7 @@ from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import OperationalError as DatabaseGone
 from sqlalchemy.orm import Session
 
-from lpm_node.core.audit import Job
+from lpm_node.core.audit import Job, utcnow
 
 LOG = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ class JobEngine:
         self._deferrer = procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=self.conninfo))
         self._deferrer_lock = threading.Lock()
         self._deferrer_open = False
+        self._handed_back: set[int] = set()  # ``jobs`` ids given back at an orderly stop: their runs never report
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: EngineWorker | None = None
         self._stopping: asyncio.Event | None = None
@@ -119,6 +123,8 @@ class JobEngine:
         def measure(job_id: int) -> None:
             assert self.measure is not None
             self.measure(job_id)
+            if job_id in self._handed_back:  # queued again by an orderly stop: reporting "succeeded" now would
+                threading.Event().wait()  # end the job another worker runs; the process ends around this thread
 
         @self.app.task(name=DELIVER_TASK, queue=DELIVERY_QUEUE, retry=RETRY)
         def deliver() -> None:
@@ -129,15 +135,38 @@ class JobEngine:
     def defer_delivery(self) -> bool:
         """Ask for a delivery run (one waits at most: a second request while one waits is dropped)."""
         with self._deferrer_lock:
-            if not self._deferrer_open:
-                self._deferrer.open()
-                self._deferrer_open = True
+            self._open_deferrer()
             try:
                 self._deferrer.configure_task(DELIVER_TASK, queue=DELIVERY_QUEUE, lock="outbox",
                                               queueing_lock="outbox").defer()
             except AlreadyEnqueued:
                 return False
         return True
+
+    def hand_back(self, running: Collection[int], release: Callable[[], Sequence[Job]]) -> int:
+        """An orderly stop with measurements ``running`` past the grace: ``release`` queues their ``jobs`` rows
+        again (returning them), then their procrastinate jobs are queued again now, so that another worker starts
+        them at once. Their runs here never report (they are marked first). Returns how many were given back."""
+        self._handed_back.update(running)
+        given = 0
+        for job in release():
+            if job.engine_job_id is None:
+                continue
+            try:
+                with self._deferrer_lock:
+                    self._open_deferrer()
+                    self._deferrer.job_manager.retry_job_by_id(job.engine_job_id, retry_at=utcnow())
+                given += 1
+                LOG.info("job %d given back to the job engine's queue (engine job %d)", job.id, job.engine_job_id)
+            except Exception:  # noqa: BLE001 - then it is taken over once this process's heartbeat lapsed
+                LOG.exception("job %d could not be given back to the job engine; another worker takes it over once "
+                              "this one's heartbeat lapsed", job.id)
+        return given
+
+    def _open_deferrer(self) -> None:
+        if not self._deferrer_open:
+            self._deferrer.open()
+            self._deferrer_open = True
 
     # -- running ---------------------------------------------------------------------------------------------------
     def start(self) -> None:

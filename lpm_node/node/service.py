@@ -197,14 +197,14 @@ class Node:
         """Stop accepting, stop the loops, write the remaining audit rows.
 
         A job still running after ``[node] stop_grace_seconds`` goes back to the queue, not counted as a crash,
-        and runs again at the next start (on the job engine: by any worker, once this one's heartbeat lapsed)."""
+        and runs again at the next start (on the job engine: by another worker at once)."""
         self._stop.set()
         if self.listener is not None:
             self.listener.stop()
         grace = self.settings.node.stop_grace_seconds
         if self.engine is not None and not self.engine.stop(timeout=grace if self.worker is not None else 30):
             if self.worker is not None:
-                self.worker.release_running()
+                self.engine.hand_back(self.worker.running, self.worker.release_running)
             self.job_left_running = True
         for loop in self.loops:
             if loop.thread is not None:

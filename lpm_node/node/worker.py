@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from lpm_node.node.pipeline import analyse_series, write_answer
 LOG = logging.getLogger(__name__)
 
 MAX_JOB_STARTS = 3  # a job whose run was cut short by a crash this often is failed, not retried forever
+MEASURING_PROCESS = f"{socket.gethostname()}:{os.getpid()}"  # named in the audit at each start of a job
 
 
 
@@ -100,9 +103,14 @@ class Worker:
             session.commit()
         return len(jobs)
 
-    def release_running(self, why: str = "the node was stopped during the job") -> int:
+    @property
+    def running(self) -> list[int]:
+        """The ids of the jobs this process runs now."""
+        return sorted(self._running)
+
+    def release_running(self, why: str = "the node was stopped during the job") -> list[Job]:
         """Put the jobs this process runs back in the queue after an orderly stop; such starts do not count as
-        crashes."""
+        crashes. Returns the jobs put back."""
         with self.sessions() as session:
             jobs = list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING,
                                                           Job.id.in_(sorted(self._running)))))
@@ -115,7 +123,7 @@ class Worker:
                     record_decision(session, series, SeriesStatus.QUEUED, f"job {job.id}: {why}; queued again")
                 LOG.warning("job %d (series %s): %s; queued again", job.id, job.series_instance_uid, why)
             session.commit()
-        return len(jobs)
+        return jobs
 
     @staticmethod
     def crashed_starts(job: Job) -> int:
@@ -144,7 +152,7 @@ class Worker:
             series = self._series(session, job)
             if series is not None:
                 record_decision(session, series, SeriesStatus.PROCESSING,
-                                f"measuring (job {job.id}, start {job.attempts})")
+                                f"measuring (job {job.id}, start {job.attempts}) in {MEASURING_PROCESS}")
             session.commit()
             return job
 
