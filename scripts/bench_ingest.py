@@ -37,7 +37,8 @@ SENDERS = 8
 _SYNC_LOG = re.compile(r"after (\d+) instance\(s\), [\d.]+ MB \(syncing ([\d.]+) s")
 
 
-def _env() -> dict[str, str]:
+def dcmtk_env() -> dict[str, str]:
+    """The environment for dcmtk's tools (TCP_NODELAY: much faster on loopback); bench_roles uses it too."""
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -46,17 +47,18 @@ def _wait_for_echo(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"receiver exited with {proc.returncode}")
-        if subprocess.run(["echoscu", "-to", "2", "127.0.0.1", str(port)], env=_env(),
+        if subprocess.run(["echoscu", "-to", "2", "127.0.0.1", str(port)], env=dcmtk_env(),
                           capture_output=True).returncode == 0:
             return
         time.sleep(0.1)
     raise TimeoutError(f"no C-ECHO answer on port {port}")
 
 
-def _send(port: int, groups: list[list[Path]], called: str) -> float:
-    """Send each group of files in its own association, all at once; returns the wall time in seconds."""
+def send_groups(port: int, groups: list[list[Path]], called: str) -> float:
+    """Send each group of files in its own association, all at once; returns the wall time in seconds (bench_roles
+    uses it too)."""
     start = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, files)], env=_env(),
+    procs = [subprocess.Popen(["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for files in groups]
     for proc in procs:
         _out, err = proc.communicate()
@@ -91,7 +93,7 @@ def run_node(groups: list[list[Path]], work: Path, n: int) -> tuple[float, float
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for_echo(port, proc)
-        elapsed = _send(port, groups, "LPM_NODE")
+        elapsed = send_groups(port, groups, "LPM_NODE")
         stored = len(list((data / "spool").rglob("*.dcm")))  # acknowledged means on disk: no waiting
         if stored != n:
             raise RuntimeError(f"node stored {stored} of {n} instances")
@@ -109,10 +111,10 @@ def run_storescp(groups: list[list[Path]], work: Path, n: int, fork: bool) -> fl
     out.mkdir()
     port = free_port()
     proc = subprocess.Popen(["storescp", *(["--fork"] if fork else []), "-aet", "STORESCP", "-od", str(out),
-                             str(port)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(port)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_echo(port, proc)
-        elapsed = _send(port, groups, "STORESCP")
+        elapsed = send_groups(port, groups, "STORESCP")
         if len(list(out.iterdir())) != n:
             raise RuntimeError("storescp did not store every instance")
     finally:

@@ -27,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_ingest import dcmtk_env, send_groups  # noqa: E402
 
 from lpm_node.demo.orthanc import free_port  # noqa: E402
 from lpm_node.demo.phantom import make_phantom, write_ct_series  # noqa: E402
@@ -36,31 +39,16 @@ SENDERS = 8
 NODE = [sys.executable, "-m", "lpm_node.cli"]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
 def _echo(port: int, aet: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"receiver exited with {proc.returncode}")
-        if subprocess.run(["echoscu", "-aec", aet, "127.0.0.1", str(port)], env=_env(),
+        if subprocess.run(["echoscu", "-aec", aet, "127.0.0.1", str(port)], env=dcmtk_env(),
                           capture_output=True).returncode == 0:
             return
         time.sleep(0.2)
     raise TimeoutError(f"no C-ECHO answer on port {port}")
-
-
-def _send(port: int, groups: list[list[Path]], aet: str) -> float:
-    start = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aec", aet, "127.0.0.1", str(port), *map(str, g)], env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for g in groups]
-    for proc in procs:
-        _out, err = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"storescu failed: {err.decode()[-1000:]}")
-    return time.perf_counter() - start
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -93,7 +81,7 @@ def node_receive(groups: list[list[Path]], work: Path, database_url: str, receiv
     try:
         for proc in procs:
             _echo(port, "LPM_NODE", proc)
-        elapsed = _send(port, groups, "LPM_NODE")
+        elapsed = send_groups(port, groups, "LPM_NODE")
         stored = len(list((data / "spool").rglob("*.dcm")))
         expected = sum(len(g) for g in groups)
         if stored != expected:
@@ -109,10 +97,10 @@ def storescp_receive(groups: list[list[Path]], work: Path, fork: bool) -> float:
     out.mkdir()
     port = free_port()
     proc = subprocess.Popen(["storescp", *(["--fork"] if fork else []), "-aet", "STORESCP", "-od", str(out),
-                             str(port)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(port)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _echo(port, "STORESCP", proc)
-        elapsed = _send(port, groups, "STORESCP")
+        elapsed = send_groups(port, groups, "STORESCP")
     finally:
         proc.terminate()
         proc.wait(10)
@@ -134,7 +122,7 @@ def jobs_per_minute(series: list[list[Path]], work: Path, database_url: str, wor
     try:
         _echo(port, "LPM_NODE", receiver)
         for files in series:
-            _send(port, [files], "LPM_NODE")
+            send_groups(port, [files], "LPM_NODE")
         with psycopg.connect(libpq, autocommit=True) as db:
             deadline = time.monotonic() + 300
             while db.execute("SELECT count(*) FROM jobs WHERE status = 'queued'").fetchone()[0] < len(series):
