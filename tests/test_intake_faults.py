@@ -65,7 +65,7 @@ def test_disk_filling_during_a_transfer_is_answered_out_of_resources_and_audited
         assert "ERROR" in node.log() and "could not be written while it arrived" in node.log()
         assert not list((small_disk / "data" / "spool").rglob("*.dcm"))
         incoming = small_disk / "data" / "spool" / ".incoming"
-        assert not incoming.exists() or not any(incoming.iterdir())  # the partial data set is gone
+        assert not [p for p in incoming.rglob("*") if p.is_file()]  # the partial data set is gone
 
         (small_disk / "filler").unlink()  # room again: the same instance is accepted and kept
         assert "Received Store Response (Success)" in _store(node.port, big)

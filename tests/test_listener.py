@@ -280,9 +280,14 @@ def test_spool_adopt_duplicate_quota_and_stale_temporaries(tmp_path):
     assert not (first.path.parent / "1.2.3.4.6.dcm").exists()
     with pytest.raises(ValueError):
         spool.adopt(received("y", b"x"), "1.2.3", "../x", "1.2.3.4.7")
-    (first.path.parent / ".1.2.3.4.8.99.tmp").write_bytes(b"partial")
+    stale = first.path.parent / ".1.2.3.4.8.99.tmp"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 600, time.time() - 600))  # untouched for 10 minutes: nobody is writing it
+    fresh = first.path.parent / ".1.2.3.4.9.99.tmp"  # the data folder may be shared: another process writes this now
+    fresh.write_bytes(b"in progress")
     reopened = Spool(tmp_path / "spool")
-    assert not list(reopened.root.rglob("*.tmp"))
+    assert [p.name for p in reopened.root.rglob("*.tmp")] == [fresh.name]
+    fresh.unlink()
     assert [p.name for _s, _r, p in reopened.iter_instances()] == ["1.2.3.4.5.dcm"]
 
 
