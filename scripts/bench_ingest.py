@@ -107,6 +107,8 @@ def run_node(groups: list[list[Path]], work: Path, n: int) -> tuple[float, float
 
 
 def run_storescp(groups: list[list[Path]], work: Path, n: int, fork: bool) -> float:
+    """storescp (``--fork``: one process per association) receiving the groups; checks it stored all ``n``
+    instances and returns the wall time in seconds (bench_roles uses it too)."""
     out = work / f"storescp-{time.monotonic_ns()}"
     out.mkdir()
     port = free_port()

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ingest import dcmtk_env, send_groups  # noqa: E402
+from bench_ingest import dcmtk_env, run_storescp, send_groups  # noqa: E402
 
 from lpm_node.demo.orthanc import free_port  # noqa: E402
 from lpm_node.demo.phantom import make_phantom, write_ct_series  # noqa: E402
@@ -89,22 +89,6 @@ def node_receive(groups: list[list[Path]], work: Path, database_url: str, receiv
     finally:
         _stop(procs)
     shutil.rmtree(data, ignore_errors=True)
-    return elapsed
-
-
-def storescp_receive(groups: list[list[Path]], work: Path, fork: bool) -> float:
-    out = work / f"storescp-{time.monotonic_ns()}"
-    out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(["storescp", *(["--fork"] if fork else []), "-aet", "STORESCP", "-od", str(out),
-                             str(port)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _echo(port, "STORESCP", proc)
-        elapsed = send_groups(port, groups, "STORESCP")
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    shutil.rmtree(out, ignore_errors=True)
     return elapsed
 
 
@@ -171,7 +155,7 @@ def main() -> int:
         for i in range(args.runs):
             one["sqlite"].append(node_receive([files], work, "", 1))
             one["postgresql"].append(node_receive([files], work, postgres.new_database(), 1))
-            one["storescp"].append(storescp_receive([files], work, fork=False))
+            one["storescp"].append(run_storescp([files], work, len(files), fork=False))
             print(f"one association, run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in one.items()),
                   flush=True)
         med = {k: statistics.median(v) for k, v in one.items()}
@@ -184,7 +168,7 @@ def main() -> int:
         for i in range(args.runs):
             rates["1 receiver"].append(n / node_receive(groups, work, postgres.new_database(), 1))
             rates["2 receivers"].append(n / node_receive(groups, work, postgres.new_database(), 2))
-            rates["storescp --fork"].append(n / storescp_receive(groups, work, fork=True))
+            rates["storescp --fork"].append(n / run_storescp(groups, work, n, fork=True))
             print(f"{SENDERS} senders, run {i + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()),
                   flush=True)
         rate = {k: statistics.median(v) for k, v in rates.items()}
