@@ -419,26 +419,39 @@ class NnUNetSegmenter:
     def __init__(self, info: ModelInfo, device: str = "auto", threads: int = 0, *, mirroring: bool = False,
                  tile_step_size: float = 0.5, resampling: str = "fast") -> None:
         import torch
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         self.info = info
-        self.identity = model_identity(info)
+        self.identity = self._identity(info)
         self.device = resolve_device(device)
         self.labels = dict(info.labels)
         if resampling not in ("fast", "nnunet"):
             raise SegmentationError(f"unknown resampling {resampling!r} (fast or nnunet)")
         self.resampling = resampling
-        self.description = (
-            f"nnU-Net v2 {info.configuration} fold {','.join(info.folds)} ({Path(info.folder).name})"
-        )
+        self.description = self._describe(info)
         if self.device == "cpu":
             torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
         self._lock = threading.Lock()
-        self.load_seconds = 0.0
         self.calls = 0
         t0 = time.perf_counter()
+        self.predictor = self._load_predictor(info, mirroring=mirroring, tile_step_size=tile_step_size)
+        self.load_seconds = time.perf_counter() - t0
+        log.info("loaded %s on %s in %.1f s", self.description, self.device, self.load_seconds)
+
+    @staticmethod
+    def _identity(info: ModelInfo) -> ModelIdentity:
+        return model_identity(info)
+
+    @staticmethod
+    def _describe(info: ModelInfo) -> str:
+        return f"nnU-Net v2 {info.configuration} fold {','.join(info.folds)} ({Path(info.folder).name})"
+
+    def _load_predictor(self, info: ModelInfo, *, mirroring: bool, tile_step_size: float) -> Any:
+        """nnU-Net v2's predictor with the folder's weights, its network kept on ``self.device``."""
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
         with _quiet():
-            self.predictor = nnUNetPredictor(
+            predictor = nnUNetPredictor(
                 tile_step_size=tile_step_size,
                 use_gaussian=True,
                 use_mirroring=mirroring,
@@ -449,14 +462,13 @@ class NnUNetSegmenter:
                 allow_tqdm=False,
             )
             try:
-                self.predictor.initialize_from_trained_model_folder(
+                predictor.initialize_from_trained_model_folder(
                     info.folder, use_folds=tuple(info.folds), checkpoint_name=info.checkpoint
                 )
             except Exception as exc:  # noqa: BLE001 - nnU-Net raises RuntimeError, KeyError, AssertionError...
                 raise SegmentationError(f"nnU-Net cannot load the model in {info.folder}: {exc}") from exc
-        self.predictor.network.to(torch.device(self.device))  # kept there between calls
-        self.load_seconds = time.perf_counter() - t0
-        log.info("loaded %s on %s in %.1f s", self.description, self.device, self.load_seconds)
+        predictor.network.to(torch.device(self.device))  # kept there between calls
+        return predictor
 
     def segment(self, image: sitk.Image) -> dict[str, np.ndarray]:
         """Masks (uint8, z, y, x) of the profile's structures on the image's own grid; liver: largest component."""

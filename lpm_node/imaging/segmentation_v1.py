@@ -20,8 +20,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,6 @@ from lpm_node.imaging.segmentation import (
     _read_json,
     infer_profile,
     load_profile,
-    resolve_device,
 )
 
 V1_CHECKPOINTS = ("model_final_checkpoint", "model_best", "model_latest")
@@ -389,23 +386,14 @@ class NnUNetV1Predictor:
 class NnUNetV1Segmenter(NnUNetSegmenter):
     """The segmenter of an nnU-Net v1 result folder: ``NnUNetSegmenter``'s steps with nnU-Net v1 predicting."""
 
-    def __init__(self, info: ModelInfo, device: str = "auto", threads: int = 0, *, mirroring: bool = False,
-                 tile_step_size: float = 0.5, resampling: str = "fast") -> None:
-        import torch
+    @staticmethod
+    def _identity(info: ModelInfo) -> ModelIdentity:
+        return v1_model_identity(info)
 
-        self.info = info
-        self.identity = v1_model_identity(info)
-        self.device = resolve_device(device)
-        self.labels = dict(info.labels)
-        if resampling not in ("fast", "nnunet"):
-            raise SegmentationError(f"unknown resampling {resampling!r} (fast or nnunet)")
-        self.resampling = resampling
-        self.description = f"nnU-Net v1 {info.configuration} fold {','.join(info.folds)} ({info.name})"
-        if self.device == "cpu":
-            torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
-        self._lock = threading.Lock()
-        self.calls = 0
-        t0 = time.perf_counter()
-        self.predictor = NnUNetV1Predictor(info, self.device, mirroring=mirroring,  # type: ignore[assignment]
-                                           tile_step_size=tile_step_size)
-        self.load_seconds = time.perf_counter() - t0
+    @staticmethod
+    def _describe(info: ModelInfo) -> str:
+        return f"nnU-Net v1 {info.configuration} fold {','.join(info.folds)} ({info.name})"
+
+    def _load_predictor(self, info: ModelInfo, *, mirroring: bool, tile_step_size: float) -> Any:
+        """nnU-Net v1's own trainer with the folder's weights (trusted pickles: see the module docstring)."""
+        return NnUNetV1Predictor(info, self.device, mirroring=mirroring, tile_step_size=tile_step_size)
