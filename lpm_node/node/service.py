@@ -8,6 +8,7 @@ heartbeat. ``[node] role`` picks the parts one process runs (``all``: every part
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +34,15 @@ from lpm_node.intake.series import SeriesAssembler, reconcile_spool
 from lpm_node.intake.spool import Spool
 from lpm_node.node.engine import JobEngine, defer_measurement, ensure_engine_schema, uses_job_engine
 from lpm_node.node.preflight import preflight
-from lpm_node.node.roles import SERIES_STEP_LOCK, Heartbeat, data_marker, does, one_at_a_time
+from lpm_node.node.roles import (
+    SERIES_STEP_LOCK,
+    Heartbeat,
+    close_orphaned_associations,
+    data_marker,
+    does,
+    one_at_a_time,
+    other_receivers,
+)
 from lpm_node.node.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -93,6 +103,8 @@ class Node:
         self.address: tuple[str, int] | None = None
         self.heartbeat: Heartbeat | None = None
         self.engine: JobEngine | None = None
+        self._spool_pass_at: float | None = None  # when to index the spooled files left fresh at the start
+        self._orphans_checked_at = 0.0
         shared = uses_job_engine(settings.db_url)
         if shared:
             ensure_engine_schema(self.sessions.kw["bind"])
@@ -139,12 +151,43 @@ class Node:
     def series_step(self) -> bool:
         """Complete quiet series, decide on complete ones, queue one per study."""
         assert self.listener is not None
+        if self._spool_pass_at is not None and time.monotonic() >= self._spool_pass_at:
+            self._spool_pass_at = None
+            self.index_spool(fresh_left=False)
         with one_at_a_time(self.sessions.kw["bind"], SERIES_STEP_LOCK) as mine:
             if not mine:  # another receiver is deciding now
                 return False
+            if time.monotonic() - self._orphans_checked_at >= self.settings.node.heartbeat_seconds:
+                self._orphans_checked_at = time.monotonic()
+                self.close_orphaned_associations()
             self.assembler.complete_stable(settle=self.listener.recorder.flush)
             queued = self.rules.run_once()
         return bool(queued)
+
+    def index_spool(self, *, fresh_left: bool) -> int:
+        """Index the spooled instances the audit lacks (written before a crash). ``fresh_left``: while other
+        receivers run, files written within ``stalled_after_seconds`` may be theirs, about to be recorded by them:
+        they are left, and indexed by a second pass once no longer fresh (:meth:`series_step`)."""
+        window = self.settings.node.stalled_after_seconds
+        written_before = None
+        if fresh_left:
+            with self.sessions() as session:
+                others = other_receivers(session, window)
+            if others:
+                written_before = utcnow() - dt.timedelta(seconds=window)
+                self._spool_pass_at = time.monotonic() + window
+                LOG.info("%d other receiver(s) share the spool: its files of the last %.0f s are left to them, "
+                         "indexed then if still unrecorded", len(others), window)
+        return reconcile_spool(self.sessions, self.spool, written_before=written_before)
+
+    def close_orphaned_associations(self) -> int:
+        """Close in the audit the open associations of receiver processes that ended without closing them."""
+        with self.sessions() as session:
+            closed = close_orphaned_associations(session, self.settings.node.stalled_after_seconds)
+            session.commit()
+        if closed:
+            LOG.warning("closed %d association(s) left open by receiver processes that stopped", closed)
+        return closed
 
     def sender_step(self) -> bool:
         """Send what is due in the outbox."""
@@ -175,7 +218,8 @@ class Node:
                 self.worker.recover()  # on the job engine, a stalled job is taken over when its heartbeat lapses
             self.worker.segmenter  # noqa: B018 - loaded before listening: importing it would slow the first transfers
         if self.listener is not None:
-            reconcile_spool(self.sessions, self.spool)
+            self.index_spool(fresh_left=True)
+            self.close_orphaned_associations()
             self.assembler.started_at = utcnow()  # downtime is not quiet time: every series' clock starts again now
             self.address = self.listener.start()
         marker = data_marker(self.settings.data_path)
