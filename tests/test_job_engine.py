@@ -374,3 +374,44 @@ def test_restarted_receiver_closes_the_association_its_killed_run_left_open(tmp_
         assoc.abort()
         ae.shutdown()
         node.kill()
+
+
+def test_deliveries_to_a_pacs_that_is_down_follow_the_job_engines_backoff_and_arrive_once(tmp_path, orthanc, chest,
+                                                                                         postgres):
+    """On PostgreSQL a destination's deliveries run as a procrastinate job retried with its capped exponential
+    backoff: while the PACS is down every try is audited and the pending rows wait for the job's next run; once the
+    PACS is up again each object arrives once."""
+    url = postgres.new_database()
+    uid = _uid(chest)
+    config = _roles_config(tmp_path, orthanc)
+    config.write_text(config.read_text() + "backoff_initial_s = 1\nbackoff_max_s = 4\n")
+    orthanc.stop(graceful=False)
+    with NodeProcess(tmp_path / "node", stable_seconds=1, config=config, measure=True, database_url=url) as node:
+        _sent(chest, node.port)
+        node.wait_series_status(uid, ["done", "failed", "rejected"], timeout=300)
+        failed = node.wait_rows("SELECT d.id, a.at FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                                "WHERE NOT a.ok ORDER BY a.id", until=lambda rows: len(rows) >= 3 * len(KINDS),
+                                timeout=60)
+        assert len(failed) >= 3 * len(KINDS), failed
+        jobs = node.query("SELECT * FROM procrastinate_jobs WHERE task_name = 'lpm_node.deliver' ORDER BY id")
+        *handed_over, job = jobs  # a job deferred while another ran takes its place
+        assert [j["status"] for j in handed_over] == ["succeeded"] * len(handed_over), [dict(j) for j in jobs]
+        assert job["queueing_lock"] == f"outbox:{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
+        assert job["status"] in ("todo", "doing") and job["attempts"] >= 1, dict(job)
+        pending = node.query("SELECT status, next_attempt_at FROM deliveries WHERE series_instance_uid = ?", (uid,))
+        assert {p["status"] for p in pending} == {"pending"}
+        if job["status"] == "todo":  # waiting for its next try: the rows are due when the job runs again
+            assert max(p["next_attempt_at"] for p in pending) <= job["scheduled_at"]
+        tries = sorted({row["at"] for row in failed})
+        gaps = [(b - a).total_seconds() for a, b in zip(tries, tries[1:], strict=False)]
+        assert gaps[0] >= 1.5 and gaps[1] >= 3.5 and max(gaps) < 4 + 3, gaps  # 2 s, 4 s, then capped at 4 s
+        orthanc.start()
+        rows = _delivered(node, uid, timeout=60)
+        attempts = node.query("SELECT delivery_id, ok FROM delivery_attempts ORDER BY id")
+        for row in rows:
+            mine = [a["ok"] for a in attempts if a["delivery_id"] == row["id"]]
+            assert mine[-1] and not any(mine[:-1]) and len(mine) >= 3 and row["attempts"] == len(mine), mine
+        engine = node.wait_rows("SELECT status, attempts FROM procrastinate_jobs WHERE task_name = 'lpm_node.deliver' "
+                                "AND status <> 'todo'", until=lambda r: r and r[-1]["status"] == "succeeded")
+        assert engine[-1]["status"] == "succeeded" and max(r["attempts"] for r in engine) >= 2, engine
+    assert len(orthanc.instances()) == len(KINDS)

@@ -21,18 +21,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer.sending import Sender, tls_client_context
-from lpm_node.core.audit import Delivery, session_factory, utcnow
+from lpm_node.core.audit import session_factory, utcnow
 from lpm_node.core.config import Settings
-from lpm_node.core.states import DeliveryStatus
 from lpm_node.intake.listener import Listener
 from lpm_node.intake.rules import RuleEngine
 from lpm_node.intake.series import SeriesAssembler, reconcile_spool
 from lpm_node.intake.spool import Spool
-from lpm_node.node.engine import JobEngine, defer_measurement, ensure_engine_schema, uses_job_engine
+from lpm_node.node.engine import (
+    JobEngine,
+    defer_measurement,
+    deliver_due,
+    due_destinations,
+    ensure_engine_schema,
+    uses_job_engine,
+)
 from lpm_node.node.preflight import preflight
 from lpm_node.node.roles import (
     SERIES_STEP_LOCK,
@@ -129,12 +134,13 @@ class Node:
         if shared:
             self.engine = JobEngine(
                 settings.db_url, measure=self.worker.run_job if self.worker is not None else None,
-                deliver=self.sender.run_once if self.sender is not None else None,
-                heartbeat_s=node.heartbeat_seconds, stalled_after_s=node.stalled_after_seconds,
+                deliver=self.deliver_due if self.sender is not None else None,
+                delivery_backoff_max_s=settings.output.backoff_max_s, heartbeat_s=node.heartbeat_seconds,
+                stalled_after_s=node.stalled_after_seconds,
                 name=f"{self.role}@{socket.gethostname()}:{os.getpid()}",
             )
             if self.worker is not None:
-                self.worker.on_results = self.engine.defer_delivery
+                self.worker.on_results = self.outbox_tick
             if does(self.role, "sender"):
                 self.add_loop(Loop("outbox", self.outbox_tick, 2.0))
         else:
@@ -195,14 +201,15 @@ class Node:
         return bool(self.sender.run_once())
 
     def outbox_tick(self) -> bool:
-        """Job engine: ask for a delivery run when something in the outbox is due."""
+        """Job engine: ask for a delivery run for each destination that something in the outbox is due for."""
         assert self.engine is not None
-        with self.sessions() as session:
-            due = session.scalars(select(Delivery.id).where(Delivery.status == DeliveryStatus.PENDING,
-                                                            Delivery.next_attempt_at <= utcnow()).limit(1)).first()
-        if due is not None:
-            self.engine.defer_delivery()
+        self.engine.defer_delivery(due_destinations(self.sessions))
         return False
+
+    def deliver_due(self, destination: str | None, wait_s: float) -> dt.datetime | None:
+        """Job engine: one run of a destination's delivery job (:func:`~lpm_node.node.engine.deliver_due`)."""
+        assert self.sender is not None
+        return deliver_due(self.sessions, self.sender, destination, wait_s)
 
     def heartbeat_step(self) -> bool:
         """Note that this process is alive (``role_heartbeats``)."""
