@@ -27,6 +27,7 @@ from lpm_node.core.states import AssociationOutcome
 
 ROLES = ("all", "receiver", "worker", "sender")
 RECEIVING_ROLES = ("all", "receiver")
+MEASURING_ROLES = ("all", "worker")
 MARKER_FILE = ".lpm-node-data"  # in the data folder: one random id, the same for every process that shares it
 
 
@@ -186,3 +187,11 @@ def close_orphaned_associations(session: Session, within_s: float, now: dt.datet
         row.reason = f"{row.reason}; {note}" if row.reason else note
         closed += 1
     return closed
+
+
+def local_workers(session: Session, within_s: float) -> int:
+    """The measuring processes alive on this machine, this one included (at least 1)."""
+    host = socket.gethostname()
+    others = {p.pid for p in live_processes(session, within_s) if p.role in MEASURING_ROLES and p.host == host
+              and p.pid != os.getpid() and not process_gone(p.host, p.pid)}
+    return len(others) + 1
