@@ -127,7 +127,7 @@ def deliver_due(sessions: sessionmaker, sender: Sender, destination: str | None,
     if first is None or waiting is not None:
         return None
     if due:
-        LOG.warning("deliveries to %s not sent: tried again at %s UTC (job engine's backoff, %.0f s)",
+        LOG.warning("deliveries to %s not sent; next try at %s UTC (the job engine's backoff: %.0f s)",
                     destination, f"{retry_at:%H:%M:%S}", wait_s)
     return first
 
