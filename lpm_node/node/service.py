@@ -160,12 +160,12 @@ class Node:
         if self._spool_pass_at is not None and time.monotonic() >= self._spool_pass_at:
             self._spool_pass_at = None
             self.index_spool(fresh_left=False)
+        if time.monotonic() - self._orphans_checked_at >= self.settings.node.heartbeat_seconds:
+            self._orphans_checked_at = time.monotonic()
+            self.close_orphaned_associations()
         with one_at_a_time(self.sessions.kw["bind"], SERIES_STEP_LOCK) as mine:
             if not mine:  # another receiver is deciding now
                 return False
-            if time.monotonic() - self._orphans_checked_at >= self.settings.node.heartbeat_seconds:
-                self._orphans_checked_at = time.monotonic()
-                self.close_orphaned_associations()
             self.assembler.complete_stable(settle=self.listener.recorder.flush)
             queued = self.rules.run_once()
         return bool(queued)
@@ -187,8 +187,11 @@ class Node:
         return reconcile_spool(self.sessions, self.spool, written_before=written_before)
 
     def close_orphaned_associations(self) -> int:
-        """Close in the audit the open associations of receiver processes that ended without closing them."""
-        with self.sessions() as session:
+        """Close in the audit the open associations of receiver processes that ended without closing them (one
+        receiver at a time: the one holding the series step's lock)."""
+        with one_at_a_time(self.sessions.kw["bind"], SERIES_STEP_LOCK) as mine, self.sessions() as session:
+            if not mine:
+                return 0
             closed = close_orphaned_associations(session, self.settings.node.stalled_after_seconds)
             session.commit()
         if closed:
