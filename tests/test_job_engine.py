@@ -15,8 +15,10 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from lpm_node.answer.sending import KINDS
+from lpm_node.core.audit import operator_name
 from lpm_node.demo.orthanc import orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
+from lpm_node.node.engine import MEASURE_QUEUE, MEASURE_TASK, SUSPENDED_QUEUE
 from tests.support_net import DATABASE_ERRORS, REPO, NodeProcess, dcmtk_env, free_port, have_dcmtk, storescu
 
 pytestmark = [
@@ -272,6 +274,56 @@ def test_orderly_stop_mid_job_gives_the_job_to_another_worker_at_once(tmp_path, 
     finally:
         for node in (*workers, receiver, sender):
             node.kill()
+    assert len(orthanc.instances()) == len(KINDS)
+
+
+def _measuring_switch(node: NodeProcess, config: Path, action: str) -> str:
+    """``lpm-node measuring suspend|resume`` against the running node's database; returns what it printed."""
+    cmd = [sys.executable, "-m", "lpm_node.cli", "measuring", action, "--config", str(config), "--data-dir",
+           str(node.data_dir)] + (["--database-url", node.database_url] if node.database_url else [])
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_series_received_while_measuring_is_suspended_is_measured_once_after_resume(tmp_path, orthanc, chest,
+                                                                                   node_database_url):
+    """Suspended, the job waits (on PostgreSQL in the job engine's queue, neither dropped nor failed); resumed, it
+    runs once and its results are delivered once; both switches are audited with the operator's name."""
+    uid = _uid(chest)
+    config = _roles_config(tmp_path, orthanc, heartbeat_seconds=0.5)
+    with NodeProcess(tmp_path / "node", stable_seconds=1, config=config, measure=True,
+                     database_url=node_database_url) as node:
+        assert "measuring suspended" in _measuring_switch(node, config, "suspend")
+        _sent(chest, node.port)
+        node.wait_series_status(uid, ["queued", "rejected"], timeout=60)
+        if node_database_url:  # a worker took the engine's job, saw the switch and put it back, unstarted
+            parked = node.wait_rows("SELECT * FROM procrastinate_jobs WHERE task_name = ?", (MEASURE_TASK,),
+                                    until=lambda rows: rows and rows[0]["queue_name"] == SUSPENDED_QUEUE,
+                                    timeout=60)
+            assert parked[0]["status"] == "todo", [dict(r) for r in parked]
+        time.sleep(3)  # several rounds of the worker: still nothing measured
+        [job] = node.query("SELECT * FROM jobs")
+        assert (job["status"], job["attempts"]) == ("queued", 0)
+        assert node.series(uid)["status"] == "queued" and orthanc.instances() == []
+
+        assert "measuring resumed" in _measuring_switch(node, config, "resume")
+        node.wait_series_status(uid, ["done", "failed"], timeout=300)
+        _delivered(node, uid)
+        [job] = node.query("SELECT * FROM jobs")
+        assert (job["status"], job["attempts"], job["error"]) == ("done", 1, "")
+        statuses = [r["status"] for r in node.query(
+            "SELECT status FROM series_decisions WHERE series_instance_uid = ? ORDER BY id", (uid,))]
+        assert statuses.count("processing") == 1 and statuses[-3:] == ["queued", "processing", "done"]
+        if node_database_url:
+            engine = node.query("SELECT status, queue_name FROM procrastinate_jobs WHERE task_name = ?",
+                                (MEASURE_TASK,))
+            assert [tuple(r) for r in engine] == [("succeeded", MEASURE_QUEUE)]
+            assert "waits in the job engine: measuring is suspended" in node.log()
+        actions = node.query('SELECT "user", command, outcome FROM operator_actions ORDER BY id')
+        assert [(a["user"], a["command"].split()[1:3], a["outcome"]) for a in actions] == [
+            (operator_name(), ["measuring", "suspend"], "measuring suspended: queued jobs wait"),
+            (operator_name(), ["measuring", "resume"], "measuring resumed")]
     assert len(orthanc.instances()) == len(KINDS)
 
 

@@ -218,7 +218,7 @@ class RoleHeartbeat(Base):
 
 
 class OperatorAction(Base):
-    """What an operator asked the node to do (rerun, outbox retry, reindex): who, what, when, and the effect."""
+    """What an operator asked the node to do (rerun, outbox retry, measuring, reindex): who, what, when, the effect."""
 
     __tablename__ = "operator_actions"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -277,6 +277,10 @@ class NodeControl(Base):
 
 
 MEASURING_SUSPENDED = "measuring_suspended"
+
+
+class MeasuringSuspended(RuntimeError):
+    """A job was to start while an operator has suspended measuring: it waits in its queue until resumed."""
 
 
 def measuring_suspended(session) -> bool:  # noqa: ANN001

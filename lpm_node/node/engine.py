@@ -15,6 +15,10 @@ engine runs it (procrastinate: PostgreSQL only, jobs in the same database):
 - an orderly stop with a measurement still running after ``stop_grace_seconds`` gives its job back
   (:meth:`JobEngine.hand_back`): the ``jobs`` row and the procrastinate job are queued again at once, so another
   worker starts it now, not once this process's heartbeat lapsed; the run left behind never reports;
+- while an operator has suspended measuring (``lpm-node measuring suspend``, the console's queues page), a measurement
+  job that a worker takes does not start: it is put back in the engine, in the queue ``measurements-suspended`` that
+  no worker reads (its ``jobs`` row stays ``queued``); once measuring is resumed, the measuring processes move those
+  jobs back to ``measurements`` and they run, each once;
 - deliveries: one ``deliver`` job per destination at a time in the whole system (lock ``outbox:<destination>``)
   sends what is due for that destination with the same :class:`~lpm_node.answer.sending.Sender` (the same rows,
   attempts and states in the audit). When some stay pending (the PACS is down), the job raises
@@ -43,7 +47,7 @@ from sqlalchemy.exc import OperationalError as DatabaseGone
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.answer.sending import Sender
-from lpm_node.core.audit import Delivery, Job, utcnow
+from lpm_node.core.audit import MEASURING_SUSPENDED, Delivery, Job, MeasuringSuspended, utcnow
 from lpm_node.core.states import DeliveryStatus
 
 LOG = logging.getLogger(__name__)
@@ -51,9 +55,25 @@ LOG = logging.getLogger(__name__)
 MEASURE_TASK = "lpm_node.measure"
 DELIVER_TASK = "lpm_node.deliver"
 MEASURE_QUEUE = "measurements"
+SUSPENDED_QUEUE = "measurements-suspended"  # measurement jobs put back while measuring is suspended: no worker reads it
 DELIVERY_QUEUE = "deliveries"
 SCHEMA_LOCK = 7_264_511  # a PostgreSQL advisory lock: one process applies procrastinate's schema
 RETRY = procrastinate.RetryStrategy(max_attempts=5, exponential_wait=2, retry_exceptions={DatabaseGone})
+RESUME_SUSPENDED = f"""
+    UPDATE procrastinate_jobs SET queue_name = %(queue)s
+     WHERE queue_name = %(suspended_queue)s AND status = 'todo'
+       AND NOT EXISTS (SELECT 1 FROM node_controls WHERE name = '{MEASURING_SUSPENDED}' AND value = 'yes')
+    RETURNING id"""
+
+
+class MeasureRetry(procrastinate.BaseRetryStrategy):
+    """The measurement task's retries: a job taken while measuring is suspended goes back into the engine, in the
+    queue no worker reads (moved back once resumed); other failures as :data:`RETRY`."""
+
+    def get_retry_decision(self, *, exception: BaseException, job: EngineJob) -> procrastinate.RetryDecision | None:
+        if isinstance(exception, MeasuringSuspended):
+            return procrastinate.RetryDecision(retry_at=utcnow(), queue=SUSPENDED_QUEUE)
+        return RETRY.get_retry_decision(exception=exception, job=job)
 
 
 CLOCK_SLACK = dt.timedelta(seconds=5)  # a delivery due this soon is sent by the job now (clocks of machines differ)
@@ -206,10 +226,14 @@ class JobEngine:
         return ([MEASURE_QUEUE] if self.measure else []) + ([DELIVERY_QUEUE] if self.deliver else [])
 
     def _register_tasks(self) -> None:
-        @self.app.task(name=MEASURE_TASK, queue=MEASURE_QUEUE, retry=RETRY)
+        @self.app.task(name=MEASURE_TASK, queue=MEASURE_QUEUE, retry=MeasureRetry())
         def measure(job_id: int) -> None:
             assert self.measure is not None
-            self.measure(job_id)
+            try:
+                self.measure(job_id)
+            except MeasuringSuspended:
+                LOG.info("job %d waits in the job engine: measuring is suspended", job_id)
+                raise
             if job_id in self._handed_back:  # queued again by an orderly stop: reporting "succeeded" now would
                 threading.Event().wait()  # end the job another worker runs; the process ends around this thread
 
@@ -289,9 +313,12 @@ class JobEngine:
                 recovery.cancel()
 
     async def _recover_stalled(self) -> None:
-        """Put the jobs of workers whose heartbeat lapsed back in their queue (they start again elsewhere)."""
+        """Put the jobs of workers whose heartbeat lapsed back in their queue (they start again elsewhere), and the
+        measurements put aside while measuring was suspended once it is resumed."""
         while True:
             try:
+                if MEASURE_QUEUE in self.queues:
+                    await self._resume_suspended()
                 for job in await self.app.job_manager.get_stalled_jobs(seconds_since_heartbeat=self.stalled_after_s):
                     if job.queue in self.queues:
                         LOG.warning("job engine: %s %s of a worker whose heartbeat lapsed is taken over", job.task_name,
@@ -303,6 +330,14 @@ class JobEngine:
             except Exception:  # noqa: BLE001 - the database gone for a moment: try again later
                 LOG.exception("job engine: stalled-job recovery failed; trying again")
             await asyncio.sleep(max(1.0, self.heartbeat_s))
+
+    async def _resume_suspended(self) -> None:
+        """Once measuring is resumed, move the jobs put aside meanwhile back to the measurement queue."""
+        rows = await self.app.connector.execute_query_all_async(RESUME_SUSPENDED, queue=MEASURE_QUEUE,
+                                                                 suspended_queue=SUSPENDED_QUEUE)
+        if rows:
+            LOG.info("measuring resumed: %d job(s) back in the job engine's measurement queue (engine jobs %s)",
+                     len(rows), ", ".join(str(row["id"]) for row in rows))
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop taking jobs and wait for the running one up to ``timeout``; True when the thread ended."""

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer.sending import enqueue_results, result_destinations
-from lpm_node.core.audit import Delivery, Job, Series, measuring_suspended, utcnow
+from lpm_node.core.audit import Delivery, Job, MeasuringSuspended, Series, measuring_suspended, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.core.states import JobStatus, SeriesStatus
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
@@ -151,7 +151,8 @@ class Worker:
 
     def _claim(self, job_id: int | None = None) -> Job | None:
         """Mark the oldest queued job (or job ``job_id``, handed over by the job engine) running; None when there is
-        none to run. A job engine's job whose row is still ``running`` was cut short elsewhere: that start counts."""
+        none to run. A job engine's job whose row is still ``running`` was cut short elsewhere: that start counts;
+        while measuring is suspended, a job engine's job raises :class:`MeasuringSuspended` (it waits in its queue)."""
         with self.sessions() as session:
             if job_id is None:
                 if measuring_suspended(session):  # an operator suspended measuring: queued jobs wait
@@ -159,6 +160,8 @@ class Worker:
                 job = session.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.id)
                                       .limit(1)).first()
             else:
+                if measuring_suspended(session):  # the job engine keeps the job in its queue until resumed
+                    raise MeasuringSuspended(f"job {job_id}: measuring is suspended")
                 job = session.get(Job, job_id, with_for_update=True)
                 if job is not None and job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
                     LOG.info("job %d is %s: nothing to run", job.id, job.status)
@@ -191,7 +194,9 @@ class Worker:
         return True
 
     def run_job(self, job_id: int) -> bool:
-        """Run job ``job_id`` (the job engine's task); False when it was not to run (done, cancelled, failed)."""
+        """Run job ``job_id`` (the job engine's task); False when it was not to run (done, cancelled, failed).
+
+        Raises :class:`MeasuringSuspended` while an operator has suspended measuring (the job is not started)."""
         job = self._claim(job_id)
         if job is None:
             return False
