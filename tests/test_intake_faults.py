@@ -1,6 +1,7 @@
 """The front door under faults, with a real ``lpm-node serve``: the disk filling up while a data set arrives
 (a small tmpfs) is answered 0xA700 and audited; a malformed header value (a Specific Character Set given as a
-sequence or as binary) is answered 0xC000 (cannot understand, not out of resources) and audited with its reason.
+sequence or as binary) is answered 0xC000 (cannot understand, not out of resources) and audited with its reason; an
+unexpected error in the C-STORE handler (one fault injected) is answered 0x0110, audited and logged as an ERROR.
 Nothing acknowledged is lost."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from tests.support_fault_node import FAULT_ENV
 from tests.support_net import NodeProcess, have_dcmtk, read_pdu, storescu
 from tests.support_peer import A_RELEASE_RQ, associate, c_store_command, c_store_pdus, dataset_bytes, store_status
 from tests.support_phantom import small_phantom, write_series
@@ -143,3 +145,23 @@ def test_binary_specific_character_set_is_answered_cannot_understand_and_audited
         assert "ERROR" not in node.log() and "Traceback" not in node.log()
         assert not list((tmp_path / "node" / "spool").rglob("*.dcm"))
         assert _hostile_store(node.port, str(ds.SOPClassUID), str(ds.SOPInstanceUID), dataset) == 0x0000
+
+
+def test_unexpected_error_in_the_handler_is_answered_0110_audited_and_logged(tmp_path):
+    """No real input is known to reach the catch-all any more, so the node runs with one fault injected: its header
+    reader raises RuntimeError for one instance. That C-STORE is answered 0x0110 (not pynetdicom's unaudited
+    0xC211), audited with the error, logged as an ERROR with its traceback; the node goes on serving."""
+    first, second = write_series(small_phantom(n_slices=2), tmp_path / "ct")
+    faulty = str(dcmread(first, stop_before_pixels=True).SOPInstanceUID)
+    node = NodeProcess(tmp_path / "node", module="tests.support_fault_node",
+                       env={FAULT_ENV: faulty})
+    with node:
+        assert "Received Store Response (Unknown Status: 0x110)" in _store(node.port, first)
+        row = _association(node)
+        assert row["outcome"] == "released" and row["instances_refused"] == 1
+        assert "0x0110" in row["reason"] and "RuntimeError: injected fault in the header reader" in row["reason"]
+        log = node.log()
+        assert "ERROR" in log and "unexpected error in the handler" in log and "Traceback" in log
+        assert "Received Store Response (Success)" in _store(node.port, second)
+        assert node.wait_rows("SELECT id FROM instances")
+        assert not list((tmp_path / "node" / "spool").rglob(f"*{faulty}*"))
