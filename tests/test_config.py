@@ -65,7 +65,8 @@ def test_docker_settings_load() -> None:
         ("[nodes]\nport = 3\n", r"unknown settings section \[nodes\]"),
         ("node = 3\n", r"node must be a \[node\] section"),
         ("[rules]\nmin_slice_thickness_mm = 6.0\n", r"\[rules\] min_slice_thickness_mm \(6.0\) is above max_slice"),
-        ('[output]\ndestinations = ["PACS@host"]\n', r"\[output\] destinations: .*AET@HOST:PORT"),
+        ('[output]\ndestinations = ["PACS@host"]\n',
+         r"\[output\] destinations = \['PACS@host'\]: item 0: destination 'PACS@host' is not of the form AET@HOST"),
         ("[node\n", r"not valid TOML"),
     ],
 )

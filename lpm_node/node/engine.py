@@ -16,7 +16,7 @@ engine runs it (procrastinate: PostgreSQL only, jobs in the same database):
   (:meth:`JobEngine.hand_back`): the ``jobs`` row and the procrastinate job are queued again at once, so another
   worker starts it now, not once this process's heartbeat lapsed; the run left behind never reports;
 - deliveries: one ``deliver`` task at a time in the whole system (lock ``outbox``) sends what is due in the outbox
-  (the same :class:`~lpm_node.answer.sending.Sender` with its backoff); it is deferred when results are queued and
+  (the same :class:`~lpm_node.answer.sender.Sender` with its backoff); it is deferred when results are queued and
   every few seconds by the sender processes.
 """
 

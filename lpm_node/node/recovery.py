@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lpm_node.answer.sending import delivered_results
+from lpm_node.answer.outbox import delivered_results
 from lpm_node.core.audit import Delivery, Series, record_operator_action, session_factory
 from lpm_node.core.config import Settings
 from lpm_node.core.states import DeliveryStatus, SeriesStatus
