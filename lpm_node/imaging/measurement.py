@@ -517,7 +517,8 @@ def robust_parenchymal_hu(
     return None if stats is None else stats.mean
 
 
-def _on_method_grid(spacing_zyx: tuple[float, float, float]) -> bool:
+def on_method_grid(spacing_zyx: tuple[float, float, float]) -> bool:
+    """Whether a (z, y, x) spacing in mm is the method's grid (``METHOD_SPACING_ZYX``, within 2 %)."""
     return all(abs(s - m) <= SPACING_TOLERANCE * m for s, m in zip(spacing_zyx, METHOD_SPACING_ZYX, strict=True))
 
 
@@ -697,7 +698,7 @@ def measure(
     flags = result.qc_flags
     if count == 0:
         flags.append(QC_NO_LIVER)
-        if not _on_method_grid(spacing):
+        if not on_method_grid(spacing):
             flags.append(QC_OFF_METHOD_GRID)
         flags += _orientation_flags(orientation)
         if spleen is not None:
@@ -707,7 +708,7 @@ def measure(
 
     placement = _place_roi(liver, areas)
     flags += placement.flags
-    if not _on_method_grid(spacing):
+    if not on_method_grid(spacing):
         flags.append(QC_OFF_METHOD_GRID)
     result.roi_slices = placement.slices
     result.roi_centres = placement.centres
