@@ -79,12 +79,13 @@ class Association(Base):
     peer_address: Mapped[str] = mapped_column(String(128), default="")
     peer_port: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
     outcome: Mapped[str] = mapped_column(String(32), default=AssociationOutcome.OPEN)
     reason: Mapped[str] = mapped_column(Text, default="")
     instances_received: Mapped[int] = mapped_column(Integer, default=0)
     instances_refused: Mapped[int] = mapped_column(Integer, default=0)  # C-STORE answered with a failure
     tls: Mapped[bool] = mapped_column(default=False)  # the connection used DICOM TLS
+    receiver: Mapped[str] = mapped_column(String(300), default="")  # the receiver process that handled it, host:pid
 
 
 class Instance(Base):

@@ -15,27 +15,36 @@ engine runs it (procrastinate: PostgreSQL only, jobs in the same database):
 - an orderly stop with a measurement still running after ``stop_grace_seconds`` gives its job back
   (:meth:`JobEngine.hand_back`): the ``jobs`` row and the procrastinate job are queued again at once, so another
   worker starts it now, not once this process's heartbeat lapsed; the run left behind never reports;
-- deliveries: one ``deliver`` task at a time in the whole system (lock ``outbox``) sends what is due in the outbox
-  (the same :class:`~lpm_node.answer.sender.Sender` with its backoff); it is deferred when results are queued and
-  every few seconds by the sender processes.
+- deliveries: one ``deliver`` job per destination at a time in the whole system (lock ``outbox:<destination>``)
+  sends what is due for that destination with the same :class:`~lpm_node.answer.sender.Sender` (the same rows,
+  attempts and states in the audit). When some stay pending (the PACS is down), the job raises
+  :class:`DeliveryPending` and procrastinate retries it on :class:`DeliveryRetry`, its exponential backoff capped at
+  ``[output] backoff_max_s``; the pending rows' ``next_attempt_at`` is that schedule. The outbox's own limits
+  (``retry_hours``, ``max_attempts``) still dead-letter a delivery. A job is deferred when results are queued and
+  every few seconds by the sender processes for destinations with something due.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import procrastinate
 from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.jobs import Job as EngineJob
+from procrastinate.retry import RetryDecision
 from procrastinate.schema import SchemaManager
 from procrastinate.worker import Worker as EngineWorker
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, inspect, select, text, update
 from sqlalchemy.exc import OperationalError as DatabaseGone
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from lpm_node.core.audit import Job, utcnow
+from lpm_node.answer.sender import Sender
+from lpm_node.core.audit import Delivery, Job, utcnow
+from lpm_node.core.states import DeliveryStatus
 
 LOG = logging.getLogger(__name__)
 
@@ -45,6 +54,82 @@ MEASURE_QUEUE = "measurements"
 DELIVERY_QUEUE = "deliveries"
 SCHEMA_LOCK = 7_264_511  # a PostgreSQL advisory lock: one process applies procrastinate's schema
 RETRY = procrastinate.RetryStrategy(max_attempts=5, exponential_wait=2, retry_exceptions={DatabaseGone})
+
+
+CLOCK_SLACK = dt.timedelta(seconds=5)  # a delivery due this soon is sent by the job now (clocks of machines differ)
+
+
+class DeliveryPending(Exception):
+    """Deliveries to a destination are still pending after a run: procrastinate runs the job again at ``retry_at``."""
+
+    def __init__(self, destination: str | None, retry_at: dt.datetime) -> None:
+        super().__init__(f"deliveries to {destination or 'every destination'} still pending; next try at "
+                         f"{retry_at:%H:%M:%S} UTC")
+        self.retry_at = retry_at
+
+
+class DeliveryRetry(procrastinate.RetryStrategy):
+    """procrastinate's exponential backoff (``exponential_wait ** (attempts + 1)`` s) capped at ``max_wait_s``:
+    :meth:`wait_s` schedules the deliveries a run tried in vain, and the job runs again when the first pending one is
+    due (:class:`DeliveryPending`). No limit of tries here: the outbox dead-letters a delivery by its own limits."""
+
+    def __init__(self, *, max_wait_s: float, exponential_wait: int = 2) -> None:
+        super().__init__(exponential_wait=exponential_wait, retry_exceptions={DeliveryPending, DatabaseGone})
+        self.max_wait_s = max_wait_s
+
+    def wait_s(self, attempts: int) -> float:
+        """Seconds before the next try after ``attempts`` runs of the job (0 for its first run)."""
+        return float(min(self.max_wait_s, self.wait + self.linear_wait * attempts
+                         + self.exponential_wait ** min(attempts + 1, 64)))
+
+    def get_retry_decision(self, *, exception: BaseException, job: EngineJob) -> RetryDecision | None:
+        if super().get_retry_decision(exception=exception, job=job) is None:
+            return None
+        if isinstance(exception, DeliveryPending):
+            return RetryDecision(retry_at=exception.retry_at)
+        return RetryDecision(retry_in={"seconds": self.wait_s(job.attempts)})
+
+
+def delivery_lock(destination: str | None) -> str:
+    """The lock (and queueing lock) of a destination's delivery jobs: one runs at a time, one waits at most."""
+    return f"outbox:{destination}" if destination is not None else "outbox"
+
+
+def due_destinations(sessions: sessionmaker) -> list[str]:
+    """The destinations that something pending in the outbox is due for now."""
+    with sessions() as session:
+        return list(session.scalars(select(Delivery.destination).distinct().where(
+            Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow())))
+
+
+def deliver_due(sessions: sessionmaker, sender: Sender, destination: str | None, wait_s: float) -> dt.datetime | None:
+    """One run of a destination's delivery job: send what is due, schedule the deliveries tried in vain ``wait_s``
+    from now (the job engine's backoff). Returns when the first one still pending is due, None when none is, or
+    when another job for this destination waits already (it takes over)."""
+    now = utcnow()
+    mine = Delivery.status == DeliveryStatus.PENDING
+    if destination is not None:
+        mine = mine & (Delivery.destination == destination)
+    with sessions() as session:
+        due = list(session.scalars(select(Delivery.id).where(mine, Delivery.next_attempt_at <= now + CLOCK_SLACK)))
+        session.execute(update(Delivery).where(Delivery.id.in_(due), Delivery.next_attempt_at > now)
+                        .values(next_attempt_at=now))
+        session.commit()
+    sender.run_once(now, destination)
+    retry_at = utcnow() + dt.timedelta(seconds=wait_s)
+    with sessions() as session:
+        session.execute(update(Delivery).where(mine, Delivery.id.in_(due)).values(next_attempt_at=retry_at))
+        first = session.scalars(select(Delivery.next_attempt_at).where(mine).order_by(Delivery.next_attempt_at)
+                                .limit(1)).first()
+        waiting = session.execute(text("SELECT 1 FROM procrastinate_jobs WHERE queueing_lock = :lock AND "
+                                       "status = 'todo'"), {"lock": delivery_lock(destination)}).first()
+        session.commit()
+    if first is None or waiting is not None:
+        return None
+    if due:
+        LOG.warning("deliveries to %s not sent; next try at %s UTC (the job engine's backoff: %.0f s)",
+                    destination, f"{retry_at:%H:%M:%S}", wait_s)
+    return first
 
 
 def uses_job_engine(database_url: str) -> bool:
@@ -92,7 +177,8 @@ class JobEngine:
         database_url: str,
         *,
         measure: Callable[[int], object] | None = None,
-        deliver: Callable[[], object] | None = None,
+        deliver: Callable[[str | None, float], dt.datetime | None] | None = None,
+        delivery_backoff_max_s: float = 600.0,
         heartbeat_s: float = 5.0,
         stalled_after_s: float = 30.0,
         name: str = "lpm-node",
@@ -100,7 +186,8 @@ class JobEngine:
         self.conninfo = libpq_url(database_url)
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=self.conninfo))
         self.measure = measure
-        self.deliver = deliver
+        self.deliver = deliver  # (destination, seconds to wait after a vain try) -> when to run again, or None
+        self.delivery_retry = DeliveryRetry(max_wait_s=delivery_backoff_max_s)
         self.heartbeat_s = heartbeat_s
         self.stalled_after_s = stalled_after_s
         self.name = name
@@ -126,22 +213,29 @@ class JobEngine:
             if job_id in self._handed_back:  # queued again by an orderly stop: reporting "succeeded" now would
                 threading.Event().wait()  # end the job another worker runs; the process ends around this thread
 
-        @self.app.task(name=DELIVER_TASK, queue=DELIVERY_QUEUE, retry=RETRY)
-        def deliver() -> None:
+        @self.app.task(name=DELIVER_TASK, queue=DELIVERY_QUEUE, retry=self.delivery_retry, pass_context=True)
+        def deliver(context: procrastinate.JobContext, destination: str | None = None) -> None:
             assert self.deliver is not None
-            self.deliver()
+            retry_at = self.deliver(destination, self.delivery_retry.wait_s(context.job.attempts))
+            if retry_at is not None:
+                raise DeliveryPending(destination, retry_at)
 
     # -- deferring from any thread ---------------------------------------------------------------------------------
-    def defer_delivery(self) -> bool:
-        """Ask for a delivery run (one waits at most: a second request while one waits is dropped)."""
+    def defer_delivery(self, destinations: Iterable[str]) -> int:
+        """Ask for a delivery run per destination (one waits at most per destination: a second request while one
+        waits, or waits for its next try, is dropped). Returns how many were deferred."""
+        deferred = 0
         with self._deferrer_lock:
             self._open_deferrer()
-            try:
-                self._deferrer.configure_task(DELIVER_TASK, queue=DELIVERY_QUEUE, lock="outbox",
-                                              queueing_lock="outbox").defer()
-            except AlreadyEnqueued:
-                return False
-        return True
+            for destination in destinations:
+                lock = delivery_lock(destination)
+                try:
+                    self._deferrer.configure_task(DELIVER_TASK, queue=DELIVERY_QUEUE, lock=lock,
+                                                  queueing_lock=lock).defer(destination=destination)
+                    deferred += 1
+                except AlreadyEnqueued:
+                    pass
+        return deferred
 
     def hand_back(self, running: Collection[int], release: Callable[[], Sequence[Job]]) -> int:
         """An orderly stop with measurements ``running`` past the grace: ``release`` queues their ``jobs`` rows

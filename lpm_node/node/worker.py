@@ -34,6 +34,7 @@ from lpm_node.intake.integrity import verify_series_files
 from lpm_node.intake.series import record_decision
 from lpm_node.intake.spool import Spool
 from lpm_node.node.pipeline import analyse_series, write_answer
+from lpm_node.node.roles import local_workers
 
 LOG = logging.getLogger(__name__)
 
@@ -80,6 +81,24 @@ class Worker:
         if self._segmenter is None:
             self._segmenter = load_segmenter(self.settings.model)
         return self._segmenter
+
+    def share_cores(self) -> int:
+        """On the CPU with ``[model] threads = 0``: size the model's thread pool to this worker's share of the
+        machine's cores (cores / worker processes alive here, from the role heartbeats), so that several workers on
+        one machine do not each start a thread per core and fight over them. Returns the threads in use (0: not
+        on the CPU, or set in the configuration)."""
+        if self.settings.model.threads > 0 or getattr(self.segmenter, "device", "cpu") != "cpu":
+            return 0
+        import torch
+
+        with self.sessions() as session:
+            here = local_workers(session, self.settings.node.stalled_after_seconds)
+        threads = max(1, (os.cpu_count() or 1) // max(1, here))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+            LOG.info("%d worker process(es) on this machine: the model uses %d of its %d cores", here, threads,
+                     os.cpu_count() or 1)
+        return threads
 
     def check_model(self) -> None:
         """Fail early, with the reason, when the configured model folder is not a usable model."""
@@ -206,6 +225,7 @@ class Worker:
         if not paths:
             raise FileNotFoundError(f"no spooled files for series {job.series_instance_uid}")
         checksums = verify_series_files(self.sessions, paths)
+        self.share_cores()
         result = analyse_series(paths, self.settings, self.segmenter, checksums)
         folder = self.outbox_path / job.series_instance_uid
         predecessor = self._previous_sr(job.series_instance_uid, folder)
