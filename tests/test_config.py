@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lpm_node.core.config import ConfigError, Settings, load_settings
+from lpm_node.core.destinations import Destination
 from tests.support_net import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +66,8 @@ def test_docker_settings_load() -> None:
         ("[nodes]\nport = 3\n", r"unknown settings section \[nodes\]"),
         ("node = 3\n", r"node must be a \[node\] section"),
         ("[rules]\nmin_slice_thickness_mm = 6.0\n", r"\[rules\] min_slice_thickness_mm \(6.0\) is above max_slice"),
-        ('[output]\ndestinations = ["PACS@host"]\n', r"\[output\] destinations: .*AET@HOST:PORT"),
+        ('[output]\ndestinations = ["PACS@host"]\n',
+         r"\[output\] destinations = \['PACS@host'\]: item 0: destination 'PACS@host' is not of the form AET@HOST"),
         ("[node\n", r"not valid TOML"),
     ],
 )
@@ -73,6 +75,16 @@ def test_bad_settings_are_refused_with_file_and_key(tmp_path: Path, text: str, e
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError, match=rf"config file {path}: {expected}" if "TOML" not in expected else expected):
         load_settings(path)
+
+
+def test_destinations_are_parsed_once_when_the_settings_are_read(tmp_path: Path) -> None:
+    text = '[output]\ndestinations = ["PACS@10.0.0.5:104", " ARCHIVE @ ::1 :4242"]\n'
+    settings = load_settings(_write(tmp_path, text), overrides={"output": {"reply_to_sender": True}})
+    expected = [Destination("PACS", "10.0.0.5", 104), Destination("ARCHIVE", "::1", 4242)]
+    assert settings.output.destinations == expected and settings.destinations == expected
+    assert [str(d) for d in settings.destinations] == ["PACS@10.0.0.5:104", "ARCHIVE@::1:4242"]
+    overridden = load_settings(overrides={"output": {"destinations": ["OTHER@host:11112"]}})
+    assert overridden.destinations == [Destination("OTHER", "host", 11112)]
 
 
 def test_floats_take_integers_and_overrides_are_checked_too(tmp_path: Path) -> None:

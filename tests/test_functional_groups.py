@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from lpm_node.answer.source import frame_orientation, frame_pixel_spacing, frame_rescale
-from lpm_node.imaging.functional_groups import functional_group_value
+from lpm_node.answer.source import frame_orientation, frame_pixel_spacing
+from lpm_node.core.frames import frame_rescale, functional_group_value, number_of_frames
 
 
 def _item(**attributes: object) -> Dataset:
@@ -52,3 +52,12 @@ def test_writers_read_enhanced_and_single_frame_alike() -> None:
     assert frame_rescale(single, 0) == (1.0, -1024.0)
     assert frame_orientation(single, 0) == (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
     assert frame_pixel_spacing(single, 0) == (0.5, 0.5)
+
+
+def test_number_of_frames_of_any_header() -> None:
+    assert number_of_frames(_enhanced()) == 2
+    assert number_of_frames(Dataset()) == 1
+    for bad in ("", "0", "-3"):
+        ds = Dataset()
+        ds.NumberOfFrames = bad
+        assert number_of_frames(ds) == 1, bad

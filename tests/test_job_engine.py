@@ -14,7 +14,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from lpm_node.answer.sending import KINDS
+from lpm_node.answer.outbox import KINDS
 from lpm_node.core.audit import operator_name
 from lpm_node.demo.orthanc import orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series

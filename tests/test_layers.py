@@ -90,13 +90,14 @@ def test_tests_take_their_helpers_from_tests() -> None:
     assert offenders == []
 
 
-# What node/ may import from answer/: the one entry that builds the answer, and the outbox that delivers it.
-ANSWER_ENTRIES = {"lpm_node.answer.build", "lpm_node.answer.sending"}
+# What node/ may import from answer/: the one entry that builds the answer, and the outbox and its sender that
+# deliver it.
+ANSWER_ENTRIES = {"lpm_node.answer.build", "lpm_node.answer.outbox", "lpm_node.answer.sender"}
 
 
 def test_node_reaches_the_answer_through_one_entry_and_the_answer_never_calls_back() -> None:
-    """node/ builds the answer only through ``answer.build`` (the outbox aside); answer/ imports nothing of node/
-    or cli/, so nothing it runs can call back up."""
+    """node/ builds the answer only through ``answer.build`` (the outbox and its sender aside); answer/ imports
+    nothing of node/ or cli/, so nothing it runs can call back up."""
     wrong: list[str] = []
     for path in sorted((PACKAGE / "node").rglob("*.py")):
         for line, module in _imports(path):

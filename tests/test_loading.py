@@ -338,10 +338,10 @@ def test_malformed_header_is_a_load_error(ph: Phantom, tmp_path: Path) -> None:
     ],
 )
 def test_whole_hu_conversion_to_int16_clips_and_never_wraps(stored: np.ndarray, intercept: int) -> None:
-    from lpm_node.imaging.loading import _to_hu
+    from lpm_node.imaging.loading import stored_to_hu
 
     out = np.empty(stored.shape, np.int16)
-    _to_hu(stored, 1.0, intercept, out)
+    stored_to_hu(stored, 1.0, intercept, out)
     assert np.array_equal(out, np.clip(stored.astype(np.int64) + intercept, -1024, 32767))
 
 
@@ -482,7 +482,7 @@ def test_decimal_strings_in_every_spelling_give_the_same_geometry(ph: Phantom, t
     would, and a value that is not a number is still refused."""
     from pydicom.dataelem import RawDataElement
 
-    from lpm_node.imaging.loading import _decimal, _decimals
+    from lpm_node.core.frames import decimal, decimals
 
     paths = write_series(ph, tmp_path / "a")
     reference = load_series(paths)
@@ -502,9 +502,9 @@ def test_decimal_strings_in_every_spelling_give_the_same_geometry(ph: Phantom, t
     assert np.array_equal(sitk.GetArrayViewFromImage(series.image), sitk.GetArrayViewFromImage(reference.image))
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
     assert isinstance(ds.get_item("ImagePositionPatient"), RawDataElement)
-    assert _decimals(ds, "ImagePositionPatient") == pytest.approx([float(v) for v in ds.ImagePositionPatient])
-    assert _decimal(ds, "RescaleIntercept") == -1024.0 and _decimal(ds, "SliceLocation") is not None
-    assert _decimals(ds, "SpacingBetweenSlices") is None  # absent
+    assert decimals(ds, "ImagePositionPatient") == pytest.approx([float(v) for v in ds.ImagePositionPatient])
+    assert decimal(ds, "RescaleIntercept") == -1024.0 and decimal(ds, "SliceLocation") is not None
+    assert decimals(ds, "SpacingBetweenSlices") is None  # absent
     data = paths[3].read_bytes()  # a position that is not a number, spelled in the file's own bytes
     other = pydicom.dcmread(paths[3], stop_before_pixels=True).get_item("ImagePositionPatient").value
     paths[3].write_bytes(data.replace(other, b"1\\abc\\3".ljust(len(other), b" "), 1))

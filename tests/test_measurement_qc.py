@@ -18,9 +18,9 @@ from lpm_node.core.config import MeasurementSettings
 from lpm_node.imaging.measurement import (
     NO_STEATOSIS,
     NOT_ASSESSABLE,
-    NOT_ASSESSABLE_FLAGS,
-    QC_FLAG_SENTENCES,
     STEATOSIS,
+    Category,
+    QCFlag,
     failed_measurement,
     flag_sentence,
     measure,
@@ -161,7 +161,7 @@ def _check(case_name: str, category: str, flags: list[str], reasons: list[str], 
     assert category == expect.category, (case_name, flags)
     assert expect.flags <= set(flags), (case_name, flags)
     assert not (expect.absent & set(flags)), (case_name, flags)
-    assert reasons == [f for f in NOT_ASSESSABLE_FLAGS if f in flags]  # the reasons are the flags, in order
+    assert reasons == [f for f in QCFlag if f.withholds and f in flags]  # the reasons are the flags, in order
     if expect.reasons is not None:
         assert set(reasons) == expect.reasons, (case_name, reasons)
     assert (category == NOT_ASSESSABLE) == bool(reasons)
@@ -252,9 +252,27 @@ def test_liver_cut_flags_only_when_the_cut_can_change_k() -> None:
 
 
 def test_every_flag_has_a_sentence_and_no_sentence_shows_a_flag_name() -> None:
-    for flag, sentence in QC_FLAG_SENTENCES.items():
-        assert flag_sentence(flag) == sentence
-        assert "_" not in sentence and sentence.endswith(".") and sentence[0].isupper()
-    assert set(NOT_ASSESSABLE_FLAGS) <= set(QC_FLAG_SENTENCES)
+    for flag in QCFlag:
+        assert flag_sentence(flag) == flag_sentence(flag.value) == flag.sentence
+        assert "_" not in flag.sentence and flag.sentence.endswith(".") and flag.sentence[0].isupper()
+    assert flag_sentence("a_flag_of_another_version") == "A flag of another version."
     failed = failed_measurement(40.0)
     assert failed.category == NOT_ASSESSABLE and failed.not_assessable_reasons == ["measurement_failed"]
+
+
+def test_stored_values_of_categories_and_flags_stay_as_they_were() -> None:
+    """Audit rows, JSON, CSV and SR text hold these words: existing data must keep reading."""
+    assert [str(c) for c in Category] == ["moderate_to_severe_steatosis", "no_moderate_to_severe_steatosis",
+                                           "not_assessable"]
+    assert [f.value for f in QCFlag if f.withholds] == [
+        "no_liver", "little_liver", "roi_largely_outside_liver", "roi_clipped", "roi_outside_image", "roi_noisy",
+        "roi_mean_implausible", "faithful_robust_disagree", "lateral_edge_at_field_of_view",
+        "liver_cut_by_field_of_view_at_roi", "liver_not_on_patient_right", "component_not_liver_like",
+        "roi_disk_changes_category", "measurement_failed"]
+    assert [f.value for f in QCFlag if not f.withholds] == [
+        "roi_outside_liver", "liver_cut_inferior", "liver_cut_superior", "liver_cut_by_field_of_view",
+        "roi_slice_interpolated", "roi_on_edge_slices", "roi_slice_without_liver", "off_method_grid", "no_spleen",
+        "body_wall_cut_by_field_of_view", "orientation_unknown", "liver_side_not_checked", "patient_not_supine",
+        "roi_disk_unlike_liver"]
+    assert json.dumps([QCFlag.NO_LIVER, STEATOSIS]) == '["no_liver", "moderate_to_severe_steatosis"]'
+    assert f"{QCFlag.ROI_NOISY}|{NO_STEATOSIS}" == "roi_noisy|no_moderate_to_severe_steatosis"

@@ -31,7 +31,7 @@ from lpm_node.demo.qc_cases import (
 from lpm_node.imaging.measurement import (
     MIN_LATERAL_TISSUE_PX,
     NOT_ASSESSABLE,
-    NOT_ASSESSABLE_FLAGS,
+    QCFlag,
     measure,
 )
 from lpm_node.imaging.orientation import axes_code, dicom_orientation, nifti_form_codes
@@ -74,7 +74,7 @@ def _failures(case: QcCase, item: dict) -> list[str]:
         expected = next(v for k, v in HAZARD_REASONS.items() if k in case.name)
         if not expected & set(reasons):
             wrong.append(f"hazard {case.name}: withheld for {reasons}, not for any of {sorted(expected)}")
-    if reasons != [f for f in NOT_ASSESSABLE_FLAGS if f in flags]:
+    if reasons != [f for f in QCFlag if f.withholds and f in flags]:
         wrong.append(f"{case.name}: reasons {reasons} are not the withholding flags of {flags}")
     return wrong
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from lpm_node.answer.sending import KINDS
+from lpm_node.answer.outbox import KINDS
 from lpm_node.demo.orthanc import orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from tests.support_net import REPO, NodeProcess, free_port, have_dcmtk, storescu

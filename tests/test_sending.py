@@ -19,18 +19,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer import build_key_image, build_seg, build_sr, write_dataset
-from lpm_node.answer.sending import (
-    Sender,
-    _store_outcome,
-    backoff_delay,
-    enqueue_results,
-    result_destinations,
-    retry_deliveries,
-    series_delivery_status,
-)
+from lpm_node.answer.outbox import enqueue_results, retry_deliveries, series_delivery_status
+from lpm_node.answer.sender import Sender, backoff_delay
+from lpm_node.answer.transport import store_outcome
 from lpm_node.cli import main as cli_main
 from lpm_node.core.audit import Delivery, DeliveryAttempt, utcnow
-from lpm_node.core.config import Destination, OutputSettings, load_settings
+from lpm_node.core.config import OutputSettings, load_settings
+from lpm_node.core.destinations import Destination, result_destinations
 from lpm_node.demo.local_store import LocalStore
 from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.imaging.measurement import STEATOSIS, Measurement
@@ -465,15 +460,15 @@ def test_dimse_status_categories() -> None:
             ds.ErrorComment = comment
         return ds
 
-    assert _store_outcome(status(0x0000), False, 1).ok
-    warning = _store_outcome(status(0xB000, "coercion"), False, 1)
+    assert store_outcome(status(0x0000), False, 1).ok
+    warning = store_outcome(status(0xB000, "coercion"), False, 1)
     assert warning.ok and warning.status == "0xB000" and "Warning" in warning.error
-    assert _store_outcome(status(0xB007), False, 1).ok
-    failure = _store_outcome(status(0xA700), False, 1)
+    assert store_outcome(status(0xB007), False, 1).ok
+    failure = store_outcome(status(0xA700), False, 1)
     assert not failure.ok and failure.status == "0xA700"
-    assert not _store_outcome(status(0xC000, "cannot understand"), False, 1).ok
-    assert _store_outcome(Dataset(), True, 1).status == "AssociationAborted"
-    assert _store_outcome(Dataset(), False, 1).status == "Timeout"
+    assert not store_outcome(status(0xC000, "cannot understand"), False, 1).ok
+    assert store_outcome(Dataset(), True, 1).status == "AssociationAborted"
+    assert store_outcome(Dataset(), False, 1).status == "Timeout"
 
 
 def test_result_destinations_add_the_sender_when_configured() -> None:

@@ -74,7 +74,8 @@ def test_tls_with_client_certificates(tmp_path, certs):
 
 
 def test_results_are_sent_to_a_tls_destination(tmp_path, certs):
-    from lpm_node.answer.sending import Sender, tls_client_context
+    from lpm_node.answer.sender import Sender
+    from lpm_node.answer.transport import tls_client_context
     from lpm_node.core.audit import Delivery, session_factory
     from lpm_node.core.config import Settings
     from tests.support_net import dcmtk_env, free_port, wait_for_port

@@ -4,18 +4,13 @@ references of the loader's slices (``(-1, -1)`` for a slice interpolated across 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from pydicom import Dataset
 from pydicom.pixels import pixel_array as read_pixel_array
 
-from lpm_node.imaging.functional_groups import functional_group_value
-
-
-def number_of_frames(ds: Dataset) -> int:
-    """NumberOfFrames of a dataset (1 when absent)."""
-    return int(ds.get("NumberOfFrames", 1) or 1)
+from lpm_node.core.frames import frame_rescale, frame_value, functional_group_value, number_of_frames
+from lpm_node.imaging.loading import stored_to_hu
 
 
 def source_series_uid(datasets: Sequence[Dataset]) -> str:
@@ -54,37 +49,22 @@ def nearest_source_slice(frame_refs: Sequence[tuple[int, int]], k: int) -> int:
     return min(real, key=lambda i: (abs(i - k), i))
 
 
-def _frame_value(ds: Dataset, frame: int, sequence: str, keyword: str) -> Any:
-    """``keyword`` of one frame: its functional groups first, then the top-level dataset (single-frame)."""
-    value = functional_group_value(ds, frame, sequence, keyword)
-    return ds.get(keyword) if value is None else value
-
-
-def frame_rescale(ds: Dataset, frame: int) -> tuple[float, float]:
-    """(slope, intercept) of the modality LUT for one frame."""
-    slope = _frame_value(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
-    intercept = _frame_value(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
-    return float(slope or 1.0), float(intercept or 0.0)
-
-
 def frame_hu(ds: Dataset, frame: int) -> np.ndarray:
-    """HU values (float32, rows x cols) of one frame of a CT dataset."""
-    if number_of_frames(ds) > 1:
-        stored = read_pixel_array(ds, index=frame)
-    else:
-        stored = ds.pixel_array
-    slope, intercept = frame_rescale(ds, frame)
-    return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    """HU values (float32, rows x cols) of one frame of a CT dataset, decoded as the loader decodes them."""
+    stored = read_pixel_array(ds, index=frame) if number_of_frames(ds) > 1 else ds.pixel_array
+    hu = np.empty(stored.shape, dtype=np.float32)
+    stored_to_hu(stored, *frame_rescale(ds, frame), hu)
+    return hu
 
 
 def frame_orientation(ds: Dataset, frame: int) -> tuple[float, ...]:
     """ImageOrientationPatient (six direction cosines) of one frame."""
-    return tuple(float(v) for v in _frame_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"))
+    return tuple(float(v) for v in frame_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"))
 
 
 def frame_pixel_spacing(ds: Dataset, frame: int) -> tuple[float, float]:
     """PixelSpacing (row spacing, column spacing) in mm of one frame."""
-    spacing = _frame_value(ds, frame, "PixelMeasuresSequence", "PixelSpacing")
+    spacing = frame_value(ds, frame, "PixelMeasuresSequence", "PixelSpacing")
     return float(spacing[0]), float(spacing[1])
 
 

@@ -8,9 +8,9 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lpm_node.answer.transport import echo
 from lpm_node.core.config import Settings
 from lpm_node.core.states import DeliveryStatus, JobStatus
-from lpm_node.node.peers import echo
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lpm_node.core.config import Settings
-from lpm_node.imaging.measurement import NOT_ASSESSABLE, Measurement, _on_method_grid, flag_sentence, measure
+from lpm_node.imaging.measurement import NOT_ASSESSABLE, Measurement, flag_sentence, measure, on_method_grid
 from lpm_node.imaging.orientation import nifti_orientation
 from lpm_node.imaging.segmentation import largest_component
 
@@ -108,7 +108,7 @@ def measure_command(settings: Settings, args: argparse.Namespace) -> int:
     if ct.GetDimension() != 3:
         raise ValueError(f"CT {args.ct} is not a 3-D image")
     spacing_xyz = ct.GetSpacing()
-    if not _on_method_grid((spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])):
+    if not on_method_grid((spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])):
         raise ValueError(
             f"CT {args.ct} is on a {' x '.join(f'{s:g}' for s in spacing_xyz)} mm grid; the method needs "
             "0.7 x 0.7 x 2.5 mm (x, y, z): resample it (linear) and the mask (nearest) first"

@@ -8,10 +8,11 @@ from typing import Any
 
 from sqlalchemy import select
 
-from lpm_node.answer.sending import delivery_dict, retry_deliveries
+from lpm_node.answer.outbox import delivery_dict, retry_deliveries
 from lpm_node.cli.recovery import command_line
 from lpm_node.core.audit import Delivery, record_operator_action, session_factory
-from lpm_node.core.config import Destination, Settings
+from lpm_node.core.config import Settings
+from lpm_node.core.destinations import Destination
 
 
 def outbox_command(settings: Settings, args: argparse.Namespace) -> int:

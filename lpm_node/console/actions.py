@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from lpm_node.answer.sending import retry_deliveries
+from lpm_node.answer.outbox import retry_deliveries
 from lpm_node.core.audit import record_operator_action
-from lpm_node.core.config import Destination, Settings
+from lpm_node.core.config import Settings
+from lpm_node.core.destinations import Destination
 from lpm_node.node.recovery import rerun_series
 from lpm_node.node.recovery import suspend_measuring as suspend_or_resume
 

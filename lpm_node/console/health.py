@@ -15,10 +15,10 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node import __version__
+from lpm_node.answer.transport import echo
 from lpm_node.core.audit import Job, RoleHeartbeat, as_utc, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.core.states import JobStatus
-from lpm_node.node.peers import echo
 
 STARTED = time.monotonic()
 

@@ -22,7 +22,7 @@ from lpm_node.console.security import authenticate, new_csrf_token, same_token
 from lpm_node.console.web import Console, Forbidden, console_of
 from lpm_node.core.audit import utcnow
 from lpm_node.core.states import SeriesStatus, values
-from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS
+from lpm_node.imaging.measurement import Category
 
 LOG = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _search_context(console: Console, filters: lookup.SearchFilters) -> dict[str
     with console.sessions() as session:
         result = lookup.search(session, filters, console.settings.console.page_size)
     return {"filters": filters, "result": result, "statuses": values(SeriesStatus),
-            "categories": [STEATOSIS, NO_STEATOSIS, NOT_ASSESSABLE]}
+            "categories": [str(c) for c in Category]}
 
 
 async def home(request: Request) -> Response:

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from lpm_node.core.destinations import Destination, DestinationSetting
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
 Count = Annotated[int, Field(ge=0)]
@@ -30,28 +32,6 @@ class ConfigError(ValueError):
     """A setting that cannot be used: the message names the source (file or command line) and the key."""
 
 LOG = logging.getLogger(__name__)
-
-
-@dataclass
-class Destination:
-    """A DICOM peer that receives the node's results."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        """Parse ``AET@HOST:PORT``."""
-        try:
-            ae_title, rest = text.split("@", 1)
-            host, port = rest.rsplit(":", 1)
-            return cls(ae_title=ae_title.strip(), host=host.strip(), port=int(port))
-        except ValueError as exc:
-            raise ValueError(f"destination {text!r} is not of the form AET@HOST:PORT") from exc
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass
@@ -143,7 +123,7 @@ class MeasurementSettings:
 class OutputSettings:
     omit_empty_frames: bool = True
     key_image: bool = True
-    destinations: list[str] = field(default_factory=list)  # "AET@HOST:PORT"
+    destinations: list[DestinationSetting] = field(default_factory=list)  # "AET@HOST:PORT", parsed when read
     reply_to_sender: bool = False
     reply_port: Port = 104
     max_attempts: Count = 0  # 0: no limit by count, only retry_hours
@@ -212,7 +192,7 @@ class Settings:
 
     @property
     def destinations(self) -> list[Destination]:
-        return [Destination.parse(d) for d in self.output.destinations]
+        return list(self.output.destinations)
 
 
 @functools.cache
@@ -240,7 +220,9 @@ def _merge(section: Any, values: dict[str, Any], where: str, source: str) -> Non
             checked = adapters[key].validate_python(value, strict=True)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'item ' + '.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg']}" for e in exc.errors()
+                f"{'item ' + '.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}"
+                f"{e.get('ctx', {}).get('error') or e['msg']}"  # a ValueError of a parser (a destination) as it says
+                for e in exc.errors()
             )
             raise ConfigError(f"{source}: [{where}] {key} = {value!r}: {problems}") from None
         setattr(section, key, checked)
@@ -264,11 +246,6 @@ def _check_together(settings: Settings, source: str) -> None:
     if node.role != "all" and not node.database_url.startswith("postgres"):
         raise ConfigError(f"{source}: [node] role = {node.role!r} shares the work with other processes: it needs "
                           "a PostgreSQL database_url (SQLite serves one process, role \"all\")")
-    for dest in output.destinations:
-        try:
-            Destination.parse(dest)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: [output] destinations: {exc}") from None
 
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:

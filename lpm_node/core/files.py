@@ -6,19 +6,41 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
+
+
+def _hash_into(digest: hashlib._Hash, fd: int) -> None:
+    while chunk := os.read(fd, 1 << 20):
+        digest.update(chunk)
 
 
 def file_checksum(*paths: str | Path) -> str:
     """SHA-256 (hex) of a file's bytes, or of several files' bytes in the order given."""
     digest = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _hash_into(digest, fd)
+        finally:
+            os.close(fd)
     return digest.hexdigest()
+
+
+def checksum_and_sync(path: str | Path) -> tuple[str, float]:
+    """SHA-256 (hex) of a file, and its data made durable (fdatasync) through the same open file; with the
+    seconds the sync took."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _hash_into(digest, fd)
+        started = time.perf_counter()
+        os.fdatasync(fd)
+        return digest.hexdigest(), time.perf_counter() - started
+    finally:
+        os.close(fd)
 
 
 def fsync_folder(folder: str | Path) -> None:

@@ -21,7 +21,8 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from lpm_node.core.audit import Delivery, Job, Series
-from lpm_node.core.config import Destination, Settings
+from lpm_node.core.config import Settings
+from lpm_node.core.destinations import Destination
 from lpm_node.core.states import DeliveryStatus, JobStatus, SeriesStatus
 from lpm_node.demo.local_store import LocalStore
 from lpm_node.demo.model import bundled_model_folder
@@ -66,7 +67,7 @@ def _demo_settings(settings: Settings, work: Path, destination: Destination) -> 
     demo.node.allowed_hosts = []
     demo.node.measure = True
     demo.series.stable_seconds = 2.0
-    demo.output.destinations = [str(destination)]
+    demo.output.destinations = [destination]
     demo.output.reply_to_sender = False
     demo.model.folder = demo.model.folder or str(bundled_model_folder())  # the demo asks for the test model
     return demo

@@ -28,8 +28,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
+from lpm_node.core.frames import frame_rescale, frame_value, number_of_frames
 from lpm_node.imaging.arrays import CAN_FILL, image_fits, image_from_array, new_image
-from lpm_node.imaging.functional_groups import functional_group_value
 
 __all__ = ["SeriesLoadError", "CTSeries", "find_series", "load_series", "HU_AIR"]
 
@@ -122,50 +122,14 @@ def _floats(value: Any, n: int, what: str) -> np.ndarray:
     return arr
 
 
-def _decimals(ds: Dataset, keyword: str) -> Any:
-    """A decimal string (DS) attribute's numbers, read from the element's raw bytes while it is still unread.
-
-    pydicom's conversion to ``DSfloat`` (with validation) costs more than the whole rest of the geometry for a
-    600-file series; a plain ``float`` per value gives the same numbers. Anything that is not a clean list of
-    numbers goes through pydicom as before (its value, or None when absent)."""
-    elem = ds.get_item(keyword)
-    if elem is None:
-        return None
-    raw = elem.value
-    if isinstance(raw, bytes):
-        text = raw.decode("ascii", "replace").strip(" \0")
-        if text:
-            try:
-                return [float(v) for v in text.split("\\")]
-            except ValueError:
-                pass
-    return ds.get(keyword)
-
-
-def _decimal(ds: Dataset, keyword: str) -> Any:
-    """One decimal string attribute like :func:`_decimals`: a float, pydicom's value, or None."""
-    values = _decimals(ds, keyword)
-    if isinstance(values, list) and len(values) == 1 and isinstance(values[0], float):
-        return values[0]
-    return values
-
-
 def _frames_of(ds: Dataset, ds_index: int) -> list[_Frame]:
     """Geometry and rescale of every frame of one dataset."""
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     frames: list[_Frame] = []
-    for f in range(n):
-        if enhanced:
-            ipp = functional_group_value(ds, f, "PlanePositionSequence", "ImagePositionPatient")
-            iop = functional_group_value(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient")
-            ps = functional_group_value(ds, f, "PixelMeasuresSequence", "PixelSpacing")
-            slope = functional_group_value(ds, f, "PixelValueTransformationSequence", "RescaleSlope")
-            intercept = functional_group_value(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
-        else:
-            ipp, iop, ps = (_decimals(ds, kw) for kw in ("ImagePositionPatient", "ImageOrientationPatient",
-                                                         "PixelSpacing"))
-            slope, intercept = _decimal(ds, "RescaleSlope"), _decimal(ds, "RescaleIntercept")
+    for f in range(number_of_frames(ds)):
+        ipp = frame_value(ds, f, "PlanePositionSequence", "ImagePositionPatient")
+        iop = frame_value(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient")
+        ps = frame_value(ds, f, "PixelMeasuresSequence", "PixelSpacing")
+        slope, intercept = frame_rescale(ds, f)
         if ipp is None or iop is None:
             raise SeriesLoadError(f"instance {ds.get('SOPInstanceUID', ds_index)} frame {f + 1} has no image "
                                   "position/orientation (not a cross-sectional image)")
@@ -175,8 +139,7 @@ def _frames_of(ds: Dataset, ds_index: int) -> list[_Frame]:
         frames.append(_Frame(
             ds_index=ds_index, frame=f, position=_floats(ipp, 3, "ImagePositionPatient"),
             orientation=_floats(iop, 6, "ImageOrientationPatient"), spacing=(float(spacing[0]), float(spacing[1])),
-            slope=float(slope) if slope not in (None, "") else 1.0,
-            intercept=float(intercept) if intercept not in (None, "") else 0.0,
+            slope=slope, intercept=intercept,
         ))
     return frames
 
@@ -205,7 +168,7 @@ def _nominal_thickness(ds: Dataset) -> float:
     """Slice spacing to use for a single-slice series: SpacingBetweenSlices, else SliceThickness, else 1 mm."""
     for kw in ("SpacingBetweenSlices", "SliceThickness"):
         try:
-            v = float(ds.get(kw) or functional_group_value(ds, 0, "PixelMeasuresSequence", kw) or 0)
+            v = float(frame_value(ds, 0, "PixelMeasuresSequence", kw) or 0)
         except (TypeError, ValueError):
             v = 0.0
         if v > 0:
@@ -408,7 +371,7 @@ def _raw(ds: Dataset, keyword: str) -> object:
 def _stored_pixels(ds: Dataset) -> np.ndarray:
     """Stored pixel values as (frames, rows, cols), decoding compressed data when needed."""
     rows, cols = int(ds.Rows), int(ds.Columns)
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    n = number_of_frames(ds)
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise SeriesLoadError("colour images are not CT")
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -432,7 +395,7 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
     return arr.reshape(n, rows, cols)
 
 
-def _to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
+def stored_to_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
     """out = max(stored * slope + intercept, -1024) in float32 (or int16, capped at 32767), in few passes."""
     if out.dtype == np.int16:  # slope 1, whole-HU intercept
         shift = int(intercept)
@@ -601,7 +564,7 @@ def _decode_sorted(
     ``native[i]`` holds the stored frames of ``datasets[i]`` when they were read with its header, else None.
     Without ``keep_pixel_data`` each dataset's pixel data is dropped as soon as it is decoded."""
     slot = {frame_i: k for k, frame_i in enumerate(order)}
-    frame_start = np.cumsum([0] + [int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets])
+    frame_start = np.cumsum([0] + [number_of_frames(ds) for ds in datasets])
 
     def fill(i: int) -> int:
         ds = datasets[i]
@@ -612,7 +575,7 @@ def _decode_sorted(
         for f in range(stored.shape[0]):
             fr = frames[frame_start[i] + f]
             out = src[slot[frame_start[i] + f]]
-            _to_hu(stored[f], fr.slope, fr.intercept, out)
+            stored_to_hu(stored[f], fr.slope, fr.intercept, out)
             if pad is not None and pad[f].any():
                 out[pad[f]] = HU_AIR
                 n_padded += 1

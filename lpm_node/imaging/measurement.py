@@ -24,9 +24,9 @@ Beyond the paper, reported beside the faithful values and never instead of them:
   ``MIN_ROBUST_VOXELS`` voxels survive the erosion, half of it is tried, then the whole mask.
 - ``spleen_hu``: the same erosion on the spleen mask, plain mean; ``liver_minus_spleen_hu`` = DL-parenchymal minus
   spleen attenuation.
-- QC flags (stable snake_case strings, in ``Measurement.qc_flags``; the sentence for each in
-  ``QC_FLAG_SENTENCES``). Those in ``NOT_ASSESSABLE_FLAGS`` make the category ``not_assessable`` (the faithful
-  value is still reported) and are listed again in ``Measurement.not_assessable_reasons``:
+- QC flags (``QCFlag``: stable snake_case values, in ``Measurement.qc_flags``; each with its ``sentence``). Those
+  that withhold the answer (``QCFlag.withholds``) make the category ``not_assessable`` (the faithful value is still
+  reported) and are listed again, in the enum's order, in ``Measurement.not_assessable_reasons``:
 
   ``no_liver``                        the liver mask is empty: HU values None;
   ``little_liver``                    liver volume < ``min_liver_volume_ml``;
@@ -77,6 +77,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import cv2
@@ -95,9 +96,15 @@ if TYPE_CHECKING:
     from lpm_node.core.config import MeasurementSettings
     from lpm_node.imaging.orientation import PatientOrientation
 
-STEATOSIS = "moderate_to_severe_steatosis"
-NO_STEATOSIS = "no_moderate_to_severe_steatosis"
-NOT_ASSESSABLE = "not_assessable"
+class Category(StrEnum):
+    """The answer for a series; the value is what the audit, the JSON, the CSV and the console store and show."""
+
+    STEATOSIS = "moderate_to_severe_steatosis"
+    NO_STEATOSIS = "no_moderate_to_severe_steatosis"
+    NOT_ASSESSABLE = "not_assessable"
+
+
+STEATOSIS, NO_STEATOSIS, NOT_ASSESSABLE = Category.STEATOSIS, Category.NO_STEATOSIS, Category.NOT_ASSESSABLE
 
 METHOD_SPACING_ZYX = (2.5, 0.7, 0.7)  # mm
 SPACING_TOLERANCE = 0.02  # relative
@@ -126,110 +133,122 @@ ROBUST_EROSION_MM = 5.0
 ROBUST_CLIP_SD = 3.0
 MIN_ROBUST_VOXELS = 1000
 
-QC_NO_LIVER = "no_liver"
-QC_LITTLE_LIVER = "little_liver"
-QC_ROI_LARGELY_OUTSIDE_LIVER = "roi_largely_outside_liver"
-QC_ROI_CLIPPED = "roi_clipped"
-QC_ROI_OUTSIDE_IMAGE = "roi_outside_image"
-QC_ROI_NOISY = "roi_noisy"
-QC_ROI_MEAN_IMPLAUSIBLE = "roi_mean_implausible"
-QC_FAITHFUL_ROBUST_DISAGREE = "faithful_robust_disagree"
-QC_LATERAL_EDGE_AT_FIELD_OF_VIEW = "lateral_edge_at_field_of_view"
-QC_ROI_OUTSIDE_LIVER = "roi_outside_liver"
-QC_LIVER_CUT_INFERIOR = "liver_cut_inferior"
-QC_LIVER_CUT_SUPERIOR = "liver_cut_superior"
-QC_LIVER_CUT_BY_FIELD_OF_VIEW = "liver_cut_by_field_of_view"
-QC_ROI_SLICE_INTERPOLATED = "roi_slice_interpolated"
-QC_ROI_ON_EDGE_SLICES = "roi_on_edge_slices"
-QC_ROI_SLICE_WITHOUT_LIVER = "roi_slice_without_liver"
-QC_OFF_METHOD_GRID = "off_method_grid"
-QC_NO_SPLEEN = "no_spleen"
-QC_BODY_WALL_CUT_BY_FIELD_OF_VIEW = "body_wall_cut_by_field_of_view"
-QC_LIVER_CUT_BY_FIELD_OF_VIEW_AT_ROI = "liver_cut_by_field_of_view_at_roi"
-QC_LIVER_NOT_ON_PATIENT_RIGHT = "liver_not_on_patient_right"
-QC_COMPONENT_NOT_LIVER_LIKE = "component_not_liver_like"
-QC_ORIENTATION_UNKNOWN = "orientation_unknown"
-QC_LIVER_SIDE_NOT_CHECKED = "liver_side_not_checked"
-QC_PATIENT_NOT_SUPINE = "patient_not_supine"
-QC_ROI_DISK_UNLIKE_LIVER = "roi_disk_unlike_liver"
-QC_ROI_DISK_CHANGES_CATEGORY = "roi_disk_changes_category"
-QC_MEASUREMENT_FAILED = "measurement_failed"
 
-# Every flag as a sentence a radiologist reads (SR, key image, README); never show the snake_case name.
-QC_FLAG_SENTENCES: dict[str, str] = {
-    QC_NO_LIVER: "No liver was found in the scan.",
-    QC_LITTLE_LIVER: "Too little liver is in view for a reliable measurement.",
-    QC_ROI_LARGELY_OUTSIDE_LIVER: "A measurement region lies largely outside the segmented liver.",
-    QC_ROI_CLIPPED: "A measurement region was cut by the edge of the image.",
-    QC_ROI_OUTSIDE_IMAGE: "A measurement region lies wholly outside the image.",
-    QC_ROI_NOISY: "The attenuation in the measurement region varies too much (noise, metal or a lesion).",
-    QC_ROI_MEAN_IMPLAUSIBLE: "The mean attenuation in the measurement region is not plausible for unenhanced liver.",
-    QC_FAITHFUL_ROBUST_DISAGREE: (
-        "The measurement region and the rest of the liver parenchyma differ strongly "
-        "(a lesion, a vessel or a misplaced region)."
-    ),
-    QC_LATERAL_EDGE_AT_FIELD_OF_VIEW: (
-        "The liver's outer edge, from which the region is placed, is cut by the field of view."
-    ),
-    QC_ROI_OUTSIDE_LIVER: "Part of the measurement region lies outside the segmented liver.",
-    QC_LIVER_CUT_INFERIOR: "The liver is cut by the lower end of the scan near its largest section.",
-    QC_LIVER_CUT_SUPERIOR: "The liver is cut by the upper end of the scan near its largest section.",
-    QC_LIVER_CUT_BY_FIELD_OF_VIEW: "The liver is cut by the edge of the field of view.",
-    QC_ROI_SLICE_INTERPOLATED: "A measurement slice was interpolated across a missing source slice.",
-    QC_ROI_ON_EDGE_SLICES: "The measurement slices were taken at the end of the scan.",
-    QC_ROI_SLICE_WITHOUT_LIVER: "A measurement slice holds no liver.",
-    QC_OFF_METHOD_GRID: "The image is not on the method's 0.7 x 0.7 x 2.5 mm grid.",
-    QC_NO_SPLEEN: "No spleen was found, so liver-minus-spleen attenuation is not reported.",
-    QC_BODY_WALL_CUT_BY_FIELD_OF_VIEW: (
-        "The field of view cuts the body wall beyond the liver; the liver's outer edge and the tissue beyond it "
-        "are in view, so the liver was measured."
-    ),
-    QC_LIVER_CUT_BY_FIELD_OF_VIEW_AT_ROI: "The liver is cut by the field of view beside the measurement regions.",
-    QC_LIVER_NOT_ON_PATIENT_RIGHT: (
-        "The liver is not on the patient's right (mirrored image, situs inversus or a wrong header)."
-    ),
-    QC_COMPONENT_NOT_LIVER_LIKE: (
-        "The measured component is not liver-like (its outer edge lies far from the right body wall)."
-    ),
-    QC_ORIENTATION_UNKNOWN: (
-        "The image header states no orientation; the patient's right was found from the anatomy alone."
-    ),
-    QC_LIVER_SIDE_NOT_CHECKED: "No body was found around the liver, so its side could not be checked.",
-    QC_PATIENT_NOT_SUPINE: (
-        "The patient lay prone or on one side; the image's orientation was used to find the patient's right."
-    ),
-    QC_ROI_DISK_UNLIKE_LIVER: (
+class QCFlag(StrEnum):
+    """A quality-control flag: its stable snake_case value (stored in the audit, the JSON and the CSV), the sentence
+    a radiologist reads for it (SR, key image, console; never the value itself), and whether it withholds the
+    answer (makes the category not_assessable: the ROI may not have measured liver parenchyma)."""
+
+    sentence: str
+    withholds: bool
+
+    def __new__(cls, value: str, sentence: str, withholds: bool = False) -> QCFlag:
+        flag = str.__new__(cls, value)
+        flag._value_ = value
+        flag.sentence = sentence
+        flag.withholds = withholds
+        return flag
+
+    NO_LIVER = ("no_liver", "No liver was found in the scan.", True)
+    LITTLE_LIVER = ("little_liver", "Too little liver is in view for a reliable measurement.", True)
+    ROI_LARGELY_OUTSIDE_LIVER = (
+        "roi_largely_outside_liver",
+        "A measurement region lies largely outside the segmented liver.",
+        True,
+    )
+    ROI_CLIPPED = ("roi_clipped", "A measurement region was cut by the edge of the image.", True)
+    ROI_OUTSIDE_IMAGE = ("roi_outside_image", "A measurement region lies wholly outside the image.", True)
+    ROI_NOISY = (
+        "roi_noisy",
+        "The attenuation in the measurement region varies too much (noise, metal or a lesion).",
+        True,
+    )
+    ROI_MEAN_IMPLAUSIBLE = (
+        "roi_mean_implausible",
+        "The mean attenuation in the measurement region is not plausible for unenhanced liver.",
+        True,
+    )
+    FAITHFUL_ROBUST_DISAGREE = (
+        "faithful_robust_disagree",
+        "The measurement region and the rest of the liver parenchyma differ strongly (a lesion, a vessel or a "
+        "misplaced region).",
+        True,
+    )
+    LATERAL_EDGE_AT_FIELD_OF_VIEW = (
+        "lateral_edge_at_field_of_view",
+        "The liver's outer edge, from which the region is placed, is cut by the field of view.",
+        True,
+    )
+    ROI_OUTSIDE_LIVER = ("roi_outside_liver", "Part of the measurement region lies outside the segmented liver.")
+    LIVER_CUT_INFERIOR = (
+        "liver_cut_inferior",
+        "The liver is cut by the lower end of the scan near its largest section.",
+    )
+    LIVER_CUT_SUPERIOR = (
+        "liver_cut_superior",
+        "The liver is cut by the upper end of the scan near its largest section.",
+    )
+    LIVER_CUT_BY_FIELD_OF_VIEW = ("liver_cut_by_field_of_view", "The liver is cut by the edge of the field of view.")
+    ROI_SLICE_INTERPOLATED = (
+        "roi_slice_interpolated",
+        "A measurement slice was interpolated across a missing source slice.",
+    )
+    ROI_ON_EDGE_SLICES = ("roi_on_edge_slices", "The measurement slices were taken at the end of the scan.")
+    ROI_SLICE_WITHOUT_LIVER = ("roi_slice_without_liver", "A measurement slice holds no liver.")
+    OFF_METHOD_GRID = ("off_method_grid", "The image is not on the method's 0.7 x 0.7 x 2.5 mm grid.")
+    NO_SPLEEN = ("no_spleen", "No spleen was found, so liver-minus-spleen attenuation is not reported.")
+    BODY_WALL_CUT_BY_FIELD_OF_VIEW = (
+        "body_wall_cut_by_field_of_view",
+        "The field of view cuts the body wall beyond the liver; the liver's outer edge and the tissue beyond "
+        "it are in view, so the liver was measured.",
+    )
+    LIVER_CUT_BY_FIELD_OF_VIEW_AT_ROI = (
+        "liver_cut_by_field_of_view_at_roi",
+        "The liver is cut by the field of view beside the measurement regions.",
+        True,
+    )
+    LIVER_NOT_ON_PATIENT_RIGHT = (
+        "liver_not_on_patient_right",
+        "The liver is not on the patient's right (mirrored image, situs inversus or a wrong header).",
+        True,
+    )
+    COMPONENT_NOT_LIVER_LIKE = (
+        "component_not_liver_like",
+        "The measured component is not liver-like (its outer edge lies far from the right body wall).",
+        True,
+    )
+    ORIENTATION_UNKNOWN = (
+        "orientation_unknown",
+        "The image header states no orientation; the patient's right was found from the anatomy alone.",
+    )
+    LIVER_SIDE_NOT_CHECKED = (
+        "liver_side_not_checked",
+        "No body was found around the liver, so its side could not be checked.",
+    )
+    PATIENT_NOT_SUPINE = (
+        "patient_not_supine",
+        "The patient lay prone or on one side; the image's orientation was used to find the patient's right.",
+    )
+    ROI_DISK_UNLIKE_LIVER = (
+        "roi_disk_unlike_liver",
         "A measurement region differs from the rest of the liver (part of it lies on a lesion, a vessel or "
-        "tissue outside the liver)."
-    ),
-    QC_ROI_DISK_CHANGES_CATEGORY: (
-        "Leaving out the measurement region that differs from the rest of the liver changes the category."
-    ),
-    QC_MEASUREMENT_FAILED: "The measurement could not be completed on this series.",
-}
-
-# The flags that say the ROI may not have measured liver parenchyma: the category is then not_assessable.
-NOT_ASSESSABLE_FLAGS: tuple[str, ...] = (
-    QC_NO_LIVER,
-    QC_LITTLE_LIVER,
-    QC_ROI_LARGELY_OUTSIDE_LIVER,
-    QC_ROI_CLIPPED,
-    QC_ROI_OUTSIDE_IMAGE,
-    QC_ROI_NOISY,
-    QC_ROI_MEAN_IMPLAUSIBLE,
-    QC_FAITHFUL_ROBUST_DISAGREE,
-    QC_LATERAL_EDGE_AT_FIELD_OF_VIEW,
-    QC_LIVER_CUT_BY_FIELD_OF_VIEW_AT_ROI,
-    QC_LIVER_NOT_ON_PATIENT_RIGHT,
-    QC_COMPONENT_NOT_LIVER_LIKE,
-    QC_ROI_DISK_CHANGES_CATEGORY,
-    QC_MEASUREMENT_FAILED,
-)
+        "tissue outside the liver).",
+    )
+    ROI_DISK_CHANGES_CATEGORY = (
+        "roi_disk_changes_category",
+        "Leaving out the measurement region that differs from the rest of the liver changes the category.",
+        True,
+    )
+    MEASUREMENT_FAILED = ("measurement_failed", "The measurement could not be completed on this series.", True)
 
 
 def flag_sentence(flag: str) -> str:
-    """The sentence that explains a QC flag (the flag itself, humanised, for one this version does not know)."""
-    return QC_FLAG_SENTENCES.get(flag) or flag.replace("_", " ").capitalize() + "."
+    """The sentence that explains a QC flag, stored or new (the flag itself, humanised, for one this version does
+    not know)."""
+    try:
+        return QCFlag(flag).sentence
+    except ValueError:
+        return flag.replace("_", " ").capitalize() + "."
 
 
 @dataclass
@@ -239,7 +258,7 @@ class Measurement:
     dl_parenchymal_hu: float | None
     dl_volumetric_hu: float | None
     liver_volume_ml: float
-    category: str  # STEATOSIS | NO_STEATOSIS | NOT_ASSESSABLE
+    category: Category
     threshold_hu: float
     roi_slices: list[int] = field(default_factory=list)  # z indices on the method grid
     roi_centres: list[list[int]] = field(default_factory=list)  # [z, y, x] on the method grid
@@ -248,8 +267,8 @@ class Measurement:
     robust_parenchymal_hu: float | None = None  # beyond the paper: resists vessels and lesions
     roi_in_liver_fraction: float | None = None  # over the three ROIs pooled
     roi_in_liver_fractions: list[float] = field(default_factory=list)  # per ROI disk
-    qc_flags: list[str] = field(default_factory=list)
-    not_assessable_reasons: list[str] = field(default_factory=list)  # the qc_flags that made it not_assessable
+    qc_flags: list[QCFlag] = field(default_factory=list)
+    not_assessable_reasons: list[QCFlag] = field(default_factory=list)  # the qc_flags that withhold the answer
     spleen_hu: float | None = None
     liver_minus_spleen_hu: float | None = None
     roi_disk_means_hu: list[float | None] = field(default_factory=list)  # per ROI disk
@@ -263,7 +282,7 @@ class Measurement:
         return asdict(self)
 
 
-def failed_measurement(threshold_hu: float, reason_flag: str = QC_MEASUREMENT_FAILED) -> Measurement:
+def failed_measurement(threshold_hu: float, reason_flag: QCFlag = QCFlag.MEASUREMENT_FAILED) -> Measurement:
     """A not_assessable Measurement for a series on which measuring itself failed."""
     return Measurement(
         dl_parenchymal_hu=None, dl_volumetric_hu=None, liver_volume_ml=0.0, category=NOT_ASSESSABLE,
@@ -346,14 +365,14 @@ class _Placement:
 def _place_roi(liver: np.ndarray, areas: np.ndarray) -> _Placement:
     """The published ROI placement on a non-empty (z, y, x) liver mask, given its per-slice areas."""
     slices, edge = roi_slice_indices(areas)
-    flags = [QC_ROI_ON_EDGE_SLICES] if edge else []
+    flags = [QCFlag.ROI_ON_EDGE_SLICES] if edge else []
     element = roi_structuring_element()
     placement = _Placement([], [], [], [], flags, int(np.argmax(areas)))
     for z in slices:
         columns = liver[z].any(axis=0)
         if not columns.any():
-            if QC_ROI_SLICE_WITHOUT_LIVER not in flags:
-                flags.append(QC_ROI_SLICE_WITHOUT_LIVER)
+            if QCFlag.ROI_SLICE_WITHOUT_LIVER not in flags:
+                flags.append(QCFlag.ROI_SLICE_WITHOUT_LIVER)
             continue
         x_min = int(np.argmax(columns))
         y = int(np.argmax(liver[z, :, x_min]))
@@ -517,7 +536,8 @@ def robust_parenchymal_hu(
     return None if stats is None else stats.mean
 
 
-def _on_method_grid(spacing_zyx: tuple[float, float, float]) -> bool:
+def on_method_grid(spacing_zyx: tuple[float, float, float]) -> bool:
+    """Whether a (z, y, x) spacing in mm is the method's grid (``METHOD_SPACING_ZYX``, within 2 %)."""
     return all(abs(s - m) <= SPACING_TOLERANCE * m for s, m in zip(spacing_zyx, METHOD_SPACING_ZYX, strict=True))
 
 
@@ -529,7 +549,7 @@ def _spleen(
         raise ValueError(f"spleen mask shape {mask.shape} differs from the CT's {hu.shape}")
     values = eroded_mask_values(hu, mask, spacing_zyx, ROBUST_EROSION_MM, MIN_ROBUST_VOXELS // 10)
     if values.size == 0:
-        flags.append(QC_NO_SPLEEN)
+        flags.append(QCFlag.NO_SPLEEN)
         return None
     return float(values.mean())
 
@@ -542,16 +562,16 @@ def _field_of_view_flags(hu: np.ndarray, liver: np.ndarray, placement: _Placemen
     tissue = lateral_tissue_px(hu, placement.lateral_edges)
     result.lateral_tissue_mm = [None if t is None else round(t * pixel_mm, 1) for t in tissue]
     if any(t is not None and t < MIN_LATERAL_TISSUE_PX for t in tissue):
-        flags.append(QC_LATERAL_EDGE_AT_FIELD_OF_VIEW)
+        flags.append(QCFlag.LATERAL_EDGE_AT_FIELD_OF_VIEW)
     elif any(t is not None for t in tissue):
-        flags.append(QC_BODY_WALL_CUT_BY_FIELD_OF_VIEW)
+        flags.append(QCFlag.BODY_WALL_CUT_BY_FIELD_OF_VIEW)
     if placement.lateral_edges:
         z0 = min(z for z, _, _ in placement.lateral_edges)
         z1 = max(z for z, _, _ in placement.lateral_edges) + 1
         x1 = min(max(x for _, _, x in placement.lateral_edges) + ROI_REACH_PX + 1, liver.shape[2])
         reach = (slice(z0, z1), slice(0, liver.shape[1]), slice(0, x1))
         if _liver_cut_by_field_of_view(hu[reach], liver[reach], reach, liver.shape):
-            flags.append(QC_LIVER_CUT_BY_FIELD_OF_VIEW_AT_ROI)
+            flags.append(QCFlag.LIVER_CUT_BY_FIELD_OF_VIEW_AT_ROI)
     return flags
 
 
@@ -563,22 +583,22 @@ def _side_flags(hu: np.ndarray, liver: np.ndarray, areas: np.ndarray, placement:
     step = max(1, present.size // 24)  # the midline from two dozen slices through the liver
     midline = body_midline_x(hu, [int(z) for z in present[::step]], liver)
     if midline is None:
-        return [QC_LIVER_SIDE_NOT_CHECKED]
+        return [QCFlag.LIVER_SIDE_NOT_CHECKED]
     result.liver_right_fraction = round(right_fraction(liver, midline, [int(z) for z in present]), 3)
     if result.liver_right_fraction < MIN_RIGHT_FRACTION:
-        return [QC_LIVER_NOT_ON_PATIENT_RIGHT]
+        return [QCFlag.LIVER_NOT_ON_PATIENT_RIGHT]
     gap = wall_gap_fraction(hu, placement.lateral_edges, midline)
     if gap is not None and gap > MAX_WALL_GAP_FRACTION:
-        return [QC_COMPONENT_NOT_LIVER_LIKE]
+        return [QCFlag.COMPONENT_NOT_LIVER_LIKE]
     return []
 
 
 def _orientation_flags(orientation: PatientOrientation | None) -> list[str]:
     if orientation is None:
         return []
-    flags = [] if orientation.known else [QC_ORIENTATION_UNKNOWN]
+    flags = [] if orientation.known else [QCFlag.ORIENTATION_UNKNOWN]
     if orientation.supine is False:
-        flags.append(QC_PATIENT_NOT_SUPINE)
+        flags.append(QCFlag.PATIENT_NOT_SUPINE)
     return flags
 
 
@@ -613,8 +633,8 @@ def _disk_flags(disk_values: list[np.ndarray], liver_stats: RobustStatistics | N
     without = float(np.concatenate(kept).mean()) if kept else liver_stats.mean
     threshold = settings.threshold_hu
     if (result.dl_parenchymal_hu < threshold) != (without < threshold):
-        return [QC_ROI_DISK_UNLIKE_LIVER, QC_ROI_DISK_CHANGES_CATEGORY]
-    return [QC_ROI_DISK_UNLIKE_LIVER]
+        return [QCFlag.ROI_DISK_UNLIKE_LIVER, QCFlag.ROI_DISK_CHANGES_CATEGORY]
+    return [QCFlag.ROI_DISK_UNLIKE_LIVER]
 
 
 def _liver_cut_by_field_of_view(hu_box: np.ndarray, liver_box: np.ndarray, box: tuple[slice, ...],
@@ -641,15 +661,15 @@ def _cut_flags(areas: np.ndarray, k: int) -> list[str]:
     n = int(areas.shape[0])
     flags = []
     if areas[0] > 0 and k <= ROI_SLICE_STEP:
-        flags.append(QC_LIVER_CUT_INFERIOR)
+        flags.append(QCFlag.LIVER_CUT_INFERIOR)
     if areas[-1] > 0 and k >= n - 1 - ROI_SLICE_STEP:
-        flags.append(QC_LIVER_CUT_SUPERIOR)
+        flags.append(QCFlag.LIVER_CUT_SUPERIOR)
     return flags
 
 
 def _categorise(result: Measurement, settings: MeasurementSettings) -> None:
     """Set the not_assessable reasons (the flags that make it so) and the category."""
-    result.not_assessable_reasons = [f for f in NOT_ASSESSABLE_FLAGS if f in result.qc_flags]
+    result.not_assessable_reasons = [f for f in QCFlag if f.withholds and f in result.qc_flags]
     if result.dl_parenchymal_hu is None or result.not_assessable_reasons:
         result.category = NOT_ASSESSABLE
     else:
@@ -696,9 +716,9 @@ def measure(
     )
     flags = result.qc_flags
     if count == 0:
-        flags.append(QC_NO_LIVER)
-        if not _on_method_grid(spacing):
-            flags.append(QC_OFF_METHOD_GRID)
+        flags.append(QCFlag.NO_LIVER)
+        if not on_method_grid(spacing):
+            flags.append(QCFlag.OFF_METHOD_GRID)
         flags += _orientation_flags(orientation)
         if spleen is not None:
             result.spleen_hu = _spleen(hu, spleen, spacing, flags)
@@ -707,8 +727,8 @@ def measure(
 
     placement = _place_roi(liver, areas)
     flags += placement.flags
-    if not _on_method_grid(spacing):
-        flags.append(QC_OFF_METHOD_GRID)
+    if not on_method_grid(spacing):
+        flags.append(QCFlag.OFF_METHOD_GRID)
     result.roi_slices = placement.slices
     result.roi_centres = placement.centres
     # ROI pixels disk by disk, in the order a boolean mask of the whole volume would give them (z, y, x)
@@ -742,37 +762,37 @@ def measure(
     ]
 
     if result.liver_volume_ml < settings.min_liver_volume_ml:
-        flags.append(QC_LITTLE_LIVER)
+        flags.append(QCFlag.LITTLE_LIVER)
     if any(f < settings.min_roi_in_liver_fraction for f, n in zip(result.roi_in_liver_fractions,
                                                                     result.roi_pixels, strict=True) if n):
-        flags.append(QC_ROI_LARGELY_OUTSIDE_LIVER)
+        flags.append(QCFlag.ROI_LARGELY_OUTSIDE_LIVER)
     if any(0 < n < ROI_DISK_PIXELS for n in result.roi_pixels):
-        flags.append(QC_ROI_CLIPPED)
+        flags.append(QCFlag.ROI_CLIPPED)
     if any(n == 0 for n in result.roi_pixels):
-        flags.append(QC_ROI_OUTSIDE_IMAGE)
+        flags.append(QCFlag.ROI_OUTSIDE_IMAGE)
     if result.roi_sd_hu is not None and result.roi_sd_hu > settings.max_roi_sd_hu:
-        flags.append(QC_ROI_NOISY)
+        flags.append(QCFlag.ROI_NOISY)
     if result.dl_parenchymal_hu is not None and not (
         settings.plausible_min_hu <= result.dl_parenchymal_hu <= settings.plausible_max_hu
     ):
-        flags.append(QC_ROI_MEAN_IMPLAUSIBLE)
+        flags.append(QCFlag.ROI_MEAN_IMPLAUSIBLE)
     if (
         result.dl_parenchymal_hu is not None
         and result.robust_parenchymal_hu is not None
         and abs(result.dl_parenchymal_hu - result.robust_parenchymal_hu) > settings.max_faithful_robust_difference_hu
     ):
-        flags.append(QC_FAITHFUL_ROBUST_DISAGREE)
+        flags.append(QCFlag.FAITHFUL_ROBUST_DISAGREE)
     flags += _disk_flags(disk_values, liver_stats, result, settings)
     flags += _field_of_view_flags(hu, liver, placement, spacing[2], result)
     flags += _side_flags(hu, liver, areas, placement, result)
     flags += _orientation_flags(orientation)
     if result.roi_in_liver_fraction is not None and result.roi_in_liver_fraction < 1.0:
-        flags.append(QC_ROI_OUTSIDE_LIVER)
+        flags.append(QCFlag.ROI_OUTSIDE_LIVER)
     flags += _cut_flags(areas, placement.k)
     if _liver_cut_by_field_of_view(hu_box, liver_box, box, liver.shape):
-        flags.append(QC_LIVER_CUT_BY_FIELD_OF_VIEW)
+        flags.append(QCFlag.LIVER_CUT_BY_FIELD_OF_VIEW)
     if set(placement.slices) & {int(z) for z in interpolated_slices}:
-        flags.append(QC_ROI_SLICE_INTERPOLATED)
+        flags.append(QCFlag.ROI_SLICE_INTERPOLATED)
     if spleen is not None:
         result.spleen_hu = _spleen(hu, spleen, spacing, flags)
         if result.spleen_hu is not None and result.dl_parenchymal_hu is not None:

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+
+from lpm_node.core.frames import functional_group_value
 
 _TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "NumberOfFrames", "SharedFunctionalGroupsSequence",
          "PerFrameFunctionalGroupsSequence"]
@@ -14,20 +16,15 @@ DUPLICATE_MM = 0.01  # two slices closer than this along the normal are the same
 GAP_TOLERANCE = 0.05  # a step may exceed the regular spacing by 5 % (rounding in the headers)
 
 
-def _frames(ds) -> list[tuple[list[float], list[float] | None]]:  # noqa: ANN001
-    """(position, orientation) of each frame of a multi-frame (Enhanced CT) instance."""
-    shared_ori = None
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared and "PlaneOrientationSequence" in shared[0]:
-        shared_ori = [float(v) for v in shared[0].PlaneOrientationSequence[0].ImageOrientationPatient]
+def _frames(ds: Dataset) -> list[tuple[list[float], list[float] | None]]:
+    """(position, orientation) of each frame of a multi-frame (Enhanced CT) instance that has a position."""
     found = []
-    for item in ds.get("PerFrameFunctionalGroupsSequence") or []:
-        if "PlanePositionSequence" not in item:
+    for frame in range(len(ds.get("PerFrameFunctionalGroupsSequence") or [])):
+        position = functional_group_value(ds, frame, "PlanePositionSequence", "ImagePositionPatient")
+        if position is None:
             continue
-        ori = shared_ori
-        if "PlaneOrientationSequence" in item:
-            ori = [float(v) for v in item.PlaneOrientationSequence[0].ImageOrientationPatient]
-        found.append(([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient], ori))
+        orientation = functional_group_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
+        found.append(([float(v) for v in position], [float(v) for v in orientation] if orientation else None))
     return found
 
 

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Job, Series, utcnow
 from lpm_node.core.config import RuleSettings
+from lpm_node.core.frames import functional_group_value, number_of_frames
 from lpm_node.core.states import JobStatus, SeriesStatus
 from lpm_node.intake.header import read_header_dataset
 from lpm_node.intake.series import record_decision
@@ -161,20 +162,15 @@ def _frame_geometry(ds: Dataset) -> tuple[list[list[float]], list[float] | None,
     positions: list[list[float]] = []
     orientation: list[float] | None = None
     thickness: float | None = None
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        item = shared[0]
-        if "PlaneOrientationSequence" in item:
-            orientation = [float(v) for v in item.PlaneOrientationSequence[0].ImageOrientationPatient]
-        if "PixelMeasuresSequence" in item:
-            thickness = _float(item.PixelMeasuresSequence[0].get("SliceThickness"))
-    for item in ds.get("PerFrameFunctionalGroupsSequence") or []:
-        if "PlanePositionSequence" in item:
-            positions.append([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient])
-        if orientation is None and "PlaneOrientationSequence" in item:
-            orientation = [float(v) for v in item.PlaneOrientationSequence[0].ImageOrientationPatient]
-        if thickness is None and "PixelMeasuresSequence" in item:
-            thickness = _float(item.PixelMeasuresSequence[0].get("SliceThickness"))
+    for frame in range(max(len(ds.get("PerFrameFunctionalGroupsSequence") or []), 1)):
+        position = functional_group_value(ds, frame, "PlanePositionSequence", "ImagePositionPatient")
+        if position is not None:
+            positions.append([float(v) for v in position])
+        if orientation is None:
+            found = functional_group_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
+            orientation = [float(v) for v in found] if found is not None else None
+        if thickness is None:
+            thickness = _float(functional_group_value(ds, frame, "PixelMeasuresSequence", "SliceThickness"))
     return positions, orientation, thickness
 
 
@@ -193,7 +189,7 @@ def read_series_facts(paths: Sequence[Path]) -> SeriesFacts:
             continue
         if first is None:
             first = ds
-        frames = int(_float(ds.get("NumberOfFrames")) or 1)
+        frames = number_of_frames(ds)
         if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
             pos, ori, thick = _frame_geometry(ds)
             positions.extend(pos)

@@ -10,7 +10,6 @@ receipt and checked before measurement (:func:`lpm_node.intake.integrity.verify_
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lpm_node.core.files import file_checksum, fsync_folder
+from lpm_node.core.files import checksum_and_sync, file_checksum, fsync_folder
 from lpm_node.intake.header import is_valid_uid
 
 LOG = logging.getLogger(__name__)
@@ -216,16 +215,7 @@ class Spool:
             return StoredInstance(final, final.stat().st_size, True, checksum=file_checksum(final))
         size = received.stat().st_size
         self.check_space(size)
-        digest = hashlib.sha256()
-        fd = os.open(received, os.O_RDONLY)
-        try:
-            while chunk := os.read(fd, 1 << 20):
-                digest.update(chunk)
-            t_sync = time.perf_counter()
-            os.fdatasync(fd)
-            sync_s = time.perf_counter() - t_sync
-        finally:
-            os.close(fd)
+        checksum, sync_s = checksum_and_sync(received)
         self._ensure_dir(final.parent)
         try:
             os.rename(received, final)
@@ -238,7 +228,7 @@ class Spool:
         sync_s += time.perf_counter() - t_sync
         with self._lock:
             self._used += size
-        return StoredInstance(final, size, False, sync_s, digest.hexdigest())
+        return StoredInstance(final, size, False, sync_s, checksum)
 
     def remove_stale_temporaries(self, untouched_s: float = STALE_TEMPORARY_SECONDS) -> int:
         """Delete temporary files left by an interrupted write (untouched for ``untouched_s`` seconds: the data folder

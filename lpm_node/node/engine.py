@@ -20,7 +20,7 @@ engine runs it (procrastinate: PostgreSQL only, jobs in the same database):
   no worker reads (its ``jobs`` row stays ``queued``); once measuring is resumed, the measuring processes move those
   jobs back to ``measurements`` and they run, each once;
 - deliveries: one ``deliver`` job per destination at a time in the whole system (lock ``outbox:<destination>``)
-  sends what is due for that destination with the same :class:`~lpm_node.answer.sending.Sender` (the same rows,
+  sends what is due for that destination with the same :class:`~lpm_node.answer.sender.Sender` (the same rows,
   attempts and states in the audit). When some stay pending (the PACS is down), the job raises
   :class:`DeliveryPending` and procrastinate retries it on :class:`DeliveryRetry`, its exponential backoff capped at
   ``[output] backoff_max_s``; the pending rows' ``next_attempt_at`` is that schedule. The outbox's own limits
@@ -46,7 +46,7 @@ from sqlalchemy import Engine, inspect, select, text, update
 from sqlalchemy.exc import OperationalError as DatabaseGone
 from sqlalchemy.orm import Session, sessionmaker
 
-from lpm_node.answer.sending import Sender
+from lpm_node.answer.sender import Sender
 from lpm_node.core.audit import MEASURING_SUSPENDED, Delivery, Job, MeasuringSuspended, utcnow
 from lpm_node.core.states import DeliveryStatus
 

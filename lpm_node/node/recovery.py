@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lpm_node.answer.sending import delivered_results
+from lpm_node.answer.outbox import delivered_results
 from lpm_node.core.audit import (
     Delivery,
     Series,

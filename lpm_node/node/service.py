@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.orm import sessionmaker
 
-from lpm_node.answer.sending import Sender, tls_client_context
+from lpm_node.answer.sender import Sender
 from lpm_node.core.audit import session_factory, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.intake.listener import Listener
@@ -125,8 +125,7 @@ class Node:
             self.add_loop(Loop("series", self.series_step, poll))
         self.sender: Sender | None = None
         if does(self.role, "sender"):
-            self.sender = Sender(self.sessions, settings.output, node.ae_title,
-                                 tls_context=tls_client_context(settings), ledger_dir=settings.delivered_path)
+            self.sender = Sender.for_node(self.sessions, settings)
         self.worker: Worker | None = None
         if node.measure and does(self.role, "worker"):
             wake = self.sender.wake if self.sender is not None else None

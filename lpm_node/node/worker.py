@@ -24,9 +24,10 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from lpm_node.answer.sending import enqueue_results, result_destinations
+from lpm_node.answer.outbox import enqueue_results
 from lpm_node.core.audit import Delivery, Job, MeasuringSuspended, Series, measuring_suspended, utcnow
 from lpm_node.core.config import Settings
+from lpm_node.core.destinations import result_destinations
 from lpm_node.core.states import JobStatus, SeriesStatus
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
 from lpm_node.intake.integrity import verify_series_files
