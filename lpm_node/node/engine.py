@@ -76,7 +76,9 @@ class MeasureRetry(procrastinate.BaseRetryStrategy):
         return RETRY.get_retry_decision(exception=exception, job=job)
 
 
-CLOCK_SLACK = dt.timedelta(seconds=5)  # a delivery due this soon is sent by the job now (clocks of machines differ)
+# A retry run sends what is due this soon (the job engine scheduled it for then, and clocks of machines differ); a
+# job's first run sends only what is due now, so a run that takes over from another keeps that one's backoff.
+CLOCK_SLACK = dt.timedelta(seconds=5)
 
 
 class DeliveryPending(Exception):
@@ -122,16 +124,20 @@ def due_destinations(sessions: sessionmaker) -> list[str]:
             Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow())))
 
 
-def deliver_due(sessions: sessionmaker, sender: Sender, destination: str | None, wait_s: float) -> dt.datetime | None:
-    """One run of a destination's delivery job: send what is due, schedule the deliveries tried in vain ``wait_s``
-    from now (the job engine's backoff). Returns when the first one still pending is due, None when none is, or
-    when another job for this destination waits already (it takes over)."""
+def deliver_due(
+    sessions: sessionmaker, sender: Sender, destination: str | None, wait_s: float, retrying: bool = False
+) -> dt.datetime | None:
+    """One run of a destination's delivery job: send what is due (within :data:`CLOCK_SLACK` when ``retrying``),
+    schedule the deliveries tried in vain ``wait_s`` from now (the job engine's backoff). Returns when the first one
+    still pending is due, None when none is, or when another job for this destination waits already (it takes
+    over)."""
     now = utcnow()
+    horizon = now + CLOCK_SLACK if retrying else now
     mine = Delivery.status == DeliveryStatus.PENDING
     if destination is not None:
         mine = mine & (Delivery.destination == destination)
     with sessions() as session:
-        due = list(session.scalars(select(Delivery.id).where(mine, Delivery.next_attempt_at <= now + CLOCK_SLACK)))
+        due = list(session.scalars(select(Delivery.id).where(mine, Delivery.next_attempt_at <= horizon)))
         session.execute(update(Delivery).where(Delivery.id.in_(due), Delivery.next_attempt_at > now)
                         .values(next_attempt_at=now))
         session.commit()
@@ -197,7 +203,7 @@ class JobEngine:
         database_url: str,
         *,
         measure: Callable[[int], object] | None = None,
-        deliver: Callable[[str | None, float], dt.datetime | None] | None = None,
+        deliver: Callable[[str | None, float, bool], dt.datetime | None] | None = None,
         delivery_backoff_max_s: float = 600.0,
         heartbeat_s: float = 5.0,
         stalled_after_s: float = 30.0,
@@ -206,7 +212,7 @@ class JobEngine:
         self.conninfo = libpq_url(database_url)
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=self.conninfo))
         self.measure = measure
-        self.deliver = deliver  # (destination, seconds to wait after a vain try) -> when to run again, or None
+        self.deliver = deliver  # (destination, seconds to wait after a vain try, retrying) -> when to run again
         self.delivery_retry = DeliveryRetry(max_wait_s=delivery_backoff_max_s)
         self.heartbeat_s = heartbeat_s
         self.stalled_after_s = stalled_after_s
@@ -240,7 +246,8 @@ class JobEngine:
         @self.app.task(name=DELIVER_TASK, queue=DELIVERY_QUEUE, retry=self.delivery_retry, pass_context=True)
         def deliver(context: procrastinate.JobContext, destination: str | None = None) -> None:
             assert self.deliver is not None
-            retry_at = self.deliver(destination, self.delivery_retry.wait_s(context.job.attempts))
+            attempts = context.job.attempts
+            retry_at = self.deliver(destination, self.delivery_retry.wait_s(attempts), attempts > 0)
             if retry_at is not None:
                 raise DeliveryPending(destination, retry_at)
 

@@ -208,10 +208,10 @@ class Node:
         self.engine.defer_delivery(due_destinations(self.sessions))
         return False
 
-    def deliver_due(self, destination: str | None, wait_s: float) -> dt.datetime | None:
+    def deliver_due(self, destination: str | None, wait_s: float, retrying: bool) -> dt.datetime | None:
         """Job engine: one run of a destination's delivery job (:func:`~lpm_node.node.engine.deliver_due`)."""
         assert self.sender is not None
-        return deliver_due(self.sessions, self.sender, destination, wait_s)
+        return deliver_due(self.sessions, self.sender, destination, wait_s, retrying)
 
     def heartbeat_step(self) -> bool:
         """Note that this process is alive (``role_heartbeats``)."""
