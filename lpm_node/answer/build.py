@@ -78,16 +78,18 @@ def build_answer(
     content = content_identity(result, settings)
     masks = source_masks(result)
     seg = build_seg(
-        source.datasets, source.frame_refs, masks,
+        source.datasets, source.frame_refs, masks.arrays,
         omit_empty_frames=settings.output.omit_empty_frames,
         algorithm_version=content.software_version, model_description=result.model, identity=content,
+        slice_areas=masks.areas,
     )
     disks = roi_disks(result)
     k = key_slice(result, disks, masks)
     key = None
     if settings.output.key_image:
         key = build_key_image(
-            source.datasets, source.frame_refs, k, masks["roi"][k], masks["liver"][k], result.measurement,
+            source.datasets, source.frame_refs, k, masks.arrays["roi"][k], masks.arrays["liver"][k],
+            result.measurement,
             algorithm_version=content.software_version, hu=sitk.GetArrayViewFromImage(source.image)[k],
             identity=content,
         )
