@@ -8,6 +8,7 @@ identity the UIDs derive from and every object are made here, down the layers, n
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,25 @@ def build_answer(
     selected = [ds for ds in (key, sr, seg) if ds is not None]
     objects.append(("KOS", build_kos(selected, content, source.datasets[0])))
     return objects
+
+
+# highdicom reads its tables of the standard (IODs, modules, attributes; JSON) at first use, about 1 s: loaded
+# ahead by warm_writers. These are private functions of highdicom; were they renamed, the warm-up would do nothing
+# and the first answer of the process pay the load, as before.
+HIGHDICOM_TABLE_LOADERS = ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map")
+
+
+def warm_writers() -> float:
+    """Load once per process what the writers need at their first use (highdicom's tables of the standard), so
+    that no answer pays it; the worker calls this when it loads its model. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    from highdicom import _standard_utils
+
+    for name in HIGHDICOM_TABLE_LOADERS:
+        loader = getattr(_standard_utils, name, None)
+        if callable(loader):
+            loader()
+    return time.perf_counter() - t0
 
 
 def write_answer(
