@@ -196,6 +196,19 @@ def _reference_further_images(seg: Dataset, further: Sequence[Dataset]) -> None:
             sequence.append(ref)
 
 
+def _source_frame_order(seg: Dataset) -> dict[tuple[str, int], int]:
+    """Position of each source frame (SOP Instance UID, 0-based frame) in the frame order of a SEG just built
+    (its derivation references; no pixel is read)."""
+    order: dict[tuple[str, int], int] = {}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.SourceImageSequence:
+                numbers = np.atleast_1d(source.ReferencedFrameNumber) if "ReferencedFrameNumber" in source else [1]
+                for number in numbers:
+                    order.setdefault((str(source.ReferencedSOPInstanceUID), int(number) - 1), len(order))
+    return order
+
+
 def build_seg(
     datasets: Sequence[Dataset],
     frame_refs: Sequence[tuple[int, int]],
@@ -277,8 +290,14 @@ def build_seg(
         omit_empty_frames=omit,
     )
     _reference_further_images(seg, further)
+    # each segment's source frames, in the order highdicom gave the SEG's frames (it sorts the planes)
+    order = _source_frame_order(seg)
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
     seg._segment_frames = {
-        number: [(int(frame_refs[k][0]), int(frame_refs[k][1])) for k in ks[holds[ks]]]
+        number: sorted(
+            ((int(frame_refs[k][0]), int(frame_refs[k][1])) for k in ks[holds[ks]]),
+            key=lambda ref: order.get((uids[ref[0]], ref[1]), len(order)),
+        )
         for number, holds in enumerate(occupied, start=1)
     }
     seg.SeriesDescription = SERIES_DESCRIPTION
