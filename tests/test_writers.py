@@ -228,6 +228,14 @@ def test_writers_on_a_measured_phantom_are_consistent(tmp_path: Path, phantom: P
     # the same library when empty frames are kept in the SEG
     seg_all = build_seg(series.datasets, series.frame_refs, {"liver": liver, "roi": roi}, omit_empty_frames=False)
     assert {ds.SOPInstanceUID for ds in library_images(series.datasets, seg_all)} == roi_images
+    # in the SEG's own frame order (highdicom sorts the planes), as read from its ROI frames
+    for built in (seg, seg_all):
+        roi_frames = [
+            str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for item, pixels in zip(built.PerFrameFunctionalGroupsSequence, built.pixel_array, strict=True)
+            if item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 2 and pixels.any()
+        ]
+        assert [ds.SOPInstanceUID for ds in library_images(series.datasets, built)] == list(dict.fromkeys(roi_frames))
 
 
 def test_seg_is_binary_uncompressed_aligned_with_source_instances() -> None:
