@@ -22,6 +22,7 @@ from lpm_node.answer import (
     segment_number,
     write_dataset,
 )
+from lpm_node.answer.build import HIGHDICOM_TABLE_LOADERS, warm_writers
 from lpm_node.answer.keyimage import LIVER_COLOUR, ROI_COLOUR
 from lpm_node.answer.seg import ANATOMICAL_STRUCTURE, LIVER, BinarySegmentation
 from lpm_node.answer.sr import library_images
@@ -541,3 +542,13 @@ def test_the_segment_overlap_check_agrees_with_highdicoms(overlap: bool) -> None
     with pytest.raises(ValueError):
         BinarySegmentation._check_and_cast_pixel_array(pixels * 2, numbers, hd.seg.SegmentationTypeValues.BINARY,
                                                         np.uint8)
+
+
+def test_warm_writers_loads_highdicoms_tables_of_the_standard() -> None:
+    """The worker warms the writers when it loads its model: highdicom's tables are then loaded (a renamed loader
+    in a new highdicom would make the warm-up silently do nothing; this says so)."""
+    from highdicom import _standard_utils
+
+    assert warm_writers() >= 0.0
+    for name in HIGHDICOM_TABLE_LOADERS:
+        assert getattr(_standard_utils, name).cache_info().currsize == 1
