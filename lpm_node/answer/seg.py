@@ -157,10 +157,9 @@ class BinarySegmentation(hd.seg.Segmentation):
     _segment_frames: dict[int, list[tuple[int, int]]]
 
     def segment_source_frames(self, segment: int) -> list[tuple[int, int]]:
-        """(index into the source datasets, 0-based frame) of each source frame holding ``segment``, in the
-        source order: the same frames as reading each SEG frame's pixels and derivation image, without reading
-        them."""
-        return list(self._segment_frames.get(segment, []))
+        """(index into the source datasets, 0-based frame) of each source frame holding ``segment``, in the SEG's
+        frame order: the frames that reading each SEG frame's bits and derivation image would give, unread."""
+        return list(getattr(self, "_segment_frames", {}).get(segment, []))
 
     @classmethod
     def _check_and_cast_pixel_array(  # type: ignore[override]
