@@ -87,18 +87,29 @@ def _read(answers, name: str, kind: str) -> pydicom.Dataset:
 def test_sr_draws_the_three_roi_disks_on_the_source_images(answers) -> None:
     for name in SOURCES:
         sr = hd.sr.srread(answers[name]["SR"])
+        seg = pydicom.dcmread(answers[name]["SEG"], stop_before_pixels=True)
         source = pydicom.dcmread(answers[name]["source"], stop_before_pixels=True)
         groups = sr.content.get_planar_roi_measurement_groups()
-        planar = [g for g in groups if g.roi.graphic_type == hd.sr.GraphicTypeValues.CIRCLE]
-        outlines = {g.tracking_identifier: g for g in groups if g.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE}
-        assert len(planar) == 3, name
-        # every volumetric group has a planar partner with the same tracking UID (OHIF merges them by it)
+
+        def on(group) -> str:  # noqa: ANN001
+            return group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+
+        planar = [g for g in groups if on(g) != seg.SOPInstanceUID]
+        assert len(planar) == 3 and all(g.roi.graphic_type == hd.sr.GraphicTypeValues.CIRCLE for g in planar), name
+        assert groups[0] is planar[0] and "(slice k)" in planar[0].tracking_identifier  # opened first
+        # every volumetric group has a planar partner with the same tracking UID (OHIF merges them by it), on the SEG
+        # frame it was measured from, so its values are not drawn on the CT beside the disks
         volumetric = {g.tracking_identifier: g.tracking_uid for g in sr.content.get_volumetric_roi_measurement_groups()}
-        partners = {g.tracking_identifier: g.tracking_uid for g in [*outlines.values(), planar[1]]}
-        assert partners == volumetric, name
-        for outline in outlines.values():
-            points = np.asarray(outline.roi.value)
-            assert len(points) >= 4 and np.array_equal(points[0], points[-1])  # closed
+        partners = [g for g in groups if on(g) == seg.SOPInstanceUID]
+        assert {g.tracking_identifier: g.tracking_uid for g in partners} == volumetric, name
+        assert not {g.tracking_uid for g in planar} & set(volumetric.values())
+        for partner in partners:
+            assert partner.get_measurements() == []
+            frame = int(partner.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber)
+            assert 1 <= frame <= int(seg.NumberOfFrames)
+            if partner.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE:
+                points = np.asarray(partner.roi.value)
+                assert len(points) >= 4 and np.array_equal(points[0], points[-1])  # closed
         for group in planar:
             region = group.roi
             reference = region.ContentSequence[0].ReferencedSOPSequence[0]
@@ -106,22 +117,25 @@ def test_sr_draws_the_three_roi_disks_on_the_source_images(answers) -> None:
                 assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
                 assert int(reference.ReferencedFrameNumber) >= 1
             assert group.tracking_identifier.startswith("DL-parenchymal ROI")
-            (mean,) = [m for m in group.get_measurements() if m.method.value == "DLPARDISK"]
+            # one value each, named for what it is (a viewer labels the disk with it)
+            (mean,) = group.get_measurements()
+            assert mean.method.value in ("DLPARDISK", "DLPAR")
+            assert mean.name.meaning.startswith("DL-parenchymal")
             assert 20.0 < mean.value < 50.0 and mean.unit.value == "[hnsf'U]"
             centre, edge = np.asarray(region.value)
             radius_mm = np.hypot(*(edge - centre)) * 1.4
             assert radius_mm == pytest.approx(np.sqrt(401 * 0.49 / np.pi), rel=0.02)  # the 401-pixel disk's area
-        # the index slice k group carries the pooled DL-parenchymal value, findable by its method code
+        # the index slice k disk carries the pooled DL-parenchymal value, findable by its method code
         pooled = [m for g in planar for m in g.get_measurements() if m.method.value == "DLPAR"]
-        assert len(pooled) == 1
+        assert len(pooled) == 1 and pooled[0].name.meaning == "DL-parenchymal ROI"
+        assert planar[0].get_measurements() == pooled
 
 
 def test_key_image_shows_the_index_slice_and_sr_and_kos_reference_it(answers) -> None:
     for name in SOURCES:
         sr, key, kos = (_read(answers, name, kind) for kind in ("SR", "KEY", "KOS"))
-        disks = [g for g in hd.sr.srread(answers[name]["SR"]).content.get_planar_roi_measurement_groups()
-                 if g.roi.graphic_type == hd.sr.GraphicTypeValues.CIRCLE]
-        middle = disks[1]
+        middle = hd.sr.srread(answers[name]["SR"]).content.get_planar_roi_measurement_groups()[0]  # slice k's disk
+        assert "(slice k)" in middle.tracking_identifier
         region_ref = middle.roi.ContentSequence[0].ReferencedSOPSequence[0]
         key_ref = key.SourceImageSequence[0]
         assert key_ref.ReferencedSOPInstanceUID == region_ref.ReferencedSOPInstanceUID, name

@@ -1,8 +1,11 @@
 """The answer in a real viewer: OHIF 3.13.2 (npm's built dist/) in Debian's chromium, driven by Playwright, reading
 the phantom study with the node's SEG, SR and key image from Orthanc's DICOMweb through a same-origin proxy.
 
-Checked from the page: the SR opens without a console error, its ROI disk and organ outlines are drawn and the
-DL-parenchymal value is on screen; the key image displays with its burnt-in text. The SEG: OHIF's preview shows
+Checked from the page: the SR opens without a console error on slice k's ROI disk, drawn with one label, exactly
+"DL-parenchymal ROI: <pooled value> [hnsf'U]" (no other line, no raw code, no two labels overlapping), and its
+arrows step to the next disk with that disk's own label; the key image displays with its burnt-in text and the
+category over it (its series description). OHIF's guided tour is marked as shown before the page loads, and
+removed should it start anyway (its overlay takes the clicks). The SEG: OHIF's preview shows
 coloured pixels; its "Do you want to open this Segmentation?" prompt is answered Yes, so the segmentation is loaded
 onto the CT viewport (checked through OHIF's segmentationService); cornerstone3D (``window.cornerstone``) brings that
 viewport to the method's slice k (the source slice of the middle ROI disk), checked by the camera's focal point lying
@@ -56,9 +59,10 @@ BROWSER_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> tuple[list[Path], dict[str, Path], float, str]:
+def study(tmp_path_factory) -> tuple[list[Path], dict[str, Path], float, str, str, list[float]]:
     """A phantom chest CT and the node's answer to it (bundled model): (CT files, {kind: file}, DL value,
-    SOP Instance UID of the method's slice k, the source slice of the middle ROI disk)."""
+    SOP Instance UID of the method's slice k, the source slice of the middle ROI disk, the key image's series
+    description with the category, the ROI disks' means)."""
     root = tmp_path_factory.mktemp("viewer")
     phantom = make_phantom(36.0, n_slices=64, size=256, pixel_spacing=1.4, seed=51)
     files = write_ct_series(phantom, root / "ct")
@@ -69,7 +73,10 @@ def study(tmp_path_factory) -> tuple[list[Path], dict[str, Path], float, str]:
     disks = [disk for _, disk in roi_disks(result)]
     middle = next((disk for disk in disks if disk.label == "slice k"), disks[len(disks) // 2])
     slice_k = str(result.source.datasets[middle.index].SOPInstanceUID)
-    return files, answer, float(result.measurement.dl_parenchymal_hu), slice_k
+    disk_means = [disk.mean_hu for disk in disks]
+    category = pydicom.dcmread(answer["KEY"], stop_before_pixels=True).SeriesDescription
+    assert category == "AI liver fat key image: moderate-to-severe steatosis"  # the phantom's liver is 36 HU
+    return files, answer, float(result.measurement.dl_parenchymal_hu), slice_k, category, disk_means
 
 
 def _coloured(png: Path, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -95,12 +102,42 @@ def _accept_seg(page) -> bool:  # noqa: ANN001
     return True
 
 
+# OHIF's guided tour (shepherd.js) marks a tour as shown in localStorage; marked before the page loads, it never
+# starts. Should one start anyway, it is skipped, and its modal overlay, which takes the clicks, removed.
+SKIP_TOURS_JS = "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))"
+REMOVE_TOUR_JS = """() => {
+    window.Shepherd?.activeTour?.cancel?.();
+    document.querySelectorAll('.shepherd-modal-overlay-container, .shepherd-element').forEach(e => e.remove());
+    return document.querySelectorAll('.shepherd-modal-overlay-container, .shepherd-element').length;
+}"""
+SVG_TEXTS_JS = """els => els.map(e => {
+    const box = e.getBoundingClientRect();
+    return {text: e.textContent || '', box: [box.left, box.top, box.right, box.bottom]};
+})"""
+
+
 def _dismiss(page) -> None:  # noqa: ANN001
+    """Close OHIF's guided tour and its "Confirm and hide" notice, whatever state they are in."""
     for label in ("Skip all", "Confirm and hide"):
-        try:
-            page.get_by_text(label).first.click(timeout=3000)
-        except playwright.Error:
-            pass
+        button = page.get_by_role("button", name=label)
+        if button.count():
+            try:
+                button.first.click(timeout=3000)
+            except playwright.Error:
+                pass
+    assert page.evaluate(REMOVE_TOUR_JS) == 0
+
+
+def _svg_lines(page) -> list[dict]:  # noqa: ANN001
+    """Every line of annotation text on the page (one <tspan> a line) with its box on the page."""
+    return page.locator("svg text tspan").evaluate_all(SVG_TEXTS_JS)
+
+
+def _overlapping(boxes: list[list[float]]) -> list[tuple[int, int]]:
+    return [
+        (i, j) for i, a in enumerate(boxes) for j, b in enumerate(boxes[i + 1:], start=i + 1)
+        if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+    ]
 
 
 def test_ohif_shows_the_sr_values_the_seg_overlay_and_the_key_image(study, tmp_path) -> None:
@@ -108,7 +145,7 @@ def test_ohif_shows_the_sr_values_the_seg_overlay_and_the_key_image(study, tmp_p
         ohif_dist()
     except (OSError, RuntimeError) as exc:  # no npm registry and no cached tarball
         pytest.skip(f"OHIF {exc}")
-    files, answer, value, slice_k = study
+    files, answer, value, slice_k, category, disk_means = study
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     config = {"Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
@@ -119,6 +156,7 @@ def test_ohif_shows_the_sr_values_the_seg_overlay_and_the_key_image(study, tmp_p
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.add_init_script(SKIP_TOURS_JS)
                 errors: list[str] = []
                 page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
                 page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
@@ -128,16 +166,29 @@ def test_ohif_shows_the_sr_values_the_seg_overlay_and_the_key_image(study, tmp_p
                 _dismiss(page)
                 page.screenshot(path=str(ARTIFACTS / "1-ct.png"))
 
-                # the SR: no error, the ROI and outlines drawn, the DL-parenchymal value on screen
+                # the SR opens on slice k's ROI disk: drawn, with one label that says what it is and the pooled
+                # value (OHIF prints a value's concept name, the value with 2 decimals and the UCUM unit), no raw
+                # code, no other value stacked beside it, no two labels overlapping
                 page.get_by_text("AI liver fat report").first.dblclick()
                 page.locator("svg text", has_text=f"{value:.2f}").first.wait_for(timeout=120_000)
                 time.sleep(3)
+                _dismiss(page)
                 page.screenshot(path=str(ARTIFACTS / "2-sr.png"))
                 assert not page.get_by_text("Something went wrong").count()
                 assert errors == [], errors
-                labels = " ".join(page.locator("svg text").evaluate_all("els => els.map(e => e.textContent || '')"))
-                assert f"Attenuation Coefficient: {value:.2f}" in labels
+                lines = _svg_lines(page)
+                texts = [line["text"] for line in lines]
+                assert texts == [f"DL-parenchymal ROI: {value:.2f} [hnsf'U]"], texts
+                assert _overlapping([line["box"] for line in lines]) == []
                 assert page.locator("svg circle, svg ellipse").count() >= 1  # the ROI disk on slice k
+                # its arrows step to the next disk (slice k-2), labelled with its own name and mean
+                page.locator('[data-cy="viewport-action-arrows-right"]').first.click()
+                page.locator("svg text", has_text="DL-parenchymal disk 1").first.wait_for(timeout=60_000)
+                time.sleep(2)
+                page.screenshot(path=str(ARTIFACTS / "2-sr-next-disk.png"))
+                texts = [line["text"] for line in _svg_lines(page)]
+                assert texts == [f"DL-parenchymal disk 1 (slice k-2): {disk_means[0]:.2f} [hnsf'U]"], texts
+                assert errors == [], errors
                 viewport = page.locator(".cornerstone-viewport-element, [data-viewport-uid]").first.bounding_box()
                 box = tuple(int(v) for v in (viewport["x"], viewport["y"], viewport["x"] + viewport["width"],
                                              viewport["y"] + viewport["height"]))
@@ -173,11 +224,18 @@ def test_ohif_shows_the_sr_values_the_seg_overlay_and_the_key_image(study, tmp_p
                 assert max(colours[len(liver):]) < 10, f"points outside the segments coloured: {colours}"
                 assert errors == [], errors
 
-                # the key image: the Secondary Capture displays with its burnt-in (coloured) text
-                page.get_by_text("AI liver fat key image").first.dblclick()
+                # the key image: the Secondary Capture displays with its burnt-in (coloured) text, and the category
+                # in the viewport's overlay (its series description)
+                page.get_by_text(category).first.dblclick()
                 time.sleep(10)
+                _dismiss(page)
                 page.screenshot(path=str(ARTIFACTS / "4-key-image.png"))
                 assert _coloured(ARTIFACTS / "4-key-image.png", box).sum() > 500
+                over_image = [
+                    found for found in (e.bounding_box() for e in page.get_by_text(category).all())
+                    if found and box[0] <= found["x"] < box[2] and box[1] <= found["y"] < box[3]
+                ]
+                assert over_image, f"{category!r} is not shown over the key image"
                 assert errors == [], errors
             finally:
                 browser.close()

@@ -23,7 +23,7 @@ from lpm_node.answer import (
     write_dataset,
 )
 from lpm_node.answer.build import HIGHDICOM_TABLE_LOADERS, warm_writers
-from lpm_node.answer.keyimage import LIVER_COLOUR, ROI_COLOUR
+from lpm_node.answer.keyimage import LIVER_COLOUR, ROI_COLOUR, series_description
 from lpm_node.answer.seg import ANATOMICAL_STRUCTURE, LIVER, BinarySegmentation
 from lpm_node.answer.sr import library_images
 from lpm_node.demo.phantom import Phantom, make_phantom, write_ct_series
@@ -471,6 +471,17 @@ def test_write_dataset_is_atomic_and_readable(tmp_path: Path) -> None:
     path = write_dataset(seg, tmp_path / "out" / "seg.dcm")
     assert path.exists() and [p.name for p in path.parent.iterdir()] == ["seg.dcm"]
     assert pydicom.dcmread(path).SOPInstanceUID == seg.SOPInstanceUID
+
+
+def test_key_image_series_description_says_the_category_in_64_characters() -> None:
+    for overrides, verdict in (
+        ({"category": STEATOSIS}, "moderate-to-severe steatosis"),
+        ({"category": NO_STEATOSIS, "dl_parenchymal_hu": 55.0}, "no moderate-to-severe steatosis"),
+        ({"category": NOT_ASSESSABLE}, "not assessable"),
+        ({"dl_parenchymal_hu": None}, "not assessable"),  # no value: never a category
+    ):
+        text = series_description(_measurement(**overrides))
+        assert text == f"AI liver fat key image: {verdict}" and len(text) <= 64
 
 
 @needs_dciodvfy

@@ -38,7 +38,8 @@ SEG_SERIES_DESCRIPTION = "AI liver segmentation (lpm-node)"
 SR_SERIES_DESCRIPTION = "AI liver fat report (lpm-node)"
 
 
-KEY_IMAGE_SERIES_DESCRIPTION = "AI liver fat key image (lpm-node)"
+# the key image adds the category after a colon (see answer.keyimage.series_description)
+KEY_IMAGE_SERIES_DESCRIPTION = "AI liver fat key image"
 
 
 KOS_SERIES_DESCRIPTION = "AI liver fat key images (lpm-node)"

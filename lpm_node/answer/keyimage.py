@@ -72,6 +72,17 @@ def _reasons(measurement: Measurement) -> list[str]:
     return list(measurement.not_assessable_reasons)
 
 
+def series_description(measurement: Measurement) -> str:
+    """The series description with the category (a viewer shows it over the image): at most 64 characters."""
+    if measurement.dl_parenchymal_hu is None or measurement.category == NOT_ASSESSABLE:
+        verdict = "not assessable"
+    else:
+        verdict = "moderate-to-severe steatosis" if measurement.category == STEATOSIS else (
+            "no moderate-to-severe steatosis"
+        )
+    return f"{SERIES_DESCRIPTION}: {verdict}"
+
+
 def result_lines(measurement: Measurement, model: ModelIdentity | None = None) -> list[str]:
     """The text burnt into the key image: the value and the category (or "Not assessable" and why), each QC flag
     as a sentence, the model and, for a test model, a notice that it is not for clinical use.
@@ -206,7 +217,7 @@ def build_key_image(
     )
     image.ImageType = ["DERIVED", "SECONDARY"]
     image.BurnedInAnnotation = "YES"
-    image.SeriesDescription = SERIES_DESCRIPTION
+    image.SeriesDescription = series_description(measurement)
     image.DerivationDescription = "CT slice (W400/L40) with liver and DL-parenchymal ROI outlined, result burnt in"
     image.SourceImageSequence = [_source_image_item(source, frame)]
     image.SoftwareVersions = content.software_version

@@ -5,11 +5,14 @@ Content (PS3.16):
 - TID 1411 volumetric groups that reference the SEG's segments: the DL-parenchymal ROI (the primary value, the
   steatosis category, the QC and liver minus spleen), the robust parenchymal estimate, the whole liver
   (attenuation and volume) and the spleen;
-- TID 1410 planar groups, one per ROI disk, with the disk as a CIRCLE (SCOORD) on its source CT image and its
-  mean HU, so viewers that draw image regions (OHIF) show the ROIs and the values; the group of the index slice
-  k is the same finding as the volumetric DL-parenchymal group (same tracking UID) and also carries the pooled
-  value and the category; the liver and spleen groups get a planar partner with the organ's outline (a viewer
-  that merges groups by tracking UID, as OHIF does, then has an image region for every measurement);
+- TID 1410 planar groups, one per ROI disk, first in the report, with the disk as a CIRCLE (SCOORD) on its source
+  CT image and one value named for what it is: the index slice k's disk the pooled DL-parenchymal value
+  ("DL-parenchymal ROI"), the other disks their own mean ("DL-parenchymal disk 1 (slice k-2)"); viewers that draw
+  image regions and label them with the values' concept names (OHIF 3.13) show one readable label per disk;
+- for each volumetric group a planar partner with the same tracking UID (a viewer that merges groups by tracking
+  UID, as OHIF does, then has an image region for every measurement) whose region is the structure on the SEG
+  frame it was measured from (the ROI disk of slice k, the liver or spleen outline): the volumetric values stay
+  off the CT image, where their standard concept names would stack unlabelled beside the disks;
 - the report's Qualitative Evaluations: the category as code and as sentences, the reasons when not assessable,
   every QC flag as a sentence, the model, and a notice for outputs of a test model.
 
@@ -85,6 +88,9 @@ NO_MODERATE_TO_SEVERE = Code("NOMODSEV", LOCAL_SCHEME, "Not moderate to severe")
 QC_FLAG = Code("QCFLAG", LOCAL_SCHEME, "Quality control flag")
 NOT_ASSESSABLE_REASON = Code("NAREASON", LOCAL_SCHEME, "Reason not assessable")
 MODEL = Code("MODEL", LOCAL_SCHEME, "Segmentation model")
+# Names of the values drawn on the CT (a viewer labels a drawn region with its values' concept names): the pooled
+# value on the index slice's disk, and each other disk's own mean.
+DL_PARENCHYMAL_ROI = Code("DLPARROI", LOCAL_SCHEME, "DL-parenchymal ROI")
 
 # The category as the value of (197321007, SCT, "Steatosis of liver"): moderate to severe (CID 3716), not
 # assessable = undetermined (CID 230); below the threshold is not "absent" (mild steatosis stays possible), and no
@@ -150,10 +156,16 @@ def category_text(measurement: Measurement) -> str:
 
 
 def _attenuation(
-    value: float, derivation: Code | None = MEAN, method: Code | None = None, threshold: float | None = None
+    value: float, derivation: Code | None = MEAN, method: Code | None = None, threshold: float | None = None,
+    name: Code = ATTENUATION,
 ) -> hd.sr.Measurement:
     shown = honest_round(value, threshold, HU_DECIMALS) if threshold is not None else round(float(value), HU_DECIMALS)
-    return hd.sr.Measurement(name=ATTENUATION, value=shown, unit=HU, derivation=derivation, method=method)
+    return hd.sr.Measurement(name=name, value=shown, unit=HU, derivation=derivation, method=method)
+
+
+def disk_concept(number: int, disk: RoiDisk) -> Code:
+    """The name of one disk's own mean: says which disk it is (a viewer shows it as the disk's label)."""
+    return Code(f"DLPARDISK{number}", LOCAL_SCHEME, _meaning(f"DL-parenchymal disk {number} ({disk.label})"))
 
 
 def _tracking(content: ContentIdentity, label: str) -> hd.sr.TrackingIdentifier:
@@ -209,11 +221,15 @@ def _disk_groups(
     content: ContentIdentity,
     algorithm: hd.sr.AlgorithmIdentification,
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """TID 1410 groups: each ROI disk as a CIRCLE on its source image with its mean; the middle disk (index
-    slice k) also carries the pooled DL-parenchymal value and the category."""
+    """TID 1410 groups: each ROI disk as a CIRCLE on its source image with one value named for what it is: the
+    index slice k's disk the pooled DL-parenchymal value (its own mean when there is none), the others their own
+    mean. The index slice's disk comes first (a viewer opens the report on its first region). No Finding Site: a
+    viewer would print its code beside the value; the volumetric groups carry it."""
     groups = []
     middle = len(disks) // 2
-    for number, disk in enumerate(disks, start=1):
+    order = [middle, *(n for n in range(len(disks)) if n != middle)] if disks else []
+    for position in order:
+        disk, number = disks[position], position + 1
         cx, cy = disk.centre
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
@@ -222,30 +238,23 @@ def _disk_groups(
             graphic_data=np.array([[cx + 0.5, cy + 0.5], [cx + 0.5 + disk.radius, cy + 0.5]]),
             source_image=_source_image(datasets, disk.index, disk.frame),
         )
-        measurements = [_attenuation(disk.mean_hu, MEAN, METHOD_DL_PARENCHYMAL_DISK)]
-        evaluations = None
-        if number - 1 == middle and measurement.dl_parenchymal_hu is not None:
-            measurements.insert(
-                0, _attenuation(measurement.dl_parenchymal_hu, MEAN, METHOD_DL_PARENCHYMAL, measurement.threshold_hu)
+        if position == middle and measurement.dl_parenchymal_hu is not None:
+            value = _attenuation(
+                measurement.dl_parenchymal_hu, MEAN, METHOD_DL_PARENCHYMAL, measurement.threshold_hu,
+                name=DL_PARENCHYMAL_ROI,
             )
-            evaluations = [hd.sr.QualitativeEvaluation(STEATOSIS_OF_LIVER, CATEGORY_VALUES[effective_category(
-                measurement)])]
-        # The index slice's disk is the DL-parenchymal ROI finding itself (same tracking identifier and UID as the
-        # volumetric group): viewers that merge groups by tracking UID show the pooled value and category on it.
-        tracking = (
-            _tracking(content, TRACKING_DL_PARENCHYMAL) if number - 1 == middle
-            else _tracking(content, TRACKING_DISK.format(number=number, count=len(disks), label=disk.label))
-        )
+        else:
+            value = _attenuation(disk.mean_hu, MEAN, METHOD_DL_PARENCHYMAL_DISK, name=disk_concept(number, disk))
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking,
+                tracking_identifier=_tracking(
+                    content, TRACKING_DISK.format(number=number, count=len(disks), label=disk.label)
+                ),
                 referenced_region=region,
                 finding_type=PARENCHYMA,
                 method=METHOD_DL_PARENCHYMAL,
                 algorithm_id=algorithm,
-                finding_sites=[hd.sr.FindingSite(LIVER)],
-                measurements=measurements,
-                qualitative_evaluations=evaluations,
+                measurements=[value],
             )
         )
     return groups
@@ -260,35 +269,87 @@ def _source_image(datasets: Sequence[Dataset], index: int, frame: int) -> hd.sr.
     )
 
 
-def _outline_groups(
+def seg_frame(seg: Dataset, key: str, source: Dataset, frame: int) -> int | None:
+    """The SEG frame (1-based) of segment ``key`` cut from ``frame`` (0-based) of ``source``; None if none."""
+    number = segment_number(seg, key)
+    uid, multiframe = str(source.SOPInstanceUID), number_of_frames(source) > 1
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        identification = item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
+        if number is None or identification[0].ReferencedSegmentNumber != number:
+            continue
+        for derivation in item.get("DerivationImageSequence", []):
+            for reference in derivation.SourceImageSequence:
+                frames = [int(n) - 1 for n in np.atleast_1d(reference.get("ReferencedFrameNumber", 1))]
+                if str(reference.ReferencedSOPInstanceUID) == uid and (not multiframe or frame in frames):
+                    return index
+    return None
+
+
+def _on_seg(seg: Dataset, frame: int) -> hd.sr.SourceImageForRegion:
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=seg.SOPClassUID, referenced_sop_instance_uid=seg.SOPInstanceUID,
+        referenced_frame_numbers=[frame],
+    )
+
+
+def _partner_region(
+    datasets: Sequence[Dataset], seg: Dataset, tracking: str, outlines: Mapping[str, Outline],
+    disks: Sequence[RoiDisk],
+) -> tuple[hd.sr.ImageRegion, Code] | None:
+    """The image region of a volumetric group's planar partner, on the SEG frame the structure was measured from:
+    the index slice's ROI disk for the DL-parenchymal ROI, else the structure's outline; and the structure."""
+    if tracking == TRACKING_DL_PARENCHYMAL and disks:
+        disk = disks[len(disks) // 2]
+        key = "roi" if segment_number(seg, "roi") is not None else "liver"
+        frame = seg_frame(seg, key, datasets[disk.index], disk.frame)
+        if frame is not None:
+            cx, cy = disk.centre
+            return hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
+                graphic_data=np.array([[cx + 0.5, cy + 0.5], [cx + 0.5 + disk.radius, cy + 0.5]]),
+                source_image=_on_seg(seg, frame),
+            ), LIVER
+    key = TRACKING_STRUCTURES.get(tracking, "liver")
+    outline = outlines.get(key)
+    if outline is None:
+        return None
+    frame = seg_frame(seg, key, datasets[outline.index], outline.frame)
+    if frame is None:
+        return None
+    shift = np.array(outline.points) + 0.5  # 0-based pixel centres -> TLHC-origin pixel coordinates
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=shift, source_image=_on_seg(seg, frame)
+    )
+    return region, SPLEEN if key == "spleen" else LIVER
+
+
+def _partner_groups(
     datasets: Sequence[Dataset],
+    seg: Dataset,
     outlines: Mapping[str, Outline],
+    disks: Sequence[RoiDisk],
     volumetric: Sequence,
-    content: ContentIdentity,
     algorithm: hd.sr.AlgorithmIdentification,
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """For each volumetric group of a structure with an outline: a TID 1410 group with the same tracking
-    identifier and UID (the same finding) holding the structure's outline on one source image as a closed
-    POLYLINE. Viewers that draw only image regions (OHIF) then show the volumetric group's values there."""
+    """For each volumetric group: a TID 1410 group with the same tracking identifier and UID (the same finding)
+    holding the structure on its SEG frame (see :func:`_partner_region`), without values. Viewers that merge
+    groups by tracking UID (OHIF) then meet no group without an image region, and draw none of them on the CT."""
     groups = []
     for group in volumetric:
-        key = TRACKING_STRUCTURES.get(group.tracking_identifier)
-        outline = outlines.get(key) if key else None
-        if outline is None:
+        found = _partner_region(datasets, seg, group.tracking_identifier, outlines, disks)
+        if found is None:
             continue
-        shift = np.array(outline.points) + 0.5  # 0-based pixel centres -> TLHC-origin pixel coordinates
+        region, structure = found
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=group.tracking_uid, identifier=group.tracking_identifier
                 ),
-                referenced_region=hd.sr.ImageRegion(
-                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=shift,
-                    source_image=_source_image(datasets, outline.index, outline.frame),
-                ),
-                finding_type=SPLEEN if key == "spleen" else LIVER,
+                referenced_region=region,
+                finding_type=structure,
                 algorithm_id=algorithm,
-                finding_sites=[hd.sr.FindingSite(SPLEEN if key == "spleen" else LIVER)],
+                finding_sites=[hd.sr.FindingSite(structure)],
             )
         )
     return groups
@@ -472,10 +533,11 @@ def build_sr(
     """Build a Comprehensive 3D SR (TID 1500) of ``measurement``, referencing ``seg``'s segments and the source.
 
     Values that are None are left out (never written as 0); the report then says why (category not assessable,
-    QC flags). ``roi_disks`` become planar groups with image regions; ``outlines`` ("liver", "spleen") give the
-    volumetric groups of those structures a planar partner (same tracking UID); ``key_image`` is referenced as pertinent
-    other evidence; ``predecessor`` (an earlier SR of the same series with other content) goes in the
-    Predecessor Documents Sequence. UIDs are derived from ``identity`` (default: the series and the version).
+    QC flags). ``roi_disks`` become planar groups with image regions; every volumetric group gets a planar partner
+    (same tracking UID) on the SEG frame of the middle disk or of the ``outlines`` ("liver", "spleen");
+    ``key_image`` is referenced as pertinent other evidence; ``predecessor`` (an earlier SR of the same series with
+    other content) goes in the Predecessor Documents Sequence. UIDs are derived from ``identity`` (default: the
+    series and the version).
     """
     content = identity_for(source_series_uid(datasets), algorithm_version, identity)
     observer = hd.sr.ObserverContext(
@@ -489,9 +551,12 @@ def build_sr(
         ),
     )
     algorithm = _algorithm(content)
-    groups = _measurement_groups(seg, measurement, content, algorithm)
-    groups += _outline_groups(datasets, outlines or {}, groups, content, algorithm)
-    groups += _disk_groups(datasets, roi_disks, measurement, content, algorithm)
+    volumetric = _measurement_groups(seg, measurement, content, algorithm)
+    groups = [
+        *_disk_groups(datasets, roi_disks, measurement, content, algorithm),
+        *volumetric,
+        *_partner_groups(datasets, seg, outlines or {}, roi_disks, volumetric, algorithm),
+    ]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED,
