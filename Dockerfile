@@ -18,17 +18,20 @@ WORKDIR /opt/lpm-node
 COPY pyproject.toml README.md LICENSE ./
 COPY lpm_node ./lpm_node
 COPY config ./config
-# the same install as the README's production install
+# the same install as the README's production install, with nnU-Net v1 for the published method's models
 RUN python3 -m venv /opt/lpm-node/venv \
  && /opt/lpm-node/venv/bin/pip install --upgrade pip \
- && /opt/lpm-node/venv/bin/pip install .
+ && /opt/lpm-node/venv/bin/pip install ".[nnunet-v1]"
 
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin lpm \
  && mkdir -p /data /models \
  && chown lpm:lpm /data
 VOLUME ["/data", "/models"]
 USER lpm
-EXPOSE 11112
+# 11112: DICOM. 8480: the web console, served only when asked (`serve --console --console-host 0.0.0.0`, with
+# users in the settings: off loopback the console refuses to start without them); publish it on the host's
+# loopback for a TLS proxy (`-p 127.0.0.1:8480:8480`), see the README's "Console" section.
+EXPOSE 11112 8480
 
 # C-ECHO to the node's own listener, calling as its first allowed AE title (works with an allowlist)
 HEALTHCHECK --interval=60s --timeout=15s --start-period=180s --retries=3 \

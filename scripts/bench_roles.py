@@ -92,13 +92,17 @@ def node_receive(groups: list[list[Path]], work: Path, database_url: str, receiv
     return elapsed
 
 
-def jobs_per_minute(series: list[list[Path]], work: Path, database_url: str, workers: int) -> float:
-    """Measurement jobs per minute with ``workers`` worker processes on jobs queued beforehand."""
+def jobs_per_minute(series: list[list[Path]], work: Path, database_url: str, workers: int,
+                    threads: int = 0) -> tuple[float, float]:
+    """Measurement jobs per minute with ``workers`` worker processes on jobs queued beforehand: (from the workers'
+    start, model load included; from the first job's start to the last one's end). ``threads``: ``[model] threads``
+    (0: each worker takes its share of the cores)."""
     import psycopg
 
     data = work / f"jobs-{time.monotonic_ns()}"
     config = work / "jobs.toml"
-    config.write_text("[rules]\nmin_slices = 10\nmin_z_coverage_mm = 40\n[series]\nrelease_grace_seconds = 0\n")
+    config.write_text("[rules]\nmin_slices = 10\nmin_z_coverage_mm = 40\n[series]\nrelease_grace_seconds = 0\n"
+                      f"[model]\nthreads = {threads}\n")
     port = free_port()
     receiver = _serve(data, port, database_url, "--role", "receiver", "--config", str(config))
     libpq = database_url.replace("postgresql+psycopg://", "postgresql://")
@@ -127,10 +131,11 @@ def jobs_per_minute(series: list[list[Path]], work: Path, database_url: str, wor
             failed = db.execute("SELECT count(*) FROM jobs WHERE status = 'failed'").fetchone()[0]
             if failed:
                 raise RuntimeError(f"{failed} job(s) failed")
+            busy = db.execute("SELECT EXTRACT(EPOCH FROM max(finished_at) - min(started_at)) FROM jobs").fetchone()[0]
     finally:
         _stop(procs)
     shutil.rmtree(data, ignore_errors=True)
-    return len(series) / elapsed * 60  # includes the workers' start (model load)
+    return len(series) / elapsed * 60, len(series) / float(busy) * 60
 
 
 def main() -> int:
@@ -139,6 +144,7 @@ def main() -> int:
     parser.add_argument("--series", type=int, default=6, help="small series measured by the workers")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-jobs", action="store_true", help="ingest parts only")
+    parser.add_argument("--skip-ingest", action="store_true", help="measurement jobs only")
     args = parser.parse_args()
     bin_dir = postgres_bin_dir()
     if bin_dir is None or any(shutil.which(t) is None for t in ("storescu", "storescp", "echoscu")):
@@ -147,47 +153,71 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lpm-bench-roles-"))
     postgres = PostgresServer(bin_dir).start()
     try:
-        files = sorted(write_ct_series(make_phantom(n_slices=args.slices), work / "series"))
-        n = len(files)
-        print(f"series: {n} instances of 512 x 512; {os.cpu_count()} CPU(s); PostgreSQL {bin_dir.parent.name}")
-
-        one = {"sqlite": [], "postgresql": [], "storescp": []}
-        for i in range(args.runs):
-            one["sqlite"].append(node_receive([files], work, "", 1))
-            one["postgresql"].append(node_receive([files], work, postgres.new_database(), 1))
-            one["storescp"].append(run_storescp([files], work, len(files), fork=False))
-            print(f"one association, run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in one.items()),
-                  flush=True)
-        med = {k: statistics.median(v) for k, v in one.items()}
-        print(f"one association, median: node on SQLite {med['sqlite']:.2f} s = {med['sqlite'] / med['storescp']:.1f}x"
-              f" storescp, on PostgreSQL {med['postgresql']:.2f} s = {med['postgresql'] / med['storescp']:.1f}x "
-              f"storescp ({med['storescp']:.2f} s); target <= 8x")
-
-        groups = [files[i::SENDERS] for i in range(SENDERS)]
-        rates: dict[str, list[float]] = {"1 receiver": [], "2 receivers": [], "storescp --fork": []}
-        for i in range(args.runs):
-            rates["1 receiver"].append(n / node_receive(groups, work, postgres.new_database(), 1))
-            rates["2 receivers"].append(n / node_receive(groups, work, postgres.new_database(), 2))
-            rates["storescp --fork"].append(n / run_storescp(groups, work, n, fork=True))
-            print(f"{SENDERS} senders, run {i + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()),
-                  flush=True)
-        rate = {k: statistics.median(v) for k, v in rates.items()}
-        print(f"{SENDERS} senders, median instances/s: 1 receiver {rate['1 receiver']:.0f}, 2 receivers "
-              f"{rate['2 receivers']:.0f} ({rate['2 receivers'] / rate['1 receiver']:.2f}x; target >= 1.7x), "
-              f"storescp --fork {rate['storescp --fork']:.0f}")
-
+        print(f"{os.cpu_count()} CPU(s), PostgreSQL {bin_dir.parent.name}; {_load()}")
+        if not args.skip_ingest:
+            ingest(args, work, postgres)
         if not args.skip_jobs:
-            small = [sorted(write_ct_series(make_phantom(35.0, n_slices=48, size=128, pixel_spacing=2.8, seed=s),
-                                            work / f"small{s}", study_uid=f"1.2.826.0.1.3680043.8.498.79{s:03d}"))
-                     for s in range(args.series)]
-            per_minute = {w: jobs_per_minute(small, work, postgres.new_database(), w) for w in (1, 2)}
-            print(f"measurement jobs per minute ({args.series} series of 48 x 128 x 128, bundled model, CPU, worker "
-                  f"start included): 1 worker {per_minute[1]:.1f}, 2 workers {per_minute[2]:.1f} "
-                  f"({per_minute[2] / per_minute[1]:.2f}x; target >= 1.7x)")
+            jobs(args, work, postgres)
     finally:
         postgres.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _load() -> str:
+    """The machine's load (other processes share the cores: the ratios are only as good as this is low)."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
+
+
+def ingest(args: argparse.Namespace, work: Path, postgres: PostgresServer) -> None:
+    """Parts 1 and 2: one association, then eight concurrent senders into 1 and 2 receivers."""
+    files = sorted(write_ct_series(make_phantom(n_slices=args.slices), work / "series"))
+    n = len(files)
+    print(f"series: {n} instances of 512 x 512")
+
+    one = {"sqlite": [], "postgresql": [], "storescp": []}
+    for i in range(args.runs):
+        one["sqlite"].append(node_receive([files], work, "", 1))
+        one["postgresql"].append(node_receive([files], work, postgres.new_database(), 1))
+        one["storescp"].append(run_storescp([files], work, len(files), fork=False))
+        print(f"one association, run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in one.items()),
+              flush=True)
+    med = {k: statistics.median(v) for k, v in one.items()}
+    print(f"one association, median: node on SQLite {med['sqlite']:.2f} s = {med['sqlite'] / med['storescp']:.1f}x"
+          f" storescp, on PostgreSQL {med['postgresql']:.2f} s = {med['postgresql'] / med['storescp']:.1f}x "
+          f"storescp ({med['storescp']:.2f} s); target <= 8x")
+
+    groups = [files[i::SENDERS] for i in range(SENDERS)]
+    rates: dict[str, list[float]] = {"1 receiver": [], "2 receivers": [], "storescp --fork": []}
+    for i in range(args.runs):
+        rates["1 receiver"].append(n / node_receive(groups, work, postgres.new_database(), 1))
+        rates["2 receivers"].append(n / node_receive(groups, work, postgres.new_database(), 2))
+        rates["storescp --fork"].append(n / run_storescp(groups, work, n, fork=True))
+        print(f"{SENDERS} senders, run {i + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()),
+              flush=True)
+    rate = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"{SENDERS} senders, median instances/s: 1 receiver {rate['1 receiver']:.0f}, 2 receivers "
+          f"{rate['2 receivers']:.0f} ({rate['2 receivers'] / rate['1 receiver']:.2f}x; target >= 1.7x), "
+          f"storescp --fork {rate['storescp --fork']:.0f}; {_load()}")
+
+
+def jobs(args: argparse.Namespace, work: Path, postgres: PostgresServer) -> None:
+    """Part 3: measurement jobs per minute with 1 and 2 workers, each sizing its threads to its share of the cores,
+    and as a peer 2 workers that each use every core (``[model] threads`` = the cores)."""
+    small = [sorted(write_ct_series(make_phantom(35.0, n_slices=48, size=128, pixel_spacing=2.8, seed=s),
+                                    work / f"small{s}", study_uid=f"1.2.826.0.1.3680043.8.498.79{s:03d}"))
+             for s in range(args.series)]
+    cores = os.cpu_count() or 1
+    runs = {"1 worker": (1, 0), "2 workers": (2, 0), "2 workers, every core each": (2, cores)}
+    rates = {name: jobs_per_minute(small, work, postgres.new_database(), w, t) for name, (w, t) in runs.items()}
+    print(f"measurement jobs per minute ({args.series} series of 48 x 128 x 128, bundled model, CPU), from the "
+          "workers' start / from the first job's start: " + ", ".join(
+              f"{name} {total:.1f} / {steady:.1f}" for name, (total, steady) in rates.items()))
+    for name in list(runs)[1:]:
+        print(f"{name} vs 1 worker: {rates[name][0] / rates['1 worker'][0]:.2f}x from the start, "
+              f"{rates[name][1] / rates['1 worker'][1]:.2f}x from the first job (target >= 1.7x)")
+    print(_load())
 
 
 if __name__ == "__main__":

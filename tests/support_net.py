@@ -175,13 +175,15 @@ class NodeProcess:
     ready_by_echo: bool = True  # False: ready once it accepts connections (allow-lists that refuse ECHOSCU here)
     echo_extra: Sequence[str] = ()  # echoscu options to reach the node (e.g. TLS)
     database_url: str = ""  # empty: the SQLite file in data_dir
+    module: str = "lpm_node.cli"  # tests.support_fault_node: the same node with one fault injected
+    env: dict[str, str] | None = None  # added to the environment of the node process
     proc: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
         self.port = self.port or free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "lpm_node.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", self.module, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--data-dir", str(self.data_dir), "--stable-seconds", str(self.stable_seconds)]
         for title in self.allow_ae:
             cmd += ["--allow-ae", title]
@@ -196,7 +198,8 @@ class NodeProcess:
         cmd += list(self.extra)
         self.log_path = self.data_dir / f"node-{self.port}-{int(time.time() * 1000)}.log"
         log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the child's lifetime
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         try:
             wait_for_port(self.port, timeout, self.proc, echo=self.ready_by_echo, echo_extra=self.echo_extra)

@@ -1,4 +1,5 @@
-"""The console's pages and JSON API, through Starlette's test client, on a real SQLite audit database.
+"""The console's pages and JSON API, through Starlette's test client, on a real audit database: a SQLite file, then
+a database on the test PostgreSQL server.
 
 The rows are those a node writes (series, instances pointing at real DICOM files, a finished job, deliveries);
 the end-to-end test with a real node, storescu, Orthanc and chromium is tests/test_console_browser.py.
@@ -50,10 +51,12 @@ VIEWER_PASSWORD = "viewer password"
 
 
 @pytest.fixture
-def node_data(tmp_path: Path) -> dict:
-    """An audit database as a node leaves it: a measured series with a dead delivery, and a refused one."""
+def node_data(tmp_path: Path, database_url: str) -> dict:
+    """An audit database as a node leaves it (SQLite, then PostgreSQL): a measured series with a dead delivery, and
+    a refused one."""
     data = tmp_path / "data"
-    sessions = session_factory(f"sqlite:///{data / 'audit.sqlite'}")
+    data.mkdir()
+    sessions = session_factory(database_url)
     files = write_series(small_phantom(30.0, n_slices=8), tmp_path / "ct", patient_name=PAYLOAD_NAME,
                          patient_id="PID-7", series_description=PAYLOAD_DESCRIPTION,
                          overrides={"AccessionNumber": "ACC-1", "StudyDate": "20261130"})
@@ -104,10 +107,11 @@ def node_data(tmp_path: Path) -> dict:
         session.commit()
         ids = {"series_uid": series.series_instance_uid, "study_uid": series.study_instance_uid}
     sessions.kw["bind"].dispose()
-    return {"data": data, **ids}
+    return {"data": data, "database_url": database_url, **ids}
 
 
-def _settings(data: Path, host: str = "127.0.0.1", users: bool = True, **console) -> object:
+def _settings(node: dict, host: str = "127.0.0.1", users: bool = True, **console) -> object:
+    """Settings of a console on ``node``'s data folder and audit database."""
     hasher = PasswordHasher()
     import bcrypt
 
@@ -119,7 +123,8 @@ def _settings(data: Path, host: str = "127.0.0.1", users: bool = True, **console
             {"name": "vic", "password_hash": bcrypt.hashpw(VIEWER_PASSWORD.encode(), bcrypt.gensalt(4)).decode(),
              "role": "viewer"},
         ]
-    return load_settings(None, {"node": {"data_dir": str(data)}, "console": section})
+    return load_settings(None, {"node": {"data_dir": str(node["data"]), "database_url": node["database_url"]},
+                                "console": section})
 
 
 def _client(settings) -> TestClient:  # noqa: ANN001
@@ -144,7 +149,7 @@ def _public_id(client: TestClient, **filters: str) -> str:
 
 
 def test_search_by_accession_patient_and_date_finds_the_series_and_its_story(node_data) -> None:
-    with _client(_settings(node_data["data"], users=False)) as client:
+    with _client(_settings(node_data, users=False)) as client:
         by_accession = client.post("/api/series/search", json={"accession": "ACC-1"}).json()
         assert by_accession["total"] == 1
         row = by_accession["series"][0]
@@ -173,7 +178,7 @@ def test_search_by_accession_patient_and_date_finds_the_series_and_its_story(nod
 
 
 def test_pages_show_header_text_as_text(node_data) -> None:
-    with _client(_settings(node_data["data"], users=False)) as client:
+    with _client(_settings(node_data, users=False)) as client:
         results = client.post("/find", data={"csrf_token": _csrf(client), "accession": "ACC-1"}).text
         assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in results and "<script>window.pwned" not in results
         public_id = _public_id(client, accession="ACC-1")
@@ -189,7 +194,7 @@ def test_pages_show_header_text_as_text(node_data) -> None:
 
 
 def test_csv_export_has_every_match_and_no_formula_cells(node_data) -> None:
-    with _client(_settings(node_data["data"], users=False)) as client:
+    with _client(_settings(node_data, users=False)) as client:
         answer = client.post("/find.csv", data={"csrf_token": _csrf(client)})
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/csv")
         lines = answer.text.strip().splitlines()
@@ -202,8 +207,8 @@ def test_csv_export_has_every_match_and_no_formula_cells(node_data) -> None:
 
 def test_off_loopback_every_page_and_api_needs_a_login(node_data) -> None:
     with pytest.raises(ValueError, match="not loopback"):
-        check_exposure(_settings(node_data["data"], host="0.0.0.0", users=False).console)
-    settings = _settings(node_data["data"], host="0.0.0.0")
+        check_exposure(_settings(node_data, host="0.0.0.0", users=False).console)
+    settings = _settings(node_data, host="0.0.0.0")
     app = build_app(settings)
     open_paths = {"/health/live", "/health/ready", "/login"}
     with TestClient(app, base_url="http://node.example:8480", follow_redirects=False) as client:
@@ -229,7 +234,7 @@ def test_off_loopback_every_page_and_api_needs_a_login(node_data) -> None:
 
 
 def test_scripts_sign_in_with_basic_auth_and_metrics_parse(node_data) -> None:
-    with _client(_settings(node_data["data"])) as client:
+    with _client(_settings(node_data)) as client:
         assert client.get("/metrics").status_code == 401
         answer = client.get("/metrics", auth=("vic", VIEWER_PASSWORD))
         assert answer.status_code == 200
@@ -247,7 +252,7 @@ def test_scripts_sign_in_with_basic_auth_and_metrics_parse(node_data) -> None:
 
 
 def test_only_admins_act_with_a_csrf_token_and_each_action_is_audited(node_data) -> None:
-    settings = _settings(node_data["data"])
+    settings = _settings(node_data)
     with _client(settings) as client:
         _login(client, "vic", VIEWER_PASSWORD)
         public_id = _public_id(client, accession="ACC-1")
@@ -289,7 +294,7 @@ def test_only_admins_act_with_a_csrf_token_and_each_action_is_audited(node_data)
 
 
 def test_login_attempts_are_rate_limited(node_data) -> None:
-    with _client(_settings(node_data["data"], login_attempts_per_minute=3)) as client:
+    with _client(_settings(node_data, login_attempts_per_minute=3)) as client:
         token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
         codes = [client.post("/login", data={"name": "ana", "password": "guess", "csrf_token": token}).status_code
                  for _ in range(4)]
@@ -299,7 +304,7 @@ def test_login_attempts_are_rate_limited(node_data) -> None:
 
 
 def test_health_lists_each_role_with_its_heartbeat(node_data) -> None:
-    settings = _settings(node_data["data"], users=False)
+    settings = _settings(node_data, users=False)
     sessions = session_factory(settings.db_url)
     now = utcnow()
     with sessions() as session:
@@ -318,7 +323,7 @@ def test_health_lists_each_role_with_its_heartbeat(node_data) -> None:
 
 
 def test_a_console_on_loopback_refuses_other_host_names(node_data) -> None:
-    app = build_app(_settings(node_data["data"], users=False))
+    app = build_app(_settings(node_data, users=False))
     with TestClient(app, base_url="http://rebound.example:8480") as client:
         assert client.get("/find").status_code == 421
 
@@ -352,14 +357,14 @@ def test_lpm_node_console_serves_on_loopback_and_refuses_to_be_exposed_without_u
 
 
 def test_api_actions_take_json_and_admins_only(node_data) -> None:
-    with _client(_settings(node_data["data"], users=False)) as client:  # loopback, no users: the local operator
+    with _client(_settings(node_data, users=False)) as client:  # loopback, no users: the local operator
         assert client.post("/api/actions/suspend", data={"x": "1"}).status_code == 415  # no cross-site form
         assert client.post("/api/actions/suspend", json={}).json()["message"].startswith("measuring suspended")
         assert client.post("/api/actions/resume", json={}).status_code == 200
         public_id = _public_id(client, accession="ACC-1")
         assert "re-queued" in client.post("/api/actions/measure-again", json={"id": public_id}).json()["message"]
         assert client.post("/api/actions/retry", json={"destination": "not a destination"}).status_code == 400
-    with _client(_settings(node_data["data"])) as client:
+    with _client(_settings(node_data)) as client:
         assert client.post("/api/actions/suspend", json={}, auth=("vic", VIEWER_PASSWORD)).status_code == 403
         answer = client.post("/api/actions/retry", json={"delivery_ids": [1]}, auth=("ana", ADMIN_PASSWORD))
         assert answer.status_code == 200 and "requeued 1" in answer.json()["message"]

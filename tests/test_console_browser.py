@@ -1,4 +1,5 @@
-"""The console in Debian's chromium (Playwright), against a node that really received and measured a series.
+"""The console in Debian's chromium (Playwright), against a node that really received and measured a series, on
+SQLite and on PostgreSQL.
 
 storescu sends a phantom chest CT whose patient name and series description carry script and HTML payloads to
 ``lpm-node serve --console`` (bundled test model); the results go to Orthanc and to a second destination that is
@@ -27,6 +28,7 @@ from pydicom import dcmread
 
 from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
+from tests.conftest import DATABASES
 from tests.support_net import REPO, NodeProcess, dcmtk_env, free_port, have_dcmtk, storescu
 from tests.support_viewer import CHROMIUM
 
@@ -60,9 +62,11 @@ def _wait(check, timeout: float, what: str, node: NodeProcess):  # noqa: ANN001,
     raise TimeoutError(f"{what} after {timeout} s\n{node.log()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):  # noqa: ANN201
-    """A measuring node with its console, a measured series, a refused one and dead letters; yields a dict."""
+@pytest.fixture(scope="module", params=DATABASES)
+def node(request, tmp_path_factory):  # noqa: ANN001, ANN201
+    """A measuring node with its console (on SQLite, then on PostgreSQL), a measured series, a refused one and dead
+    letters; yields a dict."""
+    database_url = "" if request.param == "sqlite" else request.getfixturevalue("postgres").new_database()
     root = tmp_path_factory.mktemp("console")
     orthanc = Orthanc(root / "orthanc")
     orthanc.start()
@@ -86,7 +90,8 @@ def node(tmp_path_factory):  # noqa: ANN201
     refused = write_ct_series(make_phantom(30.0, n_slices=8, size=64, pixel_spacing=5.6, seed=5), root / "refused",
                               patient_id="PID-REFUSED", series_number=7, series_description=REFUSED_DESCRIPTION,
                               overrides={"AccessionNumber": "ACC-REFUSED"})
-    process = NodeProcess(root / "node", measure=True, stable_seconds=1, config=config, extra=["--console"])
+    process = NodeProcess(root / "node", measure=True, stable_seconds=1, config=config, extra=["--console"],
+                          database_url=database_url)
     try:
         process.start()
         assert storescu(process.port, chest).returncode == 0
@@ -289,7 +294,8 @@ def test_admin_finds_reads_retries_measures_again_and_suspends(node) -> None:
             assert len(dialogs) == 5  # 2 retries, measure again, suspend, resume: each asked for confirmation
         finally:
             browser.close()
-    actions = process.query("SELECT user, command FROM operator_actions ORDER BY id")
+    # "user" quoted: a keyword in PostgreSQL (the current role's name)
+    actions = process.query('SELECT "user", command FROM operator_actions ORDER BY id')
     assert [(a["user"], a["command"]) for a in actions] == [
         (ADMIN, f"console: retry deliveries {ticked_id} to SECOND@127.0.0.1:{second_port}"),
         (ADMIN, "console: retry all dead letters"), (ADMIN, "console: measure again"),

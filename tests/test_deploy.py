@@ -1,9 +1,13 @@
-"""deploy/compose.yaml and deploy/kubernetes/: every lpm-node command line, flag, settings file and environment
-variable they use exists, and the roles are the ones the README describes."""
+"""deploy/compose.yaml, deploy/kubernetes/, the Dockerfile and the README's ``docker run`` lines: every lpm-node
+command line, flag, settings file and environment variable they use exists, the roles are the ones the README
+describes, and the console is published on the host's loopback only."""
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
+import tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -93,3 +97,65 @@ def test_kubernetes_manifests_use_existing_commands_settings_and_variables():
     service = next(d for d in documents if d["kind"] == "Service")
     assert service["spec"]["selector"]["role"] == "receiver"
     assert service["spec"]["ports"][0]["targetPort"] == load_settings(DEPLOY / "lpm-node.toml").node.port
+
+
+def _dockerfile() -> dict[str, list[str]]:
+    """The Dockerfile's instructions (continuation lines joined, comments left out): keyword -> arguments."""
+    instructions: dict[str, list[str]] = {}
+    joined = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    for line in joined.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            keyword, _, rest = line.strip().partition(" ")
+            instructions.setdefault(keyword, []).append(rest.strip())
+    return instructions
+
+
+def _docker_runs() -> list[list[str]]:
+    """The ``docker run`` command lines of the README's "Docker" section."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Docker\n", 1)[1].split("\n## ", 1)[0]
+    return [shlex.split(line) for line in section.splitlines() if line.startswith("docker run ")]
+
+
+def test_dockerfile_runs_existing_commands_installs_nnunet_v1_and_exposes_dicom_and_console():
+    instructions = _dockerfile()
+    image_config = {"/opt/lpm-node/config/docker.toml": REPO / "config" / "docker.toml"}
+    [cmd] = instructions["CMD"]
+    [health] = instructions["HEALTHCHECK"]
+    parser = build_parser()
+    for argv in (json.loads(cmd), json.loads(health.split(" CMD ", 1)[1])):
+        assert argv[0] == "lpm-node", argv
+        args = parser.parse_args(argv[1:])
+        load_settings(image_config[args.config])
+    settings = load_settings(REPO / "config" / "docker.toml")
+    exposed = {int(port) for line in instructions["EXPOSE"] for port in line.split()}
+    assert exposed == {settings.node.port, settings.console.port}
+    assert settings.console.host == "127.0.0.1"  # the console is off unless asked, and then needs users off loopback
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "nnunet-v1" in extras and any('pip install ".[nnunet-v1]"' in line for line in instructions["RUN"])
+
+
+def _image_index(run: list[str]) -> int:
+    """Where the image name is in a ``docker run`` line (the command line follows it)."""
+    return next(i for i, token in enumerate(run) if token == "lpm-node" and run[i - 1] != "--name")
+
+
+def test_readme_docker_runs_parse_and_publish_the_console_on_loopback_only():
+    runs = _docker_runs()
+    assert len(runs) == 2
+    parser = build_parser()
+    for run in runs:
+        image = _image_index(run)
+        args = parser.parse_args(run[image + 1:])
+        published = [run[i + 1] for i, token in enumerate(run[:image]) if token == "-p"]
+        mounts = dict(reversed(run[i + 1].split(":")[:2]) for i, token in enumerate(run[:image]) if token == "-v")
+        assert "11112:11112" in published and mounts["/data"]
+        if args.config.startswith("/opt/lpm-node/config/"):
+            load_settings(REPO / "config" / Path(args.config).name)
+        else:
+            assert args.config in mounts, "the settings file is mounted into the container"
+        if getattr(args, "console", False):
+            assert args.console_host == "0.0.0.0"  # reachable through the port mapping; users then required
+            assert "127.0.0.1:8480:8480" in published
+            assert not [p for p in published if p.endswith(":8480") and not p.startswith("127.0.0.1:")]
+    assert any(getattr(parser.parse_args(r[_image_index(r) + 1:]), "console", False) for r in runs)

@@ -4,6 +4,7 @@ processes: storescu as the sender, ``lpm-node serve`` in its roles, Orthanc as t
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pynetdicom import AE
 
 from lpm_node.answer.sending import KINDS
+from lpm_node.core.audit import operator_name
 from lpm_node.demo.orthanc import orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
-from tests.support_net import DATABASE_ERRORS, REPO, NodeProcess, free_port, have_dcmtk, storescu
+from lpm_node.node.engine import MEASURE_QUEUE, MEASURE_TASK, SUSPENDED_QUEUE
+from tests.support_net import DATABASE_ERRORS, REPO, NodeProcess, dcmtk_env, free_port, have_dcmtk, storescu
 
 pytestmark = [
     pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed"),
@@ -270,4 +274,196 @@ def test_orderly_stop_mid_job_gives_the_job_to_another_worker_at_once(tmp_path, 
     finally:
         for node in (*workers, receiver, sender):
             node.kill()
+    assert len(orthanc.instances()) == len(KINDS)
+
+
+def _measuring_switch(node: NodeProcess, config: Path, action: str) -> str:
+    """``lpm-node measuring suspend|resume`` against the running node's database; returns what it printed."""
+    cmd = [sys.executable, "-m", "lpm_node.cli", "measuring", action, "--config", str(config), "--data-dir",
+           str(node.data_dir)] + (["--database-url", node.database_url] if node.database_url else [])
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_series_received_while_measuring_is_suspended_is_measured_once_after_resume(tmp_path, orthanc, chest,
+                                                                                   node_database_url):
+    """Suspended, the job waits (on PostgreSQL in the job engine's queue, neither dropped nor failed); resumed, it
+    runs once and its results are delivered once; both switches are audited with the operator's name."""
+    uid = _uid(chest)
+    config = _roles_config(tmp_path, orthanc, heartbeat_seconds=0.5)
+    with NodeProcess(tmp_path / "node", stable_seconds=1, config=config, measure=True,
+                     database_url=node_database_url) as node:
+        assert "measuring suspended" in _measuring_switch(node, config, "suspend")
+        _sent(chest, node.port)
+        node.wait_series_status(uid, ["queued", "rejected"], timeout=60)
+        if node_database_url:  # a worker took the engine's job, saw the switch and put it back, unstarted
+            parked = node.wait_rows("SELECT * FROM procrastinate_jobs WHERE task_name = ?", (MEASURE_TASK,),
+                                    until=lambda rows: rows and rows[0]["queue_name"] == SUSPENDED_QUEUE,
+                                    timeout=60)
+            assert parked[0]["status"] == "todo", [dict(r) for r in parked]
+        time.sleep(3)  # several rounds of the worker: still nothing measured
+        [job] = node.query("SELECT * FROM jobs")
+        assert (job["status"], job["attempts"]) == ("queued", 0)
+        assert node.series(uid)["status"] == "queued" and orthanc.instances() == []
+
+        assert "measuring resumed" in _measuring_switch(node, config, "resume")
+        node.wait_series_status(uid, ["done", "failed"], timeout=300)
+        _delivered(node, uid)
+        [job] = node.query("SELECT * FROM jobs")
+        assert (job["status"], job["attempts"], job["error"]) == ("done", 1, "")
+        statuses = [r["status"] for r in node.query(
+            "SELECT status FROM series_decisions WHERE series_instance_uid = ? ORDER BY id", (uid,))]
+        assert statuses.count("processing") == 1 and statuses[-3:] == ["queued", "processing", "done"]
+        if node_database_url:
+            engine = node.query("SELECT status, queue_name FROM procrastinate_jobs WHERE task_name = ?",
+                                (MEASURE_TASK,))
+            assert [tuple(r) for r in engine] == [("succeeded", MEASURE_QUEUE)]
+            assert "waits in the job engine: measuring is suspended" in node.log()
+        actions = node.query('SELECT "user", command, outcome FROM operator_actions ORDER BY id')
+        assert [(a["user"], a["command"].split()[1:3], a["outcome"]) for a in actions] == [
+            (operator_name(), ["measuring", "suspend"], "measuring suspended: queued jobs wait"),
+            (operator_name(), ["measuring", "resume"], "measuring resumed")]
+    assert len(orthanc.instances()) == len(KINDS)
+
+
+def test_restarting_receiver_leaves_the_fresh_instances_of_another_receiver_to_it(tmp_path, orthanc, postgres):
+    """A receiver restarting while another receives into the shared spool indexes none of the other's fresh
+    instances: the other records each itself, with its association, and refuses none (no 0xA700)."""
+    url = postgres.new_database()
+    config = _roles_config(tmp_path, orthanc, heartbeat_seconds=0.5)
+    data = tmp_path / "shared"
+    series = [write_ct_series(make_phantom(30.0, n_slices=250, size=48, pixel_spacing=7.0, seed=40 + i),
+                              tmp_path / f"long{i}", study_uid=f"1.2.826.0.1.3680043.8.498.7801{i}") for i in range(4)]
+    restarting = _serve(data, "receiver", config, url)
+    busy = _serve(data, "receiver", config, url)
+    try:
+        senders = [subprocess.Popen(["storescu", "-to", "10", "-aet", f"STORESCU{i}", "-aec", "LPM_NODE", "127.0.0.1",
+                                     str(busy.port), *map(str, files)], env=dcmtk_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for i, files in enumerate(series)]
+        restarts = 0
+        while any(s.poll() is None for s in senders):
+            restarting.kill()
+            restarting = _serve(data, "receiver", config, url, port=restarting.port)
+            restarts += 1
+        outputs = [s.communicate()[0] for s in senders]
+        assert restarts >= 2, "the transfers ended before the receiver restarted twice: send more"
+        for sender, output in zip(senders, outputs, strict=True):
+            assert sender.returncode == 0 and "A700" not in output, output[-2000:]
+        associations = busy.query("SELECT * FROM associations WHERE calling_ae LIKE ? ORDER BY id", ("STORESCU%",))
+        assert [(a["instances_received"], a["instances_refused"]) for a in associations] == [(250, 0)] * 4, \
+            [dict(a) for a in associations]
+        for association in associations:  # every instance recorded by the receiver that took it
+            linked = busy.query("SELECT COUNT(*) AS n FROM instances WHERE association_id = ?", (association["id"],))
+            assert linked[0]["n"] == 250
+        assert "IntegrityError" not in busy.log() and "UniqueViolation" not in busy.log()
+    finally:
+        for node in (restarting, busy):
+            node.kill()
+
+
+def _hold_association(port: int, file: Path) -> tuple[AE, object]:
+    """An association to 127.0.0.1:port that stored ``file`` and stays open."""
+    ds = dcmread(file)
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(ds.SOPClassUID, str(ds.file_meta.TransferSyntaxUID))
+    assoc = ae.associate("127.0.0.1", port, ae_title="LPM_NODE")
+    assert assoc.is_established
+    assert assoc.send_c_store(ds).Status == 0
+    return ae, assoc
+
+
+def _closed_by_stop(node: NodeProcess, pid: int, timeout: float) -> dict:
+    rows = node.wait_rows("SELECT * FROM associations WHERE calling_ae = 'HOLDER'",
+                          until=lambda rows: rows and rows[0]["ended_at"] is not None, timeout=timeout)
+    [row] = rows
+    assert row["ended_at"] is not None, dict(row)
+    assert row["outcome"] == "aborted" and row["instances_received"] == 1
+    assert f"receiver process {socket.gethostname()}:{pid} stopped" in row["reason"], row["reason"]
+    assert row["receiver"] == f"{socket.gethostname()}:{pid}"
+    return dict(row)
+
+
+def test_killed_receivers_open_association_is_closed_once_its_heartbeat_lapsed(tmp_path, orthanc, chest, postgres):
+    """SIGKILL a receiver in the middle of an association: another receiver closes it in the audit once the killed
+    one's heartbeat lapsed, with when it was last heard from and why."""
+    url = postgres.new_database()
+    config = _roles_config(tmp_path, orthanc, heartbeat_seconds=0.5, stalled_after_seconds=3.0)
+    data = tmp_path / "shared"
+    killed = _serve(data, "receiver", config, url)
+    other = _serve(data, "receiver", config, url)
+    ae, assoc = _hold_association(killed.port, chest[0])
+    try:
+        other.wait_rows("SELECT id FROM associations WHERE calling_ae = 'HOLDER' AND instances_received = 1")
+        time.sleep(5)  # the receiver is alive: its association stays open
+        assert other.query("SELECT ended_at FROM associations WHERE calling_ae = 'HOLDER'")[0]["ended_at"] is None
+        pid = killed.proc.pid
+        killed.kill()
+        killed_at = time.monotonic()
+        row = _closed_by_stop(other, pid, timeout=30)
+        assert time.monotonic() - killed_at < 20
+        [beat] = other.query("SELECT last_seen_at FROM role_heartbeats WHERE pid = ?", (pid,))
+        assert row["ended_at"] >= beat["last_seen_at"] or row["ended_at"] >= row["started_at"]
+    finally:
+        assoc.abort()
+        ae.shutdown()
+        for node in (killed, other):
+            node.kill()
+
+
+def test_restarted_receiver_closes_the_association_its_killed_run_left_open(tmp_path, chest):
+    """One process on SQLite: the association a killed run was receiving is closed by the next start."""
+    node = NodeProcess(tmp_path / "node").start()
+    ae, assoc = _hold_association(node.port, chest[0])
+    try:
+        node.wait_rows("SELECT id FROM associations WHERE calling_ae = 'HOLDER' AND instances_received = 1")
+        pid = node.proc.pid
+        node.kill()
+        assert node.query("SELECT ended_at FROM associations WHERE calling_ae = 'HOLDER'")[0]["ended_at"] is None
+        node.start()
+        _closed_by_stop(node, pid, timeout=10)
+    finally:
+        assoc.abort()
+        ae.shutdown()
+        node.kill()
+
+
+def test_deliveries_to_a_pacs_that_is_down_follow_the_job_engines_backoff_and_arrive_once(tmp_path, orthanc, chest,
+                                                                                         postgres):
+    """On PostgreSQL a destination's deliveries run as a procrastinate job retried with its capped exponential
+    backoff: while the PACS is down every try is audited and the pending rows wait for the job's next run; once the
+    PACS is up again each object arrives once."""
+    url = postgres.new_database()
+    uid = _uid(chest)
+    config = _roles_config(tmp_path, orthanc)
+    config.write_text(config.read_text() + "backoff_initial_s = 1\nbackoff_max_s = 4\n")
+    orthanc.stop(graceful=False)
+    with NodeProcess(tmp_path / "node", stable_seconds=1, config=config, measure=True, database_url=url) as node:
+        _sent(chest, node.port)
+        node.wait_series_status(uid, ["done", "failed", "rejected"], timeout=300)
+        failed = node.wait_rows("SELECT d.id, a.at FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                                "WHERE NOT a.ok ORDER BY a.id", until=lambda rows: len(rows) >= 3 * len(KINDS),
+                                timeout=60)
+        assert len(failed) >= 3 * len(KINDS), failed
+        jobs = node.query("SELECT * FROM procrastinate_jobs WHERE task_name = 'lpm_node.deliver' ORDER BY id")
+        *handed_over, job = jobs  # a job deferred while another ran takes its place
+        assert [j["status"] for j in handed_over] == ["succeeded"] * len(handed_over), [dict(j) for j in jobs]
+        assert job["queueing_lock"] == f"outbox:{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
+        assert job["status"] in ("todo", "doing") and job["attempts"] >= 1, dict(job)
+        pending = node.query("SELECT status, next_attempt_at FROM deliveries WHERE series_instance_uid = ?", (uid,))
+        assert {p["status"] for p in pending} == {"pending"}
+        if job["status"] == "todo":  # waiting for its next try: the rows are due when the job runs again
+            assert max(p["next_attempt_at"] for p in pending) <= job["scheduled_at"]
+        tries = sorted({row["at"] for row in failed})
+        gaps = [(b - a).total_seconds() for a, b in zip(tries, tries[1:], strict=False)]
+        assert gaps[0] >= 1.5 and gaps[1] >= 3.5 and max(gaps) < 4 + 3, gaps  # 2 s, 4 s, then capped at 4 s
+        orthanc.start()
+        rows = _delivered(node, uid, timeout=60)
+        attempts = node.query("SELECT delivery_id, ok FROM delivery_attempts ORDER BY id")
+        for row in rows:
+            mine = [a["ok"] for a in attempts if a["delivery_id"] == row["id"]]
+            assert mine[-1] and not any(mine[:-1]) and len(mine) >= 3 and row["attempts"] == len(mine), mine
+        engine = node.wait_rows("SELECT status, attempts FROM procrastinate_jobs WHERE task_name = 'lpm_node.deliver' "
+                                "AND status <> 'todo'", until=lambda r: r and r[-1]["status"] == "succeeded")
+        assert engine[-1]["status"] == "succeeded" and max(r["attempts"] for r in engine) >= 2, engine
     assert len(orthanc.instances()) == len(KINDS)

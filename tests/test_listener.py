@@ -130,6 +130,29 @@ def test_concurrent_associations_rules_and_selection(tmp_path, phantom, chest):
             (uids["soft"], "queued")]
 
 
+def test_rule_refusal_reasons_quote_header_text_in_the_audit_but_never_in_the_log(tmp_path, phantom):
+    """A series description (patient data may hide there) decides a refusal: the audit keeps it as the reason, the
+    node's log names the rule and the series only."""
+    secret = "ARTERIAL Doe^Jane 19700101"
+    contrast = write_ct_series(phantom, tmp_path / "contrast", study_uid=_uid(), series_description=secret,
+                               overrides={"ContrastBolusAgent": "IOHEXOL-SECRET"})[:10]
+    described = write_ct_series(phantom, tmp_path / "described", study_uid=_uid(), series_description=secret)[:10]
+    uids = {name: str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+            for name, files in [("contrast", contrast), ("described", described)]}
+    with NodeProcess(tmp_path / "node", stable_seconds=1) as node:
+        for files in (contrast, described):
+            result = storescu(node.port, files)
+            assert result.returncode == 0, result.stderr
+        rows = {name: node.wait_series_status(uid, ["rejected", "queued"]) for name, uid in uids.items()}
+        assert rows["contrast"]["reason"] == "contrast-enhanced: ContrastBolusAgent=IOHEXOL-SECRET"
+        assert rows["described"]["reason"] == f"contrast-enhanced: SeriesDescription {secret!r} contains 'arterial'"
+        log = node.log()
+        for name in ("contrast", "described"):
+            rule = "contrast-attribute" if name == "contrast" else "contrast-description"
+            assert f"series {uids[name]} (audit id {rows[name]['id']}) rejected by rule {rule}" in log, log
+        assert "Doe^Jane" not in log and "IOHEXOL" not in log and "ARTERIAL" not in log, log
+
+
 def test_unknown_calling_ae_is_rejected_and_audited(tmp_path):
     with NodeProcess(tmp_path / "node", allow_ae=["PACS", "ECHOSCU"]) as node:
         refused = echoscu(node.port, calling="INTRUDER")

@@ -317,12 +317,13 @@ class Sender:
 
     # public -------------------------------------------------------------------------------------------------
 
-    def run_once(self, now: dt.datetime | None = None) -> int:
-        """Send every pending delivery due at ``now`` (default: the current time); return how many were sent."""
+    def run_once(self, now: dt.datetime | None = None, destination: str | None = None) -> int:
+        """Send every pending delivery due at ``now`` (default: the current time), to ``destination`` only when
+        given; return how many were sent."""
         now = as_utc(now) or utcnow()
         with self._lock:
             by_destination: dict[str, list[_Item]] = defaultdict(list)
-            for item in self._due(now):
+            for item in self._due(now, destination):
                 by_destination[item.destination].append(item)
             sent = 0
             for destination, items in by_destination.items():
@@ -343,13 +344,12 @@ class Sender:
 
     # internals ---------------------------------------------------------------------------------------------
 
-    def _due(self, now: dt.datetime) -> list[_Item]:
+    def _due(self, now: dt.datetime, destination: str | None = None) -> list[_Item]:
         with self.sessions() as session:
-            rows = session.scalars(
-                select(Delivery)
-                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now)
-                .order_by(Delivery.id)
-            ).all()
+            query = select(Delivery).where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now)
+            if destination is not None:
+                query = query.where(Delivery.destination == destination)
+            rows = session.scalars(query.order_by(Delivery.id)).all()
             return [_Item(r.id, r.destination, r.object_kind, r.sop_instance_uid, Path(r.path)) for r in rows]
 
     def _record(self, item: _Item, outcome: _Outcome, now: dt.datetime, jitter: float | None = None) -> None:

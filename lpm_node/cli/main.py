@@ -1,5 +1,5 @@
-"""The ``lpm-node`` command line: serve, console, process, measure, demo, audit, outbox, rerun, reindex, model,
-doctor, phantom."""
+"""The ``lpm-node`` command line: serve, console, process, measure, demo, audit, outbox, rerun, measuring, reindex,
+model, doctor, phantom."""
 
 from __future__ import annotations
 
@@ -114,6 +114,12 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
     return rerun_command(_settings(args), args)
 
 
+def _cmd_measuring(args: argparse.Namespace) -> int:
+    from lpm_node.cli.recovery import measuring_command
+
+    return measuring_command(_settings(args), args)
+
+
 def _cmd_reindex(args: argparse.Namespace) -> int:
     from lpm_node.cli.recovery import reindex_command
 
@@ -189,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--csv", metavar="FILE", help="export the series list as CSV ('-' for stdout)")
     p.add_argument("--limit", type=int, default=50, help="most recent N series (default 50)")
-    p.add_argument("--actions", action="store_true", help="what operators did (rerun, outbox retry, reindex)")
+    p.add_argument("--actions", action="store_true",
+                   help="what operators did (rerun, outbox retry, measuring, reindex)")
     p.add_argument("--refusals", action="store_true",
                    help="list refused and aborted connections and refused instances (with --json: as JSON)")
 
@@ -233,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     _node_options(p)
     p.add_argument("--series", action="append", metavar="UID", help="this series (repeatable)")
     p.add_argument("--failed", action="store_true", help="every series whose measurement failed")
+
+    p = add("measuring", _cmd_measuring, "suspend or resume measuring on the running node (queued jobs wait; "
+                                         "receiving and sending go on)")
+    _node_options(p)
+    p.add_argument("action", choices=["suspend", "resume"])
 
     p = add("reindex", _cmd_reindex, "rebuild the audit index from the spool (node stopped; never re-sends "
                                      "delivered results)")

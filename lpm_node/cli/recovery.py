@@ -1,4 +1,5 @@
-"""``lpm-node rerun`` and ``lpm-node reindex``: an operator puts things right; each action is audited."""
+"""``lpm-node rerun``, ``measuring suspend|resume`` and ``reindex``: an operator puts things right; each action is
+audited."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from lpm_node.core.audit import session_factory
 from lpm_node.core.config import Settings
 from lpm_node.node.preflight import audit_instance_count
-from lpm_node.node.recovery import failed_series, reindex, rerun_series
+from lpm_node.node.recovery import failed_series, reindex, rerun_series, suspend_measuring
 
 
 def command_line() -> str:
@@ -38,6 +39,20 @@ def rerun_command(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         sessions.kw["bind"].dispose()
     return 1 if problems else 0
+
+
+def measuring_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Suspend or resume measuring on the running node (the console's queues page does the same)."""
+    if audit_instance_count(settings.db_url) is None:
+        raise FileNotFoundError(f"no audit database at {settings.db_url} (check --data-dir)")
+    sessions = session_factory(settings.db_url)
+    try:
+        with sessions() as session:
+            print(suspend_measuring(session, args.action == "suspend", command_line()))
+            session.commit()
+    finally:
+        sessions.kw["bind"].dispose()
+    return 0
 
 
 def reindex_command(settings: Settings, _args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""What an admin does from the console, through the same functions as ``lpm-node rerun`` and ``outbox retry``.
+"""What an admin does from the console, through the same functions as ``lpm-node rerun``, ``outbox retry`` and
+``measuring suspend|resume``.
 
 Each action is audited as an operator action with the signed-in operator's name."""
 
@@ -9,9 +10,10 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from lpm_node.answer.sending import retry_deliveries
-from lpm_node.core.audit import record_operator_action, set_measuring_suspended
+from lpm_node.core.audit import record_operator_action
 from lpm_node.core.config import Destination, Settings
 from lpm_node.node.recovery import rerun_series
+from lpm_node.node.recovery import suspend_measuring as suspend_or_resume
 
 
 @dataclass
@@ -50,10 +52,8 @@ def retry_dead_letters(session: Session, settings: Settings, user: str, ids: lis
 
 
 def suspend_measuring(session: Session, suspended: bool, user: str) -> Outcome:
-    """Suspend or resume measuring (queued jobs wait meanwhile; receiving and sending go on); audited."""
-    set_measuring_suspended(session, suspended, user)
-    message = "measuring suspended: queued jobs wait" if suspended else "measuring resumed"
-    record_operator_action(session, "console: " + ("suspend" if suspended else "resume") + " measuring",
-                           "measuring", message, user=user)
+    """Suspend or resume measuring (``lpm-node measuring suspend|resume``); audited."""
+    message = suspend_or_resume(session, suspended, "console: " + ("suspend" if suspended else "resume")
+                                + " measuring", user=user)
     session.commit()
     return Outcome(True, message)

@@ -79,12 +79,13 @@ class Association(Base):
     peer_address: Mapped[str] = mapped_column(String(128), default="")
     peer_port: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
     outcome: Mapped[str] = mapped_column(String(32), default=AssociationOutcome.OPEN)
     reason: Mapped[str] = mapped_column(Text, default="")
     instances_received: Mapped[int] = mapped_column(Integer, default=0)
     instances_refused: Mapped[int] = mapped_column(Integer, default=0)  # C-STORE answered with a failure
     tls: Mapped[bool] = mapped_column(default=False)  # the connection used DICOM TLS
+    receiver: Mapped[str] = mapped_column(String(300), default="")  # the receiver process that handled it, host:pid
 
 
 class Instance(Base):
@@ -217,7 +218,7 @@ class RoleHeartbeat(Base):
 
 
 class OperatorAction(Base):
-    """What an operator asked the node to do (rerun, outbox retry, reindex): who, what, when, and the effect."""
+    """What an operator asked the node to do (rerun, outbox retry, measuring, reindex): who, what, when, the effect."""
 
     __tablename__ = "operator_actions"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -276,6 +277,10 @@ class NodeControl(Base):
 
 
 MEASURING_SUSPENDED = "measuring_suspended"
+
+
+class MeasuringSuspended(RuntimeError):
+    """A job was to start while an operator has suspended measuring: it waits in its queue until resumed."""
 
 
 def measuring_suspended(session) -> bool:  # noqa: ANN001

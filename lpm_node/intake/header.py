@@ -15,8 +15,10 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -31,6 +33,7 @@ HEADER_KEYWORDS: tuple[str, ...] = (
 )
 HEADER_TAGS: list[BaseTag] = sorted(Tag(k) for k in HEADER_KEYWORDS)
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
+UNDEFINED_LENGTH = 0xFFFFFFFF
 MAX_META_BYTES = 64 * 1024  # a File Meta Information group is a few hundred bytes
 MAX_INFLATED_HEADER_BYTES = 8 * 1024 * 1024  # what a deflated data set may inflate to while its header is read
 
@@ -157,9 +160,30 @@ def read_header_dataset(path: str | Path) -> tuple[Dataset, str]:
         except Exception as exc:  # any failure to walk peer data
             if not any(Tag(k) in ds for k in ("SOPInstanceUID",)):
                 raise CannotUnderstand(f"data set does not parse: {type(exc).__name__}") from exc
-    charset = ds.get("SpecificCharacterSet") if "SpecificCharacterSet" in ds else None
-    ds.set_original_encoding(implicit, True, charset)
+    try:
+        ds.set_original_encoding(implicit, True, _character_set(ds))
+    except CannotUnderstand:
+        raise
+    except Exception as exc:  # pydicom raises OSError, ValueError, ... on a malformed value: not a disk problem
+        raise CannotUnderstand(f"Specific Character Set does not decode: {type(exc).__name__}") from exc
     return ds, ts
+
+
+def _character_set(ds: Dataset) -> str | list[str] | None:
+    """The data set's Specific Character Set: one term or several; raises :class:`CannotUnderstand` when it is
+    anything else (a sequence, binary values)."""
+    raw = ds.get_item("SpecificCharacterSet")
+    if raw is None:
+        return None
+    undefined_length = raw.length == UNDEFINED_LENGTH if isinstance(raw, RawDataElement) else raw.is_undefined_length
+    if undefined_length or raw.VR == "SQ":  # an undefined length is a sequence, whatever the VR
+        raise CannotUnderstand("Specific Character Set is a sequence, not text")
+    value = ds["SpecificCharacterSet"].value
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, MultiValue) and all(isinstance(term, str) for term in value):
+        return list(value)
+    raise CannotUnderstand(f"Specific Character Set is not text ({ds['SpecificCharacterSet'].VR})")
 
 
 def _past_header(tag: BaseTag, _vr: str | None, _length: int) -> bool:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import queue
+import socket
 import threading
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Association, Instance, Series
@@ -121,6 +124,7 @@ class AuditRecorder:
         self._thread = threading.Thread(target=self._run, name="audit-recorder", daemon=True)
         self.healthy = True
         self.last_error = ""
+        self.process = f"{socket.gethostname()}:{os.getpid()}"  # noted on each association this process handles
 
     def start(self) -> None:
         self._thread.start()
@@ -186,15 +190,25 @@ class AuditRecorder:
                 return
 
     def _write(self, events: list[object]) -> str | None:
-        """Commit ``events``; None on success, else the error in words."""
-        new_ids: dict[int, int] = {}
-        try:
-            with self._sessions() as session:
-                if events:
-                    self._apply(session, events, new_ids)
-                    session.commit()
-        except Exception as exc:  # keep the events; they are written when the database allows it
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        """Commit ``events``; None on success, else the error in words. A unique violation (another process
+        sharing the database recorded one of these instances meanwhile, e.g. an operator's re-index) is written
+        again at once: the instances already recorded are then skipped."""
+        for attempt in (1, 2):
+            new_ids: dict[int, int] = {}
+            try:
+                with self._sessions() as session:
+                    if events:
+                        self._apply(session, events, new_ids)
+                        session.commit()
+            except IntegrityError as exc:
+                if attempt == 1:
+                    LOG.info("another process recorded some of these instances meanwhile (%s); writing again",
+                             str(exc.orig).splitlines()[0] if exc.orig else exc)
+                    continue
+                return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            except Exception as exc:  # keep the events; they are written when the database allows it
+                return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            break
         self._assoc_ids.update(new_ids)
         for e in events:
             if isinstance(e, AssocEnded):
@@ -216,7 +230,8 @@ class AuditRecorder:
         for e in events:
             if isinstance(e, AssocOpened):
                 row = Association(calling_ae=e.calling_ae, called_ae=e.called_ae, peer_address=e.address,
-                                  peer_port=e.port, started_at=e.at, outcome=AssociationOutcome.OPEN, tls=e.tls)
+                                  peer_port=e.port, started_at=e.at, outcome=AssociationOutcome.OPEN, tls=e.tls,
+                                  receiver=self.process)
                 session.add(row)
                 session.flush()
                 new_ids[e.key] = row.id
@@ -231,7 +246,7 @@ class AuditRecorder:
             elif isinstance(e, ConnectionRefused):
                 session.add(Association(calling_ae=e.calling_ae, called_ae=e.called_ae, peer_address=e.address,
                                         peer_port=e.port, started_at=e.at, ended_at=e.at, outcome=e.outcome,
-                                        reason=e.reason, tls=e.tls))
+                                        reason=e.reason, tls=e.tls, receiver=self.process))
             elif isinstance(e, InstanceRefused):
                 row = assoc_row(e.assoc_key)
                 if row is not None:

@@ -244,65 +244,86 @@ def _fmt(v: float) -> str:
     return f"{v:g}"
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """The rules' decision on a series: ``rule`` names the first rule that failed (or ``eligible``) in fixed words
+    that may be logged; ``reason`` may quote header text (descriptions, contrast values): audit only."""
+
+    ok: bool
+    rule: str
+    reason: str
+
+
 def eligibility(facts: SeriesFacts, rules: RuleSettings) -> tuple[bool, str]:
     """(eligible, reason) for one series; the reason names the first rule that failed, or what passed."""
+    verdict = judge(facts, rules)
+    return verdict.ok, verdict.reason
+
+
+def judge(facts: SeriesFacts, rules: RuleSettings) -> Verdict:
+    """The :class:`Verdict` on one series: the first rule that failed, or what passed."""
     if facts.slices == 0:
-        return False, "no readable DICOM headers in the series"
+        return Verdict(False, "no-headers", "no readable DICOM headers in the series")
     allowed = [m.upper() for m in rules.modalities]
     if facts.modality not in allowed:
-        return False, f"modality {facts.modality or '(none)'} not in {', '.join(allowed)}"
+        return Verdict(False, "modality", f"modality {facts.modality or '(none)'} not in {', '.join(allowed)}")
     excluded = [w.upper() for w in rules.excluded_image_type_words]
     for word in facts.image_type:
         if word in excluded:
             kind = {"LOCALIZER": "localizer", "PROJECTION": "localizer", "DERIVED": "derived image",
                     "SECONDARY": "derived image", "MPR": "reformat", "REFORMATTED": "reformat",
                     "MIP": "reformat"}.get(word, "excluded image type")
-            return False, f"{kind}: ImageType contains {word}"
+            return Verdict(False, "excluded-image-type", f"{kind}: ImageType contains {word}")
     if facts.image_type and facts.image_type[0] != "ORIGINAL":
-        return False, f"not an original image: ImageType={'/'.join(facts.image_type)}"
+        return Verdict(False, "not-original", f"not an original image: ImageType={'/'.join(facts.image_type)}")
     if facts.axial is False:
-        return False, "not axial: ImageOrientationPatient is not transverse"
+        return Verdict(False, "not-axial", "not axial: ImageOrientationPatient is not transverse")
     for key, value in facts.contrast.items():
         if value.strip().upper() not in _EMPTY_CONTRAST_VALUES:
-            return False, f"contrast-enhanced: {key}={value}"
+            return Verdict(False, "contrast-attribute", f"contrast-enhanced: {key}={value}")
     for key, text in facts.descriptions.items():
         kw = find_keyword(strip_negated_contrast(strip_sop_class_vocabulary(text)), rules.contrast_keywords)
         if kw:
-            return False, f"contrast-enhanced: {key} {text!r} contains {kw!r}"
+            return Verdict(False, "contrast-description", f"contrast-enhanced: {key} {text!r} contains {kw!r}")
     places = {"BodyPartExamined": facts.body_part, **facts.descriptions}
     for key, text in places.items():
         kw = find_keyword(text, rules.abdomen_keywords)
         if kw:
-            return False, f"abdominal study: {key}={text}" if key == "BodyPartExamined" else (
-                f"abdominal study: {key} {text!r} contains {kw!r}")
+            return Verdict(False, "abdomen", f"abdominal study: {key}={text}" if key == "BodyPartExamined"
+                           else f"abdominal study: {key} {text!r} contains {kw!r}")
     if not any(find_keyword(text, rules.chest_keywords) for text in places.values()):
-        return False, "not identified as chest CT: no chest keyword in BodyPartExamined or the descriptions"
+        return Verdict(False, "not-chest", "not identified as chest CT: no chest keyword in BodyPartExamined or the "
+                       "descriptions")
     if facts.slices < rules.min_slices:
-        return False, f"too few slices: {facts.slices} < {rules.min_slices}"
+        return Verdict(False, "min-slices", f"too few slices: {facts.slices} < {rules.min_slices}")
     t = facts.slice_thickness_mm
     if t is None:
-        return False, "slice thickness unknown (no SliceThickness and no positions)"
+        return Verdict(False, "thickness-unknown", "slice thickness unknown (no SliceThickness and no positions)")
     if not rules.min_slice_thickness_mm <= t <= rules.max_slice_thickness_mm:
-        return False, (f"slice thickness {_fmt(t)} mm outside {_fmt(rules.min_slice_thickness_mm)}-"
-                       f"{_fmt(rules.max_slice_thickness_mm)} mm")
+        return Verdict(False, "slice-thickness", f"slice thickness {_fmt(t)} mm outside "
+                       f"{_fmt(rules.min_slice_thickness_mm)}-{_fmt(rules.max_slice_thickness_mm)} mm")
     if facts.z_coverage_mm is None:
-        return False, "z-coverage unknown (no ImagePositionPatient)"
+        return Verdict(False, "z-coverage-unknown", "z-coverage unknown (no ImagePositionPatient)")
     if facts.z_coverage_mm < rules.min_z_coverage_mm:
-        return False, f"z-coverage {facts.z_coverage_mm:.0f} mm < {_fmt(rules.min_z_coverage_mm)} mm"
-    return True, (f"eligible: unenhanced chest CT, {facts.slices} slices of {_fmt(round(t, 3))} mm, "
-                  f"{facts.z_coverage_mm:.0f} mm z-coverage, kernel {facts.kernel or '(none)'} ({facts.kernel_class})")
+        return Verdict(False, "min-z-coverage",
+                       f"z-coverage {facts.z_coverage_mm:.0f} mm < {_fmt(rules.min_z_coverage_mm)} mm")
+    return Verdict(True, "eligible", f"eligible: unenhanced chest CT, {facts.slices} slices of {_fmt(round(t, 3))} "
+                   f"mm, {facts.z_coverage_mm:.0f} mm z-coverage, kernel {facts.kernel or '(none)'} "
+                   f"({facts.kernel_class})")
 
 
 def evaluate_series(session: Session, row: Series, spool: Spool, rules: RuleSettings) -> bool:
     """Decide on one complete series (``rejected`` or ``eligible``), storing facts and reason; True if eligible."""
     paths = spool.series_files(row.study_instance_uid, row.series_instance_uid)
     facts = read_series_facts(paths)
-    ok, reason = eligibility(facts, rules)
+    verdict = judge(facts, rules)
     row.facts = facts.to_dict()
-    status = SeriesStatus.ELIGIBLE if ok else SeriesStatus.REJECTED
-    record_decision(session, row, status, reason)
-    LOG.info("series %s %s: %s", row.series_instance_uid, status, reason)
-    return ok
+    status = SeriesStatus.ELIGIBLE if verdict.ok else SeriesStatus.REJECTED
+    record_decision(session, row, status, verdict.reason)
+    # the reason may quote header text (patient data): the log names the rule and the series only
+    LOG.info("series %s (audit id %s) %s by rule %s; the reason is in the audit", row.series_instance_uid, row.id,
+             status, verdict.rule)
+    return verdict.ok
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,22 +78,25 @@ def _read_header(path: Path) -> Header | None:
         return None
 
 
-def reconcile_spool(sessions: sessionmaker, spool: Spool, tries: int = 5) -> int:
+def reconcile_spool(sessions: sessionmaker, spool: Spool, tries: int = 5,
+                    written_before: dt.datetime | None = None) -> int:
     """Index spooled instances that have no audit row (written just before a crash); returns how many.
 
-    Receivers sharing the data folder index their own instances meanwhile: when one of them indexed an instance
-    first (or the two deadlocked), this pass is rolled back and made again (up to ``tries`` times).
+    ``written_before``: only files written before then. Receivers sharing the data folder record their own fresh
+    instances themselves (a file is renamed into the spool a moment before its row is committed): indexing those
+    here would make that receiver's commit fail, refusing the C-STORE. Should a receiver record one meanwhile
+    anyway, this pass is rolled back and made again (up to ``tries`` times).
     """
     for _ in range(tries - 1):
         try:
-            return _reconcile_once(sessions, spool)
+            return _reconcile_once(sessions, spool, written_before)
         except (IntegrityError, OperationalError) as exc:  # a duplicate, or a deadlock with that receiver
             LOG.info("another receiver indexed spooled instances meanwhile (%s); indexing the spool again",
                      type(getattr(exc, "orig", exc)).__name__)
-    return _reconcile_once(sessions, spool)
+    return _reconcile_once(sessions, spool, written_before)
 
 
-def _reconcile_once(sessions: sessionmaker, spool: Spool) -> int:
+def _reconcile_once(sessions: sessionmaker, spool: Spool, written_before: dt.datetime | None = None) -> int:
     """One pass of :func:`reconcile_spool`: the series of the instances it indexes get ``last_received_at`` =
     the file's modification time and status ``receiving`` (or keep theirs), so they complete and are
     evaluated like any other."""
@@ -104,13 +107,18 @@ def _reconcile_once(sessions: sessionmaker, spool: Spool) -> int:
         for study_uid, series_uid, path in spool.iter_instances():
             if str(path) in known:
                 continue
+            try:
+                at = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+            except OSError:  # removed meanwhile
+                continue
+            if written_before is not None and at >= written_before:
+                continue  # fresh: its receiver records it (or a later pass indexes it, once it is no longer fresh)
             header = _read_header(path)
             if header is None or header.series_instance_uid != series_uid or header.study_instance_uid != study_uid:
                 LOG.warning("spooled file %s is unreadable or misplaced; not indexed", path.name)
                 continue
             if session.scalars(select(Instance.id).where(Instance.sop_instance_uid == header.sop_instance_uid)).first():
                 continue
-            at = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
             session.add(
                 Instance(
                     sop_instance_uid=header.sop_instance_uid,

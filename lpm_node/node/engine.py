@@ -15,36 +15,141 @@ engine runs it (procrastinate: PostgreSQL only, jobs in the same database):
 - an orderly stop with a measurement still running after ``stop_grace_seconds`` gives its job back
   (:meth:`JobEngine.hand_back`): the ``jobs`` row and the procrastinate job are queued again at once, so another
   worker starts it now, not once this process's heartbeat lapsed; the run left behind never reports;
-- deliveries: one ``deliver`` task at a time in the whole system (lock ``outbox``) sends what is due in the outbox
-  (the same :class:`~lpm_node.answer.sending.Sender` with its backoff); it is deferred when results are queued and
-  every few seconds by the sender processes.
+- while an operator has suspended measuring (``lpm-node measuring suspend``, the console's queues page), a measurement
+  job that a worker takes does not start: it is put back in the engine, in the queue ``measurements-suspended`` that
+  no worker reads (its ``jobs`` row stays ``queued``); once measuring is resumed, the measuring processes move those
+  jobs back to ``measurements`` and they run, each once;
+- deliveries: one ``deliver`` job per destination at a time in the whole system (lock ``outbox:<destination>``)
+  sends what is due for that destination with the same :class:`~lpm_node.answer.sending.Sender` (the same rows,
+  attempts and states in the audit). When some stay pending (the PACS is down), the job raises
+  :class:`DeliveryPending` and procrastinate retries it on :class:`DeliveryRetry`, its exponential backoff capped at
+  ``[output] backoff_max_s``; the pending rows' ``next_attempt_at`` is that schedule. The outbox's own limits
+  (``retry_hours``, ``max_attempts``) still dead-letter a delivery. A job is deferred when results are queued and
+  every few seconds by the sender processes for destinations with something due.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import procrastinate
 from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.jobs import Job as EngineJob
+from procrastinate.retry import RetryDecision
 from procrastinate.schema import SchemaManager
 from procrastinate.worker import Worker as EngineWorker
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, inspect, select, text, update
 from sqlalchemy.exc import OperationalError as DatabaseGone
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from lpm_node.core.audit import Job, utcnow
+from lpm_node.answer.sending import Sender
+from lpm_node.core.audit import MEASURING_SUSPENDED, Delivery, Job, MeasuringSuspended, utcnow
+from lpm_node.core.states import DeliveryStatus
 
 LOG = logging.getLogger(__name__)
 
 MEASURE_TASK = "lpm_node.measure"
 DELIVER_TASK = "lpm_node.deliver"
 MEASURE_QUEUE = "measurements"
+SUSPENDED_QUEUE = "measurements-suspended"  # measurement jobs put back while measuring is suspended: no worker reads it
 DELIVERY_QUEUE = "deliveries"
 SCHEMA_LOCK = 7_264_511  # a PostgreSQL advisory lock: one process applies procrastinate's schema
 RETRY = procrastinate.RetryStrategy(max_attempts=5, exponential_wait=2, retry_exceptions={DatabaseGone})
+RESUME_SUSPENDED = f"""
+    UPDATE procrastinate_jobs SET queue_name = %(queue)s
+     WHERE queue_name = %(suspended_queue)s AND status = 'todo'
+       AND NOT EXISTS (SELECT 1 FROM node_controls WHERE name = '{MEASURING_SUSPENDED}' AND value = 'yes')
+    RETURNING id"""
+
+
+class MeasureRetry(procrastinate.BaseRetryStrategy):
+    """The measurement task's retries: a job taken while measuring is suspended goes back into the engine, in the
+    queue no worker reads (moved back once resumed); other failures as :data:`RETRY`."""
+
+    def get_retry_decision(self, *, exception: BaseException, job: EngineJob) -> procrastinate.RetryDecision | None:
+        if isinstance(exception, MeasuringSuspended):
+            return procrastinate.RetryDecision(retry_at=utcnow(), queue=SUSPENDED_QUEUE)
+        return RETRY.get_retry_decision(exception=exception, job=job)
+
+
+CLOCK_SLACK = dt.timedelta(seconds=5)  # a delivery due this soon is sent by the job now (clocks of machines differ)
+
+
+class DeliveryPending(Exception):
+    """Deliveries to a destination are still pending after a run: procrastinate runs the job again at ``retry_at``."""
+
+    def __init__(self, destination: str | None, retry_at: dt.datetime) -> None:
+        super().__init__(f"deliveries to {destination or 'every destination'} still pending; next try at "
+                         f"{retry_at:%H:%M:%S} UTC")
+        self.retry_at = retry_at
+
+
+class DeliveryRetry(procrastinate.RetryStrategy):
+    """procrastinate's exponential backoff (``exponential_wait ** (attempts + 1)`` s) capped at ``max_wait_s``:
+    :meth:`wait_s` schedules the deliveries a run tried in vain, and the job runs again when the first pending one is
+    due (:class:`DeliveryPending`). No limit of tries here: the outbox dead-letters a delivery by its own limits."""
+
+    def __init__(self, *, max_wait_s: float, exponential_wait: int = 2) -> None:
+        super().__init__(exponential_wait=exponential_wait, retry_exceptions={DeliveryPending, DatabaseGone})
+        self.max_wait_s = max_wait_s
+
+    def wait_s(self, attempts: int) -> float:
+        """Seconds before the next try after ``attempts`` runs of the job (0 for its first run)."""
+        return float(min(self.max_wait_s, self.wait + self.linear_wait * attempts
+                         + self.exponential_wait ** min(attempts + 1, 64)))
+
+    def get_retry_decision(self, *, exception: BaseException, job: EngineJob) -> RetryDecision | None:
+        if super().get_retry_decision(exception=exception, job=job) is None:
+            return None
+        if isinstance(exception, DeliveryPending):
+            return RetryDecision(retry_at=exception.retry_at)
+        return RetryDecision(retry_in={"seconds": self.wait_s(job.attempts)})
+
+
+def delivery_lock(destination: str | None) -> str:
+    """The lock (and queueing lock) of a destination's delivery jobs: one runs at a time, one waits at most."""
+    return f"outbox:{destination}" if destination is not None else "outbox"
+
+
+def due_destinations(sessions: sessionmaker) -> list[str]:
+    """The destinations that something pending in the outbox is due for now."""
+    with sessions() as session:
+        return list(session.scalars(select(Delivery.destination).distinct().where(
+            Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow())))
+
+
+def deliver_due(sessions: sessionmaker, sender: Sender, destination: str | None, wait_s: float) -> dt.datetime | None:
+    """One run of a destination's delivery job: send what is due, schedule the deliveries tried in vain ``wait_s``
+    from now (the job engine's backoff). Returns when the first one still pending is due, None when none is, or
+    when another job for this destination waits already (it takes over)."""
+    now = utcnow()
+    mine = Delivery.status == DeliveryStatus.PENDING
+    if destination is not None:
+        mine = mine & (Delivery.destination == destination)
+    with sessions() as session:
+        due = list(session.scalars(select(Delivery.id).where(mine, Delivery.next_attempt_at <= now + CLOCK_SLACK)))
+        session.execute(update(Delivery).where(Delivery.id.in_(due), Delivery.next_attempt_at > now)
+                        .values(next_attempt_at=now))
+        session.commit()
+    sender.run_once(now, destination)
+    retry_at = utcnow() + dt.timedelta(seconds=wait_s)
+    with sessions() as session:
+        session.execute(update(Delivery).where(mine, Delivery.id.in_(due)).values(next_attempt_at=retry_at))
+        first = session.scalars(select(Delivery.next_attempt_at).where(mine).order_by(Delivery.next_attempt_at)
+                                .limit(1)).first()
+        waiting = session.execute(text("SELECT 1 FROM procrastinate_jobs WHERE queueing_lock = :lock AND "
+                                       "status = 'todo'"), {"lock": delivery_lock(destination)}).first()
+        session.commit()
+    if first is None or waiting is not None:
+        return None
+    if due:
+        LOG.warning("deliveries to %s not sent; next try at %s UTC (the job engine's backoff: %.0f s)",
+                    destination, f"{retry_at:%H:%M:%S}", wait_s)
+    return first
 
 
 def uses_job_engine(database_url: str) -> bool:
@@ -92,7 +197,8 @@ class JobEngine:
         database_url: str,
         *,
         measure: Callable[[int], object] | None = None,
-        deliver: Callable[[], object] | None = None,
+        deliver: Callable[[str | None, float], dt.datetime | None] | None = None,
+        delivery_backoff_max_s: float = 600.0,
         heartbeat_s: float = 5.0,
         stalled_after_s: float = 30.0,
         name: str = "lpm-node",
@@ -100,7 +206,8 @@ class JobEngine:
         self.conninfo = libpq_url(database_url)
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=self.conninfo))
         self.measure = measure
-        self.deliver = deliver
+        self.deliver = deliver  # (destination, seconds to wait after a vain try) -> when to run again, or None
+        self.delivery_retry = DeliveryRetry(max_wait_s=delivery_backoff_max_s)
         self.heartbeat_s = heartbeat_s
         self.stalled_after_s = stalled_after_s
         self.name = name
@@ -119,29 +226,40 @@ class JobEngine:
         return ([MEASURE_QUEUE] if self.measure else []) + ([DELIVERY_QUEUE] if self.deliver else [])
 
     def _register_tasks(self) -> None:
-        @self.app.task(name=MEASURE_TASK, queue=MEASURE_QUEUE, retry=RETRY)
+        @self.app.task(name=MEASURE_TASK, queue=MEASURE_QUEUE, retry=MeasureRetry())
         def measure(job_id: int) -> None:
             assert self.measure is not None
-            self.measure(job_id)
+            try:
+                self.measure(job_id)
+            except MeasuringSuspended:
+                LOG.info("job %d waits in the job engine: measuring is suspended", job_id)
+                raise
             if job_id in self._handed_back:  # queued again by an orderly stop: reporting "succeeded" now would
                 threading.Event().wait()  # end the job another worker runs; the process ends around this thread
 
-        @self.app.task(name=DELIVER_TASK, queue=DELIVERY_QUEUE, retry=RETRY)
-        def deliver() -> None:
+        @self.app.task(name=DELIVER_TASK, queue=DELIVERY_QUEUE, retry=self.delivery_retry, pass_context=True)
+        def deliver(context: procrastinate.JobContext, destination: str | None = None) -> None:
             assert self.deliver is not None
-            self.deliver()
+            retry_at = self.deliver(destination, self.delivery_retry.wait_s(context.job.attempts))
+            if retry_at is not None:
+                raise DeliveryPending(destination, retry_at)
 
     # -- deferring from any thread ---------------------------------------------------------------------------------
-    def defer_delivery(self) -> bool:
-        """Ask for a delivery run (one waits at most: a second request while one waits is dropped)."""
+    def defer_delivery(self, destinations: Iterable[str]) -> int:
+        """Ask for a delivery run per destination (one waits at most per destination: a second request while one
+        waits, or waits for its next try, is dropped). Returns how many were deferred."""
+        deferred = 0
         with self._deferrer_lock:
             self._open_deferrer()
-            try:
-                self._deferrer.configure_task(DELIVER_TASK, queue=DELIVERY_QUEUE, lock="outbox",
-                                              queueing_lock="outbox").defer()
-            except AlreadyEnqueued:
-                return False
-        return True
+            for destination in destinations:
+                lock = delivery_lock(destination)
+                try:
+                    self._deferrer.configure_task(DELIVER_TASK, queue=DELIVERY_QUEUE, lock=lock,
+                                                  queueing_lock=lock).defer(destination=destination)
+                    deferred += 1
+                except AlreadyEnqueued:
+                    pass
+        return deferred
 
     def hand_back(self, running: Collection[int], release: Callable[[], Sequence[Job]]) -> int:
         """An orderly stop with measurements ``running`` past the grace: ``release`` queues their ``jobs`` rows
@@ -195,9 +313,12 @@ class JobEngine:
                 recovery.cancel()
 
     async def _recover_stalled(self) -> None:
-        """Put the jobs of workers whose heartbeat lapsed back in their queue (they start again elsewhere)."""
+        """Put the jobs of workers whose heartbeat lapsed back in their queue (they start again elsewhere), and the
+        measurements put aside while measuring was suspended once it is resumed."""
         while True:
             try:
+                if MEASURE_QUEUE in self.queues:
+                    await self._resume_suspended()
                 for job in await self.app.job_manager.get_stalled_jobs(seconds_since_heartbeat=self.stalled_after_s):
                     if job.queue in self.queues:
                         LOG.warning("job engine: %s %s of a worker whose heartbeat lapsed is taken over", job.task_name,
@@ -209,6 +330,14 @@ class JobEngine:
             except Exception:  # noqa: BLE001 - the database gone for a moment: try again later
                 LOG.exception("job engine: stalled-job recovery failed; trying again")
             await asyncio.sleep(max(1.0, self.heartbeat_s))
+
+    async def _resume_suspended(self) -> None:
+        """Once measuring is resumed, move the jobs put aside meanwhile back to the measurement queue."""
+        rows = await self.app.connector.execute_query_all_async(RESUME_SUSPENDED, queue=MEASURE_QUEUE,
+                                                                 suspended_queue=SUSPENDED_QUEUE)
+        if rows:
+            LOG.info("measuring resumed: %d job(s) back in the job engine's measurement queue (engine jobs %s)",
+                     len(rows), ", ".join(str(row["id"]) for row in rows))
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop taking jobs and wait for the running one up to ``timeout``; True when the thread ended."""

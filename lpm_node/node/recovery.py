@@ -1,4 +1,5 @@
-"""What an operator does to put things right: re-run series, and rebuild the audit index from the spool.
+"""What an operator does to put things right: re-run series, suspend or resume measuring, and rebuild the audit
+index from the spool.
 
 A re-run puts a series back to ``complete``: the node's rules evaluate it again and queue a new job (the earlier
 jobs stay in the audit). Re-indexing adds the spooled instances the database does not know; a series whose
@@ -15,7 +16,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lpm_node.answer.sending import delivered_results
-from lpm_node.core.audit import Delivery, Series, record_operator_action, session_factory
+from lpm_node.core.audit import (
+    Delivery,
+    Series,
+    operator_name,
+    record_operator_action,
+    session_factory,
+    set_measuring_suspended,
+)
 from lpm_node.core.config import Settings
 from lpm_node.core.states import DeliveryStatus, SeriesStatus
 from lpm_node.intake.series import reconcile_spool, record_decision
@@ -47,6 +55,16 @@ def rerun_series(session: Session, series_uid: str, command: str, user: str | No
         outcome = (True, f"re-queued (was {was})")
     record_operator_action(session, command, series_uid, outcome[1], user=user)
     return outcome
+
+
+def suspend_measuring(session: Session, suspended: bool, command: str, user: str | None = None) -> str:
+    """Suspend or resume measuring on every process of the node (queued jobs wait, in the embedded queue or in the
+    job engine's; receiving and sending go on); audited as ``user`` when given, else the login running this.
+    Returns what happened; the caller commits."""
+    set_measuring_suspended(session, suspended, user or operator_name())
+    message = "measuring suspended: queued jobs wait" if suspended else "measuring resumed"
+    record_operator_action(session, command, "measuring", message, user=user)
+    return message
 
 
 def failed_series(session: Session) -> list[str]:

@@ -2,7 +2,8 @@
 
 ``lpm-node serve --role receiver|worker|sender|all`` (``all``, the default, is one process doing everything).
 Every process notes itself in the ``role_heartbeats`` table and refreshes ``last_seen_at`` every
-``heartbeat_seconds`` (:class:`Heartbeat`); :func:`live_processes` is the one reader (``doctor``, the console).
+``heartbeat_seconds`` (:class:`Heartbeat`); :func:`live_processes` is the one reader (``doctor``, the console,
+:func:`other_receivers`, :func:`close_orphaned_associations`).
 The data folder that all machines mount carries a marker written on the first start (:func:`data_marker`): a
 process whose marker differs from the others' sees another folder, and ``doctor`` says so.
 """
@@ -21,9 +22,12 @@ from pathlib import Path
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from lpm_node.core.audit import RoleHeartbeat, as_utc, utcnow
+from lpm_node.core.audit import Association, RoleHeartbeat, as_utc, utcnow
+from lpm_node.core.states import AssociationOutcome
 
 ROLES = ("all", "receiver", "worker", "sender")
+RECEIVING_ROLES = ("all", "receiver")
+MEASURING_ROLES = ("all", "worker")
 MARKER_FILE = ".lpm-node-data"  # in the data folder: one random id, the same for every process that shares it
 
 
@@ -127,3 +131,67 @@ def live_processes(session: Session, within_s: float, now: dt.datetime | None = 
                            .order_by(RoleHeartbeat.id))
     return [Process(r.role, r.host, r.pid, as_utc(r.started_at), as_utc(r.last_seen_at), r.data_marker, r.detail)
             for r in rows]
+
+
+def this_process() -> str:
+    """This process as ``host:pid`` (as associations name their receiver)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_gone(host: str, pid: int) -> bool:
+    """Whether process ``pid`` of ``host`` surely runs no more (only this machine's processes can be checked)."""
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def other_receivers(session: Session, within_s: float) -> list[Process]:
+    """The receiving processes other than this one heard from within ``within_s`` (this machine's ended ones left
+    out): while there are any, fresh files in the shared spool may be theirs, being recorded now."""
+    return [p for p in live_processes(session, within_s) if p.role in RECEIVING_ROLES
+            and f"{p.host}:{p.pid}" != this_process() and not process_gone(p.host, p.pid)]
+
+
+def close_orphaned_associations(session: Session, within_s: float, now: dt.datetime | None = None) -> int:
+    """Close in the audit the open associations of receiver processes that ended without closing them (killed):
+    those not heard from within ``within_s`` and those of this machine that run no more. ``ended_at`` is when the
+    process was last heard from (or now), the outcome ``aborted``, the reason names the process. Returns how many
+    (the caller commits)."""
+    now = now or utcnow()
+    rows = session.scalars(select(Association).where(Association.ended_at.is_(None), Association.receiver != "",
+                                                     Association.receiver != this_process())).all()
+    if not rows:
+        return 0
+    live = {f"{p.host}:{p.pid}" for p in live_processes(session, within_s, now)}
+    closed = 0
+    for row in rows:
+        host, _, pid = row.receiver.rpartition(":")
+        gone = pid.isdigit() and process_gone(host, int(pid))
+        started = as_utc(row.started_at) or now
+        if not gone and (row.receiver in live or now - started < dt.timedelta(seconds=within_s)):
+            continue  # running, or too new to say (a receiver notes itself once it listens)
+        last = session.scalars(select(RoleHeartbeat.last_seen_at).where(
+            RoleHeartbeat.host == host, RoleHeartbeat.pid == (int(pid) if pid.isdigit() else -1))
+            .order_by(RoleHeartbeat.id.desc()).limit(1)).first()
+        last = as_utc(last)
+        row.ended_at = max(started, last) if last is not None else now
+        row.outcome = AssociationOutcome.ABORTED
+        heard = f", last heard from at {last:%Y-%m-%d %H:%M:%S} UTC" if last is not None else ""
+        note = f"receiver process {row.receiver} stopped{heard}"
+        row.reason = f"{row.reason}; {note}" if row.reason else note
+        closed += 1
+    return closed
+
+
+def local_workers(session: Session, within_s: float) -> int:
+    """The measuring processes alive on this machine, this one included (at least 1)."""
+    host = socket.gethostname()
+    others = {p.pid for p in live_processes(session, within_s) if p.role in MEASURING_ROLES and p.host == host
+              and p.pid != os.getpid() and not process_gone(p.host, p.pid)}
+    return len(others) + 1

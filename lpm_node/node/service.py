@@ -8,6 +8,7 @@ heartbeat. ``[node] role`` picks the parts one process runs (``all``: every part
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import shutil
@@ -15,24 +16,38 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer.sending import Sender, tls_client_context
-from lpm_node.core.audit import Delivery, session_factory, utcnow
+from lpm_node.core.audit import session_factory, utcnow
 from lpm_node.core.config import Settings
-from lpm_node.core.states import DeliveryStatus
 from lpm_node.intake.listener import Listener
 from lpm_node.intake.rules import RuleEngine
 from lpm_node.intake.series import SeriesAssembler, reconcile_spool
 from lpm_node.intake.spool import Spool
-from lpm_node.node.engine import JobEngine, defer_measurement, ensure_engine_schema, uses_job_engine
+from lpm_node.node.engine import (
+    JobEngine,
+    defer_measurement,
+    deliver_due,
+    due_destinations,
+    ensure_engine_schema,
+    uses_job_engine,
+)
 from lpm_node.node.preflight import preflight
-from lpm_node.node.roles import SERIES_STEP_LOCK, Heartbeat, data_marker, does, one_at_a_time
+from lpm_node.node.roles import (
+    SERIES_STEP_LOCK,
+    Heartbeat,
+    close_orphaned_associations,
+    data_marker,
+    does,
+    one_at_a_time,
+    other_receivers,
+)
 from lpm_node.node.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -93,6 +108,8 @@ class Node:
         self.address: tuple[str, int] | None = None
         self.heartbeat: Heartbeat | None = None
         self.engine: JobEngine | None = None
+        self._spool_pass_at: float | None = None  # when to index the spooled files left fresh at the start
+        self._orphans_checked_at = 0.0
         shared = uses_job_engine(settings.db_url)
         if shared:
             ensure_engine_schema(self.sessions.kw["bind"])
@@ -117,12 +134,13 @@ class Node:
         if shared:
             self.engine = JobEngine(
                 settings.db_url, measure=self.worker.run_job if self.worker is not None else None,
-                deliver=self.sender.run_once if self.sender is not None else None,
-                heartbeat_s=node.heartbeat_seconds, stalled_after_s=node.stalled_after_seconds,
+                deliver=self.deliver_due if self.sender is not None else None,
+                delivery_backoff_max_s=settings.output.backoff_max_s, heartbeat_s=node.heartbeat_seconds,
+                stalled_after_s=node.stalled_after_seconds,
                 name=f"{self.role}@{socket.gethostname()}:{os.getpid()}",
             )
             if self.worker is not None:
-                self.worker.on_results = self.engine.defer_delivery
+                self.worker.on_results = self.outbox_tick
             if does(self.role, "sender"):
                 self.add_loop(Loop("outbox", self.outbox_tick, 2.0))
         else:
@@ -139,6 +157,12 @@ class Node:
     def series_step(self) -> bool:
         """Complete quiet series, decide on complete ones, queue one per study."""
         assert self.listener is not None
+        if self._spool_pass_at is not None and time.monotonic() >= self._spool_pass_at:
+            self._spool_pass_at = None
+            self.index_spool(fresh_left=False)
+        if time.monotonic() - self._orphans_checked_at >= self.settings.node.heartbeat_seconds:
+            self._orphans_checked_at = time.monotonic()
+            self.close_orphaned_associations()
         with one_at_a_time(self.sessions.kw["bind"], SERIES_STEP_LOCK) as mine:
             if not mine:  # another receiver is deciding now
                 return False
@@ -146,20 +170,49 @@ class Node:
             queued = self.rules.run_once()
         return bool(queued)
 
+    def index_spool(self, *, fresh_left: bool) -> int:
+        """Index the spooled instances the audit lacks (written before a crash). ``fresh_left``: while other
+        receivers run, files written within ``stalled_after_seconds`` may be theirs, about to be recorded by them:
+        they are left, and indexed by a second pass once no longer fresh (:meth:`series_step`)."""
+        window = self.settings.node.stalled_after_seconds
+        written_before = None
+        if fresh_left:
+            with self.sessions() as session:
+                others = other_receivers(session, window)
+            if others:
+                written_before = utcnow() - dt.timedelta(seconds=window)
+                self._spool_pass_at = time.monotonic() + window
+                LOG.info("%d other receiver(s) share the spool: its files of the last %.0f s are left to them, "
+                         "indexed then if still unrecorded", len(others), window)
+        return reconcile_spool(self.sessions, self.spool, written_before=written_before)
+
+    def close_orphaned_associations(self) -> int:
+        """Close in the audit the open associations of receiver processes that ended without closing them (one
+        receiver at a time: the one holding the series step's lock)."""
+        with one_at_a_time(self.sessions.kw["bind"], SERIES_STEP_LOCK) as mine, self.sessions() as session:
+            if not mine:
+                return 0
+            closed = close_orphaned_associations(session, self.settings.node.stalled_after_seconds)
+            session.commit()
+        if closed:
+            LOG.warning("closed %d association(s) left open by receiver processes that stopped", closed)
+        return closed
+
     def sender_step(self) -> bool:
         """Send what is due in the outbox."""
         assert self.sender is not None
         return bool(self.sender.run_once())
 
     def outbox_tick(self) -> bool:
-        """Job engine: ask for a delivery run when something in the outbox is due."""
+        """Job engine: ask for a delivery run for each destination that something in the outbox is due for."""
         assert self.engine is not None
-        with self.sessions() as session:
-            due = session.scalars(select(Delivery.id).where(Delivery.status == DeliveryStatus.PENDING,
-                                                            Delivery.next_attempt_at <= utcnow()).limit(1)).first()
-        if due is not None:
-            self.engine.defer_delivery()
+        self.engine.defer_delivery(due_destinations(self.sessions))
         return False
+
+    def deliver_due(self, destination: str | None, wait_s: float) -> dt.datetime | None:
+        """Job engine: one run of a destination's delivery job (:func:`~lpm_node.node.engine.deliver_due`)."""
+        assert self.sender is not None
+        return deliver_due(self.sessions, self.sender, destination, wait_s)
 
     def heartbeat_step(self) -> bool:
         """Note that this process is alive (``role_heartbeats``)."""
@@ -175,7 +228,8 @@ class Node:
                 self.worker.recover()  # on the job engine, a stalled job is taken over when its heartbeat lapses
             self.worker.segmenter  # noqa: B018 - loaded before listening: importing it would slow the first transfers
         if self.listener is not None:
-            reconcile_spool(self.sessions, self.spool)
+            self.index_spool(fresh_left=True)
+            self.close_orphaned_associations()
             self.assembler.started_at = utcnow()  # downtime is not quiet time: every series' clock starts again now
             self.address = self.listener.start()
         marker = data_marker(self.settings.data_path)

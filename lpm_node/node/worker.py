@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.answer.sending import enqueue_results, result_destinations
-from lpm_node.core.audit import Delivery, Job, Series, measuring_suspended, utcnow
+from lpm_node.core.audit import Delivery, Job, MeasuringSuspended, Series, measuring_suspended, utcnow
 from lpm_node.core.config import Settings
 from lpm_node.core.states import JobStatus, SeriesStatus
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
@@ -33,6 +33,7 @@ from lpm_node.intake.integrity import verify_series_files
 from lpm_node.intake.series import record_decision
 from lpm_node.intake.spool import Spool
 from lpm_node.node.pipeline import analyse_series, warm_writers, write_answer
+from lpm_node.node.roles import local_workers
 
 LOG = logging.getLogger(__name__)
 
@@ -80,6 +81,24 @@ class Worker:
             self._segmenter = load_segmenter(self.settings.model)
             warm_writers()
         return self._segmenter
+
+    def share_cores(self) -> int:
+        """On the CPU with ``[model] threads = 0``: size the model's thread pool to this worker's share of the
+        machine's cores (cores / worker processes alive here, from the role heartbeats), so that several workers on
+        one machine do not each start a thread per core and fight over them. Returns the threads in use (0: not
+        on the CPU, or set in the configuration)."""
+        if self.settings.model.threads > 0 or getattr(self.segmenter, "device", "cpu") != "cpu":
+            return 0
+        import torch
+
+        with self.sessions() as session:
+            here = local_workers(session, self.settings.node.stalled_after_seconds)
+        threads = max(1, (os.cpu_count() or 1) // max(1, here))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+            LOG.info("%d worker process(es) on this machine: the model uses %d of its %d cores", here, threads,
+                     os.cpu_count() or 1)
+        return threads
 
     def check_model(self) -> None:
         """Fail early, with the reason, when the configured model folder is not a usable model."""
@@ -133,7 +152,8 @@ class Worker:
 
     def _claim(self, job_id: int | None = None) -> Job | None:
         """Mark the oldest queued job (or job ``job_id``, handed over by the job engine) running; None when there is
-        none to run. A job engine's job whose row is still ``running`` was cut short elsewhere: that start counts."""
+        none to run. A job engine's job whose row is still ``running`` was cut short elsewhere: that start counts;
+        while measuring is suspended, a job engine's job raises :class:`MeasuringSuspended` (it waits in its queue)."""
         with self.sessions() as session:
             if job_id is None:
                 if measuring_suspended(session):  # an operator suspended measuring: queued jobs wait
@@ -141,6 +161,8 @@ class Worker:
                 job = session.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.id)
                                       .limit(1)).first()
             else:
+                if measuring_suspended(session):  # the job engine keeps the job in its queue until resumed
+                    raise MeasuringSuspended(f"job {job_id}: measuring is suspended")
                 job = session.get(Job, job_id, with_for_update=True)
                 if job is not None and job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
                     LOG.info("job %d is %s: nothing to run", job.id, job.status)
@@ -173,7 +195,9 @@ class Worker:
         return True
 
     def run_job(self, job_id: int) -> bool:
-        """Run job ``job_id`` (the job engine's task); False when it was not to run (done, cancelled, failed)."""
+        """Run job ``job_id`` (the job engine's task); False when it was not to run (done, cancelled, failed).
+
+        Raises :class:`MeasuringSuspended` while an operator has suspended measuring (the job is not started)."""
         job = self._claim(job_id)
         if job is None:
             return False
@@ -206,6 +230,7 @@ class Worker:
         if not paths:
             raise FileNotFoundError(f"no spooled files for series {job.series_instance_uid}")
         checksums = verify_series_files(self.sessions, paths)
+        self.share_cores()
         result = analyse_series(paths, self.settings, self.segmenter, checksums)
         folder = self.outbox_path / job.series_instance_uid
         predecessor = self._previous_sr(job.series_instance_uid, folder)
