@@ -10,8 +10,11 @@ pass, tracemalloc's peak of Python and NumPy allocations), and the targets with 
     .venv/bin/python scripts/bench_pipeline.py [--shape all|on-grid|thin|thick] [--runs 3]
 
 Targets, set on the 600-slice thin series, everything but the model: load + resample <= 2x dcm2niix;
-measure <= 0.3 s; SEG + SR + key image (written) <= 1.5 s; peak memory above the loaded model <= 3x the
-source volume (float32 HU on the source grid).
+measure <= 0.3 s; SEG + SR + key image + KOS (built and written) <= 1.5 s, the median of ``--write-runs`` runs on
+the measured series (wall and CPU time; the writers are warmed when the model is loaded, as the worker does:
+highdicom loads its tables of the standard once per process, printed apart); peak memory above the loaded model
+<= 3x the source volume (float32 HU on the source grid). On a machine shared with other work, compare the CPU
+figures too.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from bench_series import (  # noqa: E402
     write_bench_series,
 )
 
-from lpm_node.answer.build import write_answer  # noqa: E402
+from lpm_node.answer.build import warm_writers, write_answer  # noqa: E402
 from lpm_node.core.config import Settings  # noqa: E402
 from lpm_node.demo.model import bundled_model_folder  # noqa: E402
 from lpm_node.imaging.loading import load_series  # noqa: E402
@@ -129,7 +132,23 @@ def run_stages(series: BenchSeries, settings: Settings, segmenter: Segmenter, ou
     return stages, result
 
 
-def bench_shape(series: BenchSeries, settings: Settings, segmenter: Segmenter, work: Path, runs: int) -> dict:
+def time_writers(result: SeriesResult, settings: Settings, out: Path, runs: int) -> dict[str, float]:
+    """SEG + SR + key image + KOS built and written ``runs`` times: median, min and max wall seconds, median CPU."""
+    wall, cpu = [], []
+    for _ in range(runs):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        gc.collect()
+        c0, t0 = time.process_time(), time.perf_counter()
+        write_answer(result, settings, out)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"median": statistics.median(wall), "min": min(wall), "max": max(wall), "cpu": statistics.median(cpu)}
+
+
+def bench_shape(series: BenchSeries, settings: Settings, segmenter: Segmenter, work: Path, runs: int,
+                write_runs: int = 5) -> dict:
     """Print and return one shape's figures."""
     print(f"\n== {series.describe()}")
     peer = versus_dcm2niix(series, work, runs)
@@ -141,6 +160,7 @@ def bench_shape(series: BenchSeries, settings: Settings, segmenter: Segmenter, w
           f"{peer['cpu'] / peer['dcm2niix_cpu']:.2f} (less sensitive to other load on a shared machine)")
 
     stages, result = run_stages(series, settings, segmenter, work / "answer")
+    writers = time_writers(result, settings, work / "answer", write_runs)
     masks = result.masks
     m = result.measurement
     del result
@@ -156,12 +176,14 @@ def bench_shape(series: BenchSeries, settings: Settings, segmenter: Segmenter, w
         print(f"{name:<10}{seconds:>9.2f}{peak:>13.0f}{peak / volume:>10.2f}{tm}")
     worst = max(p for _, p in stages.values())
     worst_no_model = max(p for name, (_, p) in stages.items() if name != "segment")
-    measure_s, write_s = stages["measure"][0], stages["write"][0]
+    measure_s = stages["measure"][0]
     label = "targets" if series.name == TARGET_SHAPE else f"targets (set for {TARGET_SHAPE}; shown for comparison)"
     print(f"{label}:")
     print(f"  load + resample {ratio:.2f}x dcm2niix (<= {LOAD_RATIO:g}x)  {verdict(ratio <= LOAD_RATIO)}")
     print(f"  measure {measure_s:.2f} s (<= {MEASURE_S:g} s)  {verdict(measure_s <= MEASURE_S)}")
-    print(f"  SEG + SR + key image {write_s:.2f} s (<= {WRITE_S:g} s)  {verdict(write_s <= WRITE_S)}")
+    write_s = writers["median"]
+    print(f"  SEG + SR + key image + KOS, written: median {write_s:.2f} s of {write_runs} (min {writers['min']:.2f}, "
+          f"max {writers['max']:.2f}; CPU {writers['cpu']:.2f} s) (<= {WRITE_S:g} s)  {verdict(write_s <= WRITE_S)}")
     print(f"  peak memory above the loaded model, all stages: {worst:.0f} MB = {worst / volume:.2f}x the "
           f"volume (<= {MEMORY_X:g}x)  {verdict(worst / volume <= MEMORY_X)}")
     print(f"  peak memory above the loaded model, all but segment: {worst_no_model:.0f} MB = "
@@ -171,6 +193,7 @@ def bench_shape(series: BenchSeries, settings: Settings, segmenter: Segmenter, w
           f"{int(np.count_nonzero(masks['liver']))}; device {segmenter.device}")
     # load and resample in the summary: the medians compared with dcm2niix (the stage run is a single one)
     return {"shape": series.name, "ratio": ratio, **{k: v[0] for k, v in stages.items()}, **peer,
+            "write": write_s, "write_cpu": writers["cpu"],
             "peak_x": worst / volume, "peak_x_no_model": worst_no_model / volume,
             "cpu_ratio": peer["cpu"] / peer["dcm2niix_cpu"]}
 
@@ -180,6 +203,7 @@ def main() -> int:
     parser.add_argument("--shape", default="all", help="on-grid, thin, thick (comma-separated) or all")
     parser.add_argument("--runs", type=int, default=3, help="alternating runs against dcm2niix (median)")
     parser.add_argument("--slices", type=int, help="another slice count for every shape (quick checks)")
+    parser.add_argument("--write-runs", type=int, default=5, help="runs of the writers on the measured series")
     args = parser.parse_args()
     try:
         shapes = shapes_arg(args.shape)
@@ -192,20 +216,22 @@ def main() -> int:
     settings.model.folder = str(bundled_model_folder())
     segmenter = load_segmenter(settings.model)
     print(f"model loaded: {segmenter.description} on {segmenter.device}; resident set {rss_mb():.0f} MB")
+    print(f"writers warmed with the model, as in the worker (highdicom's tables of the standard): "
+          f"{warm_writers():.2f} s")
     rows = []
     for shape in shapes:
         work = Path(tempfile.mkdtemp(prefix=f"lpm-bench-pipeline-{shape}-"))
         try:
             series = write_bench_series(shape, work / "ct", n_slices=args.slices)
             gc.collect()
-            rows.append(bench_shape(series, settings, segmenter, work, args.runs))
+            rows.append(bench_shape(series, settings, segmenter, work, args.runs, args.write_runs))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n{'shape':<9}{'dcm2niix':>9}{'load':>7}{'resamp':>8}{'ratio':>7}{'cpu ratio':>10}{'segment':>9}"
-          f"{'measure':>9}{'write':>7}{'peak x':>8}{'x w/o seg':>10}")
+          f"{'measure':>9}{'write':>7}{'w cpu':>7}{'peak x':>8}{'x w/o seg':>10}")
     for r in rows:
         print(f"{r['shape']:<9}{r['dcm2niix']:>9.2f}{r['load']:>7.2f}{r['resample']:>8.2f}{r['ratio']:>7.2f}"
-              f"{r['cpu_ratio']:>10.2f}{r['segment']:>9.2f}{r['measure']:>9.2f}{r['write']:>7.2f}"
+              f"{r['cpu_ratio']:>10.2f}{r['segment']:>9.2f}{r['measure']:>9.2f}{r['write']:>7.2f}{r['write_cpu']:>7.2f}"
               f"{r['peak_x']:>8.2f}{r['peak_x_no_model']:>10.2f}")
     return 0
 

@@ -22,6 +22,7 @@ from lpm_node.answer import (
     segment_number,
     write_dataset,
 )
+from lpm_node.answer.build import HIGHDICOM_TABLE_LOADERS, warm_writers
 from lpm_node.answer.keyimage import LIVER_COLOUR, ROI_COLOUR, series_description
 from lpm_node.answer.seg import ANATOMICAL_STRUCTURE, LIVER, BinarySegmentation
 from lpm_node.answer.sr import library_images
@@ -228,6 +229,14 @@ def test_writers_on_a_measured_phantom_are_consistent(tmp_path: Path, phantom: P
     # the same library when empty frames are kept in the SEG
     seg_all = build_seg(series.datasets, series.frame_refs, {"liver": liver, "roi": roi}, omit_empty_frames=False)
     assert {ds.SOPInstanceUID for ds in library_images(series.datasets, seg_all)} == roi_images
+    # in the SEG's own frame order (highdicom sorts the planes), as read from its ROI frames
+    for built in (seg, seg_all):
+        roi_frames = [
+            str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for item, pixels in zip(built.PerFrameFunctionalGroupsSequence, built.pixel_array, strict=True)
+            if item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 2 and pixels.any()
+        ]
+        assert [ds.SOPInstanceUID for ds in library_images(series.datasets, built)] == list(dict.fromkeys(roi_frames))
 
 
 def test_seg_is_binary_uncompressed_aligned_with_source_instances() -> None:
@@ -544,3 +553,13 @@ def test_the_segment_overlap_check_agrees_with_highdicoms(overlap: bool) -> None
     with pytest.raises(ValueError):
         BinarySegmentation._check_and_cast_pixel_array(pixels * 2, numbers, hd.seg.SegmentationTypeValues.BINARY,
                                                         np.uint8)
+
+
+def test_warm_writers_loads_highdicoms_tables_of_the_standard() -> None:
+    """The worker warms the writers when it loads its model: highdicom's tables are then loaded (a renamed loader
+    in a new highdicom would make the warm-up silently do nothing; this says so)."""
+    from highdicom import _standard_utils
+
+    assert warm_writers() >= 0.0
+    for name in HIGHDICOM_TABLE_LOADERS:
+        assert getattr(_standard_utils, name).cache_info().currsize == 1

@@ -8,6 +8,9 @@ identity the UIDs derive from and every object are made here, down the layers, n
 from __future__ import annotations
 
 import dataclasses
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from lpm_node.core.config import Settings
 from lpm_node.core.files import atomic_write
 from lpm_node.imaging.result import SeriesResult, timed
 
+ANSWER_KINDS = ("SEG", "SR", "KEY", "KOS")
+
 
 @dataclass
 class ResultObject:
@@ -36,9 +41,16 @@ class ResultObject:
     sop_instance_uid: str
 
 
+def encode_dataset(ds: Dataset) -> bytes:
+    """``ds`` encoded as a DICOM file (preamble, file meta, data set)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def write_dataset(ds: Dataset, path: str | Path) -> Path:
     """Write ``ds`` as a DICOM file atomically (see :func:`lpm_node.core.files.atomic_write`); return the path."""
-    return atomic_write(path, lambda handle: ds.save_as(handle, enforce_file_format=True))
+    return atomic_write(path, encode_dataset(ds))
 
 
 # Settings that change the content of the answer (and so its UIDs); device and threads do not.
@@ -78,16 +90,18 @@ def build_answer(
     content = content_identity(result, settings)
     masks = source_masks(result)
     seg = build_seg(
-        source.datasets, source.frame_refs, masks,
+        source.datasets, source.frame_refs, masks.arrays,
         omit_empty_frames=settings.output.omit_empty_frames,
         algorithm_version=content.software_version, model_description=result.model, identity=content,
+        slice_areas=masks.areas,
     )
     disks = roi_disks(result)
     k = key_slice(result, disks, masks)
     key = None
     if settings.output.key_image:
         key = build_key_image(
-            source.datasets, source.frame_refs, k, masks["roi"][k], masks["liver"][k], result.measurement,
+            source.datasets, source.frame_refs, k, masks.arrays["roi"][k], masks.arrays["liver"][k],
+            result.measurement,
             algorithm_version=content.software_version, hu=sitk.GetArrayViewFromImage(source.image)[k],
             identity=content,
         )
@@ -104,16 +118,38 @@ def build_answer(
     return objects
 
 
+# highdicom reads its tables of the standard (IODs, modules, attributes; JSON) at first use, about 1 s: loaded
+# ahead by warm_writers. These are private functions of highdicom; were they renamed, the warm-up would do nothing
+# and the first answer of the process pay the load, as before.
+HIGHDICOM_TABLE_LOADERS = ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map")
+
+
+def warm_writers() -> float:
+    """Load once per process what the writers need at their first use (highdicom's tables of the standard), so
+    that no answer pays it; the worker calls this when it loads its model. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    from highdicom import _standard_utils
+
+    for name in HIGHDICOM_TABLE_LOADERS:
+        loader = getattr(_standard_utils, name, None)
+        if callable(loader):
+            loader()
+    return time.perf_counter() - t0
+
+
 def write_answer(
     result: SeriesResult, settings: Settings, folder: str | Path, predecessor: Dataset | None = None
 ) -> list[ResultObject]:
     """Build the answer and write each object atomically into ``folder`` (named by kind and SOP Instance UID)."""
-    written: list[ResultObject] = []
-    with timed(result.timings, "write"):
-        for kind, ds in build_answer(result, settings, predecessor):
-            path = write_dataset(ds, Path(folder) / f"{kind}_{ds.SOPInstanceUID}.dcm")
-            written.append(ResultObject(kind, path, str(ds.SOPInstanceUID)))
-    return written
+    # Encoding holds the interpreter; writing and the fsyncs do not: each file goes to disk in a thread while the
+    # next one is encoded, and all four are flushed to disk side by side.
+    with timed(result.timings, "write"), ThreadPoolExecutor(len(ANSWER_KINDS), "answer-write") as pool:
+        pending = [
+            (kind, str(ds.SOPInstanceUID),
+             pool.submit(atomic_write, Path(folder) / f"{kind}_{ds.SOPInstanceUID}.dcm", encode_dataset(ds)))
+            for kind, ds in build_answer(result, settings, predecessor)
+        ]
+        return [ResultObject(kind, future.result(), uid) for kind, uid, future in pending]
 
 
 def preview_png(result: SeriesResult, path: str | Path) -> Path:

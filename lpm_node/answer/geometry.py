@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lpm_node.answer.source import GAP, nearest_source_slice
-from lpm_node.imaging.resampling import mask_to_source_grid
+from lpm_node.imaging.resampling import mask_to_source_slab
 from lpm_node.imaging.result import SeriesResult
 
 
@@ -55,32 +55,54 @@ def mask_outline(mask: np.ndarray, index: int, frame: int, tolerance_px: float =
     return Outline(index, frame, (*points, points[0]))
 
 
-def source_masks(result: SeriesResult) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class SourceMasks:
+    """The masks on the source series' own grid, in the loader's slice order, with each mask's pixel count per
+    source slice (counted once, on the slices the mapping could set: every later question about which slices
+    hold a structure reads these counts, not the 600-slice arrays)."""
+
+    arrays: dict[str, np.ndarray]  # name -> uint8 (k, rows, cols)
+    areas: dict[str, np.ndarray]  # name -> int64 (k,): pixels of the mask on each source slice
+
+
+def slice_areas(mask: np.ndarray, slab: slice | None = None) -> np.ndarray:
+    """Pixels of a (k, rows, cols) mask on each slice k, counted only within ``slab`` (zero outside it)."""
+    areas = np.zeros(mask.shape[0], dtype=np.int64)
+    part = mask[slab] if slab is not None else mask
+    if part.size:
+        start = slab.start if slab is not None else 0
+        areas[start:start + part.shape[0]] = np.count_nonzero(part.reshape(part.shape[0], -1), axis=1)
+    return areas
+
+
+def source_masks(result: SeriesResult) -> SourceMasks:
     """The liver, ROI (and spleen) masks on the source series' own grid, in the loader's slice order."""
     wanted = {"liver": result.masks["liver"], "roi": result.roi}
     if "spleen" in result.masks and result.masks["spleen"].any():
         wanted["spleen"] = result.masks["spleen"]
-    return {
-        name: mask_to_source_grid(mask, result.method_image, result.source.image) for name, mask in wanted.items()
-    }
+    arrays: dict[str, np.ndarray] = {}
+    areas: dict[str, np.ndarray] = {}
+    for name, mask in wanted.items():
+        arrays[name], slab = mask_to_source_slab(mask, result.method_image, result.source.image)
+        areas[name] = slice_areas(arrays[name], slab)
+    return SourceMasks(arrays, areas)
 
 
-def key_slice_without_disks(source_masks: dict[str, np.ndarray], frame_refs: Sequence[tuple[int, int]]) -> int:
+def key_slice_without_disks(areas: dict[str, np.ndarray], frame_refs: Sequence[tuple[int, int]]) -> int:
     """The source slice to show without ROI disks: most ROI pixels, else most liver, else the middle; always a real
-    source frame."""
+    source frame. ``areas``: pixels of each mask per source slice (:attr:`SourceMasks.areas`)."""
     for name in ("roi", "liver"):
-        areas = source_masks[name].reshape(len(frame_refs), -1).sum(axis=1)
-        if areas.any():
-            return nearest_source_slice(frame_refs, int(np.argmax(areas)))
+        if areas[name].any():
+            return nearest_source_slice(frame_refs, int(np.argmax(areas[name])))
     return nearest_source_slice(frame_refs, len(frame_refs) // 2)
 
 
-def key_slice(result: SeriesResult, disks: Sequence[tuple[int, RoiDisk]], masks: dict[str, np.ndarray]) -> int:
+def key_slice(result: SeriesResult, disks: Sequence[tuple[int, RoiDisk]], masks: SourceMasks) -> int:
     """The method's index slice k on the source grid: the middle ROI disk's slice, else (no disks) the slice with
     most ROI, else most liver, else the middle."""
     if disks:
         return disks[len(disks) // 2][0]
-    return key_slice_without_disks(masks, result.source.frame_refs)
+    return key_slice_without_disks(masks.areas, result.source.frame_refs)
 
 
 def roi_disks(result: SeriesResult) -> list[tuple[int, RoiDisk]]:
@@ -115,19 +137,18 @@ def roi_disks(result: SeriesResult) -> list[tuple[int, RoiDisk]]:
     return out
 
 
-def outlines(masks: dict[str, np.ndarray], frame_refs: Sequence[tuple[int, int]], k: int) -> dict[str, Outline]:
+def outlines(masks: SourceMasks, frame_refs: Sequence[tuple[int, int]], k: int) -> dict[str, Outline]:
     """The liver's outline on source slice ``k`` and the spleen's on its largest source slice (real frames only)."""
     out: dict[str, Outline] = {}
     for name in ("liver", "spleen"):
-        if name not in masks or not masks[name].any():
+        if name not in masks.arrays or not masks.areas[name].any():
             continue
-        if name == "liver" and masks[name][k].any():
+        if name == "liver" and masks.areas[name][k]:
             slice_k = k
         else:
-            areas = masks[name].reshape(len(frame_refs), -1).sum(axis=1)
-            slice_k = nearest_source_slice(frame_refs, int(np.argmax(areas)))
+            slice_k = nearest_source_slice(frame_refs, int(np.argmax(masks.areas[name])))
         index, frame = frame_refs[slice_k]
-        outline = mask_outline(masks[name][slice_k], index, frame)
+        outline = mask_outline(masks.arrays[name][slice_k], index, frame)
         if outline is not None:
             out[name] = outline
     return out

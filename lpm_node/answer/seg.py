@@ -122,17 +122,19 @@ def _checked_masks(masks: Mapping[str, np.ndarray], specs: Sequence[SegmentSpec]
 
 
 def _segment_array(
-    arrays: Sequence[np.ndarray], ks: np.ndarray, frames: np.ndarray | None, n_frames: int
+    arrays: Sequence[np.ndarray], occupied: Sequence[np.ndarray], ks: np.ndarray, frames: np.ndarray | None,
+    n_frames: int,
 ) -> np.ndarray:
     """(frames, rows, cols, segments) uint8 array of slices ``ks`` in the source-image frame order.
 
-    The array is a view of one (segments, frames, rows, cols) block, so each segment's frames are contiguous:
-    filling it, highdicom's per-segment reads and the overlap check below run over contiguous memory."""
+    ``occupied[s]`` says which slices k hold segment s: only those are copied. The array is a view of one
+    (segments, frames, rows, cols) block, so each segment's frames are contiguous: filling it, highdicom's
+    per-segment reads and the overlap check below run over contiguous memory."""
     rows, cols = arrays[0].shape[1:]
     n_out = len(ks) if frames is None else n_frames
     block = np.zeros((len(arrays), n_out, rows, cols), dtype=np.uint8)
-    for s, mask in enumerate(arrays):
-        present = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)[ks])  # only slices holding it
+    for s, (mask, holds) in enumerate(zip(arrays, occupied, strict=True)):
+        present = np.flatnonzero(holds[ks])  # only slices holding it
         target = present if frames is None else frames[present]
         block[s, target] = mask[ks[present]] != 0
     return block.transpose(1, 2, 3, 0)
@@ -145,11 +147,19 @@ def segments_overlap(pixels: np.ndarray) -> bool:
 
 
 class BinarySegmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation, with its pixel check done per segment for a binary uint8 stack of segments.
+    """highdicom's Segmentation, with its pixel check done per segment for a binary uint8 stack of segments, and
+    the source frames that hold each segment (recorded by :func:`build_seg`, for the SR's image library).
 
     highdicom finds overlapping segments by summing the whole (frames, rows, cols, segments) array into a
     uint64 array (about 1 s on a 600-slice chest CT); comparing the segments pairwise gives the same answer
     without it (``tests/test_writers.py`` checks both agree). Anything else goes to highdicom's own check."""
+
+    _segment_frames: dict[int, list[tuple[int, int]]]
+
+    def segment_source_frames(self, segment: int) -> list[tuple[int, int]]:
+        """(index into the source datasets, 0-based frame) of each source frame holding ``segment``, in the SEG's
+        frame order: the frames that reading each SEG frame's bits and derivation image would give, unread."""
+        return list(getattr(self, "_segment_frames", {}).get(segment, []))
 
     @classmethod
     def _check_and_cast_pixel_array(  # type: ignore[override]
@@ -185,6 +195,19 @@ def _reference_further_images(seg: Dataset, further: Sequence[Dataset]) -> None:
             sequence.append(ref)
 
 
+def _source_frame_order(seg: Dataset) -> dict[tuple[str, int], int]:
+    """Position of each source frame (SOP Instance UID, 0-based frame) in the frame order of a SEG just built
+    (its derivation references; no pixel is read)."""
+    order: dict[tuple[str, int], int] = {}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.SourceImageSequence:
+                numbers = np.atleast_1d(source.ReferencedFrameNumber) if "ReferencedFrameNumber" in source else [1]
+                for number in numbers:
+                    order.setdefault((str(source.ReferencedSOPInstanceUID), int(number) - 1), len(order))
+    return order
+
+
 def build_seg(
     datasets: Sequence[Dataset],
     frame_refs: Sequence[tuple[int, int]],
@@ -194,32 +217,41 @@ def build_seg(
     algorithm_version: str = lpm_node.__version__,
     model_description: str = "",
     identity: ContentIdentity | None = None,
-) -> Dataset:
+    slice_areas: Mapping[str, np.ndarray] | None = None,
+) -> BinarySegmentation:
     """Build a BINARY DICOM-SEG of ``masks`` on the source CT grid.
 
     ``masks`` maps "liver" (required), "roi" and "spleen" (optional) to uint8 arrays (k, rows, cols) in the k order
     of ``frame_refs`` (for each k: index into ``datasets``, 0-based frame number; ``(-1, -1)`` for a slice
     interpolated across a gap, which is left out). Works for single-frame series in any order and for one
     multi-frame (Enhanced) CT. UIDs are derived from ``identity`` (default: the source series and the version).
+    ``slice_areas`` (pixels of each mask per slice k, when the caller counted them) saves reading the masks to find
+    the slices that hold a segment.
     """
     unknown = set(masks) - set(SEGMENT_LABELS)
     if unknown or "liver" not in masks:
         raise ValueError(f"masks need 'liver' and may hold {sorted(SEGMENT_LABELS)}; unexpected: {sorted(unknown)}")
     specs = [spec for spec in SEGMENTS if spec.key in masks]
     arrays = _checked_masks(masks, specs, len(frame_refs))
+    occupied = [
+        np.asarray(slice_areas[spec.key]) > 0 if slice_areas is not None and spec.key in slice_areas
+        else mask.reshape(mask.shape[0], -1).any(axis=1)
+        for spec, mask in zip(specs, arrays, strict=True)
+    ]
     source_images, ks, frames = _source_layout(datasets, frame_refs)
     further: list[Dataset] = []
+    any_segment = np.logical_or.reduce(occupied)
     if omit_empty_frames and frames is None:
         # Same frames as highdicom's own omission, but highdicom then works only on the slices holding a segment;
         # the other slices stay recorded as source images (Referenced Series Sequence).
-        present = np.logical_or.reduce([m.reshape(m.shape[0], -1).any(axis=1) for m in arrays])[ks]
+        present = any_segment[ks]
         if present.any():
             further = [ds for ds, kept in zip(source_images, present, strict=True) if not kept]
             source_images = [ds for ds, kept in zip(source_images, present, strict=True) if kept]
             ks = ks[present]
-    pixels = _segment_array(arrays, ks, frames, number_of_frames(source_images[0]))
+    pixels = _segment_array(arrays, occupied, ks, frames, number_of_frames(source_images[0]))
     # highdicom refuses a SEG without any frame: keep all frames when every mask is empty.
-    omit = omit_empty_frames and bool(pixels.any())
+    omit = omit_empty_frames and bool(any_segment[ks].any())
     content = identity_for(source_series_uid(datasets), algorithm_version, identity)
     algorithm = algorithm_identification(algorithm_version, model_description, content.model)
     descriptions = [
@@ -257,6 +289,16 @@ def build_seg(
         omit_empty_frames=omit,
     )
     _reference_further_images(seg, further)
+    # each segment's source frames, in the order highdicom gave the SEG's frames (it sorts the planes)
+    order = _source_frame_order(seg)
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    seg._segment_frames = {
+        number: sorted(
+            ((int(frame_refs[k][0]), int(frame_refs[k][1])) for k in ks[holds[ks]]),
+            key=lambda ref: order.get((uids[ref[0]], ref[1]), len(order)),
+        )
+        for number, holds in enumerate(occupied, start=1)
+    }
     seg.SeriesDescription = SERIES_DESCRIPTION
     if datasets[0].get("BodyPartExamined"):
         seg.BodyPartExamined = datasets[0].BodyPartExamined

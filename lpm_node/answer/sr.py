@@ -43,7 +43,14 @@ from lpm_node.answer.equipment import (
     stamp_context,
 )
 from lpm_node.answer.geometry import Outline, RoiDisk
-from lpm_node.answer.seg import ARTIFICIAL_INTELLIGENCE, LIVER, SPLEEN, model_parameters, segment_number
+from lpm_node.answer.seg import (
+    ARTIFICIAL_INTELLIGENCE,
+    LIVER,
+    SPLEEN,
+    BinarySegmentation,
+    model_parameters,
+    segment_number,
+)
 from lpm_node.answer.source import frame_geometry_view, number_of_frames, source_series_uid
 from lpm_node.answer.uids import DEVICE_OBSERVER_UID, ContentIdentity, identity_for
 from lpm_node.answer.wording import honest_round, hu_text
@@ -457,16 +464,6 @@ def _report_evaluations(measurement: Measurement, content: ContentIdentity) -> h
     return container
 
 
-def _nonempty_frames(seg: Dataset) -> np.ndarray:
-    """For each frame of a BINARY SEG: whether any pixel is set (read from the packed bits, no full decode)."""
-    n_frames, n_pixels = number_of_frames(seg), int(seg.Rows) * int(seg.Columns)
-    packed = np.frombuffer(seg.PixelData, dtype=np.uint8)
-    if n_pixels % 8 == 0:
-        return packed[: n_frames * n_pixels // 8].reshape(n_frames, n_pixels // 8).any(axis=1)
-    bits = np.unpackbits(packed, bitorder="little")[: n_frames * n_pixels]
-    return bits.reshape(n_frames, n_pixels).any(axis=1)
-
-
 def _library_entry(ds: Dataset, frames: Sequence[int]) -> Dataset:
     """The image as the image library sees it: a multi-frame image described by its first referenced frame
     (Enhanced CT keeps Pixel Spacing and the plane in its functional groups)."""
@@ -475,30 +472,19 @@ def _library_entry(ds: Dataset, frames: Sequence[int]) -> Dataset:
     return ds
 
 
-def library_images(datasets: Sequence[Dataset], seg: Dataset) -> list[Dataset]:
+def library_images(datasets: Sequence[Dataset], seg: BinarySegmentation) -> list[Dataset]:
     """The source images the measurement was made on, for the TID 1600 image library.
 
-    Those holding the ROI segment (or, without one, the liver segment); the middle image when both are empty.
-    Every source image is referenced anyway in the evidence of the SR.
+    Those holding the ROI segment (or, without one, the liver segment), as the SEG built here records them; the
+    middle image when both are empty. Every source image is referenced anyway in the evidence of the SR.
     """
-    nonempty = _nonempty_frames(seg)
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
-    shared = seg.SharedFunctionalGroupsSequence[0]
     for key in ("roi", "liver"):
         number = segment_number(seg, key)
-        uids: dict[str, list[int]] = {}
-        for frame, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
-            identification = item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
-            if identification[0].ReferencedSegmentNumber != number or not nonempty[frame]:
-                continue
-            for derivation in item.get("DerivationImageSequence", []):
-                for source in derivation.SourceImageSequence:
-                    frames = uids.setdefault(str(source.ReferencedSOPInstanceUID), [])
-                    if "ReferencedFrameNumber" in source:
-                        frames += [int(n) - 1 for n in np.atleast_1d(source.ReferencedFrameNumber)]
-        images = [_library_entry(by_uid[uid], frames) for uid, frames in uids.items() if uid in by_uid]
-        if images:
-            return images
+        frames: dict[int, list[int]] = {}
+        for index, frame in seg.segment_source_frames(number) if number is not None else []:
+            frames.setdefault(index, []).append(frame)
+        if frames:
+            return [_library_entry(datasets[index], indices) for index, indices in frames.items()]
     middle = datasets[len(datasets) // 2]
     return [_library_entry(middle, [number_of_frames(middle) // 2])]
 
@@ -534,7 +520,7 @@ def _key_image_reference(key_image: Dataset) -> Dataset:
 
 def build_sr(
     datasets: Sequence[Dataset],
-    seg: Dataset,
+    seg: BinarySegmentation,
     measurement: Measurement,
     *,
     algorithm_version: str = lpm_node.__version__,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from lpm_node.answer.build import ResultObject, build_answer, preview_png, write_answer
+from lpm_node.answer.build import ResultObject, build_answer, preview_png, warm_writers, write_answer
 from lpm_node.core.config import Settings
 from lpm_node.core.files import file_checksum
 from lpm_node.imaging.loading import CTSeries, load_series
@@ -24,7 +24,7 @@ from lpm_node.imaging.result import SeriesResult, timed
 from lpm_node.imaging.segmentation import Segmenter
 
 __all__ = ["ResultObject", "SeriesResult", "analyse_series", "build_answer", "preview_png", "save_nifti",
-           "write_answer"]
+           "warm_writers", "write_answer"]
 
 log = logging.getLogger(__name__)
 

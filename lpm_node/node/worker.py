@@ -33,7 +33,7 @@ from lpm_node.imaging.segmentation import Segmenter, load_segmenter
 from lpm_node.intake.integrity import verify_series_files
 from lpm_node.intake.series import record_decision
 from lpm_node.intake.spool import Spool
-from lpm_node.node.pipeline import analyse_series, write_answer
+from lpm_node.node.pipeline import analyse_series, warm_writers, write_answer
 from lpm_node.node.roles import local_workers
 
 LOG = logging.getLogger(__name__)
@@ -77,9 +77,10 @@ class Worker:
 
     @property
     def segmenter(self) -> Segmenter:
-        """The model, loaded at first use and kept."""
+        """The model, loaded at first use and kept; the answer's writers are warmed at the same time."""
         if self._segmenter is None:
             self._segmenter = load_segmenter(self.settings.model)
+            warm_writers()
         return self._segmenter
 
     def share_cores(self) -> int:
