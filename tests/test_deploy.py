@@ -119,15 +119,25 @@ def _docker_runs() -> list[list[str]]:
 
 def test_dockerfile_runs_existing_commands_installs_nnunet_v1_and_exposes_dicom_and_console():
     instructions = _dockerfile()
+    [base] = instructions["FROM"]
+    assert re.fullmatch(r"nvidia/cuda:[\w.\-]+-runtime-[\w.]+", base), base
+    assert instructions["USER"] == ["lpm"] and instructions["VOLUME"] == ['["/data", "/models"]']
+    for copied in instructions["COPY"]:
+        for name in copied.split()[:-1]:
+            assert (REPO / name).exists(), name
     image_config = {"/opt/lpm-node/config/docker.toml": REPO / "config" / "docker.toml"}
     [cmd] = instructions["CMD"]
     [health] = instructions["HEALTHCHECK"]
+    serve, check = json.loads(cmd), json.loads(health.split(" CMD ", 1)[1])
+    assert serve[:2] == ["lpm-node", "serve"]
+    # the health check calls the node's own listener with the node's own settings
+    assert check == ["lpm-node", "doctor", "--liveness", "--config", serve[serve.index("--config") + 1]]
     parser = build_parser()
-    for argv in (json.loads(cmd), json.loads(health.split(" CMD ", 1)[1])):
-        assert argv[0] == "lpm-node", argv
+    for argv in (serve, check):
         args = parser.parse_args(argv[1:])
         load_settings(image_config[args.config])
     settings = load_settings(REPO / "config" / "docker.toml")
+    assert settings.node.data_dir == "/data" and settings.model.folder == "/models"
     exposed = {int(port) for line in instructions["EXPOSE"] for port in line.split()}
     assert exposed == {settings.node.port, settings.console.port}
     assert settings.console.host == "127.0.0.1"  # the console is off unless asked, and then needs users off loopback
@@ -149,7 +159,8 @@ def test_readme_docker_runs_parse_and_publish_the_console_on_loopback_only():
         args = parser.parse_args(run[image + 1:])
         published = [run[i + 1] for i, token in enumerate(run[:image]) if token == "-p"]
         mounts = dict(reversed(run[i + 1].split(":")[:2]) for i, token in enumerate(run[:image]) if token == "-v")
-        assert "11112:11112" in published and mounts["/data"]
+        assert "11112:11112" in published and mounts["/data"] and "--gpus" in run[:image]
+        assert any(token.endswith(":/models:ro") for token in run[:image]), "the models are mounted read-only"
         if args.config.startswith("/opt/lpm-node/config/"):
             load_settings(REPO / "config" / Path(args.config).name)
         else:
