@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import queue
-import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -22,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Association, Instance, Series
+from lpm_node.core.processes import this_process
 from lpm_node.core.states import AssociationOutcome, SeriesStatus
 from lpm_node.intake.header import Header
 from lpm_node.intake.series import note_instance_on_series
@@ -124,7 +123,7 @@ class AuditRecorder:
         self._thread = threading.Thread(target=self._run, name="audit-recorder", daemon=True)
         self.healthy = True
         self.last_error = ""
-        self.process = f"{socket.gethostname()}:{os.getpid()}"  # noted on each association this process handles
+        self.process = this_process()  # noted on each association this process handles
 
     def start(self) -> None:
         self._thread.start()

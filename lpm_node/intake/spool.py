@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lpm_node.core.files import checksum_and_sync, file_checksum, fsync_folder
+from lpm_node.core.processes import process_gone
 from lpm_node.intake.header import is_valid_uid
 
 LOG = logging.getLogger(__name__)
@@ -42,15 +43,7 @@ def _writer_gone(folder: Path, incoming: Path) -> bool:
     if folder.parent != incoming:
         return False
     host, _, pid = folder.name.rpartition("-")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
+    return pid.isdigit() and process_gone(host, int(pid))
 
 
 class SpoolFull(Exception):

@@ -23,6 +23,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Association, RoleHeartbeat, as_utc, utcnow
+from lpm_node.core.processes import process_gone, this_process
 from lpm_node.core.states import AssociationOutcome
 
 ROLES = ("all", "receiver", "worker", "sender")
@@ -131,24 +132,6 @@ def live_processes(session: Session, within_s: float, now: dt.datetime | None = 
                            .order_by(RoleHeartbeat.id))
     return [Process(r.role, r.host, r.pid, as_utc(r.started_at), as_utc(r.last_seen_at), r.data_marker, r.detail)
             for r in rows]
-
-
-def this_process() -> str:
-    """This process as ``host:pid`` (as associations name their receiver)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def process_gone(host: str, pid: int) -> bool:
-    """Whether process ``pid`` of ``host`` surely runs no more (only this machine's processes can be checked)."""
-    if host != socket.gethostname() or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
 
 
 def other_receivers(session: Session, within_s: float) -> list[Process]:
