@@ -203,10 +203,14 @@ def test_series_split_over_two_receivers_completes_once_and_receivers_share_a_po
     data = tmp_path / "shared"
     uid = _uid(chest)
     port = free_port()
-    first = _serve(data, "receiver", config, url, port=port, extra=["--reuse-port"])
-    second = _serve(data, "receiver", config, url, port=port, extra=["--reuse-port"])  # the same port
-    other = _serve(data, "receiver", config, url)
+    nodes: list[NodeProcess] = []
     try:
+        first = _serve(data, "receiver", config, url, port=port, extra=["--reuse-port"])
+        nodes.append(first)
+        second = _serve(data, "receiver", config, url, port=port, extra=["--reuse-port"])  # the same port
+        nodes.append(second)
+        other = _serve(data, "receiver", config, url)
+        nodes.append(other)
         _sent(chest[:24], other.port)  # half through one receiver, the rest through the shared port
         _sent(chest[24:], port)
         for _ in range(16):  # the kernel spreads the shared port's connections over both receivers
@@ -226,7 +230,7 @@ def test_series_split_over_two_receivers_completes_once_and_receivers_share_a_po
         ended = other.query("SELECT outcome FROM associations WHERE calling_ae = 'STORESCU' ORDER BY id")
         assert [r["outcome"] for r in ended] == ["released", "released"]
     finally:
-        for node in (first, second, other):
+        for node in nodes:
             node.kill()
 
 
@@ -237,8 +241,10 @@ def test_one_series_sent_through_two_receivers_at_once_counts_every_instance(tmp
     config = _roles_config(tmp_path, orthanc)
     data = tmp_path / "shared"
     uid = _uid(chest)
-    receivers = [_serve(data, "receiver", config, url, stable=3.0) for _ in range(2)]
+    receivers: list[NodeProcess] = []
     try:
+        for _ in range(2):
+            receivers.append(_serve(data, "receiver", config, url, stable=3.0))
         parts = [chest[i::4] for i in range(4)]
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda i: storescu(receivers[i % 2].port, parts[i]), range(4)))
