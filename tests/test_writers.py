@@ -28,15 +28,7 @@ from lpm_node.answer.seg import ANATOMICAL_STRUCTURE, LIVER, BinarySegmentation
 from lpm_node.answer.sr import library_images
 from lpm_node.demo.phantom import Phantom, make_phantom, write_ct_series
 from lpm_node.imaging.loading import CTSeries, load_series
-from lpm_node.imaging.measurement import (
-    NO_STEATOSIS,
-    NOT_ASSESSABLE,
-    STEATOSIS,
-    Measurement,
-    dl_parenchymal_roi,
-    flag_sentence,
-    measure,
-)
+from lpm_node.imaging.measurement import Category, Measurement, dl_parenchymal_roi, flag_sentence, measure
 from tests.support_writers import (
     SEGIMAGE2ITKIMAGE,
     SyntheticSeries,
@@ -57,7 +49,7 @@ def _measurement(**overrides) -> Measurement:
         dl_parenchymal_hu=31.75,
         dl_volumetric_hu=36.25,
         liver_volume_ml=1534.5,
-        category=STEATOSIS,
+        category=Category.STEATOSIS,
         threshold_hu=40.0,
         roi_slices=[13, 15, 17],
         roi_centres=[[13, 200, 150], [15, 198, 149], [17, 201, 152]],
@@ -371,7 +363,7 @@ def test_sr_not_assessable_has_no_attenuation_values(tmp_path: Path) -> None:
         dl_parenchymal_hu=None,
         dl_volumetric_hu=None,
         liver_volume_ml=0.0,
-        category=NOT_ASSESSABLE,
+        category=Category.NOT_ASSESSABLE,
         roi_sd_hu=None,
         robust_parenchymal_hu=None,
         spleen_hu=None,
@@ -396,7 +388,8 @@ def test_sr_not_assessable_has_no_attenuation_values(tmp_path: Path) -> None:
 def test_sr_below_threshold_is_not_coded_as_absent_steatosis() -> None:
     series = make_ct_datasets(n_slices=6, size=32)
     seg = build_seg(series.datasets, series.frame_refs, _masks(series))
-    sr = build_sr(series.datasets, seg, _measurement(dl_parenchymal_hu=55.0, category=NO_STEATOSIS, spleen_hu=None))
+    measurement = _measurement(dl_parenchymal_hu=55.0, category=Category.NO_STEATOSIS, spleen_hu=None)
+    sr = build_sr(series.datasets, seg, measurement)
     read = hd.sr.Comprehensive3DSR.from_dataset(sr)
     groups = {g.tracking_identifier: g for g in read.content.get_volumetric_roi_measurement_groups()}
     assert "Spleen" not in groups
@@ -475,9 +468,9 @@ def test_write_dataset_is_atomic_and_readable(tmp_path: Path) -> None:
 
 def test_key_image_series_description_says_the_category_in_64_characters() -> None:
     for overrides, verdict in (
-        ({"category": STEATOSIS}, "moderate-to-severe steatosis"),
-        ({"category": NO_STEATOSIS, "dl_parenchymal_hu": 55.0}, "no moderate-to-severe steatosis"),
-        ({"category": NOT_ASSESSABLE}, "not assessable"),
+        ({"category": Category.STEATOSIS}, "moderate-to-severe steatosis"),
+        ({"category": Category.NO_STEATOSIS, "dl_parenchymal_hu": 55.0}, "no moderate-to-severe steatosis"),
+        ({"category": Category.NOT_ASSESSABLE}, "not assessable"),
         ({"dl_parenchymal_hu": None}, "not assessable"),  # no value: never a category
     ):
         text = series_description(_measurement(**overrides))
@@ -488,7 +481,7 @@ def test_key_image_series_description_says_the_category_in_64_characters() -> No
 def test_key_image_not_assessable_validates_and_says_so(tmp_path: Path) -> None:
     series = make_ct_datasets(n_slices=6, size=96)
     empty = np.zeros((96, 96), np.uint8)
-    measurement = _measurement(dl_parenchymal_hu=None, category=NOT_ASSESSABLE, qc_flags=["no_liver"])
+    measurement = _measurement(dl_parenchymal_hu=None, category=Category.NOT_ASSESSABLE, qc_flags=["no_liver"])
     image = build_key_image(series.datasets, series.frame_refs, 2, empty, empty, measurement)
     errors, _ = run_dciodvfy(write_dataset(image, tmp_path / "key.dcm"))
     assert errors == []

@@ -32,7 +32,7 @@ from lpm_node.answer.source import (
 )
 from lpm_node.answer.uids import ContentIdentity, identity_for
 from lpm_node.answer.wording import hu_text
-from lpm_node.imaging.measurement import NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
+from lpm_node.imaging.measurement import Category, Measurement, flag_sentence
 from lpm_node.imaging.model_identity import ModelIdentity
 
 SERIES_DESCRIPTION = KEY_IMAGE_SERIES_DESCRIPTION
@@ -40,7 +40,7 @@ WINDOW_CENTRE = 40.0
 WINDOW_WIDTH = 400.0
 LIVER_COLOUR = (0, 200, 255)  # RGB: light blue outline
 ROI_COLOUR = (0, 255, 0)  # RGB: pure green outline, no grey CT pixel comes near it
-TEXT_COLOURS = {STEATOSIS: (255, 80, 80), NOT_ASSESSABLE: (255, 200, 0)}
+TEXT_COLOURS = {Category.STEATOSIS: (255, 80, 80), Category.NOT_ASSESSABLE: (255, 200, 0)}
 DEFAULT_TEXT_COLOUR = (120, 255, 120)
 
 
@@ -74,10 +74,10 @@ def _reasons(measurement: Measurement) -> list[str]:
 
 def series_description(measurement: Measurement) -> str:
     """The series description with the category (a viewer shows it over the image): at most 64 characters."""
-    if measurement.dl_parenchymal_hu is None or measurement.category == NOT_ASSESSABLE:
+    if measurement.dl_parenchymal_hu is None or measurement.category == Category.NOT_ASSESSABLE:
         verdict = "not assessable"
     else:
-        verdict = "moderate-to-severe steatosis" if measurement.category == STEATOSIS else (
+        verdict = "moderate-to-severe steatosis" if measurement.category == Category.STEATOSIS else (
             "no moderate-to-severe steatosis"
         )
     return f"{SERIES_DESCRIPTION}: {verdict}"
@@ -92,7 +92,7 @@ def result_lines(measurement: Measurement, model: ModelIdentity | None = None) -
     lines: list[str] = []
     if model is not None and model.test_model:
         lines.append(f"{TEST_MODEL_NOTICE}")
-    if value is None or measurement.category == NOT_ASSESSABLE:
+    if value is None or measurement.category == Category.NOT_ASSESSABLE:
         lines.append("Not assessable")
         reasons = _reasons(measurement)
         lines += [f"- {flag_sentence(flag)}" for flag in reasons] or ["- No DL-parenchymal value could be measured."]
@@ -100,8 +100,8 @@ def result_lines(measurement: Measurement, model: ModelIdentity | None = None) -
             lines.append(f"DL-parenchymal attenuation {hu_text(value, threshold)} HU (not used for a category)")
         others = [flag for flag in measurement.qc_flags if flag not in reasons]
     else:
-        relation = "<" if measurement.category == STEATOSIS else ">="
-        verdict = "Moderate-to-severe" if measurement.category == STEATOSIS else "No moderate-to-severe"
+        relation = "<" if measurement.category == Category.STEATOSIS else ">="
+        verdict = "Moderate-to-severe" if measurement.category == Category.STEATOSIS else "No moderate-to-severe"
         lines += [
             f"DL-parenchymal attenuation: {hu_text(value, threshold)} HU",
             f"{verdict} hepatic steatosis ({hu_text(value, threshold)} {relation} {threshold:g} HU)",

@@ -54,7 +54,7 @@ from lpm_node.answer.seg import (
 from lpm_node.answer.source import frame_geometry_view, number_of_frames, source_series_uid
 from lpm_node.answer.uids import DEVICE_OBSERVER_UID, ContentIdentity, identity_for
 from lpm_node.answer.wording import honest_round, hu_text
-from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
+from lpm_node.imaging.measurement import Category, Measurement, flag_sentence
 
 SERIES_DESCRIPTION = SR_SERIES_DESCRIPTION
 
@@ -95,7 +95,11 @@ DL_PARENCHYMAL_ROI = Code("DLPARROI", LOCAL_SCHEME, "DL-parenchymal ROI")
 # The category as the value of (197321007, SCT, "Steatosis of liver"): moderate to severe (CID 3716), not
 # assessable = undetermined (CID 230); below the threshold is not "absent" (mild steatosis stays possible), and no
 # standard code says "not moderate to severe", hence the local one.
-CATEGORY_VALUES = {STEATOSIS: MODERATE_TO_SEVERE, NO_STEATOSIS: NO_MODERATE_TO_SEVERE, NOT_ASSESSABLE: UNDETERMINED}
+CATEGORY_VALUES = {
+    Category.STEATOSIS: MODERATE_TO_SEVERE,
+    Category.NO_STEATOSIS: NO_MODERATE_TO_SEVERE,
+    Category.NOT_ASSESSABLE: UNDETERMINED,
+}
 
 TRACKING_DL_PARENCHYMAL = "DL-parenchymal ROI"
 TRACKING_ROBUST = "Liver parenchyma, robust estimate"
@@ -127,7 +131,7 @@ def qc_flag_code(flag: str) -> hd.sr.CodedConcept:
 
 def effective_category(measurement: Measurement) -> str:
     """The category, not assessable whenever there is no DL-parenchymal value."""
-    return measurement.category if measurement.dl_parenchymal_hu is not None else NOT_ASSESSABLE
+    return measurement.category if measurement.dl_parenchymal_hu is not None else Category.NOT_ASSESSABLE
 
 
 def not_assessable_reasons(measurement: Measurement) -> list[str]:
@@ -141,7 +145,7 @@ def category_text(measurement: Measurement) -> str:
     The value is shown with as many decimals as it takes to stay on its side of the threshold."""
     threshold = f"{measurement.threshold_hu:g} HU"
     value = measurement.dl_parenchymal_hu
-    if effective_category(measurement) == NOT_ASSESSABLE:
+    if effective_category(measurement) == Category.NOT_ASSESSABLE:
         reasons = " ".join(flag_sentence(f) for f in not_assessable_reasons(measurement))
         reasons = reasons or "No DL-parenchymal value could be measured."
         measured = "" if value is None else (
@@ -150,7 +154,7 @@ def category_text(measurement: Measurement) -> str:
         )
         return f"Not assessable. {reasons}{measured} Threshold {threshold}."
     shown = f"DL-parenchymal attenuation {hu_text(value, measurement.threshold_hu)} HU"
-    if measurement.category == STEATOSIS:
+    if measurement.category == Category.STEATOSIS:
         return f"Moderate-to-severe hepatic steatosis: {shown} < {threshold}."
     return f"No moderate-to-severe hepatic steatosis: {shown} >= {threshold}."
 
@@ -197,7 +201,7 @@ def _group_kwargs(
 def _category_evaluations(measurement: Measurement) -> list[hd.sr.QualitativeEvaluation]:
     category = effective_category(measurement)
     evaluations = [hd.sr.QualitativeEvaluation(STEATOSIS_OF_LIVER, CATEGORY_VALUES[category])]
-    if category == NOT_ASSESSABLE:
+    if category == Category.NOT_ASSESSABLE:
         evaluations += [
             hd.sr.QualitativeEvaluation(NOT_ASSESSABLE_REASON, qc_flag_code(flag))
             for flag in not_assessable_reasons(measurement)
@@ -432,7 +436,7 @@ def _text(name: Code, value: str) -> hd.sr.TextContentItem:
 def report_sentences(measurement: Measurement, content: ContentIdentity) -> list[tuple[Code, str]]:
     """The report's text items: category sentence, each QC flag as a sentence, the model, a test-model notice."""
     items: list[tuple[Code, str]] = [(COMMENT, category_text(measurement))]
-    if effective_category(measurement) == NOT_ASSESSABLE:
+    if effective_category(measurement) == Category.NOT_ASSESSABLE:
         items += [(NOT_ASSESSABLE_REASON, flag_sentence(f)) for f in not_assessable_reasons(measurement)]
     items += [(QC_FLAG, flag_sentence(f)) for f in measurement.qc_flags]
     if content.model is not None:
