@@ -12,13 +12,17 @@ Content (PS3.16):
 - for each volumetric group a planar partner with the same tracking UID (a viewer that merges groups by tracking
   UID, as OHIF does, then has an image region for every measurement) whose region is the structure on the SEG
   frame it was measured from (the ROI disk of slice k, the liver or spleen outline): the volumetric values stay
-  off the CT image, where their standard concept names would stack unlabelled beside the disks;
+  off the CT image, where their standard concept names would stack unlabelled beside the disks. Without an ROI
+  disk (no liver, or a result withheld before any ROI existed) the DL-parenchymal group's partner frames the
+  result statement burnt into the key image (category and reasons), which a viewer then opens the report on;
+  neither of the two carries a Finding Site, which such a viewer prints as a bare code beside the frame;
 - the report's Qualitative Evaluations: the category as code and as sentences, the reasons when not assessable,
   every QC flag as a sentence, the model, and a notice for outputs of a test model.
 
 Finding the primary value without our tracking identifiers: the NUM (112031, DCM, "Attenuation Coefficient")
 with Measurement Method (370129005, SCT) = (DLPAR, 99LPM) in the measurement group whose Finding Site is
-(10200004, SCT, "Liver"); the category is the CODE (197321007, SCT, "Steatosis of liver") in the same group.
+(10200004, SCT, "Liver"); the category is the CODE (197321007, SCT, "Steatosis of liver") in the same group, the
+TID 1411 group with that Measurement Method (also when it has no value).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from lpm_node.answer.equipment import (
     stamp_context,
 )
 from lpm_node.answer.geometry import Outline, RoiDisk
+from lpm_node.answer.keyimage import result_text
 from lpm_node.answer.seg import (
     ARTIFICIAL_INTELLIGENCE,
     LIVER,
@@ -297,12 +302,29 @@ def _on_seg(seg: Dataset, frame: int) -> hd.sr.SourceImageForRegion:
     )
 
 
+def statement_region(key_image: Dataset, measurement: Measurement, content: ContentIdentity) -> hd.sr.ImageRegion:
+    """The result statement burnt into the key image (category, reasons, QC), as a closed POLYLINE around it."""
+    text = result_text(int(key_image.Rows), int(key_image.Columns), measurement, content.model)
+    left, top, right, bottom = text.box()
+    margin = text.size / 4
+    left, top, right, bottom = left - margin, top - margin, right + margin, bottom + margin
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array([[left, top], [right, top], [right, bottom], [left, bottom], [left, top]]),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=key_image.SOPClassUID, referenced_sop_instance_uid=key_image.SOPInstanceUID,
+        ),
+    )
+
+
 def _partner_region(
     datasets: Sequence[Dataset], seg: Dataset, tracking: str, outlines: Mapping[str, Outline],
-    disks: Sequence[RoiDisk],
+    disks: Sequence[RoiDisk], statement: hd.sr.ImageRegion | None,
 ) -> tuple[hd.sr.ImageRegion, Code] | None:
-    """The image region of a volumetric group's planar partner, on the SEG frame the structure was measured from:
-    the index slice's ROI disk for the DL-parenchymal ROI, else the structure's outline; and the structure."""
+    """The image region of a volumetric group's planar partner, and the structure. On the SEG frame the structure
+    was measured from: the index slice's ROI disk for the DL-parenchymal ROI, else the structure's outline. Where
+    there is no ROI disk (for the DL-parenchymal ROI) or no structure, the ``statement`` on the key image: a viewer
+    then opens a result without an ROI on the key image, where its category and reasons are written."""
     if tracking == TRACKING_DL_PARENCHYMAL and disks:
         disk = disks[len(disks) // 2]
         key = "roi" if segment_number(seg, "roi") is not None else "liver"
@@ -314,18 +336,24 @@ def _partner_region(
                 graphic_data=np.array([[cx + 0.5, cy + 0.5], [cx + 0.5 + disk.radius, cy + 0.5]]),
                 source_image=_on_seg(seg, frame),
             ), LIVER
+    elif tracking == TRACKING_DL_PARENCHYMAL and statement is not None:
+        return statement, LIVER
     key = TRACKING_STRUCTURES.get(tracking, "liver")
+    structure = SPLEEN if key == "spleen" else LIVER
     outline = outlines.get(key)
-    if outline is None:
-        return None
-    frame = seg_frame(seg, key, datasets[outline.index], outline.frame)
-    if frame is None:
-        return None
+    frame = None if outline is None else seg_frame(seg, key, datasets[outline.index], outline.frame)
+    if outline is None or frame is None:
+        return None if statement is None else (statement, structure)
     shift = np.array(outline.points) + 0.5  # 0-based pixel centres -> TLHC-origin pixel coordinates
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=shift, source_image=_on_seg(seg, frame)
     )
-    return region, SPLEEN if key == "spleen" else LIVER
+    return region, structure
+
+
+def _on_instance(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, ds: Dataset) -> bool:
+    """Whether ``group``'s image region lies on the instance ``ds``."""
+    return group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
 
 
 def _partner_groups(
@@ -335,13 +363,15 @@ def _partner_groups(
     disks: Sequence[RoiDisk],
     volumetric: Sequence,
     algorithm: hd.sr.AlgorithmIdentification,
+    statement: hd.sr.ImageRegion | None = None,
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """For each volumetric group: a TID 1410 group with the same tracking identifier and UID (the same finding)
-    holding the structure on its SEG frame (see :func:`_partner_region`), without values. Viewers that merge
-    groups by tracking UID (OHIF) then meet no group without an image region, and draw none of them on the CT."""
+    holding the structure on its SEG frame, or the result ``statement`` on the key image (see
+    :func:`_partner_region`), without values. Viewers that merge groups by tracking UID (OHIF) then meet no group
+    without an image region, and draw none of them on the CT."""
     groups = []
     for group in volumetric:
-        found = _partner_region(datasets, seg, group.tracking_identifier, outlines, disks)
+        found = _partner_region(datasets, seg, group.tracking_identifier, outlines, disks, statement)
         if found is None:
             continue
         region, structure = found
@@ -353,15 +383,18 @@ def _partner_groups(
                 referenced_region=region,
                 finding_type=structure,
                 algorithm_id=algorithm,
-                finding_sites=[hd.sr.FindingSite(structure)],
+                finding_sites=None if region is statement else [hd.sr.FindingSite(structure)],
             )
         )
     return groups
 
 
 def _measurement_groups(
-    seg: Dataset, measurement: Measurement, content: ContentIdentity, algorithm: hd.sr.AlgorithmIdentification
+    seg: Dataset, measurement: Measurement, content: ContentIdentity, algorithm: hd.sr.AlgorithmIdentification,
+    on_statement: bool = False,
 ) -> list:
+    """The TID 1411 groups. ``on_statement``: the DL-parenchymal group is drawn on the key image's result statement
+    (it has no ROI disk), so it goes without Finding Site, which a viewer would print as a bare code beside it."""
     liver_site = [hd.sr.FindingSite(LIVER)]
     groups: list = []
     roi_key = "roi" if segment_number(seg, "roi") is not None else "liver"
@@ -382,7 +415,7 @@ def _measurement_groups(
             **_group_kwargs(content, TRACKING_DL_PARENCHYMAL, seg, roi_key, algorithm),
             finding_type=PARENCHYMA,
             method=METHOD_DL_PARENCHYMAL,
-            finding_sites=liver_site,
+            finding_sites=None if on_statement else liver_site,
             measurements=roi_measurements or None,
             qualitative_evaluations=_category_evaluations(measurement),
         )
@@ -538,8 +571,9 @@ def build_sr(
 
     Values that are None are left out (never written as 0); the report then says why (category not assessable,
     QC flags). ``roi_disks`` become planar groups with image regions; every volumetric group gets a planar partner
-    (same tracking UID) on the SEG frame of the middle disk or of the ``outlines`` ("liver", "spleen");
-    ``key_image`` is referenced as pertinent other evidence; ``predecessor`` (an earlier SR of the same series with
+    (same tracking UID) on the SEG frame of the middle disk or of the ``outlines`` ("liver", "spleen"), or, without
+    a disk (for the DL-parenchymal group) or an outline, on the result statement of ``key_image``, which is then
+    evidence of the report (else pertinent other evidence); ``predecessor`` (an earlier SR of the same series with
     other content) goes in the Predecessor Documents Sequence. UIDs are derived from ``identity`` (default: the
     series and the version).
     """
@@ -555,12 +589,11 @@ def build_sr(
         ),
     )
     algorithm = _algorithm(content)
-    volumetric = _measurement_groups(seg, measurement, content, algorithm)
-    groups = [
-        *_disk_groups(datasets, roi_disks, measurement, content, algorithm),
-        *volumetric,
-        *_partner_groups(datasets, seg, outlines or {}, roi_disks, volumetric, algorithm),
-    ]
+    statement = None if key_image is None else statement_region(key_image, measurement, content)
+    volumetric = _measurement_groups(seg, measurement, content, algorithm, statement is not None and not roi_disks)
+    partners = _partner_groups(datasets, seg, outlines or {}, roi_disks, volumetric, algorithm, statement)
+    groups = [*_disk_groups(datasets, roi_disks, measurement, content, algorithm), *volumetric, *partners]
+    on_key_image = key_image is not None and any(_on_instance(g, key_image) for g in partners)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED,
@@ -573,7 +606,7 @@ def build_sr(
     if predecessor is not None and predecessor.SOPInstanceUID != content.uid("sr-instance"):
         previous = [predecessor]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*datasets, seg],
+        evidence=[*datasets, seg, *([key_image] if on_key_image else [])],
         content=report[0],
         series_instance_uid=content.uid("sr-series"),
         series_number=SR_SERIES_NUMBER,
@@ -590,7 +623,7 @@ def build_sr(
     sr.SoftwareVersions = content.software_version
     sr.DeviceSerialNumber = DEVICE_SERIAL
     sr.CodingSchemeIdentificationSequence = [_coding_scheme_identification()]
-    if key_image is not None:
+    if key_image is not None and not on_key_image:  # else it is in the Current Requested Procedure Evidence
         sr.PertinentOtherEvidenceSequence = [_key_image_reference(key_image)]
     stamp_context(sr, datasets[0])
     return sr
