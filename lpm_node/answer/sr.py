@@ -278,21 +278,34 @@ def _source_image(datasets: Sequence[Dataset], index: int, frame: int) -> hd.sr.
     )
 
 
-def seg_frame(seg: Dataset, key: str, source: Dataset, frame: int) -> int | None:
-    """The SEG frame (1-based) of segment ``key`` cut from ``frame`` (0-based) of ``source``; None if none."""
-    number = segment_number(seg, key)
-    uid, multiframe = str(source.SOPInstanceUID), number_of_frames(source) > 1
+# (segment number, source SOP Instance UID, 0-based source frame or None for any) -> 1-based SEG frame
+SegFrames = dict[tuple[int, str, int | None], int]
+
+
+def seg_frames(seg: Dataset) -> SegFrames:
+    """Where each segment's frames in ``seg`` were cut from, read once from its per-frame functional groups: the
+    first SEG frame of a segment derived from a source frame, and from any frame of a source instance."""
     shared = seg.SharedFunctionalGroupsSequence[0]
+    frames: SegFrames = {}
     for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
         identification = item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
-        if number is None or identification[0].ReferencedSegmentNumber != number:
-            continue
+        number = int(identification[0].ReferencedSegmentNumber)
         for derivation in item.get("DerivationImageSequence", []):
             for reference in derivation.SourceImageSequence:
-                frames = [int(n) - 1 for n in np.atleast_1d(reference.get("ReferencedFrameNumber", 1))]
-                if str(reference.ReferencedSOPInstanceUID) == uid and (not multiframe or frame in frames):
-                    return index
-    return None
+                uid = str(reference.ReferencedSOPInstanceUID)
+                frames.setdefault((number, uid, None), index)
+                for n in np.atleast_1d(reference.get("ReferencedFrameNumber", 1)):
+                    frames.setdefault((number, uid, int(n) - 1), index)
+    return frames
+
+
+def seg_frame(frames: SegFrames, seg: Dataset, key: str, source: Dataset, frame: int) -> int | None:
+    """The SEG frame (1-based) of segment ``key`` cut from ``frame`` (0-based) of ``source`` (any frame of a
+    single-frame source), looked up in ``frames`` (:func:`seg_frames` of ``seg``); None if none."""
+    number = segment_number(seg, key)
+    if number is None:
+        return None
+    return frames.get((number, str(source.SOPInstanceUID), frame if number_of_frames(source) > 1 else None))
 
 
 def _on_seg(seg: Dataset, frame: int) -> hd.sr.SourceImageForRegion:
@@ -318,7 +331,7 @@ def statement_region(key_image: Dataset, measurement: Measurement, content: Cont
 
 
 def _partner_region(
-    datasets: Sequence[Dataset], seg: Dataset, tracking: str, outlines: Mapping[str, Outline],
+    datasets: Sequence[Dataset], seg: Dataset, frames: SegFrames, tracking: str, outlines: Mapping[str, Outline],
     disks: Sequence[RoiDisk], statement: hd.sr.ImageRegion | None,
 ) -> tuple[hd.sr.ImageRegion, Code] | None:
     """The image region of a volumetric group's planar partner, and the structure. On the SEG frame the structure
@@ -328,7 +341,7 @@ def _partner_region(
     if tracking == TRACKING_DL_PARENCHYMAL and disks:
         disk = disks[len(disks) // 2]
         key = "roi" if segment_number(seg, "roi") is not None else "liver"
-        frame = seg_frame(seg, key, datasets[disk.index], disk.frame)
+        frame = seg_frame(frames, seg, key, datasets[disk.index], disk.frame)
         if frame is not None:
             cx, cy = disk.centre
             return hd.sr.ImageRegion(
@@ -341,7 +354,7 @@ def _partner_region(
     key = TRACKING_STRUCTURES.get(tracking, "liver")
     structure = SPLEEN if key == "spleen" else LIVER
     outline = outlines.get(key)
-    frame = None if outline is None else seg_frame(seg, key, datasets[outline.index], outline.frame)
+    frame = None if outline is None else seg_frame(frames, seg, key, datasets[outline.index], outline.frame)
     if outline is None or frame is None:
         return None if statement is None else (statement, structure)
     shift = np.array(outline.points) + 0.5  # 0-based pixel centres -> TLHC-origin pixel coordinates
@@ -370,8 +383,9 @@ def _partner_groups(
     :func:`_partner_region`), without values. Viewers that merge groups by tracking UID (OHIF) then meet no group
     without an image region, and draw none of them on the CT."""
     groups = []
+    frames = seg_frames(seg)
     for group in volumetric:
-        found = _partner_region(datasets, seg, group.tracking_identifier, outlines, disks, statement)
+        found = _partner_region(datasets, seg, frames, group.tracking_identifier, outlines, disks, statement)
         if found is None:
             continue
         region, structure = found
