@@ -40,12 +40,16 @@ NODE = [sys.executable, "-m", "lpm_node.cli"]
 
 
 def _echo(port: int, aet: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until the port answers C-ECHO and ``proc`` itself says it is ready (on a shared port another receiver
+    may have answered)."""
     deadline = time.monotonic() + timeout
+    answered = False
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"receiver exited with {proc.returncode}")
-        if subprocess.run(["echoscu", "-aec", aet, "127.0.0.1", str(port)], env=dcmtk_env(),
-                          capture_output=True).returncode == 0:
+        answered = answered or subprocess.run(["echoscu", "-aec", aet, "127.0.0.1", str(port)], env=dcmtk_env(),
+                                              capture_output=True).returncode == 0
+        if answered and b"lpm-node ready" in proc.log_path.read_bytes():  # type: ignore[attr-defined]
             return
         time.sleep(0.2)
     raise TimeoutError(f"no C-ECHO answer on port {port}")
@@ -68,8 +72,11 @@ def _serve(data: Path, port: int, database_url: str, *extra: str) -> subprocess.
            "--stable-seconds", "3600", *extra]
     if database_url:
         cmd += ["--database-url", database_url]
-    log = open(data / f"node-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 - the child keeps it
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    log_path = data / f"node-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    return proc
 
 
 def node_receive(groups: list[list[Path]], work: Path, database_url: str, receivers: int) -> float:
@@ -82,6 +89,8 @@ def node_receive(groups: list[list[Path]], work: Path, database_url: str, receiv
         for proc in procs:
             _echo(port, "LPM_NODE", proc)
         elapsed = send_groups(port, groups, "LPM_NODE")
+        if any(proc.poll() is not None for proc in procs):  # a receiver that died would make this a run of fewer
+            raise RuntimeError(f"a receiver exited during the run (logs in {data})")
         stored = len(list((data / "spool").rglob("*.dcm")))
         expected = sum(len(g) for g in groups)
         if stored != expected:

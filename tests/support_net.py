@@ -203,10 +203,21 @@ class NodeProcess:
         log.close()
         try:
             wait_for_port(self.port, timeout, self.proc, echo=self.ready_by_echo, echo_extra=self.echo_extra)
+            self.wait_ready(timeout)  # on a shared port the answer may have come from another process
         except BaseException:
             self.kill()  # a node that never became ready must not outlive the test
             raise
         return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait for this process's own "lpm-node ready" line; raise if it exits first."""
+        deadline = time.monotonic() + timeout
+        while "lpm-node ready" not in self.log():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode} before it was ready:\n{self.log()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node not ready after {timeout} s")
+            time.sleep(0.1)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""

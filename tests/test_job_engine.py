@@ -19,7 +19,7 @@ from lpm_node.core.audit import operator_name
 from lpm_node.demo.orthanc import orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.node.engine import MEASURE_QUEUE, MEASURE_TASK, SUSPENDED_QUEUE
-from tests.support_net import DATABASE_ERRORS, REPO, NodeProcess, dcmtk_env, free_port, have_dcmtk, storescu
+from tests.support_net import DATABASE_ERRORS, REPO, NodeProcess, dcmtk_env, echoscu, free_port, have_dcmtk, storescu
 
 pytestmark = [
     pytest.mark.skipif(not have_dcmtk(), reason="dcmtk not installed"),
@@ -206,9 +206,15 @@ def test_series_split_over_two_receivers_completes_once_and_receivers_share_a_po
     second = _serve(data, "receiver", config, url, port=port, extra=["--reuse-port"])  # the same port
     other = _serve(data, "receiver", config, url)
     try:
-        assert first.proc.poll() is None and second.proc.poll() is None
         _sent(chest[:24], other.port)  # half through one receiver, the rest through the shared port
         _sent(chest[24:], port)
+        for _ in range(16):  # the kernel spreads the shared port's connections over both receivers
+            assert echoscu(port).returncode == 0
+        assert first.proc.poll() is None and second.proc.poll() is None
+        pids = {str(n.proc.pid) for n in (first, second)}
+        rows = other.wait_rows("SELECT receiver FROM associations WHERE calling_ae = 'ECHOSCU'",
+                               until=lambda rows: pids <= {r["receiver"].rsplit(":", 1)[-1] for r in rows})
+        assert pids <= {r["receiver"].rsplit(":", 1)[-1] for r in rows}, [r["receiver"] for r in rows]
         row = other.wait_series_status(uid, ["queued", "rejected"], timeout=60)
         assert row["instance_count"] == 48 and row["status"] == "queued"
         time.sleep(3)  # every receiver has had several rounds

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -137,7 +138,11 @@ class SharedPortFrontDoorServer(FrontDoorServer):
     """The same, bound with SO_REUSEPORT: several receiver processes on one machine share the port (the kernel
     spreads the connections over them)."""
 
-    allow_reuse_port = True
+    def server_bind(self) -> None:
+        """pynetdicom's bind (SO_REUSEADDR, timeouts) with SO_REUSEPORT set first: its ``server_bind`` replaces
+        socketserver's, which is where ``allow_reuse_port`` would have been applied."""
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class FrontDoorAssociation(Association):
