@@ -315,7 +315,7 @@ def _on_seg(seg: Dataset, frame: int) -> hd.sr.SourceImageForRegion:
     )
 
 
-def statement_region(key_image: Dataset, measurement: Measurement, content: ContentIdentity) -> hd.sr.ImageRegion:
+def _statement_region(key_image: Dataset, measurement: Measurement, content: ContentIdentity) -> hd.sr.ImageRegion:
     """The result statement burnt into the key image (category, reasons, QC), as a closed POLYLINE around it."""
     text = result_text(int(key_image.Rows), int(key_image.Columns), measurement, content.model)
     left, top, right, bottom = text.box()
@@ -603,7 +603,7 @@ def build_sr(
         ),
     )
     algorithm = _algorithm(content)
-    statement = None if key_image is None else statement_region(key_image, measurement, content)
+    statement = None if key_image is None else _statement_region(key_image, measurement, content)
     volumetric = _measurement_groups(seg, measurement, content, algorithm, statement is not None and not roi_disks)
     partners = _partner_groups(datasets, seg, outlines or {}, roi_disks, volumetric, algorithm, statement)
     groups = [*_disk_groups(datasets, roi_disks, measurement, content, algorithm), *volumetric, *partners]
