@@ -214,7 +214,8 @@ class NodeProcess:
         deadline = time.monotonic() + timeout
         while "lpm-node ready" not in self.log():
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"node exited with {self.proc.returncode} before it was ready:\n{self.log()[-2000:]}")
+                raise RuntimeError(f"node exited with {self.proc.returncode} before it was ready:\n"
+                                   f"{self.log()[-2000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node not ready after {timeout} s")
             time.sleep(0.1)

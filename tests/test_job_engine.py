@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,27 @@ def test_series_split_over_two_receivers_completes_once_and_receivers_share_a_po
         assert [r["outcome"] for r in ended] == ["released", "released"]
     finally:
         for node in (first, second, other):
+            node.kill()
+
+
+def test_one_series_sent_through_two_receivers_at_once_counts_every_instance(tmp_path, orthanc, chest, postgres):
+    """Four senders at once, two into each receiver, one series: both receivers update its row concurrently and
+    neither overwrites the other's count."""
+    url = postgres.new_database()
+    config = _roles_config(tmp_path, orthanc)
+    data = tmp_path / "shared"
+    uid = _uid(chest)
+    receivers = [_serve(data, "receiver", config, url, stable=3.0) for _ in range(2)]
+    try:
+        parts = [chest[i::4] for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda i: storescu(receivers[i % 2].port, parts[i]), range(4)))
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        row = receivers[0].wait_series_status(uid, ["queued", "rejected"], timeout=60)
+        assert row["instance_count"] == len(chest) and row["status"] == "queued", dict(row)
+        assert len(receivers[0].query("SELECT id FROM instances WHERE series_instance_uid = ?", (uid,))) == len(chest)
+    finally:
+        for node in receivers:
             node.kill()
 
 
@@ -472,4 +494,7 @@ def test_deliveries_to_a_pacs_that_is_down_follow_the_job_engines_backoff_and_ar
         engine = node.wait_rows("SELECT status, attempts FROM procrastinate_jobs WHERE task_name = 'lpm_node.deliver' "
                                 "AND status <> 'todo'", until=lambda r: r and r[-1]["status"] == "succeeded")
         assert engine[-1]["status"] == "succeeded" and max(r["attempts"] for r in engine) >= 2, engine
+        # one "next try" per failed run, the job engine's: the outbox's own backoff is not what happens here
+        log = node.log()
+        assert "next try in" not in log and log.count("not sent; next try at") >= 2, log[-3000:]
     assert len(orthanc.instances()) == len(KINDS)

@@ -69,6 +69,7 @@ class Sender:
         rng: random.Random | None = None,
         tls_context: ssl.SSLContext | None = None,
         ledger_dir: Path | None = None,
+        schedules_retries: bool = True,
     ) -> None:
         AE(ae_title=calling_ae)  # a calling AE title pynetdicom cannot send fails here, not at every run
         self.sessions = sessions
@@ -80,6 +81,8 @@ class Sender:
         self.tls_context = tls_context  # DICOM TLS to every destination when set
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one run at a time per sender: a delivery is never sent twice at once
+        # False where a job engine schedules the next try (and says when): a failed try is then logged without one
+        self.schedules_retries = schedules_retries
 
     @classmethod
     def for_node(cls, sessions: sessionmaker, settings: Settings) -> Sender:
@@ -171,10 +174,9 @@ class Sender:
                 self._rng.random() if jitter is None else jitter,
             )
             row.next_attempt_at = now + dt.timedelta(seconds=delay)
-            LOG.warning(
-                "delivery %d (%s %s to %s) failed (attempt %d): %s; next try in %.1f s",
-                item.id, item.kind, item.sop_uid, item.destination, row.attempts, row.last_error, delay,
-            )
+            next_try = f"; next try in {delay:.1f} s" if self.schedules_retries else ""
+            LOG.warning("delivery %d (%s %s to %s) failed (attempt %d): %s%s", item.id, item.kind, item.sop_uid,
+                        item.destination, row.attempts, row.last_error, next_try)
 
     def _read_headers(self, items: list[_Item], now: dt.datetime) -> list[_Item]:
         """Fill SOP class and transfer syntax from each file; a file that cannot be read is a failed attempt."""

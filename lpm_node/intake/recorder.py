@@ -215,62 +215,81 @@ class AuditRecorder:
         return None
 
     def _apply(self, session: Session, events: list[object], new_ids: dict[int, int]) -> None:
-        sops = [e.header.sop_instance_uid for e in events if isinstance(e, InstanceStored)]
-        known: set[str] = set()
-        for start in range(0, len(sops), 500):
-            chunk = sops[start : start + 500]
-            known.update(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk))))
-        series_cache: dict[str, Series] = {}
+        """Add ``events`` to ``session``. The rows a batch touches are read in one query per table and the new ones
+        are inserted together at the commit (no flush per event: a batch is a handful of round trips)."""
+        stored = [e for e in events if isinstance(e, InstanceStored)]
+        known = self._recorded(session, [e.header.sop_instance_uid for e in stored])
+        series_uids = {e.header.series_instance_uid for e in stored}
+        # locked, in one order: receivers sharing the database count on the same series row, and each increment
+        # must see the others' (a plain read would let one overwrite another's count)
+        series_cache: dict[str, Series] = {row.series_instance_uid: row for row in session.scalars(
+            select(Series).where(Series.series_instance_uid.in_(series_uids))
+            .order_by(Series.series_instance_uid).with_for_update())} if series_uids else {}
+        row_ids = set(self._assoc_ids.values())
+        associations = {row.id: row for row in session.scalars(
+            select(Association).where(Association.id.in_(row_ids)))} if row_ids else {}
 
         def assoc_row(key: int) -> Association | None:
             row_id = new_ids.get(key, self._assoc_ids.get(key))
-            return session.get(Association, row_id) if row_id is not None else None
+            return associations.get(row_id) if row_id is not None else None
 
-        for e in events:
-            if isinstance(e, AssocOpened):
-                row = Association(calling_ae=e.calling_ae, called_ae=e.called_ae, peer_address=e.address,
-                                  peer_port=e.port, started_at=e.at, outcome=AssociationOutcome.OPEN, tls=e.tls,
-                                  receiver=self.process)
-                session.add(row)
-                session.flush()
-                new_ids[e.key] = row.id
-            elif isinstance(e, AssocEnded):
-                row = assoc_row(e.key)
-                if row is not None:
-                    row.ended_at = e.at
-                    if row.outcome == AssociationOutcome.OPEN:
-                        row.outcome = e.outcome
-                    if e.reason:
-                        row.reason = f"{row.reason}; {e.reason}" if row.reason else e.reason
-            elif isinstance(e, ConnectionRefused):
-                session.add(Association(calling_ae=e.calling_ae, called_ae=e.called_ae, peer_address=e.address,
-                                        peer_port=e.port, started_at=e.at, ended_at=e.at, outcome=e.outcome,
-                                        reason=e.reason, tls=e.tls, receiver=self.process))
-            elif isinstance(e, InstanceRefused):
-                row = assoc_row(e.assoc_key)
-                if row is not None:
-                    row.instances_refused = (row.instances_refused or 0) + 1
-                    uid = f" (last: {e.sop_instance_uid})" if e.sop_instance_uid else ""
-                    row.reason = f"{row.instances_refused} instance(s) refused with 0x{e.status:04X}: {e.reason}{uid}"
-            elif isinstance(e, InstanceStored):
-                row = assoc_row(e.assoc_key)
-                if row is not None:
-                    row.instances_received += 1
-                if e.header.sop_instance_uid in known:
-                    continue
-                known.add(e.header.sop_instance_uid)
-                session.add(Instance(sop_instance_uid=e.header.sop_instance_uid,
-                                     series_instance_uid=e.header.series_instance_uid,
-                                     sop_class_uid=e.header.sop_class_uid,
-                                     transfer_syntax_uid=e.header.transfer_syntax_uid, path=e.path,
-                                     size_bytes=e.size_bytes, checksum=e.checksum, received_at=e.at,
-                                     association_id=row.id if row is not None else None))
-                self._count_on_series(session, series_cache, e)
+        with session.no_autoflush:
+            for e in events:
+                if isinstance(e, AssocOpened):
+                    row = Association(calling_ae=e.calling_ae, called_ae=e.called_ae, peer_address=e.address,
+                                      peer_port=e.port, started_at=e.at, outcome=AssociationOutcome.OPEN, tls=e.tls,
+                                      receiver=self.process)
+                    session.add(row)
+                    session.flush()
+                    new_ids[e.key] = row.id
+                    associations[row.id] = row
+                elif isinstance(e, AssocEnded):
+                    row = assoc_row(e.key)
+                    if row is not None:
+                        row.ended_at = e.at
+                        if row.outcome == AssociationOutcome.OPEN:
+                            row.outcome = e.outcome
+                        if e.reason:
+                            row.reason = f"{row.reason}; {e.reason}" if row.reason else e.reason
+                elif isinstance(e, ConnectionRefused):
+                    session.add(Association(calling_ae=e.calling_ae, called_ae=e.called_ae, peer_address=e.address,
+                                            peer_port=e.port, started_at=e.at, ended_at=e.at, outcome=e.outcome,
+                                            reason=e.reason, tls=e.tls, receiver=self.process))
+                elif isinstance(e, InstanceRefused):
+                    row = assoc_row(e.assoc_key)
+                    if row is not None:
+                        row.instances_refused = (row.instances_refused or 0) + 1
+                        uid = f" (last: {e.sop_instance_uid})" if e.sop_instance_uid else ""
+                        row.reason = (f"{row.instances_refused} instance(s) refused with 0x{e.status:04X}: "
+                                      f"{e.reason}{uid}")
+                elif isinstance(e, InstanceStored):
+                    row = assoc_row(e.assoc_key)
+                    if row is not None:
+                        row.instances_received += 1
+                    if e.header.sop_instance_uid in known:
+                        continue
+                    known.add(e.header.sop_instance_uid)
+                    session.add(Instance(sop_instance_uid=e.header.sop_instance_uid,
+                                         series_instance_uid=e.header.series_instance_uid,
+                                         sop_class_uid=e.header.sop_class_uid,
+                                         transfer_syntax_uid=e.header.transfer_syntax_uid, path=e.path,
+                                         size_bytes=e.size_bytes, checksum=e.checksum, received_at=e.at,
+                                         association_id=row.id if row is not None else None))
+                    self._count_on_series(session, series_cache, e)
+
+    @staticmethod
+    def _recorded(session: Session, sop_uids: list[str]) -> set[str]:
+        """Those of ``sop_uids`` already in the audit."""
+        known: set[str] = set()
+        for start in range(0, len(sop_uids), 500):
+            chunk = sop_uids[start : start + 500]
+            known.update(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk))))
+        return known
 
     @staticmethod
     def _count_on_series(session: Session, cache: dict[str, Series], e: InstanceStored) -> None:
         uid = e.header.series_instance_uid
-        row = cache.get(uid) or session.scalars(select(Series).where(Series.series_instance_uid == uid)).first()
+        row = cache.get(uid)
         if row is None:
             row = Series(series_instance_uid=uid, study_instance_uid=e.header.study_instance_uid,
                          modality=e.header.modality, series_description=e.header.series_description,

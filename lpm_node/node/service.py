@@ -126,6 +126,7 @@ class Node:
         self.sender: Sender | None = None
         if does(self.role, "sender"):
             self.sender = Sender.for_node(self.sessions, settings)
+            self.sender.schedules_retries = not shared  # the job engine's backoff decides, and its line says when
         self.worker: Worker | None = None
         if node.measure and does(self.role, "worker"):
             wake = self.sender.wake if self.sender is not None else None
