@@ -28,7 +28,7 @@ from lpm_node.cli.process import process_folder
 from lpm_node.core.config import Settings, load_settings
 from lpm_node.demo.model import bundled_model_folder
 from lpm_node.demo.qc_cases import QcCase, all_cases, series_cases, write_dicom
-from lpm_node.imaging.measurement import NOT_ASSESSABLE, measure
+from lpm_node.imaging.measurement import Category, measure
 from lpm_node.imaging.segmentation import largest_component
 
 SHORT = {"moderate_to_severe_steatosis": "steatosis", "no_moderate_to_severe_steatosis": "no steatosis",
@@ -36,7 +36,7 @@ SHORT = {"moderate_to_severe_steatosis": "steatosis", "no_moderate_to_severe_ste
 
 
 def passed(group: str, expected: str, category: str) -> bool:
-    return category == expected if group == "control" else category == NOT_ASSESSABLE
+    return category == expected if group == "control" else category == Category.NOT_ASSESSABLE
 
 
 def _row(path: str, name: str, group: str, expected: str, item: dict) -> tuple[bool, str]:

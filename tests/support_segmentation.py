@@ -1,4 +1,5 @@
-"""Helpers for the segmentation tests: phantom images on the method grid, Dice, model folder copies."""
+"""Helpers for the segmentation tests: phantom images on the method grid, Dice, model folder copies, a segmenter
+that finds no liver."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from lpm_node.demo.model import bundled_model_folder
 from lpm_node.demo.phantom import Phantom, make_phantom
 from lpm_node.demo.phantom import phantom_image as lpm_phantom_image
+from lpm_node.imaging.segmentation import Segmenter
 
 
 def phantom_image(phantom: Phantom) -> sitk.Image:
@@ -61,3 +63,17 @@ def third_party_copy(dest: Path, numbers: dict[str, int]) -> Path:
         weights[key] = new
     torch.save(ckpt, ckpt_path)
     return dest
+
+
+class FindsNoLiver:
+    """A segmenter that finds no liver: ``inner``'s masks with the liver left empty (its other structures kept)."""
+
+    def __init__(self, inner: Segmenter) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def segment(self, image: sitk.Image) -> dict[str, np.ndarray]:
+        masks = self._inner.segment(image)
+        return {**masks, "liver": np.zeros_like(masks["liver"])}

@@ -16,7 +16,7 @@ from lpm_node.answer.keyimage import result_lines
 from lpm_node.answer.sr import category_text, report_sentences
 from lpm_node.answer.uids import instances_digest
 from lpm_node.core.config import Settings
-from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
+from lpm_node.imaging.measurement import Category, Measurement, flag_sentence
 from lpm_node.imaging.model_identity import ModelIdentity
 from tests.support_writers import make_ct_datasets
 
@@ -26,7 +26,7 @@ TEST_MODEL = ModelIdentity("phantom_liver", "nnU-Net v2 3d_fullres fold 0", "cd"
 
 
 def _measurement(**overrides) -> Measurement:
-    values = dict(dl_parenchymal_hu=31.75, dl_volumetric_hu=36.25, liver_volume_ml=1534.5, category=STEATOSIS,
+    values = dict(dl_parenchymal_hu=31.75, dl_volumetric_hu=36.25, liver_volume_ml=1534.5, category=Category.STEATOSIS,
                   threshold_hu=40.0, roi_sd_hu=7.5, qc_flags=["liver_cut_inferior"])
     values.update(overrides)
     return Measurement(**values)
@@ -115,14 +115,14 @@ def test_texts_show_sentences_honest_rounding_and_the_test_model() -> None:
     assert any(flag_sentence("liver_cut_inferior") in line for line in lines)
     assert not any("liver_cut_inferior" in line for line in lines)
     assert any("phantom_liver" in line for line in lines)
-    above = _measurement(dl_parenchymal_hu=40.04, category=NO_STEATOSIS)
+    above = _measurement(dl_parenchymal_hu=40.04, category=Category.NO_STEATOSIS)
     assert "40.0 HU >= 40 HU" in category_text(above)
     texts = [text for _, text in report_sentences(close, _identity(model=TEST_MODEL))]
     assert any("not for clinical use" in text for text in texts)
 
 
 def test_not_assessable_says_so_and_why_in_words() -> None:
-    measurement = _measurement(category=NOT_ASSESSABLE, qc_flags=["roi_outside_liver", "roi_noisy"],
+    measurement = _measurement(category=Category.NOT_ASSESSABLE, qc_flags=["roi_outside_liver", "roi_noisy"],
                                not_assessable_reasons=["roi_outside_liver", "roi_noisy"])
     lines = result_lines(measurement, MODEL)
     assert lines[0] == "Not assessable"

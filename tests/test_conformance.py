@@ -1,6 +1,7 @@
 """The node's answer by the standard: SEG, SR, key image and KOS from head-first, feet-first, Legacy Converted
-Enhanced and Enhanced CT sources, checked with dciodvfy and pixelmed's validators, and read back for what a
-viewer and a PACS need (image regions, references, codes, version attributes, series date)."""
+Enhanced and Enhanced CT sources (and, for the validators, a not-assessable answer to a series where the model
+finds no liver), checked with dciodvfy and pixelmed's validators, and read back for what a viewer and a PACS need
+(image regions, references, codes, version attributes, series date)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lpm_node.demo.model import bundled_model_folder
 from lpm_node.demo.phantom import make_phantom, write_ct_series
 from lpm_node.imaging.segmentation import load_segmenter
 from lpm_node.node.pipeline import analyse_series
+from tests.support_segmentation import FindsNoLiver
 from tests.support_sources import write_multiframe
 from tests.support_validators import dciodvfy_errors, have_pixelmed, pixelmed_errors, pixelmed_reports
 
@@ -55,6 +57,11 @@ def answers(tmp_path_factory) -> dict[str, dict[str, Path]]:
         out[name] = {obj.kind: obj.path for obj in written}
         out[name]["source"] = Path(paths[0])
         assert [k for k, _ in roi_disks(result)], name
+    # not assessable before any ROI exists: the model finds no liver
+    result = analyse_series(write_ct_series(phantom, root / "nl", overrides=overrides), settings,
+                            FindsNoLiver(segmenter))
+    assert result.measurement.not_assessable_reasons == ["no_liver"] and roi_disks(result) == []
+    out["no_liver"] = {obj.kind: obj.path for obj in write_answer(result, settings, root / "answer" / "no_liver")}
     return out
 
 
@@ -65,17 +72,17 @@ def test_every_source_gives_all_four_objects(answers) -> None:
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
 def test_dciodvfy_finds_no_error(answers) -> None:
-    for name in SOURCES:
+    for name in (*SOURCES, "no_liver"):
         for kind in ("SEG", "SR", "KEY", "KOS"):
             assert dciodvfy_errors(answers[name][kind]) == [], (name, kind)
 
 
 @pytest.mark.skipif(not have_pixelmed(), reason="pixelmed-apps (java) not installed")
 def test_pixelmed_validators_find_no_error_but_documented_limits(answers) -> None:
-    paths = [answers[name][kind] for name in SOURCES for kind in ("SEG", "SR", "KEY", "KOS")]
+    paths = [answers[name][kind] for name in (*SOURCES, "no_liver") for kind in ("SEG", "SR", "KEY", "KOS")]
     errors = pixelmed_errors(paths)
     assert {path: e for path, e in errors.items() if e} == {}
-    reports = pixelmed_reports([answers["enhanced"]["SR"], answers["enhanced"]["KOS"]])
+    reports = pixelmed_reports([answers["enhanced"]["SR"], answers["enhanced"]["KOS"], answers["no_liver"]["SR"]])
     for lines in reports.values():  # the templates were checked, not skipped
         assert "Root Template Validation Complete" in lines and "IOD validation complete" in lines, lines[-5:]
 

@@ -18,7 +18,7 @@ from pydicom.filebase import DicomBytesIO
 
 from lpm_node.demo.orthanc import Orthanc, orthanc_available
 from lpm_node.demo.phantom import make_phantom, write_ct_series
-from lpm_node.imaging.measurement import STEATOSIS
+from lpm_node.imaging.measurement import Category
 from tests.support_net import REPO, NodeProcess, echoscu, have_dcmtk, storescu
 
 pytestmark = [
@@ -97,7 +97,7 @@ def test_phantom_ct_is_measured_and_answered_at_orthanc(tmp_path, orthanc, chest
     assert job["model_name"] == "LpmLiver" and job["model_test"] == 1 and len(job["model_weights_sha256"]) == 64
     assert "3d_fullres" in job["model_version"]
     assert abs(audit["dl_parenchymal_hu"] - TRUE_HU) <= 1.5
-    assert audit["category"] == STEATOSIS
+    assert audit["category"] == Category.STEATOSIS
     assert audit["status"] == "done" and audit["job_status"] == "done" and audit["delivery_status"] == "sent"
 
     found = _results_at(orthanc, study_uid)

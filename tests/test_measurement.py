@@ -14,14 +14,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from lpm_node.core.config import MeasurementSettings
-from lpm_node.imaging.measurement import (
-    NO_STEATOSIS,
-    NOT_ASSESSABLE,
-    STEATOSIS,
-    dl_parenchymal_roi,
-    measure,
-    roi_structuring_element,
-)
+from lpm_node.imaging.measurement import Category, dl_parenchymal_roi, measure, roi_structuring_element
 
 SPACING = (2.5, 0.7, 0.7)
 ELEMENT = roi_structuring_element()
@@ -186,7 +179,10 @@ def test_roi_outside_liver_fraction() -> None:
     assert roi.sum() == 3 * 401
 
 
-@pytest.mark.parametrize(("liver_hu", "category"), [(39.0, STEATOSIS), (41.0, NO_STEATOSIS), (40.0, NO_STEATOSIS)])
+@pytest.mark.parametrize(
+    ("liver_hu", "category"),
+    [(39.0, Category.STEATOSIS), (41.0, Category.NO_STEATOSIS), (40.0, Category.NO_STEATOSIS)],
+)
 def test_category_around_the_threshold(liver_hu: float, category: str) -> None:
     liver = ellipsoid((20, 96, 96), (10, 48, 40), (8, 35, 28))
     hu = with_air(np.where(liver, liver_hu, 20.0), liver).astype(np.float32)  # noise-free: the mean is exact
@@ -201,14 +197,14 @@ def test_threshold_is_configurable() -> None:
     liver = ellipsoid((20, 96, 96), (10, 48, 40), (8, 35, 28))
     hu = with_air(np.where(liver, 39.0, 20.0), liver).astype(np.float32)
     result, _ = measure(hu, liver, SPACING, settings=MeasurementSettings(threshold_hu=38.0, min_liver_volume_ml=0))
-    assert result.category == NO_STEATOSIS
+    assert result.category == Category.NO_STEATOSIS
     assert result.threshold_hu == 38.0
 
 
 def test_no_liver_is_not_assessable() -> None:
     liver = np.zeros((10, 64, 64), dtype=bool)
     result, roi = measure(ct_of(liver, 60.0), liver, SPACING)
-    assert result.category == NOT_ASSESSABLE
+    assert result.category == Category.NOT_ASSESSABLE
     assert result.dl_parenchymal_hu is None
     assert result.dl_volumetric_hu is None
     assert result.robust_parenchymal_hu is None
@@ -271,7 +267,7 @@ def test_robust_estimate_resists_a_lesion_in_the_roi() -> None:
     assert np.array_equal(roi, roi_lesion)
     assert with_lesion.dl_parenchymal_hu < clean.dl_parenchymal_hu - 30  # the faithful value moves
     assert with_lesion.dl_parenchymal_hu < 40.0
-    assert with_lesion.category == NOT_ASSESSABLE  # not "steatosis": faithful and robust disagree
+    assert with_lesion.category == Category.NOT_ASSESSABLE  # not "steatosis": faithful and robust disagree
     # every disk lies on the cyst: without them the robust estimate gives another category
     assert with_lesion.not_assessable_reasons == ["faithful_robust_disagree", "roi_disk_changes_category"]
     assert abs(with_lesion.robust_parenchymal_hu - 60.0) < 1.0  # the robust one does not

@@ -15,16 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from lpm_node.core.config import MeasurementSettings
-from lpm_node.imaging.measurement import (
-    NO_STEATOSIS,
-    NOT_ASSESSABLE,
-    STEATOSIS,
-    Category,
-    QCFlag,
-    failed_measurement,
-    flag_sentence,
-    measure,
-)
+from lpm_node.imaging.measurement import Category, QCFlag, failed_measurement, flag_sentence, measure
 
 SPACING = (2.5, 0.7, 0.7)
 SHAPE = (40, 200, 240)  # (z, y, x) on the method grid: 100 x 140 x 168 mm
@@ -140,20 +131,20 @@ class Expect:
 
 CASES: dict[str, tuple[Callable[[], Chest], Expect]] = {
     "lesion under the ROI": (lesion_under_the_roi, Expect(
-        NOT_ASSESSABLE, {"faithful_robust_disagree", "roi_disk_unlike_liver"},
+        Category.NOT_ASSESSABLE, {"faithful_robust_disagree", "roi_disk_unlike_liver"},
         {"faithful_robust_disagree", "roi_disk_changes_category"})),
     "FOV cut, no body wall at the new edge": (fov_cut(False), Expect(
-        NOT_ASSESSABLE, {"lateral_edge_at_field_of_view", "liver_cut_by_field_of_view"})),
+        Category.NOT_ASSESSABLE, {"lateral_edge_at_field_of_view", "liver_cut_by_field_of_view"})),
     "FOV cut, body wall at the new edge": (fov_cut(True), Expect(
-        NOT_ASSESSABLE, {"lateral_edge_at_field_of_view"})),
-    "no liver": (no_liver, Expect(NOT_ASSESSABLE, {"no_liver"}, {"no_liver"})),
-    "tiny liver": (tiny_liver, Expect(NOT_ASSESSABLE, {"little_liver", "roi_largely_outside_liver"})),
-    "metal in the ROI": (metal_in_the_roi, Expect(NOT_ASSESSABLE, {"roi_noisy", "roi_mean_implausible"})),
-    "ROI outside the image": (roi_outside_the_image, Expect(NOT_ASSESSABLE, {"roi_outside_image"})),
+        Category.NOT_ASSESSABLE, {"lateral_edge_at_field_of_view"})),
+    "no liver": (no_liver, Expect(Category.NOT_ASSESSABLE, {"no_liver"}, {"no_liver"})),
+    "tiny liver": (tiny_liver, Expect(Category.NOT_ASSESSABLE, {"little_liver", "roi_largely_outside_liver"})),
+    "metal in the ROI": (metal_in_the_roi, Expect(Category.NOT_ASSESSABLE, {"roi_noisy", "roi_mean_implausible"})),
+    "ROI outside the image": (roi_outside_the_image, Expect(Category.NOT_ASSESSABLE, {"roi_outside_image"})),
     "missing source slice at an ROI slice": (missing_source_slice_at_the_roi, Expect(
-        NO_STEATOSIS, {"roi_slice_interpolated"}, set())),
-    "clean liver at 39 HU": (clean(39.0), Expect(STEATOSIS, set(), set(), {"liver_cut_by_field_of_view"})),
-    "clean liver at 41 HU": (clean(41.0), Expect(NO_STEATOSIS, set(), set(), {"liver_cut_by_field_of_view"})),
+        Category.NO_STEATOSIS, {"roi_slice_interpolated"}, set())),
+    "clean liver at 39 HU": (clean(39.0), Expect(Category.STEATOSIS, set(), set(), {"liver_cut_by_field_of_view"})),
+    "clean liver at 41 HU": (clean(41.0), Expect(Category.NO_STEATOSIS, set(), set(), {"liver_cut_by_field_of_view"})),
 }
 
 
@@ -164,7 +155,7 @@ def _check(case_name: str, category: str, flags: list[str], reasons: list[str], 
     assert reasons == [f for f in QCFlag if f.withholds and f in flags]  # the reasons are the flags, in order
     if expect.reasons is not None:
         assert set(reasons) == expect.reasons, (case_name, reasons)
-    assert (category == NOT_ASSESSABLE) == bool(reasons)
+    assert (category == Category.NOT_ASSESSABLE) == bool(reasons)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -219,7 +210,7 @@ def test_plausible_range_and_disagreement_are_configurable() -> None:
     loose = MeasurementSettings(max_faithful_robust_difference_hu=100.0, max_roi_disk_difference_hu=1000.0,
                                 max_roi_disk_outlier_fraction=1.0)
     result, _ = measure(case.hu, case.liver, SPACING, settings=loose)
-    assert result.category == STEATOSIS and "faithful_robust_disagree" not in result.qc_flags
+    assert result.category == Category.STEATOSIS and "faithful_robust_disagree" not in result.qc_flags
     assert "roi_disk_unlike_liver" not in result.qc_flags
     narrow = MeasurementSettings(plausible_min_hu=60.0, plausible_max_hu=100.0)
     clean_case = chest(55.0)
@@ -257,7 +248,7 @@ def test_every_flag_has_a_sentence_and_no_sentence_shows_a_flag_name() -> None:
         assert "_" not in flag.sentence and flag.sentence.endswith(".") and flag.sentence[0].isupper()
     assert flag_sentence("a_flag_of_another_version") == "A flag of another version."
     failed = failed_measurement(40.0)
-    assert failed.category == NOT_ASSESSABLE and failed.not_assessable_reasons == ["measurement_failed"]
+    assert failed.category == Category.NOT_ASSESSABLE and failed.not_assessable_reasons == ["measurement_failed"]
 
 
 def test_stored_values_of_categories_and_flags_stay_as_they_were() -> None:
@@ -274,5 +265,5 @@ def test_stored_values_of_categories_and_flags_stay_as_they_were() -> None:
         "roi_slice_interpolated", "roi_on_edge_slices", "roi_slice_without_liver", "off_method_grid", "no_spleen",
         "body_wall_cut_by_field_of_view", "orientation_unknown", "liver_side_not_checked", "patient_not_supine",
         "roi_disk_unlike_liver"]
-    assert json.dumps([QCFlag.NO_LIVER, STEATOSIS]) == '["no_liver", "moderate_to_severe_steatosis"]'
-    assert f"{QCFlag.ROI_NOISY}|{NO_STEATOSIS}" == "roi_noisy|no_moderate_to_severe_steatosis"
+    assert json.dumps([QCFlag.NO_LIVER, Category.STEATOSIS]) == '["no_liver", "moderate_to_severe_steatosis"]'
+    assert f"{QCFlag.ROI_NOISY}|{Category.NO_STEATOSIS}" == "roi_noisy|no_moderate_to_severe_steatosis"

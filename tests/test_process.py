@@ -11,7 +11,7 @@ import pytest
 from pydicom import dcmread
 
 from lpm_node.demo.phantom import make_phantom, write_ct_series
-from lpm_node.imaging.measurement import NO_STEATOSIS, STEATOSIS
+from lpm_node.imaging.measurement import Category
 
 REPO = Path(__file__).resolve().parents[1]
 TRUE_HU = (-10.0, 25.0, 39.0, 41.0, 60.0)
@@ -56,7 +56,7 @@ def test_process_measures_phantoms_within_1_5_hu_head_and_feet_first(phantom_fol
         item = measured[uid]
         errors[(hu, feet_first)] = round(item["dl_parenchymal_hu"] - hu, 2)
         assert abs(item["dl_parenchymal_hu"] - hu) <= 1.5, (hu, feet_first, item)
-        assert item["category"] == (STEATOSIS if hu < 40 else NO_STEATOSIS), item
+        assert item["category"] == (Category.STEATOSIS if hu < 40 else Category.NO_STEATOSIS), item
         assert item["roi_pixels"] == [401, 401, 401] and item["roi_in_liver_fraction"] == 1.0
         assert set(item["timings_s"]) >= {"load", "resample", "segment", "measure"}
         assert Path(item["files"]["preview"]).stat().st_size > 0

@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from lpm_node.demo.phantom import Phantom, make_phantom, write_ct_series
-from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS
+from lpm_node.imaging.measurement import Category
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = {"n_slices": 64, "size": 256, "pixel_spacing": 1.4}  # resampled to the method grid by the node
@@ -103,15 +103,16 @@ def roi_outside_the_image() -> Phantom:
 
 
 SERIES = {
-    "clean 39": (lambda: make_phantom(39.0, seed=102, **GRID), STEATOSIS, set(), None),
-    "clean 41": (lambda: make_phantom(41.0, seed=103, **GRID), NO_STEATOSIS, set(), None),
-    "lesion": (lesion_under_the_roi, NOT_ASSESSABLE, set(), {"faithful_robust_disagree", "roi_largely_outside_liver"}),
-    "metal": (metal_in_the_roi, NOT_ASSESSABLE, {"roi_noisy"}, None),
-    "fov cut": (lambda: fov_cut(False), NOT_ASSESSABLE, {"lateral_edge_at_field_of_view"}, None),
-    "fov cut body wall": (lambda: fov_cut(True), NOT_ASSESSABLE, {"lateral_edge_at_field_of_view"}, None),
-    "tiny liver": (tiny_liver, NOT_ASSESSABLE, {"little_liver"}, None),
-    "no liver": (no_liver, NOT_ASSESSABLE, set(), {"no_liver", "little_liver"}),
-    "roi outside": (roi_outside_the_image, NOT_ASSESSABLE, set(),
+    "clean 39": (lambda: make_phantom(39.0, seed=102, **GRID), Category.STEATOSIS, set(), None),
+    "clean 41": (lambda: make_phantom(41.0, seed=103, **GRID), Category.NO_STEATOSIS, set(), None),
+    "lesion": (lesion_under_the_roi, Category.NOT_ASSESSABLE, set(),
+               {"faithful_robust_disagree", "roi_largely_outside_liver"}),
+    "metal": (metal_in_the_roi, Category.NOT_ASSESSABLE, {"roi_noisy"}, None),
+    "fov cut": (lambda: fov_cut(False), Category.NOT_ASSESSABLE, {"lateral_edge_at_field_of_view"}, None),
+    "fov cut body wall": (lambda: fov_cut(True), Category.NOT_ASSESSABLE, {"lateral_edge_at_field_of_view"}, None),
+    "tiny liver": (tiny_liver, Category.NOT_ASSESSABLE, {"little_liver"}, None),
+    "no liver": (no_liver, Category.NOT_ASSESSABLE, set(), {"no_liver", "little_liver"}),
+    "roi outside": (roi_outside_the_image, Category.NOT_ASSESSABLE, set(),
                     {"roi_outside_image", "roi_clipped", "no_liver", "little_liver"}),
 }
 
@@ -159,7 +160,7 @@ def test_worst_case_through_process(batch, name: str) -> None:
     assert required <= reasons, item
     if any_of is not None:
         assert reasons & any_of, item
-    assert (category == NOT_ASSESSABLE) == bool(reasons), item
+    assert (category == Category.NOT_ASSESSABLE) == bool(reasons), item
     assert item["model_identity"]["test_model"] is True and len(item["model_identity"]["weights_sha256"]) == 64
     if name.startswith("clean"):
         assert abs(item["dl_parenchymal_hu"] - float(name.split()[1])) <= 1.5, item
@@ -174,7 +175,7 @@ def test_a_failing_series_does_not_stop_the_batch(batch) -> None:
     assert all(items[name]["status"] == "measured" for name in SERIES)
     assert proc.returncode == 1, proc.stderr[-2000:]
     summary = proc.stderr.strip().splitlines()[-1]
-    n_not = sum(1 for _, category, *_ in SERIES.values() if category == NOT_ASSESSABLE)
+    n_not = sum(1 for _, category, *_ in SERIES.values() if category == Category.NOT_ASSESSABLE)
     assert summary == f"{len(SERIES) + 1} series: {len(SERIES)} measured ({n_not} not assessable), 0 refused, 1 failed"
 
 
@@ -198,4 +199,4 @@ def test_missing_source_slices_at_the_roi_slices(tmp_path) -> None:
     assert any("interpolated" in w for w in item["warnings"]), item["warnings"]
     assert set(item["roi_slices"]) <= gapped, item
     assert "roi_slice_interpolated" in item["qc_flags"], item
-    assert item["category"] == NO_STEATOSIS  # informative: the interpolated slices still hold liver
+    assert item["category"] == Category.NO_STEATOSIS  # informative: the interpolated slices still hold liver

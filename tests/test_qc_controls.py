@@ -28,12 +28,7 @@ from lpm_node.demo.qc_cases import (
     tight_field_of_view,
     write_dicom,
 )
-from lpm_node.imaging.measurement import (
-    MIN_LATERAL_TISSUE_PX,
-    NOT_ASSESSABLE,
-    QCFlag,
-    measure,
-)
+from lpm_node.imaging.measurement import MIN_LATERAL_TISSUE_PX, Category, QCFlag, measure
 from lpm_node.imaging.orientation import axes_code, dicom_orientation, nifti_form_codes
 from lpm_node.imaging.segmentation import largest_component
 from tests.support_net import NodeProcess, have_dcmtk, storescu
@@ -69,7 +64,7 @@ def _failures(case: QcCase, item: dict) -> list[str]:
         if "wall cut" in case.name and "body_wall_cut_by_field_of_view" in flags and reasons:
             wrong.append(f"tight field of view {case.name} withheld: {reasons}")
     else:
-        if category != NOT_ASSESSABLE:
+        if category != Category.NOT_ASSESSABLE:
             wrong.append(f"hazard {case.name}: {category} at {item['dl_parenchymal_hu']:.1f} HU ({flags})")
         expected = next(v for k, v in HAZARD_REASONS.items() if k in case.name)
         if not expected & set(reasons):
@@ -200,7 +195,7 @@ def test_the_field_of_view_margin_is_the_rois_near_rim(band_px: int, withheld: b
     result, _ = measure(hu, label > 0, SPACING)
     assert min(t for t in result.lateral_tissue_mm if t is not None) == pytest.approx(band_px * 0.7, abs=0.75)
     assert ("lateral_edge_at_field_of_view" in result.not_assessable_reasons) is withheld
-    assert result.category == (NOT_ASSESSABLE if withheld else "moderate_to_severe_steatosis")
+    assert result.category == (Category.NOT_ASSESSABLE if withheld else "moderate_to_severe_steatosis")
     if not withheld:
         assert "body_wall_cut_by_field_of_view" in result.qc_flags
 
@@ -213,7 +208,7 @@ def test_padding_beside_the_liver_counts_as_the_edge_of_the_field_of_view() -> N
         padded = hu.copy()
         padded[:, :, : x_min - int(round(margin_mm / 0.7))] = -3024
         result, _ = measure(padded, label > 0, SPACING)
-        assert (result.category == NOT_ASSESSABLE) is withheld, (margin_mm, result.qc_flags)
+        assert (result.category == Category.NOT_ASSESSABLE) is withheld, (margin_mm, result.qc_flags)
 
 
 def test_a_tight_field_of_view_keeps_the_published_roi() -> None:
@@ -272,7 +267,7 @@ def test_a_tight_field_of_view_and_a_mirrored_series_through_the_node(tmp_path: 
     tight, mirrored = (jobs[uids[name]] for name in SERVED)
     assert tight["category"] == "moderate_to_severe_steatosis", dict(tight)
     assert "body_wall_cut_by_field_of_view" in json.loads(tight["qc_flags"])
-    assert mirrored["category"] == NOT_ASSESSABLE and mirrored["dl_parenchymal_hu"] is not None
+    assert mirrored["category"] == Category.NOT_ASSESSABLE and mirrored["dl_parenchymal_hu"] is not None
     assert "liver_not_on_patient_right" in json.loads(mirrored["qc_flags"])
     reports = [pydicom.dcmread(p) for p in (tmp_path / "node").rglob("SR_*.dcm")]
     said = [str(sr) for sr in reports if uids[SERVED[1]] in {

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from lpm_node.imaging.measurement import NO_STEATOSIS, dl_parenchymal_roi, roi_structuring_element
+from lpm_node.imaging.measurement import Category, dl_parenchymal_roi, roi_structuring_element
 from tests.support_reference import LABEL_NAME, NNUNET_MASK_NAME, PUBLISHED_ROI_NAME
 from tests.support_reference import reference_dir as find_reference_dir
 
@@ -121,7 +121,7 @@ def test_measure_command_on_reference_label(
     assert abs(result["dl_parenchymal_hu"] - 50.0) < 4 * 12.0 / np.sqrt(roi.sum())
     spacing = label.GetSpacing()
     assert result["liver_volume_ml"] == pytest.approx(liver.sum() * np.prod(spacing) / 1000.0)
-    assert result["category"] == NO_STEATOSIS
+    assert result["category"] == Category.NO_STEATOSIS
     assert result["roi_in_liver_fraction"] == pytest.approx(float(liver[roi].mean()))
     assert abs(result["robust_parenchymal_hu"] - 50.0) < 0.5
     # the label reaches the first slice of the scan, but its largest section (k = 15) lies well inside the scan:
@@ -165,7 +165,7 @@ def test_published_nnunet_mask_gives_the_published_roi_voxel_for_voxel(
     assert result["roi_centres"] == [[13, 229, 85], [15, 226, 86], [17, 224, 87]]
     assert result["roi_pixels"] == [401, 401, 401]
     assert result["largest_component_removed_voxels"] == 0
-    assert result["category"] == NO_STEATOSIS and result["not_assessable_reasons"] == []
+    assert result["category"] == Category.NO_STEATOSIS and result["not_assessable_reasons"] == []
 
 
 def test_measure_keeps_the_largest_component_as_the_method_does(

@@ -28,7 +28,7 @@ from lpm_node.core.config import OutputSettings, load_settings
 from lpm_node.core.destinations import Destination, result_destinations
 from lpm_node.demo.local_store import LocalStore
 from lpm_node.demo.orthanc import Orthanc, orthanc_available
-from lpm_node.imaging.measurement import STEATOSIS, Measurement
+from lpm_node.imaging.measurement import Category, Measurement
 from tests.support_net import dcmtk_env, free_port, have_dcmtk, wait_for_port
 from tests.support_sending import ResultFiles, write_ct, write_results
 from tests.support_writers import make_ct_datasets
@@ -123,7 +123,7 @@ def test_node_writer_outputs_arrive_in_the_source_study(orthanc: Orthanc, sessio
         orthanc.post("/instances", write_dataset(ds, tmp_path / "ct" / f"{i}.dcm").read_bytes())
     k = 4
     measurement = Measurement(
-        dl_parenchymal_hu=31.75, dl_volumetric_hu=36.25, liver_volume_ml=1534.5, category=STEATOSIS,
+        dl_parenchymal_hu=31.75, dl_volumetric_hu=36.25, liver_volume_ml=1534.5, category=Category.STEATOSIS,
         threshold_hu=40.0, roi_slices=[k - 2, k, k + 2], roi_centres=[[k - 2, 16, 12], [k, 16, 12], [k + 2, 16, 12]],
         roi_pixels=[36, 36, 36], roi_sd_hu=7.5, robust_parenchymal_hu=33.5, roi_in_liver_fraction=1.0,
         qc_flags=[], spleen_hu=None, liver_minus_spleen_hu=None,

@@ -23,20 +23,12 @@ from lpm_node.answer import (
     write_dataset,
 )
 from lpm_node.answer.build import HIGHDICOM_TABLE_LOADERS, warm_writers
-from lpm_node.answer.keyimage import LIVER_COLOUR, ROI_COLOUR, series_description
+from lpm_node.answer.keyimage import LIVER_COLOUR, ROI_COLOUR, result_text, series_description
 from lpm_node.answer.seg import ANATOMICAL_STRUCTURE, LIVER, BinarySegmentation
 from lpm_node.answer.sr import library_images
 from lpm_node.demo.phantom import Phantom, make_phantom, write_ct_series
 from lpm_node.imaging.loading import CTSeries, load_series
-from lpm_node.imaging.measurement import (
-    NO_STEATOSIS,
-    NOT_ASSESSABLE,
-    STEATOSIS,
-    Measurement,
-    dl_parenchymal_roi,
-    flag_sentence,
-    measure,
-)
+from lpm_node.imaging.measurement import Category, Measurement, dl_parenchymal_roi, flag_sentence, measure
 from tests.support_writers import (
     SEGIMAGE2ITKIMAGE,
     SyntheticSeries,
@@ -57,7 +49,7 @@ def _measurement(**overrides) -> Measurement:
         dl_parenchymal_hu=31.75,
         dl_volumetric_hu=36.25,
         liver_volume_ml=1534.5,
-        category=STEATOSIS,
+        category=Category.STEATOSIS,
         threshold_hu=40.0,
         roi_slices=[13, 15, 17],
         roi_centres=[[13, 200, 150], [15, 198, 149], [17, 201, 152]],
@@ -371,7 +363,7 @@ def test_sr_not_assessable_has_no_attenuation_values(tmp_path: Path) -> None:
         dl_parenchymal_hu=None,
         dl_volumetric_hu=None,
         liver_volume_ml=0.0,
-        category=NOT_ASSESSABLE,
+        category=Category.NOT_ASSESSABLE,
         roi_sd_hu=None,
         robust_parenchymal_hu=None,
         spleen_hu=None,
@@ -393,10 +385,54 @@ def test_sr_not_assessable_has_no_attenuation_values(tmp_path: Path) -> None:
     assert group.get_measurements() == []
 
 
+@needs_dciodvfy
+def test_sr_without_an_roi_draws_its_result_on_the_key_image(tmp_path: Path) -> None:
+    """No liver, no ROI disk: the DL-parenchymal group's planar partner (a viewer that merges groups by tracking UID
+    needs one) frames the result statement burnt into the key image, and neither carries a Finding Site (a viewer
+    prints it as a bare code beside the frame); the key image is then evidence of the report."""
+    series = make_ct_datasets(n_slices=6, size=96)
+    empty = np.zeros_like(series.liver)
+    seg = build_seg(series.datasets, series.frame_refs, {"liver": empty})
+    measurement = _measurement(
+        dl_parenchymal_hu=None, dl_volumetric_hu=None, liver_volume_ml=0.0, category=Category.NOT_ASSESSABLE,
+        roi_sd_hu=None, robust_parenchymal_hu=None, spleen_hu=None, liver_minus_spleen_hu=None,
+        qc_flags=["no_liver"], not_assessable_reasons=["no_liver"],
+    )
+    key = build_key_image(series.datasets, series.frame_refs, 2, empty[2], empty[2], measurement)
+    sr = build_sr(series.datasets, seg, measurement, key_image=key)
+    errors, _ = run_dciodvfy(write_dataset(sr, tmp_path / "sr.dcm"))
+    assert errors == []
+    read = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    (volumetric,) = read.content.get_volumetric_roi_measurement_groups()
+    (partner,) = read.content.get_planar_roi_measurement_groups()
+    assert partner.tracking_uid == volumetric.tracking_uid
+    assert volumetric.finding_sites == [] and partner.finding_sites == []
+    (category,) = [e for e in volumetric.get_qualitative_evaluations() if e.name.value == "197321007"]
+    assert category.value.value == "373068000"  # undetermined
+    reference = partner.roi.ContentSequence[0].ReferencedSOPSequence[0]
+    assert reference.ReferencedSOPInstanceUID == key.SOPInstanceUID and "ReferencedFrameNumber" not in reference
+    points = np.asarray(partner.roi.value)
+    assert partner.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE and np.array_equal(points[0], points[-1])
+    left, top, right, bottom = result_text(key.Rows, key.Columns, measurement).box()
+    assert points[:, 0].min() < left and points[:, 1].min() < top
+    assert right < points[:, 0].max() <= key.Columns and bottom < points[:, 1].max() <= key.Rows
+    rgb = key.pixel_array
+    yellow = (rgb[..., 0] > 150) & (rgb[..., 1] > 100) & (rgb[..., 2] < 80)  # the not-assessable text
+    inside = np.zeros_like(yellow)
+    inside[int(points[:, 1].min()):int(points[:, 1].max()) + 1, int(points[:, 0].min()):int(points[:, 0].max()) + 1] = 1
+    assert yellow[inside].sum() > 20 and not yellow[~inside].any()
+    evidence = {
+        item.SeriesInstanceUID for item in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    }
+    assert evidence == {series.datasets[0].SeriesInstanceUID, seg.SeriesInstanceUID, key.SeriesInstanceUID}
+    assert "PertinentOtherEvidenceSequence" not in sr
+
+
 def test_sr_below_threshold_is_not_coded_as_absent_steatosis() -> None:
     series = make_ct_datasets(n_slices=6, size=32)
     seg = build_seg(series.datasets, series.frame_refs, _masks(series))
-    sr = build_sr(series.datasets, seg, _measurement(dl_parenchymal_hu=55.0, category=NO_STEATOSIS, spleen_hu=None))
+    measurement = _measurement(dl_parenchymal_hu=55.0, category=Category.NO_STEATOSIS, spleen_hu=None)
+    sr = build_sr(series.datasets, seg, measurement)
     read = hd.sr.Comprehensive3DSR.from_dataset(sr)
     groups = {g.tracking_identifier: g for g in read.content.get_volumetric_roi_measurement_groups()}
     assert "Spleen" not in groups
@@ -475,9 +511,9 @@ def test_write_dataset_is_atomic_and_readable(tmp_path: Path) -> None:
 
 def test_key_image_series_description_says_the_category_in_64_characters() -> None:
     for overrides, verdict in (
-        ({"category": STEATOSIS}, "moderate-to-severe steatosis"),
-        ({"category": NO_STEATOSIS, "dl_parenchymal_hu": 55.0}, "no moderate-to-severe steatosis"),
-        ({"category": NOT_ASSESSABLE}, "not assessable"),
+        ({"category": Category.STEATOSIS}, "moderate-to-severe steatosis"),
+        ({"category": Category.NO_STEATOSIS, "dl_parenchymal_hu": 55.0}, "no moderate-to-severe steatosis"),
+        ({"category": Category.NOT_ASSESSABLE}, "not assessable"),
         ({"dl_parenchymal_hu": None}, "not assessable"),  # no value: never a category
     ):
         text = series_description(_measurement(**overrides))
@@ -488,7 +524,7 @@ def test_key_image_series_description_says_the_category_in_64_characters() -> No
 def test_key_image_not_assessable_validates_and_says_so(tmp_path: Path) -> None:
     series = make_ct_datasets(n_slices=6, size=96)
     empty = np.zeros((96, 96), np.uint8)
-    measurement = _measurement(dl_parenchymal_hu=None, category=NOT_ASSESSABLE, qc_flags=["no_liver"])
+    measurement = _measurement(dl_parenchymal_hu=None, category=Category.NOT_ASSESSABLE, qc_flags=["no_liver"])
     image = build_key_image(series.datasets, series.frame_refs, 2, empty, empty, measurement)
     errors, _ = run_dciodvfy(write_dataset(image, tmp_path / "key.dcm"))
     assert errors == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import highdicom as hd
@@ -32,7 +33,7 @@ from lpm_node.answer.source import (
 )
 from lpm_node.answer.uids import ContentIdentity, identity_for
 from lpm_node.answer.wording import hu_text
-from lpm_node.imaging.measurement import NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
+from lpm_node.imaging.measurement import Category, Measurement, flag_sentence
 from lpm_node.imaging.model_identity import ModelIdentity
 
 SERIES_DESCRIPTION = KEY_IMAGE_SERIES_DESCRIPTION
@@ -40,7 +41,7 @@ WINDOW_CENTRE = 40.0
 WINDOW_WIDTH = 400.0
 LIVER_COLOUR = (0, 200, 255)  # RGB: light blue outline
 ROI_COLOUR = (0, 255, 0)  # RGB: pure green outline, no grey CT pixel comes near it
-TEXT_COLOURS = {STEATOSIS: (255, 80, 80), NOT_ASSESSABLE: (255, 200, 0)}
+TEXT_COLOURS = {Category.STEATOSIS: (255, 80, 80), Category.NOT_ASSESSABLE: (255, 200, 0)}
 DEFAULT_TEXT_COLOUR = (120, 255, 120)
 
 
@@ -74,10 +75,10 @@ def _reasons(measurement: Measurement) -> list[str]:
 
 def series_description(measurement: Measurement) -> str:
     """The series description with the category (a viewer shows it over the image): at most 64 characters."""
-    if measurement.dl_parenchymal_hu is None or measurement.category == NOT_ASSESSABLE:
+    if measurement.dl_parenchymal_hu is None or measurement.category == Category.NOT_ASSESSABLE:
         verdict = "not assessable"
     else:
-        verdict = "moderate-to-severe steatosis" if measurement.category == STEATOSIS else (
+        verdict = "moderate-to-severe steatosis" if measurement.category == Category.STEATOSIS else (
             "no moderate-to-severe steatosis"
         )
     return f"{SERIES_DESCRIPTION}: {verdict}"
@@ -92,7 +93,7 @@ def result_lines(measurement: Measurement, model: ModelIdentity | None = None) -
     lines: list[str] = []
     if model is not None and model.test_model:
         lines.append(f"{TEST_MODEL_NOTICE}")
-    if value is None or measurement.category == NOT_ASSESSABLE:
+    if value is None or measurement.category == Category.NOT_ASSESSABLE:
         lines.append("Not assessable")
         reasons = _reasons(measurement)
         lines += [f"- {flag_sentence(flag)}" for flag in reasons] or ["- No DL-parenchymal value could be measured."]
@@ -100,8 +101,8 @@ def result_lines(measurement: Measurement, model: ModelIdentity | None = None) -
             lines.append(f"DL-parenchymal attenuation {hu_text(value, threshold)} HU (not used for a category)")
         others = [flag for flag in measurement.qc_flags if flag not in reasons]
     else:
-        relation = "<" if measurement.category == STEATOSIS else ">="
-        verdict = "Moderate-to-severe" if measurement.category == STEATOSIS else "No moderate-to-severe"
+        relation = "<" if measurement.category == Category.STEATOSIS else ">="
+        verdict = "Moderate-to-severe" if measurement.category == Category.STEATOSIS else "No moderate-to-severe"
         lines += [
             f"DL-parenchymal attenuation: {hu_text(value, threshold)} HU",
             f"{verdict} hepatic steatosis ({hu_text(value, threshold)} {relation} {threshold:g} HU)",
@@ -129,6 +130,31 @@ def _wrap(lines: list[str], draw: ImageDraw.ImageDraw, font: ImageFont.FreeTypeF
     return out
 
 
+@dataclass(frozen=True)
+class ResultText:
+    """The result text's layout on a key image: font size, wrapped lines, first line's top left, line step."""
+
+    size: int
+    lines: list[str]
+    left: int
+    top: int
+    step: int
+
+    def box(self) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) in pixels around the text block."""
+        font = ImageFont.load_default(size=self.size)
+        width = max(font.getlength(line) for line in self.lines)
+        return self.left, self.top, self.left + width, self.top + len(self.lines) * self.step
+
+
+def result_text(rows: int, cols: int, measurement: Measurement, model: ModelIdentity | None = None) -> ResultText:
+    """Where and how :func:`render_key_image` writes the result on a ``rows`` x ``cols`` image."""
+    size = max(9, round(min(rows, cols) / 30))
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(result_lines(measurement, model), draw, ImageFont.load_default(size=size), cols - size)
+    return ResultText(size=size, lines=lines, left=size // 2, top=size // 2, step=round(size * 1.3))
+
+
 def render_key_image(
     hu: np.ndarray,
     roi_mask_slice: np.ndarray,
@@ -145,13 +171,13 @@ def render_key_image(
     _outline(rgb, roi_mask_slice, ROI_COLOUR, thickness)
     image = Image.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(image)
-    size = max(9, round(min(rows, cols) / 30))
+    text = result_text(rows, cols, measurement, model)
+    size = text.size
     font = ImageFont.load_default(size=size)
     colour = TEXT_COLOURS.get(measurement.category, DEFAULT_TEXT_COLOUR)
-    y = size // 2
-    for line in _wrap(result_lines(measurement, model), draw, font, cols - size):
-        draw.text((size // 2, y), line, fill=colour, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
-        y += round(size * 1.3)
+    for number, line in enumerate(text.lines):
+        y = text.top + number * text.step
+        draw.text((text.left, y), line, fill=colour, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     footer = "AI-generated by lpm-node (not for primary diagnosis)"
     draw.text((size // 2, rows - size * 2), footer, fill=(200, 200, 200), font=font)
     return np.asarray(image, dtype=np.uint8)

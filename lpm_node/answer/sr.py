@@ -12,13 +12,17 @@ Content (PS3.16):
 - for each volumetric group a planar partner with the same tracking UID (a viewer that merges groups by tracking
   UID, as OHIF does, then has an image region for every measurement) whose region is the structure on the SEG
   frame it was measured from (the ROI disk of slice k, the liver or spleen outline): the volumetric values stay
-  off the CT image, where their standard concept names would stack unlabelled beside the disks;
+  off the CT image, where their standard concept names would stack unlabelled beside the disks. Without an ROI
+  disk (no liver, or a result withheld before any ROI existed) the DL-parenchymal group's partner frames the
+  result statement burnt into the key image (category and reasons), which a viewer then opens the report on;
+  neither of the two carries a Finding Site, which such a viewer prints as a bare code beside the frame;
 - the report's Qualitative Evaluations: the category as code and as sentences, the reasons when not assessable,
   every QC flag as a sentence, the model, and a notice for outputs of a test model.
 
 Finding the primary value without our tracking identifiers: the NUM (112031, DCM, "Attenuation Coefficient")
 with Measurement Method (370129005, SCT) = (DLPAR, 99LPM) in the measurement group whose Finding Site is
-(10200004, SCT, "Liver"); the category is the CODE (197321007, SCT, "Steatosis of liver") in the same group.
+(10200004, SCT, "Liver"); the category is the CODE (197321007, SCT, "Steatosis of liver") in the same group, the
+TID 1411 group with that Measurement Method (also when it has no value).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from lpm_node.answer.equipment import (
     stamp_context,
 )
 from lpm_node.answer.geometry import Outline, RoiDisk
+from lpm_node.answer.keyimage import result_text
 from lpm_node.answer.seg import (
     ARTIFICIAL_INTELLIGENCE,
     LIVER,
@@ -54,7 +59,7 @@ from lpm_node.answer.seg import (
 from lpm_node.answer.source import frame_geometry_view, number_of_frames, source_series_uid
 from lpm_node.answer.uids import DEVICE_OBSERVER_UID, ContentIdentity, identity_for
 from lpm_node.answer.wording import honest_round, hu_text
-from lpm_node.imaging.measurement import NO_STEATOSIS, NOT_ASSESSABLE, STEATOSIS, Measurement, flag_sentence
+from lpm_node.imaging.measurement import Category, Measurement, flag_sentence
 
 SERIES_DESCRIPTION = SR_SERIES_DESCRIPTION
 
@@ -95,7 +100,11 @@ DL_PARENCHYMAL_ROI = Code("DLPARROI", LOCAL_SCHEME, "DL-parenchymal ROI")
 # The category as the value of (197321007, SCT, "Steatosis of liver"): moderate to severe (CID 3716), not
 # assessable = undetermined (CID 230); below the threshold is not "absent" (mild steatosis stays possible), and no
 # standard code says "not moderate to severe", hence the local one.
-CATEGORY_VALUES = {STEATOSIS: MODERATE_TO_SEVERE, NO_STEATOSIS: NO_MODERATE_TO_SEVERE, NOT_ASSESSABLE: UNDETERMINED}
+CATEGORY_VALUES = {
+    Category.STEATOSIS: MODERATE_TO_SEVERE,
+    Category.NO_STEATOSIS: NO_MODERATE_TO_SEVERE,
+    Category.NOT_ASSESSABLE: UNDETERMINED,
+}
 
 TRACKING_DL_PARENCHYMAL = "DL-parenchymal ROI"
 TRACKING_ROBUST = "Liver parenchyma, robust estimate"
@@ -127,7 +136,7 @@ def qc_flag_code(flag: str) -> hd.sr.CodedConcept:
 
 def effective_category(measurement: Measurement) -> str:
     """The category, not assessable whenever there is no DL-parenchymal value."""
-    return measurement.category if measurement.dl_parenchymal_hu is not None else NOT_ASSESSABLE
+    return measurement.category if measurement.dl_parenchymal_hu is not None else Category.NOT_ASSESSABLE
 
 
 def not_assessable_reasons(measurement: Measurement) -> list[str]:
@@ -141,7 +150,7 @@ def category_text(measurement: Measurement) -> str:
     The value is shown with as many decimals as it takes to stay on its side of the threshold."""
     threshold = f"{measurement.threshold_hu:g} HU"
     value = measurement.dl_parenchymal_hu
-    if effective_category(measurement) == NOT_ASSESSABLE:
+    if effective_category(measurement) == Category.NOT_ASSESSABLE:
         reasons = " ".join(flag_sentence(f) for f in not_assessable_reasons(measurement))
         reasons = reasons or "No DL-parenchymal value could be measured."
         measured = "" if value is None else (
@@ -150,7 +159,7 @@ def category_text(measurement: Measurement) -> str:
         )
         return f"Not assessable. {reasons}{measured} Threshold {threshold}."
     shown = f"DL-parenchymal attenuation {hu_text(value, measurement.threshold_hu)} HU"
-    if measurement.category == STEATOSIS:
+    if measurement.category == Category.STEATOSIS:
         return f"Moderate-to-severe hepatic steatosis: {shown} < {threshold}."
     return f"No moderate-to-severe hepatic steatosis: {shown} >= {threshold}."
 
@@ -197,7 +206,7 @@ def _group_kwargs(
 def _category_evaluations(measurement: Measurement) -> list[hd.sr.QualitativeEvaluation]:
     category = effective_category(measurement)
     evaluations = [hd.sr.QualitativeEvaluation(STEATOSIS_OF_LIVER, CATEGORY_VALUES[category])]
-    if category == NOT_ASSESSABLE:
+    if category == Category.NOT_ASSESSABLE:
         evaluations += [
             hd.sr.QualitativeEvaluation(NOT_ASSESSABLE_REASON, qc_flag_code(flag))
             for flag in not_assessable_reasons(measurement)
@@ -269,21 +278,34 @@ def _source_image(datasets: Sequence[Dataset], index: int, frame: int) -> hd.sr.
     )
 
 
-def seg_frame(seg: Dataset, key: str, source: Dataset, frame: int) -> int | None:
-    """The SEG frame (1-based) of segment ``key`` cut from ``frame`` (0-based) of ``source``; None if none."""
-    number = segment_number(seg, key)
-    uid, multiframe = str(source.SOPInstanceUID), number_of_frames(source) > 1
+# (segment number, source SOP Instance UID, 0-based source frame or None for any) -> 1-based SEG frame
+SegFrames = dict[tuple[int, str, int | None], int]
+
+
+def seg_frames(seg: Dataset) -> SegFrames:
+    """Where each segment's frames in ``seg`` were cut from, read once from its per-frame functional groups: the
+    first SEG frame of a segment derived from a source frame, and from any frame of a source instance."""
     shared = seg.SharedFunctionalGroupsSequence[0]
+    frames: SegFrames = {}
     for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
         identification = item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
-        if number is None or identification[0].ReferencedSegmentNumber != number:
-            continue
+        number = int(identification[0].ReferencedSegmentNumber)
         for derivation in item.get("DerivationImageSequence", []):
             for reference in derivation.SourceImageSequence:
-                frames = [int(n) - 1 for n in np.atleast_1d(reference.get("ReferencedFrameNumber", 1))]
-                if str(reference.ReferencedSOPInstanceUID) == uid and (not multiframe or frame in frames):
-                    return index
-    return None
+                uid = str(reference.ReferencedSOPInstanceUID)
+                frames.setdefault((number, uid, None), index)
+                for n in np.atleast_1d(reference.get("ReferencedFrameNumber", 1)):
+                    frames.setdefault((number, uid, int(n) - 1), index)
+    return frames
+
+
+def seg_frame(frames: SegFrames, seg: Dataset, key: str, source: Dataset, frame: int) -> int | None:
+    """The SEG frame (1-based) of segment ``key`` cut from ``frame`` (0-based) of ``source`` (any frame of a
+    single-frame source), looked up in ``frames`` (:func:`seg_frames` of ``seg``); None if none."""
+    number = segment_number(seg, key)
+    if number is None:
+        return None
+    return frames.get((number, str(source.SOPInstanceUID), frame if number_of_frames(source) > 1 else None))
 
 
 def _on_seg(seg: Dataset, frame: int) -> hd.sr.SourceImageForRegion:
@@ -293,16 +315,33 @@ def _on_seg(seg: Dataset, frame: int) -> hd.sr.SourceImageForRegion:
     )
 
 
+def _statement_region(key_image: Dataset, measurement: Measurement, content: ContentIdentity) -> hd.sr.ImageRegion:
+    """The result statement burnt into the key image (category, reasons, QC), as a closed POLYLINE around it."""
+    text = result_text(int(key_image.Rows), int(key_image.Columns), measurement, content.model)
+    left, top, right, bottom = text.box()
+    margin = text.size / 4
+    left, top, right, bottom = left - margin, top - margin, right + margin, bottom + margin
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array([[left, top], [right, top], [right, bottom], [left, bottom], [left, top]]),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=key_image.SOPClassUID, referenced_sop_instance_uid=key_image.SOPInstanceUID,
+        ),
+    )
+
+
 def _partner_region(
-    datasets: Sequence[Dataset], seg: Dataset, tracking: str, outlines: Mapping[str, Outline],
-    disks: Sequence[RoiDisk],
+    datasets: Sequence[Dataset], seg: Dataset, frames: SegFrames, tracking: str, outlines: Mapping[str, Outline],
+    disks: Sequence[RoiDisk], statement: hd.sr.ImageRegion | None,
 ) -> tuple[hd.sr.ImageRegion, Code] | None:
-    """The image region of a volumetric group's planar partner, on the SEG frame the structure was measured from:
-    the index slice's ROI disk for the DL-parenchymal ROI, else the structure's outline; and the structure."""
+    """The image region of a volumetric group's planar partner, and the structure. On the SEG frame the structure
+    was measured from: the index slice's ROI disk for the DL-parenchymal ROI, else the structure's outline. Where
+    there is no ROI disk (for the DL-parenchymal ROI) or no structure, the ``statement`` on the key image: a viewer
+    then opens a result without an ROI on the key image, where its category and reasons are written."""
     if tracking == TRACKING_DL_PARENCHYMAL and disks:
         disk = disks[len(disks) // 2]
         key = "roi" if segment_number(seg, "roi") is not None else "liver"
-        frame = seg_frame(seg, key, datasets[disk.index], disk.frame)
+        frame = seg_frame(frames, seg, key, datasets[disk.index], disk.frame)
         if frame is not None:
             cx, cy = disk.centre
             return hd.sr.ImageRegion(
@@ -310,18 +349,24 @@ def _partner_region(
                 graphic_data=np.array([[cx + 0.5, cy + 0.5], [cx + 0.5 + disk.radius, cy + 0.5]]),
                 source_image=_on_seg(seg, frame),
             ), LIVER
+    elif tracking == TRACKING_DL_PARENCHYMAL and statement is not None:
+        return statement, LIVER
     key = TRACKING_STRUCTURES.get(tracking, "liver")
+    structure = SPLEEN if key == "spleen" else LIVER
     outline = outlines.get(key)
-    if outline is None:
-        return None
-    frame = seg_frame(seg, key, datasets[outline.index], outline.frame)
-    if frame is None:
-        return None
+    frame = None if outline is None else seg_frame(frames, seg, key, datasets[outline.index], outline.frame)
+    if outline is None or frame is None:
+        return None if statement is None else (statement, structure)
     shift = np.array(outline.points) + 0.5  # 0-based pixel centres -> TLHC-origin pixel coordinates
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=shift, source_image=_on_seg(seg, frame)
     )
-    return region, SPLEEN if key == "spleen" else LIVER
+    return region, structure
+
+
+def _on_instance(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, ds: Dataset) -> bool:
+    """Whether ``group``'s image region lies on the instance ``ds``."""
+    return group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
 
 
 def _partner_groups(
@@ -331,13 +376,16 @@ def _partner_groups(
     disks: Sequence[RoiDisk],
     volumetric: Sequence,
     algorithm: hd.sr.AlgorithmIdentification,
+    statement: hd.sr.ImageRegion | None = None,
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """For each volumetric group: a TID 1410 group with the same tracking identifier and UID (the same finding)
-    holding the structure on its SEG frame (see :func:`_partner_region`), without values. Viewers that merge
-    groups by tracking UID (OHIF) then meet no group without an image region, and draw none of them on the CT."""
+    holding the structure on its SEG frame, or the result ``statement`` on the key image (see
+    :func:`_partner_region`), without values. Viewers that merge groups by tracking UID (OHIF) then meet no group
+    without an image region, and draw none of them on the CT."""
     groups = []
+    frames = seg_frames(seg)
     for group in volumetric:
-        found = _partner_region(datasets, seg, group.tracking_identifier, outlines, disks)
+        found = _partner_region(datasets, seg, frames, group.tracking_identifier, outlines, disks, statement)
         if found is None:
             continue
         region, structure = found
@@ -349,15 +397,18 @@ def _partner_groups(
                 referenced_region=region,
                 finding_type=structure,
                 algorithm_id=algorithm,
-                finding_sites=[hd.sr.FindingSite(structure)],
+                finding_sites=None if region is statement else [hd.sr.FindingSite(structure)],
             )
         )
     return groups
 
 
 def _measurement_groups(
-    seg: Dataset, measurement: Measurement, content: ContentIdentity, algorithm: hd.sr.AlgorithmIdentification
+    seg: Dataset, measurement: Measurement, content: ContentIdentity, algorithm: hd.sr.AlgorithmIdentification,
+    on_statement: bool = False,
 ) -> list:
+    """The TID 1411 groups. ``on_statement``: the DL-parenchymal group is drawn on the key image's result statement
+    (it has no ROI disk), so it goes without Finding Site, which a viewer would print as a bare code beside it."""
     liver_site = [hd.sr.FindingSite(LIVER)]
     groups: list = []
     roi_key = "roi" if segment_number(seg, "roi") is not None else "liver"
@@ -378,7 +429,7 @@ def _measurement_groups(
             **_group_kwargs(content, TRACKING_DL_PARENCHYMAL, seg, roi_key, algorithm),
             finding_type=PARENCHYMA,
             method=METHOD_DL_PARENCHYMAL,
-            finding_sites=liver_site,
+            finding_sites=None if on_statement else liver_site,
             measurements=roi_measurements or None,
             qualitative_evaluations=_category_evaluations(measurement),
         )
@@ -432,7 +483,7 @@ def _text(name: Code, value: str) -> hd.sr.TextContentItem:
 def report_sentences(measurement: Measurement, content: ContentIdentity) -> list[tuple[Code, str]]:
     """The report's text items: category sentence, each QC flag as a sentence, the model, a test-model notice."""
     items: list[tuple[Code, str]] = [(COMMENT, category_text(measurement))]
-    if effective_category(measurement) == NOT_ASSESSABLE:
+    if effective_category(measurement) == Category.NOT_ASSESSABLE:
         items += [(NOT_ASSESSABLE_REASON, flag_sentence(f)) for f in not_assessable_reasons(measurement)]
     items += [(QC_FLAG, flag_sentence(f)) for f in measurement.qc_flags]
     if content.model is not None:
@@ -534,8 +585,9 @@ def build_sr(
 
     Values that are None are left out (never written as 0); the report then says why (category not assessable,
     QC flags). ``roi_disks`` become planar groups with image regions; every volumetric group gets a planar partner
-    (same tracking UID) on the SEG frame of the middle disk or of the ``outlines`` ("liver", "spleen");
-    ``key_image`` is referenced as pertinent other evidence; ``predecessor`` (an earlier SR of the same series with
+    (same tracking UID) on the SEG frame of the middle disk or of the ``outlines`` ("liver", "spleen"), or, without
+    a disk (for the DL-parenchymal group) or an outline, on the result statement of ``key_image``, which is then
+    evidence of the report (else pertinent other evidence); ``predecessor`` (an earlier SR of the same series with
     other content) goes in the Predecessor Documents Sequence. UIDs are derived from ``identity`` (default: the
     series and the version).
     """
@@ -551,12 +603,11 @@ def build_sr(
         ),
     )
     algorithm = _algorithm(content)
-    volumetric = _measurement_groups(seg, measurement, content, algorithm)
-    groups = [
-        *_disk_groups(datasets, roi_disks, measurement, content, algorithm),
-        *volumetric,
-        *_partner_groups(datasets, seg, outlines or {}, roi_disks, volumetric, algorithm),
-    ]
+    statement = None if key_image is None else _statement_region(key_image, measurement, content)
+    volumetric = _measurement_groups(seg, measurement, content, algorithm, statement is not None and not roi_disks)
+    partners = _partner_groups(datasets, seg, outlines or {}, roi_disks, volumetric, algorithm, statement)
+    groups = [*_disk_groups(datasets, roi_disks, measurement, content, algorithm), *volumetric, *partners]
+    on_key_image = key_image is not None and any(_on_instance(g, key_image) for g in partners)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED,
@@ -569,7 +620,7 @@ def build_sr(
     if predecessor is not None and predecessor.SOPInstanceUID != content.uid("sr-instance"):
         previous = [predecessor]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*datasets, seg],
+        evidence=[*datasets, seg, *([key_image] if on_key_image else [])],
         content=report[0],
         series_instance_uid=content.uid("sr-series"),
         series_number=SR_SERIES_NUMBER,
@@ -586,7 +637,7 @@ def build_sr(
     sr.SoftwareVersions = content.software_version
     sr.DeviceSerialNumber = DEVICE_SERIAL
     sr.CodingSchemeIdentificationSequence = [_coding_scheme_identification()]
-    if key_image is not None:
+    if key_image is not None and not on_key_image:  # else it is in the Current Requested Procedure Evidence
         sr.PertinentOtherEvidenceSequence = [_key_image_reference(key_image)]
     stamp_context(sr, datasets[0])
     return sr

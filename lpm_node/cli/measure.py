@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lpm_node.core.config import Settings
-from lpm_node.imaging.measurement import NOT_ASSESSABLE, Measurement, flag_sentence, measure, on_method_grid
+from lpm_node.imaging.measurement import Category, Measurement, flag_sentence, measure, on_method_grid
 from lpm_node.imaging.orientation import nifti_orientation
 from lpm_node.imaging.segmentation import largest_component
 
@@ -95,7 +95,7 @@ def _summary(result: Measurement, removed_voxels: int) -> str:
             f"spleen:                 {hu(result.spleen_hu)} (liver - spleen {hu(result.liver_minus_spleen_hu)})"
         )
     lines.append(f"QC flags:               {', '.join(result.qc_flags) or 'none'}")
-    if result.category == NOT_ASSESSABLE:
+    if result.category == Category.NOT_ASSESSABLE:
         lines += ["not assessable because:"] + [f"  - {flag_sentence(f)}" for f in result.not_assessable_reasons]
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from lpm_node.core.config import Settings
 from lpm_node.imaging.loading import SeriesLoadError, find_series
-from lpm_node.imaging.measurement import NOT_ASSESSABLE, flag_sentence
+from lpm_node.imaging.measurement import Category, flag_sentence
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
 from lpm_node.intake.rules import eligibility, read_series_facts
 from lpm_node.node.pipeline import analyse_series, preview_png, save_nifti, write_answer
@@ -36,7 +36,7 @@ def _describe(item: dict[str, Any]) -> str:
     flags = ", ".join(item["qc_flags"]) or "none"
     line = (f"{uid}: DL-parenchymal {value}, category {item['category']}, "
             f"liver {item['liver_volume_ml']:.0f} ml, QC flags: {flags}")
-    if item["category"] == NOT_ASSESSABLE:
+    if item["category"] == Category.NOT_ASSESSABLE:
         line += "; not assessable: " + " ".join(flag_sentence(f) for f in item["not_assessable_reasons"])
     return line
 
@@ -44,7 +44,7 @@ def _describe(item: dict[str, Any]) -> str:
 def summary_line(items: list[dict[str, Any]]) -> str:
     """One line: how many series were measured (and of those not assessable), refused and failed."""
     status = Counter(item["status"] for item in items)
-    not_assessable = sum(1 for i in items if i["status"] == "measured" and i["category"] == NOT_ASSESSABLE)
+    not_assessable = sum(1 for i in items if i["status"] == "measured" and i["category"] == Category.NOT_ASSESSABLE)
     return (f"{len(items)} series: {status['measured']} measured ({not_assessable} not assessable), "
             f"{status['rejected']} refused, {status['failed']} failed")
 

@@ -26,13 +26,7 @@ import numpy as np
 import pydicom
 
 from lpm_node.demo.phantom import Phantom, make_phantom, write_ct_series
-from lpm_node.imaging.measurement import (
-    NO_STEATOSIS,
-    NOT_ASSESSABLE,
-    STEATOSIS,
-    dl_parenchymal_roi,
-    roi_structuring_element,
-)
+from lpm_node.imaging.measurement import Category, dl_parenchymal_roi, roi_structuring_element
 
 THRESHOLD_HU = 40.0
 METHOD_SPACING_ZYX = (2.5, 0.7, 0.7)
@@ -58,7 +52,7 @@ STORAGES: dict[str, tuple[tuple[bool, bool, bool], bool, str]] = {
 
 
 def expected_category(liver_hu: float) -> str:
-    return STEATOSIS if liver_hu < THRESHOLD_HU else NO_STEATOSIS
+    return Category.STEATOSIS if liver_hu < THRESHOLD_HU else Category.NO_STEATOSIS
 
 
 Volume = tuple[np.ndarray, np.ndarray, tuple[float, ...]]  # HU int16, liver label uint8 (z, y, x) LPS, origin
@@ -70,7 +64,7 @@ class QcCase:
 
     name: str
     group: str  # "control" | "hazard"
-    expected: str  # the category a control must get; NOT_ASSESSABLE for a hazard
+    expected: str  # the category a control must get; Category.NOT_ASSESSABLE for a hazard
     build: Callable[[], Volume]
     storage: str = "LPS"
 
@@ -310,23 +304,23 @@ def hazards(with_reference: bool = True) -> Iterator[QcCase]:
         make = liver_shapes(False)[shape_name]
         for storage in ("mirrored", "prone, orientation lost"):
             for liver_hu in (30.0, 60.0):
-                yield QcCase(f"{shape_name}, {liver_hu:g} HU, {storage}", "hazard", NOT_ASSESSABLE,
+                yield QcCase(f"{shape_name}, {liver_hu:g} HU, {storage}", "hazard", Category.NOT_ASSESSABLE,
                              partial(make, liver_hu, 12.0), storage=storage)
     if with_reference and shared_folder() is not None:
-        yield QcCase("published nnU-Net mask, 60 HU, mirrored", "hazard", NOT_ASSESSABLE,
+        yield QcCase("published nnU-Net mask, 60 HU, mirrored", "hazard", Category.NOT_ASSESSABLE,
                      partial(reference_shape("published nnU-Net mask"), 60.0, 12.0), storage="mirrored")
     for seed in PHANTOM_SEEDS:
         yield QcCase(f"phantom seed {seed}, 55 HU, larger spleen-like component beside a small liver", "hazard",
-                     NOT_ASSESSABLE, partial(_spleen_beside_small_liver, seed))
+                     Category.NOT_ASSESSABLE, partial(_spleen_beside_small_liver, seed))
     for shape_name in ("phantom seed 1", "phantom seed 2", "ellipsoid"):
-        yield QcCase(f"{shape_name}, 46 HU, lesion over a quarter of one ROI disk", "hazard", NOT_ASSESSABLE,
+        yield QcCase(f"{shape_name}, 46 HU, lesion over a quarter of one ROI disk", "hazard", Category.NOT_ASSESSABLE,
                      partial(_with_lesion, liver_shapes(False)[shape_name]))
     for shape_name in ("phantom seed 1", "ellipsoid"):
         make = liver_shapes(False)[shape_name]
-        yield QcCase(f"{shape_name}, 35 HU, field of view 20 mm into the liver", "hazard", NOT_ASSESSABLE,
+        yield QcCase(f"{shape_name}, 35 HU, field of view 20 mm into the liver", "hazard", Category.NOT_ASSESSABLE,
                      partial(_into_liver, make, False))
         yield QcCase(f"{shape_name}, 35 HU, field of view into the liver, mask 7 mm short of it", "hazard",
-                     NOT_ASSESSABLE, partial(_into_liver, make, True))
+                     Category.NOT_ASSESSABLE, partial(_into_liver, make, True))
 
 
 def _spleen_beside_small_liver(seed: int) -> Volume:
@@ -410,14 +404,14 @@ def series_cases() -> list[SeriesCase]:
         for hu, seed, margin in ((38.0, 45, 15.0), (42.0, 46, 25.0))
     ]
     cases += [
-        SeriesCase("phantom, 38 HU, feet-first", "control", STEATOSIS, dicom_phantom(38.0, 47), "feet-first"),
-        SeriesCase("phantom, 42 HU, prone", "control", NO_STEATOSIS, dicom_phantom(42.0, 48), "prone"),
-        SeriesCase("phantom, 30 HU, mirrored", "hazard", NOT_ASSESSABLE, dicom_phantom(30.0, 49), "mirrored"),
-        SeriesCase("phantom, 60 HU, prone, orientation lost", "hazard", NOT_ASSESSABLE, dicom_phantom(60.0, 50),
-                   "prone, orientation lost"),
-        SeriesCase("phantom, 46 HU, lesion over a quarter of one ROI disk", "hazard", NOT_ASSESSABLE,
+        SeriesCase("phantom, 38 HU, feet-first", "control", Category.STEATOSIS, dicom_phantom(38.0, 47), "feet-first"),
+        SeriesCase("phantom, 42 HU, prone", "control", Category.NO_STEATOSIS, dicom_phantom(42.0, 48), "prone"),
+        SeriesCase("phantom, 30 HU, mirrored", "hazard", Category.NOT_ASSESSABLE, dicom_phantom(30.0, 49), "mirrored"),
+        SeriesCase("phantom, 60 HU, prone, orientation lost", "hazard", Category.NOT_ASSESSABLE,
+                   dicom_phantom(60.0, 50), "prone, orientation lost"),
+        SeriesCase("phantom, 46 HU, lesion over a quarter of one ROI disk", "hazard", Category.NOT_ASSESSABLE,
                    dicom_phantom(46.0, 51), lesion=True),
-        SeriesCase("phantom, 35 HU, field of view 20 mm into the liver", "hazard", NOT_ASSESSABLE,
+        SeriesCase("phantom, 35 HU, field of view 20 mm into the liver", "hazard", Category.NOT_ASSESSABLE,
                    dicom_phantom(35.0, 52, into_liver_mm=20.0)),
     ]
     return cases

@@ -104,8 +104,6 @@ class Category(StrEnum):
     NOT_ASSESSABLE = "not_assessable"
 
 
-STEATOSIS, NO_STEATOSIS, NOT_ASSESSABLE = Category.STEATOSIS, Category.NO_STEATOSIS, Category.NOT_ASSESSABLE
-
 METHOD_SPACING_ZYX = (2.5, 0.7, 0.7)  # mm
 SPACING_TOLERANCE = 0.02  # relative
 ROI_KERNEL_SIZE = 23  # pixels, OpenCV MORPH_ELLIPSE
@@ -285,7 +283,7 @@ class Measurement:
 def failed_measurement(threshold_hu: float, reason_flag: QCFlag = QCFlag.MEASUREMENT_FAILED) -> Measurement:
     """A not_assessable Measurement for a series on which measuring itself failed."""
     return Measurement(
-        dl_parenchymal_hu=None, dl_volumetric_hu=None, liver_volume_ml=0.0, category=NOT_ASSESSABLE,
+        dl_parenchymal_hu=None, dl_volumetric_hu=None, liver_volume_ml=0.0, category=Category.NOT_ASSESSABLE,
         threshold_hu=float(threshold_hu), qc_flags=[reason_flag], not_assessable_reasons=[reason_flag],
     )
 
@@ -671,9 +669,10 @@ def _categorise(result: Measurement, settings: MeasurementSettings) -> None:
     """Set the not_assessable reasons (the flags that make it so) and the category."""
     result.not_assessable_reasons = [f for f in QCFlag if f.withholds and f in result.qc_flags]
     if result.dl_parenchymal_hu is None or result.not_assessable_reasons:
-        result.category = NOT_ASSESSABLE
+        result.category = Category.NOT_ASSESSABLE
     else:
-        result.category = STEATOSIS if result.dl_parenchymal_hu < settings.threshold_hu else NO_STEATOSIS
+        below = result.dl_parenchymal_hu < settings.threshold_hu
+        result.category = Category.STEATOSIS if below else Category.NO_STEATOSIS
 
 
 def measure(
@@ -711,7 +710,7 @@ def measure(
         dl_parenchymal_hu=None,
         dl_volumetric_hu=None,
         liver_volume_ml=count * float(np.prod(spacing)) / 1000.0,
-        category=NOT_ASSESSABLE,
+        category=Category.NOT_ASSESSABLE,
         threshold_hu=float(settings.threshold_hu),
     )
     flags = result.qc_flags
