@@ -7,7 +7,9 @@
    ``storescp --fork`` (target: 2 receivers >= 1.7x 1 receiver).
 3. Measurement jobs per minute with 1 and 2 worker processes (bundled test model, CPU; target: >= 1.7x with 2
    on 2 cores): ``--series`` small series are received first, then the workers start, and the time until every
-   job is done is measured.
+   job is done is measured. Each worker takes its share of the cores (one alone takes both, so a second one on
+   the same 2 cores only fills what the first leaves idle), then every core each, then 1 thread each (the second
+   worker brings a core of its own, as a second machine would).
 
     .venv/bin/python scripts/bench_roles.py [--slices 300] [--series 6] [--runs 3]
 """
@@ -218,14 +220,20 @@ def jobs(args: argparse.Namespace, work: Path, postgres: PostgresServer) -> None
                                     work / f"small{s}", study_uid=f"1.2.826.0.1.3680043.8.498.79{s:03d}"))
              for s in range(args.series)]
     cores = os.cpu_count() or 1
-    runs = {"1 worker": (1, 0), "2 workers": (2, 0), "2 workers, every core each": (2, cores)}
+    # a worker sizes its threads to its share of the cores, so one worker alone already uses every core; with one
+    # thread each, the second worker's share is a core the first leaves idle, which is what a second machine or GPU
+    # adds (the job engine's own part of the scaling)
+    runs = {"1 worker": (1, 0), "2 workers": (2, 0), "2 workers, every core each": (2, cores),
+            "1 worker, 1 thread": (1, 1), "2 workers, 1 thread each": (2, 1)}
     rates = {name: jobs_per_minute(small, work, postgres.new_database(), w, t) for name, (w, t) in runs.items()}
     print(f"measurement jobs per minute ({args.series} series of 48 x 128 x 128, bundled model, CPU), from the "
           "workers' start / from the first job's start: " + ", ".join(
               f"{name} {total:.1f} / {steady:.1f}" for name, (total, steady) in rates.items()))
-    for name in list(runs)[1:]:
-        print(f"{name} vs 1 worker: {rates[name][0] / rates['1 worker'][0]:.2f}x from the start, "
-              f"{rates[name][1] / rates['1 worker'][1]:.2f}x from the first job (target >= 1.7x)")
+    pairs = [("2 workers", "1 worker"), ("2 workers, every core each", "1 worker"),
+             ("2 workers, 1 thread each", "1 worker, 1 thread")]
+    for name, base in pairs:
+        print(f"{name} vs {base}: {rates[name][0] / rates[base][0]:.2f}x from the start, "
+              f"{rates[name][1] / rates[base][1]:.2f}x from the first job (target >= 1.7x)")
     print(_load())
 
 
