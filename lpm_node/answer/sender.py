@@ -85,10 +85,10 @@ class Sender:
         self.schedules_retries = schedules_retries
 
     @classmethod
-    def for_node(cls, sessions: sessionmaker, settings: Settings) -> Sender:
+    def for_node(cls, sessions: sessionmaker, settings: Settings, *, schedules_retries: bool = True) -> Sender:
         """The node's sender: its AE title, DICOM TLS as ``[output] tls`` says, the ledger in the data folder."""
         return cls(sessions, settings.output, settings.node.ae_title, tls_context=tls_client_context(settings),
-                   ledger_dir=settings.delivered_path)
+                   ledger_dir=settings.delivered_path, schedules_retries=schedules_retries)
 
     # public -------------------------------------------------------------------------------------------------
 

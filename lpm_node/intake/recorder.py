@@ -225,7 +225,9 @@ class AuditRecorder:
         series_cache: dict[str, Series] = {row.series_instance_uid: row for row in session.scalars(
             select(Series).where(Series.series_instance_uid.in_(series_uids))
             .order_by(Series.series_instance_uid).with_for_update())} if series_uids else {}
-        row_ids = set(self._assoc_ids.values())
+        keys = {e.key for e in events if isinstance(e, AssocEnded)}
+        keys |= {e.assoc_key for e in events if isinstance(e, InstanceStored | InstanceRefused)}
+        row_ids = {self._assoc_ids[k] for k in keys if k in self._assoc_ids}  # only the ones this batch touches
         associations = {row.id: row for row in session.scalars(
             select(Association).where(Association.id.in_(row_ids)))} if row_ids else {}
 

@@ -125,8 +125,8 @@ class Node:
             self.add_loop(Loop("series", self.series_step, poll))
         self.sender: Sender | None = None
         if does(self.role, "sender"):
-            self.sender = Sender.for_node(self.sessions, settings)
-            self.sender.schedules_retries = not shared  # the job engine's backoff decides, and its line says when
+            # with the job engine its backoff decides the next try, and its own line says when
+            self.sender = Sender.for_node(self.sessions, settings, schedules_retries=not shared)
         self.worker: Worker | None = None
         if node.measure and does(self.role, "worker"):
             wake = self.sender.wake if self.sender is not None else None
