@@ -18,7 +18,7 @@ from lpm_node.intake.header import (
     read_header,
     read_header_dataset,
 )
-from lpm_node.intake.rules import read_series_facts
+from lpm_node.intake.headers import read_series_facts
 
 
 def _same_values(path) -> None:

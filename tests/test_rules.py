@@ -10,14 +10,8 @@ from sqlalchemy import select
 from lpm_node.core.audit import Job, Series, SeriesDecision, utcnow
 from lpm_node.core.config import RuleSettings
 from lpm_node.demo.phantom import make_phantom, write_ct_series
-from lpm_node.intake.rules import (
-    RuleEngine,
-    classify_kernel,
-    eligibility,
-    find_keyword,
-    read_series_facts,
-    strip_negated_contrast,
-)
+from lpm_node.intake.headers import classify_kernel, read_series_facts
+from lpm_node.intake.rules import RuleEngine, eligibility, find_keyword, strip_negated_contrast
 from lpm_node.intake.spool import Spool
 
 RULES = RuleSettings()

@@ -10,8 +10,12 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import delete, select
 
-from lpm_node.core.audit import Instance, Job, Series, SeriesDecision, utcnow
+from lpm_node.core.audit import Association, Instance, Job, Series, SeriesDecision, as_utc, utcnow
+from lpm_node.core.config import RuleSettings
 from lpm_node.demo.phantom import make_phantom, write_ct_series
+from lpm_node.intake import rules as rules_module
+from lpm_node.intake import series as series_module
+from lpm_node.intake.rules import RuleEngine
 from lpm_node.intake.series import SeriesAssembler, reconcile_spool
 from lpm_node.intake.spool import Spool
 from tests.support_net import NodeProcess, have_dcmtk, storescu
@@ -86,12 +90,13 @@ def test_sigkill_between_last_instance_and_completion_still_completes(tmp_path, 
 
 
 def test_contiguity_finds_gaps_duplicates_and_mixed_orientations(chest):
-    from lpm_node.intake.geometry import contiguity, read_slices
+    from lpm_node.intake.geometry import contiguity
+    from lpm_node.intake.headers import read_series_headers
 
-    assert contiguity(*read_slices(chest))[0] is True
-    assert contiguity(*read_slices(chest[:20] + chest[40:])) == (False, "a gap of 52.50 mm where slices are "
-                                                                    "2.50 mm apart")
-    positions, orientations = read_slices(chest)
+    assert contiguity(*read_series_headers(chest).slices)[0] is True
+    assert contiguity(*read_series_headers(chest[:20] + chest[40:]).slices) == (
+        False, "a gap of 52.50 mm where slices are 2.50 mm apart")
+    positions, orientations = read_series_headers(chest).slices
     assert contiguity(positions[[0, 1, 1, 2]], orientations)[1] == "1 duplicate slice position(s)"
     assert contiguity(positions, orientations + [[0, 1, 0, 0, 0, -1]])[1] == "2 slice orientations"
     assert contiguity(positions[:1], orientations)[0] is False
@@ -145,3 +150,92 @@ def test_quiet_clock_starts_again_at_start_and_missing_spool_files_hold_the_seri
     assert assembler.complete_stable(started + dt.timedelta(seconds=7)) == ["1.2.3.1"]
     with sessions() as s:
         assert "counted from the node's start" in s.scalars(select(Series)).one().reason
+
+
+def _released_series(sessions, spool: Spool, files: list[Path], released_ago: float, received_ago: float) -> str:
+    """A receiving series spooled from ``files``, carried by one association released ``released_ago`` s ago."""
+    now = utcnow()
+    first = dcmread(files[0], stop_before_pixels=True)
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    with sessions() as s:
+        assoc = Association(outcome="released", started_at=now - dt.timedelta(seconds=60),
+                            ended_at=now - dt.timedelta(seconds=released_ago))
+        s.add(assoc)
+        s.flush()
+        for path in files:
+            sop = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            target = spool.instance_path(study, series, sop)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+            s.add(Instance(sop_instance_uid=sop, series_instance_uid=series, path=str(target),
+                           association_id=assoc.id))
+        s.add(Series(series_instance_uid=series, study_instance_uid=study, status="receiving",
+                     instance_count=len(files), last_received_at=now - dt.timedelta(seconds=received_ago)))
+        s.commit()
+    return series
+
+
+def _age(sessions, seconds: float) -> None:
+    """Move every receipt and release ``seconds`` into the past."""
+    with sessions() as s:
+        for row in s.scalars(select(Series)):
+            row.last_received_at = as_utc(row.last_received_at) - dt.timedelta(seconds=seconds)
+        for row in s.scalars(select(Association)):
+            row.ended_at = as_utc(row.ended_at) - dt.timedelta(seconds=seconds)
+        s.commit()
+
+
+def test_headers_are_read_once_while_a_released_series_waits_out_its_grace(tmp_path, chest, audit_sessions,
+                                                                             monkeypatch):
+    sessions, spool = audit_sessions, Spool(tmp_path / "spool")
+    uid = _released_series(sessions, spool, chest, released_ago=0.5, received_ago=1.5)
+    assembler = SeriesAssembler(sessions, stable_seconds=300, release_grace_seconds=2,
+                                started_at=utcnow() - dt.timedelta(hours=1))
+    # the grace counts from the release (0.5 s ago), not from the last instance (1.5 s ago)
+    assert assembler.next_deadline() == pytest.approx(1.5, abs=0.2)
+    assert assembler.complete_stable(settle=lambda: None) == []  # within the grace: read the headers now
+    assert assembler.due_in == pytest.approx(1.5, abs=0.2)
+
+    reads: list[str] = []
+
+    def counted(real):
+        def read(paths):
+            reads.append(real.__name__)
+            return real(paths)
+        return read
+
+    monkeypatch.setattr(series_module, "read_series_headers", counted(series_module.read_series_headers))
+    monkeypatch.setattr(rules_module, "read_series_facts", counted(rules_module.read_series_facts))
+    _age(sessions, 2)
+    assert assembler.complete_stable(settle=lambda: None) == [uid]
+    rules = RuleEngine(sessions, spool, RuleSettings(min_slices=10, min_z_coverage_mm=40),
+                       known_facts=assembler.facts_for)
+    assert rules.run_once() == [uid]
+    assert reads == []  # completion and rules used the pass made during the grace
+    with sessions() as s:
+        row = s.scalars(select(Series).where(Series.series_instance_uid == uid)).one()
+        assert row.facts["slices"] == 64 and row.facts["instances"] == 64
+        assert "64 contiguous slices 2.50 mm apart" in s.scalars(
+            select(SeriesDecision.reason).where(SeriesDecision.status == "complete")).one()
+
+
+def test_rules_read_the_headers_again_when_the_spool_holds_other_files(tmp_path, chest, audit_sessions,
+                                                                       monkeypatch):
+    sessions, spool = audit_sessions, Spool(tmp_path / "spool")
+    uid = _released_series(sessions, spool, chest[:40], released_ago=3, received_ago=3)
+    assembler = SeriesAssembler(sessions, stable_seconds=300, release_grace_seconds=2,
+                                started_at=utcnow() - dt.timedelta(hours=1))
+    assert assembler.complete_stable(settle=lambda: None) == [uid]
+    # a file in the series' folder that the completion did not read (not in the audit)
+    extra = chest[40]
+    first = dcmread(chest[0], stop_before_pixels=True)
+    spool.instance_path(str(first.StudyInstanceUID), uid, str(dcmread(extra).SOPInstanceUID)).write_bytes(
+        extra.read_bytes())
+    reads: list[int] = []
+    real = rules_module.read_series_facts
+    monkeypatch.setattr(rules_module, "read_series_facts", lambda paths: reads.append(len(paths)) or real(paths))
+    RuleEngine(sessions, spool, RuleSettings(min_slices=10, min_z_coverage_mm=40),
+               known_facts=assembler.facts_for).run_once()
+    assert reads == [41]
+    with sessions() as s:
+        assert s.scalars(select(Series.facts)).one()["instances"] == 41

@@ -15,7 +15,8 @@ from lpm_node.core.config import Settings
 from lpm_node.imaging.loading import SeriesLoadError, find_series
 from lpm_node.imaging.measurement import Category, flag_sentence
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
-from lpm_node.intake.rules import eligibility, read_series_facts
+from lpm_node.intake.headers import read_series_facts
+from lpm_node.intake.rules import eligibility
 from lpm_node.node.pipeline import analyse_series, preview_png, save_nifti, write_answer
 
 log = logging.getLogger(__name__)

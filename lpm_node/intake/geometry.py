@@ -1,56 +1,11 @@
-"""Is a series geometrically whole? Slice positions along the normal, read from the headers only."""
+"""Is a series geometrically whole? Slice positions along the normal (read by :mod:`lpm_node.intake.headers`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
 import numpy as np
-from pydicom import Dataset, dcmread
 
-from lpm_node.core.frames import functional_group_value
-
-_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "NumberOfFrames", "SharedFunctionalGroupsSequence",
-         "PerFrameFunctionalGroupsSequence"]
 DUPLICATE_MM = 0.01  # two slices closer than this along the normal are the same position
 GAP_TOLERANCE = 0.05  # a step may exceed the regular spacing by 5 % (rounding in the headers)
-
-
-def _frames(ds: Dataset) -> list[tuple[list[float], list[float] | None]]:
-    """(position, orientation) of each frame of a multi-frame (Enhanced CT) instance that has a position."""
-    found = []
-    for frame in range(len(ds.get("PerFrameFunctionalGroupsSequence") or [])):
-        position = functional_group_value(ds, frame, "PlanePositionSequence", "ImagePositionPatient")
-        if position is None:
-            continue
-        orientation = functional_group_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
-        found.append(([float(v) for v in position], [float(v) for v in orientation] if orientation else None))
-    return found
-
-
-def read_slices(paths: Sequence[Path]) -> tuple[np.ndarray, list[list[float]]] | None:
-    """Positions (N, 3) and the distinct orientations of every slice in ``paths``; None when one is unreadable."""
-    positions: list[list[float]] = []
-    orientations: list[list[float]] = []
-    for path in paths:
-        try:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
-        except Exception:
-            return None
-        if "PerFrameFunctionalGroupsSequence" in ds:
-            slices = _frames(ds)
-        else:
-            ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
-            if ipp is None or len(ipp) != 3 or iop is None or len(iop) != 6:
-                return None
-            slices = [([float(v) for v in ipp], [float(v) for v in iop])]
-        for pos, ori in slices:
-            if ori is None or len(ori) != 6:
-                return None
-            positions.append(pos)
-            if not any(np.allclose(ori, o, atol=1e-4) for o in orientations):
-                orientations.append(ori)
-    return np.array(positions, dtype=float).reshape(-1, 3), orientations
 
 
 def contiguity(positions: np.ndarray, orientations: list[list[float]]) -> tuple[bool, str]:

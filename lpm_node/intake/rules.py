@@ -14,23 +14,18 @@ liver in view); then more slices; then the earliest received.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from pydicom.dataset import Dataset
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpm_node.core.audit import Job, Series, utcnow
 from lpm_node.core.config import RuleSettings
-from lpm_node.core.frames import functional_group_value, number_of_frames
 from lpm_node.core.states import JobStatus, SeriesStatus
-from lpm_node.intake.header import read_header_dataset
+from lpm_node.intake.headers import SeriesFacts, read_series_facts
 from lpm_node.intake.series import record_decision
 from lpm_node.intake.spool import Spool
 
@@ -38,8 +33,6 @@ LOG = logging.getLogger(__name__)
 
 STARTED_JOB_STATUSES = (JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED)
 
-_DESCRIPTION_FIELDS = ("StudyDescription", "SeriesDescription", "ProtocolName")
-_CONTRAST_FIELDS = ("ContrastBolusAgent", "ContrastBolusIngredient", "ContrastBolusRoute", "ContrastBolusVolume")
 _EMPTY_CONTRAST_VALUES = {"", "NONE", "NO", "N/A", "NA", "0", "0.0", "NIL", "WITHOUT", "NO CONTRAST", "-"}
 # "w/o contrast", "non-contrast", "without IV contrast", "no contrast", "sin contraste", "ohne KM"...
 _NEGATED_CONTRAST = re.compile(
@@ -54,30 +47,6 @@ _SOP_CLASS_VOCABULARY = re.compile(
     r"(?:(?:ct|mr|pet|us|xa)(?:[\s\-_]*image)?(?:[\s\-_]*storage)?|conversion|multi[\s\-_]*frame)(?![a-z0-9])",
     re.IGNORECASE,
 )
-_SHARP_KERNEL_WORDS = ("LUNG", "BONE", "SHARP", "EDGE", "DETAIL", "HIGH", "ULTRA", "BONEPLUS", "YA", "YB", "YC", "YD")
-_SOFT_KERNEL_WORDS = ("SOFT", "STANDARD", "STND", "SMOOTH", "BODY", "ABDOMEN", "MEDIASTINUM", "BRAIN")
-
-
-@dataclass
-class SeriesFacts:
-    """What the rules know about a series, from its headers and its file count."""
-
-    modality: str = ""
-    image_type: list[str] = field(default_factory=list)
-    descriptions: dict[str, str] = field(default_factory=dict)
-    body_part: str = ""
-    contrast: dict[str, str] = field(default_factory=dict)
-    slices: int = 0
-    instances: int = 0
-    slice_thickness_mm: float | None = None
-    z_coverage_mm: float | None = None
-    axial: bool | None = None
-    kernel: str = ""
-    kernel_class: str = "unknown"  # soft | unknown | sharp
-    unreadable: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,125 +81,6 @@ def strip_sop_class_vocabulary(text: str) -> str:
     """``text`` without DICOM object words that contain "enhanced" but mean no contrast ("Enhanced CT",
     "(enhanced conversion)", "Legacy Converted Enhanced CT", "enhanced multi-frame")."""
     return _SOP_CLASS_VOCABULARY.sub(" ", text or "")
-
-
-# ---------------------------------------------------------------------------------------------
-# Header facts
-# ---------------------------------------------------------------------------------------------
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value).strip()
-    return str(value).strip()
-
-
-def _float(value: Any) -> float | None:
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        return None
-    return result if math.isfinite(result) else None
-
-
-def classify_kernel(kernel: str) -> str:
-    """``soft``, ``sharp`` or ``unknown`` for a ConvolutionKernel value (vendor heuristics)."""
-    k = kernel.upper().strip()
-    if not k:
-        return "unknown"
-    words = set(re.split(r"[^A-Z0-9]+", k))
-    if words & set(_SHARP_KERNEL_WORDS) or k.startswith("BL"):
-        return "sharp"
-    if words & set(_SOFT_KERNEL_WORDS):
-        return "soft"
-    siemens = re.match(r"^[BIQDH][RFSVLA]?(\d{2})", k)  # B30f, Br40d, I31f, Qr40...
-    if siemens:
-        return "soft" if int(siemens.group(1)) < 50 else "sharp"
-    canon = re.match(r"^FC(\d{2})", k)  # Canon/Toshiba FC01-FC18 body, FC5x lung/bone
-    if canon:
-        return "soft" if int(canon.group(1)) < 30 else "sharp"
-    if re.fullmatch(r"[ABC]", k):  # Philips body filters
-        return "soft"
-    if re.fullmatch(r"[LDEY][A-D]?", k):
-        return "sharp"
-    return "unknown"
-
-
-def _frame_geometry(ds: Dataset) -> tuple[list[list[float]], list[float] | None, float | None]:
-    """Positions, orientation and thickness of a multi-frame (Enhanced CT) instance."""
-    positions: list[list[float]] = []
-    orientation: list[float] | None = None
-    thickness: float | None = None
-    for frame in range(max(len(ds.get("PerFrameFunctionalGroupsSequence") or []), 1)):
-        position = functional_group_value(ds, frame, "PlanePositionSequence", "ImagePositionPatient")
-        if position is not None:
-            positions.append([float(v) for v in position])
-        if orientation is None:
-            found = functional_group_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
-            orientation = [float(v) for v in found] if found is not None else None
-        if thickness is None:
-            thickness = _float(functional_group_value(ds, frame, "PixelMeasuresSequence", "SliceThickness"))
-    return positions, orientation, thickness
-
-
-def read_series_facts(paths: Sequence[Path]) -> SeriesFacts:
-    """Facts from the headers of a series' files (pixel data are not read)."""
-    facts = SeriesFacts(instances=len(paths))
-    positions: list[list[float]] = []
-    orientation: list[float] | None = None
-    thicknesses: list[float] = []
-    first: Dataset | None = None
-    for path in paths:
-        try:
-            ds, _ts = read_header_dataset(path)
-        except Exception:
-            facts.unreadable += 1
-            continue
-        if first is None:
-            first = ds
-        frames = number_of_frames(ds)
-        if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
-            pos, ori, thick = _frame_geometry(ds)
-            positions.extend(pos)
-            orientation = orientation or ori
-            if thick:
-                thicknesses.append(thick)
-            facts.slices += frames
-        else:
-            ipp = ds.get("ImagePositionPatient")
-            if ipp is not None and len(ipp) == 3:
-                positions.append([float(v) for v in ipp])
-            iop = ds.get("ImageOrientationPatient")
-            if orientation is None and iop is not None and len(iop) == 6:
-                orientation = [float(v) for v in iop]
-            thick = _float(ds.get("SliceThickness"))
-            if thick:
-                thicknesses.append(thick)
-            facts.slices += 1
-    if first is None:
-        return facts
-    facts.modality = _text(first, "Modality").upper()
-    facts.image_type = [v.strip().upper() for v in _text(first, "ImageType").split("\\") if v.strip()]
-    facts.descriptions = {k: _text(first, k) for k in _DESCRIPTION_FIELDS}
-    facts.body_part = _text(first, "BodyPartExamined")
-    facts.contrast = {k: _text(first, k) for k in _CONTRAST_FIELDS if _text(first, k)}
-    facts.kernel = _text(first, "ConvolutionKernel")
-    facts.kernel_class = classify_kernel(facts.kernel)
-    if thicknesses:
-        facts.slice_thickness_mm = float(np.median(thicknesses))
-    if orientation is not None:
-        row, col = np.array(orientation[:3]), np.array(orientation[3:])
-        normal = np.cross(row, col)
-        facts.axial = bool(abs(normal[2]) > 0.95)
-        if positions:
-            z = np.sort(np.array(positions) @ normal)
-            spacing = float(np.median(np.diff(z))) if len(z) > 1 else 0.0
-            extra = facts.slice_thickness_mm or spacing
-            facts.z_coverage_mm = float(z[-1] - z[0] + extra)
-            if facts.slice_thickness_mm is None and spacing > 0:
-                facts.slice_thickness_mm = spacing
-    return facts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,10 +158,18 @@ def judge(facts: SeriesFacts, rules: RuleSettings) -> Verdict:
                    f"({facts.kernel_class})")
 
 
-def evaluate_series(session: Session, row: Series, spool: Spool, rules: RuleSettings) -> bool:
-    """Decide on one complete series (``rejected`` or ``eligible``), storing facts and reason; True if eligible."""
+KnownFacts = Callable[[str, Sequence[Path]], SeriesFacts | None]
+
+
+def evaluate_series(session: Session, row: Series, spool: Spool, rules: RuleSettings,
+                    known_facts: KnownFacts | None = None) -> bool:
+    """Decide on one complete series (``rejected`` or ``eligible``), storing facts and reason; True if eligible.
+
+    ``known_facts`` (series UID, its files) gives the facts already read from exactly those files, if any."""
     paths = spool.series_files(row.study_instance_uid, row.series_instance_uid)
-    facts = read_series_facts(paths)
+    facts = known_facts(row.series_instance_uid, paths) if known_facts is not None else None
+    if facts is None:
+        facts = read_series_facts(paths)
     verdict = judge(facts, rules)
     row.facts = facts.to_dict()
     status = SeriesStatus.ELIGIBLE if verdict.ok else SeriesStatus.REJECTED
@@ -410,11 +268,13 @@ class RuleEngine:
     """Evaluates complete series and queues one per study."""
 
     def __init__(self, sessions: sessionmaker, spool: Spool, rules: RuleSettings,
-                 on_queued: Callable[[Session, Job], object] | None = None) -> None:
+                 on_queued: Callable[[Session, Job], object] | None = None, known_facts: KnownFacts | None = None,
+                 ) -> None:
         self.sessions = sessions
         self.spool = spool
         self.rules = rules
         self.on_queued = on_queued  # called for each new job inside the transaction that queues it
+        self.known_facts = known_facts  # the facts the series assembler read while completing a series
 
     def run_once(self) -> list[str]:
         """Evaluate every complete series, then select per study; returns the newly queued series UIDs."""
@@ -431,7 +291,7 @@ class RuleEngine:
             studies = set()
             for row in complete:
                 try:
-                    evaluate_series(session, row, self.spool, self.rules)
+                    evaluate_series(session, row, self.spool, self.rules, self.known_facts)
                 except Exception as exc:  # a broken header must not stop the node
                     LOG.exception("rules failed on series %s", row.series_instance_uid)
                     record_decision(session, row, SeriesStatus.REJECTED,

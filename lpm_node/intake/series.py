@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from lpm_node.core.audit import Association, Instance, Job, Series, SeriesDecision, as_utc, utcnow
 from lpm_node.core.files import file_checksum
 from lpm_node.core.states import REOPENABLE_SERIES_STATUSES, AssociationOutcome, JobStatus, SeriesStatus
-from lpm_node.intake.geometry import contiguity, read_slices
+from lpm_node.intake.geometry import contiguity
 from lpm_node.intake.header import CannotUnderstand, Header, read_header
+from lpm_node.intake.headers import SeriesFacts, SeriesHeaders, read_series_headers
 from lpm_node.intake.spool import Spool
 
 LOG = logging.getLogger(__name__)
@@ -157,8 +158,12 @@ def _reconcile_once(sessions: sessionmaker, spool: Spool, written_before: dt.dat
 
 
 @dataclass
-class _Contiguity:
+class _HeaderPass:
+    """One read of a series' headers: whether its slices are contiguous, and the facts the rules judge."""
+
     instance_count: int
+    paths: frozenset[str]
+    headers: SeriesHeaders
     ok: bool
     why: str
 
@@ -175,8 +180,10 @@ class SeriesAssembler:
         self.stable_seconds = float(stable_seconds)
         self.release_grace_seconds = None if release_grace_seconds is None else float(release_grace_seconds)
         self.started_at = as_utc(started_at) or utcnow()
-        self._contiguity: dict[str, _Contiguity] = {}
+        self._headers: dict[str, _HeaderPass] = {}  # receiving series whose headers were read, by UID
+        self._completed: dict[str, _HeaderPass] = {}  # completed here, their facts not yet taken by the rules
         self._missing_logged: dict[str, int] = {}
+        self.due_in: float | None = None  # seconds until a series may complete, as of the last pass
 
     def _quiet_since(self, row: Series) -> dt.datetime:
         last = as_utc(row.last_received_at) or self.started_at
@@ -188,9 +195,12 @@ class SeriesAssembler:
         ``settle`` (the listener's audit flush) is called first when a series looks complete, so that
         instances received but not yet recorded count before anything is completed.
         """
+        self._completed.clear()  # facts the rules did not take right after the last pass are not trusted later
         if settle is not None and now is None:
-            deadline = self.next_deadline()
+            deadline = self.due_in = self.next_deadline()
             if deadline is None or deadline > 0:
+                if deadline is not None:
+                    self.read_released_headers()
                 return []
             settle()
         now = now or utcnow()
@@ -201,7 +211,9 @@ class SeriesAssembler:
                 if reason is None or not self._all_spooled(session, row):
                     continue
                 record_decision(session, row, COMPLETE, f"{row.instance_count} instance(s), {reason}", now)
-                self._contiguity.pop(row.series_instance_uid, None)
+                read = self._headers.pop(row.series_instance_uid, None)
+                if read is not None and read.instance_count == row.instance_count:
+                    self._completed[row.series_instance_uid] = read
                 done.append(row.series_instance_uid)
             session.commit()
         for uid in done:
@@ -222,7 +234,7 @@ class SeriesAssembler:
         if (now - max(released_at, self.started_at)).total_seconds() < self.release_grace_seconds:
             return None
         check = self._contiguous(session, row)
-        if not check.ok:
+        if check is None or not check.ok:
             return None
         return f"every association that carried it was released, {check.why}"
 
@@ -236,22 +248,54 @@ class SeriesAssembler:
             return None
         return max(as_utc(r.ended_at) for r in rows)
 
-    def _contiguous(self, session: Session, row: Series) -> _Contiguity:
+    def _contiguous(self, session: Session, row: Series) -> _HeaderPass | None:
+        """The series' header pass at its present instance count (read now if not yet); None while some of its
+        instances are not in the spool yet."""
         uid = row.series_instance_uid
-        cached = self._contiguity.get(uid)
+        cached = self._headers.get(uid)
         if cached is not None and cached.instance_count == row.instance_count:
             return cached
         paths = [Path(p) for p in session.scalars(select(Instance.path).where(Instance.series_instance_uid == uid))]
         if not all(p.exists() for p in paths):  # not all in the spool yet: look again later
-            return _Contiguity(row.instance_count, False, "instances not yet in the spool")
-        slices = read_slices(paths)
+            return None
+        headers = read_series_headers(paths)
+        slices = headers.slices
         ok, why = contiguity(*slices) if slices is not None else (False, "headers not readable")
-        result = _Contiguity(row.instance_count, ok, why)
-        self._contiguity[uid] = result
+        result = _HeaderPass(row.instance_count, frozenset(str(p) for p in paths), headers, ok, why)
+        self._headers[uid] = result
         if not ok:
             LOG.info("series %s: associations released but not geometrically complete (%s); waiting %.0f s",
                      uid, why, self.stable_seconds)
         return result
+
+    def read_released_headers(self) -> int:
+        """Read the headers of each receiving series whose associations were all released, while it waits out its
+        grace, so that its completion and the rules then read nothing; returns how many series were read."""
+        if self.release_grace_seconds is None:
+            return 0
+        read = 0
+        with self.sessions() as session:
+            rows = session.scalars(select(Series).where(Series.status == RECEIVING)).all()
+            receiving = {row.series_instance_uid for row in rows}
+            for uid in [uid for uid in self._headers if uid not in receiving]:  # decided elsewhere meanwhile
+                del self._headers[uid]
+            for row in rows:
+                cached = self._headers.get(row.series_instance_uid)
+                if cached is not None and cached.instance_count == row.instance_count:
+                    continue
+                if self._released_at(session, row.series_instance_uid) is None:
+                    continue
+                if self._contiguous(session, row) is not None:
+                    read += 1
+        return read
+
+    def facts_for(self, series_uid: str, paths: Sequence[Path]) -> SeriesFacts | None:
+        """The facts read for a series this assembler completed, if they were read from exactly ``paths`` (taken
+        once); None otherwise (the rules then read the headers)."""
+        read = self._completed.pop(series_uid, None)
+        if read is None or read.paths != frozenset(str(p) for p in paths):
+            return None
+        return read.headers.facts
 
     def _all_spooled(self, session: Session, row: Series) -> bool:
         """Whether every acknowledged instance of the series has its spool file (else it is not evaluated)."""
@@ -272,11 +316,15 @@ class SeriesAssembler:
                 return None
             waits = []
             for row in rows:
-                wait = self.stable_seconds
-                known = self._contiguity.get(row.series_instance_uid)
+                quiet_since = self._quiet_since(row)
+                due = quiet_since + dt.timedelta(seconds=self.stable_seconds)
+                known = self._headers.get(row.series_instance_uid)
                 if known is not None and known.instance_count == row.instance_count and not known.ok:
                     pass  # released but not whole: stable_seconds applies
-                elif self.release_grace_seconds is not None and self._released_at(session, row.series_instance_uid):
-                    wait = min(wait, self.release_grace_seconds)
-                waits.append((self._quiet_since(row) + dt.timedelta(seconds=wait) - now).total_seconds())
+                elif self.release_grace_seconds is not None:
+                    released = self._released_at(session, row.series_instance_uid)
+                    if released is not None:  # the grace counts from the release too (as in _completion)
+                        grace = dt.timedelta(seconds=self.release_grace_seconds)
+                        due = min(due, max(quiet_since, released) + grace)
+                waits.append((due - now).total_seconds())
         return max(0.0, min(waits))

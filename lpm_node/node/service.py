@@ -53,19 +53,29 @@ from lpm_node.node.worker import Worker
 LOG = logging.getLogger(__name__)
 
 
+MIN_PAUSE_S = 0.01  # the shortest pause of a loop whose work is due (a deadline just past is not polled hot)
+
+
 @dataclass
 class Loop:
     """A background task: ``step()`` is called every ``interval_s`` seconds until the node stops.
 
-    ``step`` returns True when it did work (it is then called again at once) and False when idle.
+    ``step`` returns True when it did work (it is then called again at once) and False when idle. An idle loop
+    pauses ``interval_s``, or less when ``due_in`` says its next work is due sooner, or until :meth:`wake`.
     Exceptions are logged and the loop goes on: one bad item never stops the node.
     """
 
     name: str
     step: Callable[[], bool | None]
     interval_s: float = 0.5
-    wait: Callable[[float], object] | None = None  # pause when idle (default: sleep interval_s, or until stop)
+    wait: Callable[[float], object] | None = None  # pause when idle (default: interval_s, due_in or a wake)
+    due_in: Callable[[], float | None] | None = None  # seconds until the step has work, when known
     thread: threading.Thread | None = field(default=None, repr=False)
+    _woken: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def wake(self) -> None:
+        """Call the step now: work was handed to this loop, or the node stops."""
+        self._woken.set()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -74,8 +84,19 @@ class Loop:
             except Exception:
                 LOG.exception("loop %s failed; continuing", self.name)
                 busy = False
-            if not busy:
-                (self.wait or stop.wait)(self.interval_s)
+            if not busy and not stop.is_set():
+                self._pause()
+
+    def _pause(self) -> None:
+        if self.wait is not None:
+            self.wait(self.interval_s)
+            return
+        timeout = self.interval_s
+        due = self.due_in() if self.due_in is not None else None
+        if due is not None:
+            timeout = min(timeout, max(due, MIN_PAUSE_S))
+        self._woken.wait(timeout)
+        self._woken.clear()
 
 
 def remove_retired_journal(settings: Settings) -> None:
@@ -120,9 +141,10 @@ class Node:
             grace = series.release_grace_seconds if series.release_grace_seconds >= 0 else None
             self.assembler = SeriesAssembler(self.sessions, series.stable_seconds, grace)
             self.rules = RuleEngine(self.sessions, self.spool, settings.rules,
-                                    on_queued=defer_measurement if shared else None)
+                                    on_queued=defer_measurement if shared else None,
+                                    known_facts=self.assembler.facts_for)
             poll = min(0.5, max(0.05, settings.series.stable_seconds / 4))
-            self.add_loop(Loop("series", self.series_step, poll))
+            self.add_loop(Loop("series", self.series_step, poll, due_in=lambda: self.assembler.due_in))
         self.sender: Sender | None = None
         if does(self.role, "sender"):
             # with the job engine its backoff decides the next try, and its own line says when
@@ -145,7 +167,7 @@ class Node:
                 self.add_loop(Loop("outbox", self.outbox_tick, 2.0))
         else:
             if self.worker is not None:
-                self.add_loop(Loop("worker", self.worker.step, 0.5))
+                self.add_loop(Loop("worker", self.worker.step, 0.5))  # woken when the rules queue a job here
             if self.sender is not None:
                 self.add_loop(Loop("sender", self.sender_step, 0.5, wait=self.sender.wait_for_work))
         self.add_loop(Loop("heartbeat", self.heartbeat_step, node.heartbeat_seconds))
@@ -168,7 +190,15 @@ class Node:
                 return False
             self.assembler.complete_stable(settle=self.listener.recorder.flush)
             queued = self.rules.run_once()
+        if queued:
+            self.wake("worker")
         return bool(queued)
+
+    def wake(self, name: str) -> None:
+        """Wake this process's loop ``name`` (if it runs one): work was handed to it."""
+        for loop in self.loops:
+            if loop.name == name:
+                loop.wake()
 
     def index_spool(self, *, fresh_left: bool) -> int:
         """Index the spooled instances the audit lacks (written before a crash). ``fresh_left``: while other
@@ -253,6 +283,8 @@ class Node:
         A job still running after ``[node] stop_grace_seconds`` goes back to the queue, not counted as a crash,
         and runs again at the next start (on the job engine: by another worker at once)."""
         self._stop.set()
+        for loop in self.loops:
+            loop.wake()
         if self.listener is not None:
             self.listener.stop()
         grace = self.settings.node.stop_grace_seconds
