@@ -17,8 +17,10 @@ from sqlalchemy import event, select
 
 from lpm_node.core.audit import Instance, session_factory
 from lpm_node.core.config import Settings
+from lpm_node.core.files import file_checksum
 from lpm_node.demo.phantom import make_phantom, write_ct_series
-from lpm_node.intake.integrity import verify_series_files
+from lpm_node.imaging.loading import load_series
+from lpm_node.intake.integrity import check_checksums, recorded_checksums
 from lpm_node.intake.listener import Listener
 from lpm_node.intake.spool import STALE_TEMPORARY_SECONDS, ChecksumMismatch, Spool
 from tests.support_net import REPO, NodeProcess, echoscu, free_port, have_dcmtk, storescu
@@ -100,13 +102,17 @@ def test_checksum_is_recorded_at_receipt_and_a_flipped_byte_is_caught(tmp_path, 
     assert all(len(r["checksum"]) == 64 for r in rows)
     sessions = session_factory(f"sqlite:///{node.db_path}")
     paths = sorted(Path(r["path"]) for r in rows)
-    verify_series_files(sessions, paths)  # untouched: passes
+    recorded = recorded_checksums(sessions, paths)
+    assert recorded == {r["path"]: r["checksum"] for r in rows}
+    loaded = load_series(paths, checksums=True)  # the loader hashes the very bytes it parses
+    assert loaded.checksums == {str(p): file_checksum(p) for p in paths}
+    check_checksums(recorded, loaded.checksums)  # untouched: passes
     victim = paths[len(paths) // 2]
     data = bytearray(victim.read_bytes())
     data[-100] ^= 0x01  # one bit of pixel data
     victim.write_bytes(bytes(data))
     with pytest.raises(ChecksumMismatch, match=victim.name):
-        verify_series_files(sessions, paths)
+        check_checksums(recorded, load_series(paths, checksums=True).checksums)
     sessions.kw["bind"].dispose()
 
 

@@ -17,6 +17,11 @@ def _hash_into(digest: hashlib._Hash, fd: int) -> None:
         digest.update(chunk)
 
 
+def bytes_checksum(data: bytes) -> str:
+    """SHA-256 (hex) of bytes already in memory: the same as :func:`file_checksum` of a file holding them."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def file_checksum(*paths: str | Path) -> str:
     """SHA-256 (hex) of a file's bytes, or of several files' bytes in the order given."""
     digest = hashlib.sha256()

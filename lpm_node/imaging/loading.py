@@ -14,8 +14,8 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
+from lpm_node.core.files import bytes_checksum
 from lpm_node.core.frames import frame_rescale, frame_value, number_of_frames
 from lpm_node.imaging.arrays import CAN_FILL, image_fits, image_from_array, new_image
 
@@ -59,6 +60,7 @@ class CTSeries:
     series_instance_uid: str
     study_instance_uid: str
     warnings: list[str] = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)  # path -> SHA-256 of the bytes read (when asked)
 
 
 @dataclass
@@ -270,8 +272,11 @@ def _parse(data: bytes, path: Path, *, stop_before_pixels: bool) -> tuple[Datase
     return ds, buf.tell()
 
 
-def _read_file(path: Path, keep_pixel_data: bool) -> tuple[Dataset, np.ndarray | None]:
+def _read_file(
+    path: Path, keep_pixel_data: bool, on_bytes: Callable[[bytes], object] | None = None
+) -> tuple[Dataset, np.ndarray | None]:
     """A file's dataset, read once; without ``keep_pixel_data`` also its native pixel data as stored frames.
+    ``on_bytes`` is handed the file's bytes as read.
 
     The stored frames (frames, rows, cols) are decoded in place from the file's bytes when the pixel data are
     native little-endian and end the file; the dataset then stops before them. Otherwise the whole file is
@@ -281,6 +286,8 @@ def _read_file(path: Path, keep_pixel_data: bool) -> tuple[Dataset, np.ndarray |
         data = path.read_bytes()
     except OSError as exc:
         raise SeriesLoadError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+    if on_bytes is not None:
+        on_bytes(data)
     if not keep_pixel_data:
         ds, offset = _parse(data, path, stop_before_pixels=True)
         stored = _native_frames(ds, data, offset)
@@ -446,9 +453,13 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
 
 def load_series(
     paths: Sequence[str | Path], *, max_gap_factor: float = 2.0, max_gap_mm: float = 10.0, workers: int | None = None,
-    keep_pixel_data: bool = True,
+    keep_pixel_data: bool = True, checksums: bool = False,
 ) -> CTSeries:
     """Load one DICOM series into a HU image on its own (sorted) grid.
+
+    With ``checksums`` the SHA-256 of each file's bytes, as read and parsed, is in ``CTSeries.checksums`` (hashed in
+    a thread while the next files are parsed): what was measured can be checked against what was received without
+    reading the files again.
 
     The image is int16 when the stored values map to whole HU (slope 1, integer intercept: nearly all CT; values
     capped at 32767), float32 otherwise or when slices were interpolated across a gap.
@@ -464,7 +475,7 @@ def load_series(
     if not paths:
         raise SeriesLoadError("no files")
     try:
-        return _load(paths, max_gap_factor, max_gap_mm, workers, keep_pixel_data)
+        return _load(paths, max_gap_factor, max_gap_mm, workers, keep_pixel_data, checksums)
     except SeriesLoadError:
         raise
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
@@ -472,19 +483,30 @@ def load_series(
 
 
 def _load(
-    paths: Sequence[str | Path], max_gap_factor: float, max_gap_mm: float, workers: int | None, keep_pixel_data: bool
+    paths: Sequence[str | Path], max_gap_factor: float, max_gap_mm: float, workers: int | None, keep_pixel_data: bool,
+    checksums: bool = False,
 ) -> CTSeries:
     workers = workers or min(4, os.cpu_count() or 1)
     files = [Path(p) for p in paths]
     # Parsing holds the interpreter lock, so files are read one after the other (decoding below runs in threads);
-    # meanwhile the image is allocated (zero-filled by SimpleITK, without the lock) for the likely series grid.
+    # meanwhile the image is allocated (zero-filled by SimpleITK, without the lock) for the likely series grid, and
+    # each file's bytes are hashed (hashlib releases the lock).
+    digests: dict[str, Future[str]] = {}
     with ThreadPoolExecutor(max_workers=1) as ahead:
-        read = [_read_file(files[0], keep_pixel_data)]
+
+        def read_one(path: Path) -> tuple[Dataset, np.ndarray | None]:
+            if not checksums:
+                return _read_file(path, keep_pixel_data)
+            return _read_file(path, keep_pixel_data,
+                              lambda data: digests.__setitem__(str(path), ahead.submit(bytes_checksum, data)))
+
+        read = [read_one(files[0])]
         guess = _grid_guess(read[0][0], len(files)) if CAN_FILL else None
         allocating = ahead.submit(new_image, *guess) if guess is not None else None
-        read += [_read_file(p, keep_pixel_data) for p in files[1:]]
+        read += [read_one(p) for p in files[1:]]
     spare = allocating.result() if allocating is not None else None
     del allocating
+    file_checksums = {path: digest.result() for path, digest in digests.items()}
     datasets, native = _dedupe(read)
     del read
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
@@ -533,6 +555,7 @@ def _load(
         series_instance_uid=str(ds0.get("SeriesInstanceUID", "")),
         study_instance_uid=str(ds0.get("StudyInstanceUID", "")),
         warnings=warnings,
+        checksums=file_checksums,
     )
 
 

@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from lpm_node.core.audit import Instance
-from lpm_node.core.files import file_checksum
 from lpm_node.intake.spool import ChecksumMismatch
 
 
-def verify_series_files(sessions: sessionmaker, paths: Sequence[Path]) -> dict[str, str]:
-    """Check each file against the SHA-256 recorded at receipt (raises ChecksumMismatch on the first mismatch);
-    returns each file's SHA-256 by path, for the answer's content identity."""
+def recorded_checksums(sessions: sessionmaker, paths: Sequence[Path]) -> dict[str, str]:
+    """The SHA-256 recorded at receipt of each of ``paths`` that the audit knows, by path."""
     with sessions() as session:
-        recorded = {path: checksum for path, checksum in session.execute(
-            select(Instance.path, Instance.checksum).where(Instance.path.in_([str(p) for p in paths])))}
-    checksums: dict[str, str] = {}
-    for path in paths:
-        actual = file_checksum(path)
+        return {path: checksum for path, checksum in session.execute(
+            select(Instance.path, Instance.checksum).where(Instance.path.in_([str(p) for p in paths]))) if checksum}
+
+
+def check_checksums(recorded: Mapping[str, str], actual: Mapping[str, str]) -> None:
+    """Raise :class:`ChecksumMismatch` on the first file whose ``actual`` SHA-256 (by path, of the bytes that were
+    read) differs from the one ``recorded`` at receipt."""
+    for path, checksum in actual.items():
         expected = recorded.get(str(path))
-        if expected and actual != expected:
+        if expected and checksum != expected:
             raise ChecksumMismatch(f"checksum mismatch in spooled file {Path(path).name}: recorded {expected[:12]}…, "
-                                   f"now {actual[:12]}…")
-        checksums[str(path)] = actual
-    return checksums
+                                   f"now {checksum[:12]}…")

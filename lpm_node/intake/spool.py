@@ -5,7 +5,7 @@ component is a UID that passed :func:`is_valid_uid`; nothing a peer sent is used
 Transfers in progress are written to ``<spool>/.incoming`` (same file system); :meth:`Spool.adopt`
 then syncs the file, renames it to its final name and syncs the folder. Once it returns, the
 instance survives a crash. Each instance's SHA-256 is returned so that it can be recorded at
-receipt and checked before measurement (:func:`lpm_node.intake.integrity.verify_series_files`).
+receipt and checked against the bytes the measurement read (:mod:`lpm_node.intake.integrity`).
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ import SimpleITK as sitk
 
 from lpm_node.answer.build import ResultObject, build_answer, preview_png, warm_writers, write_answer
 from lpm_node.core.config import Settings
-from lpm_node.core.files import file_checksum
 from lpm_node.imaging.loading import CTSeries, load_series
 from lpm_node.imaging.measurement import failed_measurement, measure
 from lpm_node.imaging.orientation import dicom_orientation
 from lpm_node.imaging.resampling import method_slices_near, resample_to_method_grid
 from lpm_node.imaging.result import SeriesResult, timed
 from lpm_node.imaging.segmentation import Segmenter
+from lpm_node.intake.integrity import check_checksums
 
 __all__ = ["ResultObject", "SeriesResult", "analyse_series", "build_answer", "preview_png", "save_nifti",
            "warm_writers", "write_answer"]
@@ -29,28 +29,25 @@ __all__ = ["ResultObject", "SeriesResult", "analyse_series", "build_answer", "pr
 log = logging.getLogger(__name__)
 
 
-def measured_instances(source: CTSeries, checksums: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
-    """(SOP Instance UID, file SHA-256) of each source instance the loader used; checksums are taken from
-    ``checksums`` (by path, as verified at intake) and computed for files it does not name."""
-    known = checksums or {}
-    out = []
-    for ds in source.datasets:
-        path = str(ds.filename)
-        out.append((str(ds.SOPInstanceUID), known.get(path) or file_checksum(path)))
-    return tuple(out)
+def measured_instances(source: CTSeries) -> tuple[tuple[str, str], ...]:
+    """(SOP Instance UID, file SHA-256) of each source instance the loader used, from the checksums it took of
+    the bytes it read."""
+    return tuple((str(ds.SOPInstanceUID), source.checksums[str(ds.filename)]) for ds in source.datasets)
 
 
 def analyse_series(
-    paths: Sequence[str | Path], settings: Settings, segmenter: Segmenter, checksums: Mapping[str, str] | None = None
+    paths: Sequence[str | Path], settings: Settings, segmenter: Segmenter, recorded: Mapping[str, str] | None = None
 ) -> SeriesResult:
     """Load, resample, segment and measure one series (raises SeriesLoadError for a series it cannot use).
 
-    ``checksums`` (path -> SHA-256, as verified at intake) saves reading the files again for the content
-    identity; files it does not name are checksummed here."""
+    ``recorded`` (path -> SHA-256 recorded at receipt): a file whose bytes as loaded differ from it stops the
+    analysis before the model runs (ChecksumMismatch)."""
     timings: dict[str, float] = {}
     with timed(timings, "load"):
-        source = load_series(paths, keep_pixel_data=False)  # the HU image holds the pixels
-        instances = measured_instances(source, checksums)
+        source = load_series(paths, keep_pixel_data=False, checksums=True)  # the HU image holds the pixels
+        if recorded is not None:
+            check_checksums(recorded, source.checksums)
+        instances = measured_instances(source)
     with timed(timings, "resample"):
         method_image = resample_to_method_grid(source.image)
     with timed(timings, "segment"):

@@ -30,7 +30,7 @@ from lpm_node.core.config import Settings
 from lpm_node.core.destinations import result_destinations
 from lpm_node.core.states import JobStatus, SeriesStatus
 from lpm_node.imaging.segmentation import Segmenter, load_segmenter
-from lpm_node.intake.integrity import verify_series_files
+from lpm_node.intake.integrity import recorded_checksums
 from lpm_node.intake.series import record_decision
 from lpm_node.intake.spool import Spool
 from lpm_node.node.pipeline import analyse_series, warm_writers, write_answer
@@ -230,9 +230,9 @@ class Worker:
         paths = self.spool.series_files(job.study_instance_uid, job.series_instance_uid)
         if not paths:
             raise FileNotFoundError(f"no spooled files for series {job.series_instance_uid}")
-        checksums = verify_series_files(self.sessions, paths)
+        recorded = recorded_checksums(self.sessions, paths)
         self.share_cores()
-        result = analyse_series(paths, self.settings, self.segmenter, checksums)
+        result = analyse_series(paths, self.settings, self.segmenter, recorded)
         folder = self.outbox_path / job.series_instance_uid
         predecessor = self._previous_sr(job.series_instance_uid, folder)
         if folder.exists():  # an earlier run: its files are replaced by this one
