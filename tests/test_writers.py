@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from pydicom import Dataset
 from pydicom.uid import UID
 
 from lpm_node.answer import (
@@ -23,9 +24,9 @@ from lpm_node.answer import (
     write_dataset,
 )
 from lpm_node.answer.build import HIGHDICOM_TABLE_LOADERS, warm_writers
+from lpm_node.answer.geometry import Outline, RoiDisk
 from lpm_node.answer.keyimage import LIVER_COLOUR, ROI_COLOUR, result_text, series_description
 from lpm_node.answer.seg import ANATOMICAL_STRUCTURE, LIVER, BinarySegmentation
-from lpm_node.answer.sr import library_images
 from lpm_node.demo.phantom import Phantom, make_phantom, write_ct_series
 from lpm_node.imaging.loading import CTSeries, load_series
 from lpm_node.imaging.measurement import Category, Measurement, dl_parenchymal_roi, flag_sentence, measure
@@ -204,13 +205,8 @@ def test_writers_on_a_measured_phantom_are_consistent(tmp_path: Path, phantom: P
     assert mean.value == pytest.approx(measurement.dl_parenchymal_hu, abs=0.005)
     assert groups["DL-parenchymal ROI"].referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
     assert groups["DL-parenchymal ROI"].referenced_segment.referenced_segment_numbers == [2]
-    library = {
-        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        for item in hd.sr.utils.find_content_items(read.ContentSequence[-3], recursive=True)
-        if item.ValueType == "IMAGE"
-    }
-    roi_images = {series.datasets[series.frame_refs[k][0]].SOPInstanceUID for k in measurement.roi_slices}
-    assert library == roi_images and len(roi_images) == 3
+    middle = series.datasets[len(series.datasets) // 2].SOPInstanceUID
+    assert _library(read) == [middle]  # no region drawn: the middle image
     evidence_uids = {
         item.ReferencedSOPInstanceUID
         for study in read.CurrentRequestedProcedureEvidenceSequence
@@ -218,17 +214,32 @@ def test_writers_on_a_measured_phantom_are_consistent(tmp_path: Path, phantom: P
         for item in series_item.ReferencedSOPSequence
     }
     assert {ds.SOPInstanceUID for ds in series.datasets} | {seg.SOPInstanceUID} == evidence_uids
-    # the same library when empty frames are kept in the SEG
-    seg_all = build_seg(series.datasets, series.frame_refs, {"liver": liver, "roi": roi}, omit_empty_frames=False)
-    assert {ds.SOPInstanceUID for ds in library_images(series.datasets, seg_all)} == roi_images
-    # in the SEG's own frame order (highdicom sorts the planes), as read from its ROI frames
-    for built in (seg, seg_all):
-        roi_frames = [
-            str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-            for item, pixels in zip(built.PerFrameFunctionalGroupsSequence, built.pixel_array, strict=True)
-            if item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 2 and pixels.any()
-        ]
-        assert [ds.SOPInstanceUID for ds in library_images(series.datasets, built)] == list(dict.fromkeys(roi_frames))
+    # with ROI disks and outlines: the images they are drawn on, disks first, each once
+    disks = [RoiDisk(index=series.frame_refs[k][0], frame=series.frame_refs[k][1], centre=(30.0, 30.0), radius=4.0,
+                     mean_hu=50.0, pixels=49, label=f"slice {k}") for k in measurement.roi_slices]
+    outline = Outline(index=series.frame_refs[k][0], frame=series.frame_refs[k][1],
+                      points=((20.0, 20.0), (40.0, 20.0), (40.0, 40.0)))
+    drawn = build_sr(series.datasets, seg, measurement, roi_disks=disks, outlines={"liver": outline})
+    path = write_dataset(drawn, tmp_path / "sr-drawn.dcm")
+    assert run_dciodvfy(path)[0] == []
+    roi_images = [series.datasets[series.frame_refs[k][0]].SOPInstanceUID for k in measurement.roi_slices]
+    assert len(roi_images) == 3 and _library(hd.sr.srread(path)) == roi_images  # the outline's image is a disk's
+    regions = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in hd.sr.utils.find_content_items(drawn.ContentSequence[-2], recursive=True)
+        if item.ValueType == "IMAGE" and item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID != seg.SOPInstanceUID
+    }
+    assert regions == set(roi_images)
+
+
+def _library(sr: Dataset) -> list[str]:
+    """The SOP Instance UIDs of an SR's TID 1600 image library, in order."""
+    (library,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    return [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in hd.sr.utils.find_content_items(library, recursive=True)
+        if item.ValueType == "IMAGE"
+    ]
 
 
 def test_seg_is_binary_uncompressed_aligned_with_source_instances() -> None:

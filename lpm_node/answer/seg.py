@@ -147,19 +147,11 @@ def segments_overlap(pixels: np.ndarray) -> bool:
 
 
 class BinarySegmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation, with its pixel check done per segment for a binary uint8 stack of segments, and
-    the source frames that hold each segment (recorded by :func:`build_seg`, for the SR's image library).
+    """highdicom's Segmentation, with its pixel check done per segment for a binary uint8 stack of segments.
 
     highdicom finds overlapping segments by summing the whole (frames, rows, cols, segments) array into a
     uint64 array (about 1 s on a 600-slice chest CT); comparing the segments pairwise gives the same answer
     without it (``tests/test_writers.py`` checks both agree). Anything else goes to highdicom's own check."""
-
-    _segment_frames: dict[int, list[tuple[int, int]]]
-
-    def segment_source_frames(self, segment: int) -> list[tuple[int, int]]:
-        """(index into the source datasets, 0-based frame) of each source frame holding ``segment``, in the SEG's
-        frame order: the frames that reading each SEG frame's bits and derivation image would give, unread."""
-        return list(getattr(self, "_segment_frames", {}).get(segment, []))
 
     @classmethod
     def _check_and_cast_pixel_array(  # type: ignore[override]
@@ -193,19 +185,6 @@ def _reference_further_images(seg: Dataset, further: Sequence[Dataset]) -> None:
             ref.ReferencedSOPClassUID = ds.SOPClassUID
             ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
             sequence.append(ref)
-
-
-def _source_frame_order(seg: Dataset) -> dict[tuple[str, int], int]:
-    """Position of each source frame (SOP Instance UID, 0-based frame) in the frame order of a SEG just built
-    (its derivation references; no pixel is read)."""
-    order: dict[tuple[str, int], int] = {}
-    for item in seg.PerFrameFunctionalGroupsSequence:
-        for derivation in item.get("DerivationImageSequence", []):
-            for source in derivation.SourceImageSequence:
-                numbers = np.atleast_1d(source.ReferencedFrameNumber) if "ReferencedFrameNumber" in source else [1]
-                for number in numbers:
-                    order.setdefault((str(source.ReferencedSOPInstanceUID), int(number) - 1), len(order))
-    return order
 
 
 def build_seg(
@@ -289,16 +268,6 @@ def build_seg(
         omit_empty_frames=omit,
     )
     _reference_further_images(seg, further)
-    # each segment's source frames, in the order highdicom gave the SEG's frames (it sorts the planes)
-    order = _source_frame_order(seg)
-    uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    seg._segment_frames = {
-        number: sorted(
-            ((int(frame_refs[k][0]), int(frame_refs[k][1])) for k in ks[holds[ks]]),
-            key=lambda ref: order.get((uids[ref[0]], ref[1]), len(order)),
-        )
-        for number, holds in enumerate(occupied, start=1)
-    }
     seg.SeriesDescription = SERIES_DESCRIPTION
     if datasets[0].get("BodyPartExamined"):
         seg.BodyPartExamined = datasets[0].BodyPartExamined

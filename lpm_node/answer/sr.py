@@ -523,21 +523,20 @@ def _library_entry(ds: Dataset, frames: Sequence[int]) -> Dataset:
     return ds
 
 
-def library_images(datasets: Sequence[Dataset], seg: BinarySegmentation) -> list[Dataset]:
-    """The source images the measurement was made on, for the TID 1600 image library.
-
-    Those holding the ROI segment (or, without one, the liver segment), as the SEG built here records them; the
-    middle image when both are empty. Every source image is referenced anyway in the evidence of the SR.
-    """
-    for key in ("roi", "liver"):
-        number = segment_number(seg, key)
-        frames: dict[int, list[int]] = {}
-        for index, frame in seg.segment_source_frames(number) if number is not None else []:
-            frames.setdefault(index, []).append(frame)
-        if frames:
-            return [_library_entry(datasets[index], indices) for index, indices in frames.items()]
-    middle = datasets[len(datasets) // 2]
-    return [_library_entry(middle, [number_of_frames(middle) // 2])]
+def library_images(
+    datasets: Sequence[Dataset], disks: Sequence[RoiDisk] = (), outlines: Mapping[str, Outline] | None = None
+) -> list[Dataset]:
+    """The source images the report's regions are drawn on, for the TID 1600 image library: each ROI disk's image,
+    then the image each outline was cut from (its planar partner is drawn on that image's SEG frame); the middle
+    image when there is none. Every source image is referenced anyway in the evidence of the SR; the library's
+    descriptors (14 content items per image) are written only for the images a reader is pointed to."""
+    frames: dict[int, list[int]] = {}
+    for place in [*disks, *(outlines or {}).values()]:
+        frames.setdefault(place.index, []).append(place.frame)
+    if not frames:
+        middle = len(datasets) // 2
+        frames[middle] = [number_of_frames(datasets[middle]) // 2]
+    return [_library_entry(datasets[index], indices) for index, indices in frames.items()]
 
 
 def _concept_value(item: Dataset) -> str | None:
@@ -612,7 +611,7 @@ def build_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED,
         imaging_measurements=groups,
-        referenced_images=library_images(datasets, seg),
+        referenced_images=library_images(datasets, roi_disks, outlines),
     )
     report[0].ContentSequence.append(_report_evaluations(measurement, content))
     fix_measurement_method_relationship(report[0].ContentSequence)
