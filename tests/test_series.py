@@ -188,13 +188,13 @@ def _age(sessions, seconds: float) -> None:
 def test_headers_are_read_once_while_a_released_series_waits_out_its_grace(tmp_path, chest, audit_sessions,
                                                                              monkeypatch):
     sessions, spool = audit_sessions, Spool(tmp_path / "spool")
-    uid = _released_series(sessions, spool, chest, released_ago=0.5, received_ago=1.5)
-    assembler = SeriesAssembler(sessions, stable_seconds=300, release_grace_seconds=2,
+    uid = _released_series(sessions, spool, chest, released_ago=5, received_ago=15)
+    assembler = SeriesAssembler(sessions, stable_seconds=300, release_grace_seconds=30,
                                 started_at=utcnow() - dt.timedelta(hours=1))
-    # the grace counts from the release (0.5 s ago), not from the last instance (1.5 s ago)
-    assert assembler.next_deadline() == pytest.approx(1.5, abs=0.2)
+    # the grace counts from the release (5 s ago), not from the last instance (15 s ago)
+    assert assembler.next_deadline() == pytest.approx(25, abs=3)
     assert assembler.complete_stable(settle=lambda: None) == []  # within the grace: read the headers now
-    assert assembler.due_in == pytest.approx(1.5, abs=0.2)
+    assert assembler.due_in == pytest.approx(25, abs=3)
 
     reads: list[str] = []
 
@@ -206,7 +206,7 @@ def test_headers_are_read_once_while_a_released_series_waits_out_its_grace(tmp_p
 
     monkeypatch.setattr(series_module, "read_series_headers", counted(series_module.read_series_headers))
     monkeypatch.setattr(rules_module, "read_series_facts", counted(rules_module.read_series_facts))
-    _age(sessions, 2)
+    _age(sessions, 30)
     assert assembler.complete_stable(settle=lambda: None) == [uid]
     rules = RuleEngine(sessions, spool, RuleSettings(min_slices=10, min_z_coverage_mm=40),
                        known_facts=assembler.facts_for)
@@ -239,3 +239,15 @@ def test_rules_read_the_headers_again_when_the_spool_holds_other_files(tmp_path,
     assert reads == [41]
     with sessions() as s:
         assert s.scalars(select(Series.facts)).one()["instances"] == 41
+
+
+def test_a_series_held_by_a_missing_spool_file_is_polled_not_hurried(tmp_path, chest, audit_sessions):
+    sessions, spool = audit_sessions, Spool(tmp_path / "spool")
+    _released_series(sessions, spool, chest[:10], released_ago=3, received_ago=3)
+    with sessions() as s:
+        Path(s.scalars(select(Instance.path)).first()).unlink()  # acknowledged, but gone from the spool
+    assembler = SeriesAssembler(sessions, stable_seconds=300, release_grace_seconds=2,
+                                started_at=utcnow() - dt.timedelta(hours=1))
+    assert assembler.next_deadline() == 0.0
+    assert assembler.complete_stable(settle=lambda: None) == []
+    assert assembler.due_in is None  # the series loop then waits its interval, not the shortest pause

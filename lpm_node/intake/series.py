@@ -218,6 +218,10 @@ class SeriesAssembler:
             session.commit()
         for uid in done:
             LOG.info("series %s complete", uid)
+        if settle is not None:
+            # a series still due after the pass waits for a change (a spool file, an instance): polled, not hurried
+            after = self.next_deadline()
+            self.due_in = after if after is not None and after > 0 else None
         return done
 
     def _completion(self, session: Session, row: Series, now: dt.datetime) -> str | None:
