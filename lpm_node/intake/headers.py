@@ -116,33 +116,20 @@ def classify_kernel(kernel: str) -> str:
     return "unknown"
 
 
-def _frame_geometry(ds: Dataset) -> tuple[list[list[float]], list[float] | None, float | None]:
-    """Positions, orientation and thickness of a multi-frame (Enhanced CT) instance."""
-    positions: list[list[float]] = []
-    orientation: list[float] | None = None
-    thickness: float | None = None
+_Frame = tuple[list[float] | None, list[float] | None, float | None]  # position, orientation, thickness
+
+
+def _frames(ds: Dataset) -> list[_Frame]:
+    """Position, orientation and thickness of each frame of a multi-frame (Enhanced CT) instance, from its
+    functional groups (frame 0 from the shared group when there is no per-frame group)."""
+    frames = []
     for frame in range(max(len(ds.get("PerFrameFunctionalGroupsSequence") or []), 1)):
         position = functional_group_value(ds, frame, "PlanePositionSequence", "ImagePositionPatient")
-        if position is not None:
-            positions.append([float(v) for v in position])
-        if orientation is None:
-            found = functional_group_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
-            orientation = [float(v) for v in found] if found is not None else None
-        if thickness is None:
-            thickness = _float(functional_group_value(ds, frame, "PixelMeasuresSequence", "SliceThickness"))
-    return positions, orientation, thickness
-
-
-def _frame_slices(ds: Dataset) -> list[tuple[list[float], list[float] | None]]:
-    """(position, orientation) of each frame of a multi-frame (Enhanced CT) instance that has a position."""
-    found = []
-    for frame in range(len(ds.get("PerFrameFunctionalGroupsSequence") or [])):
-        position = functional_group_value(ds, frame, "PlanePositionSequence", "ImagePositionPatient")
-        if position is None:
-            continue
         orientation = functional_group_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
-        found.append(([float(v) for v in position], [float(v) for v in orientation] if orientation else None))
-    return found
+        thickness = functional_group_value(ds, frame, "PixelMeasuresSequence", "SliceThickness")
+        frames.append((None if position is None else [float(v) for v in position],
+                       [float(v) for v in orientation] if orientation else None, _float(thickness)))
+    return frames
 
 
 class _Pass:
@@ -170,12 +157,13 @@ class _Pass:
         if not per_frame:
             ipp = _numbers(decimals(ds, "ImagePositionPatient"), 3)
             iop = _numbers(decimals(ds, "ImageOrientationPatient"), 6)
-        frames = number_of_frames(ds)
-        if frames > 1 or per_frame:
-            positions, orientation, thickness = _frame_geometry(ds)
-            self.positions.extend(positions)
-            self.orientation = self.orientation or orientation
-            self.facts.slices += frames
+        count = number_of_frames(ds)
+        frames = _frames(ds) if count > 1 or per_frame else []
+        if frames:
+            self.positions.extend(position for position, _, _ in frames if position is not None)
+            self.orientation = self.orientation or next((o for _, o, _ in frames if o is not None), None)
+            thickness = next((t for _, _, t in frames if t is not None), None)
+            self.facts.slices += count
         else:
             if ipp is not None:
                 self.positions.append(ipp)
@@ -185,7 +173,11 @@ class _Pass:
             self.facts.slices += 1
         if thickness:
             self.thicknesses.append(thickness)
-        self._add_slices(_frame_slices(ds) if per_frame else [(ipp, iop)])
+        if per_frame:  # the per-frame groups' frames that have a position
+            n = len(ds.get("PerFrameFunctionalGroupsSequence") or [])
+            self._add_slices([(p, o) for p, o, _ in frames[:n] if p is not None])
+        else:
+            self._add_slices([(ipp, iop)])
 
     def _add_slices(self, slices: list[tuple[list[float] | None, list[float] | None]]) -> None:
         for position, orientation in slices:
