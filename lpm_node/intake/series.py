@@ -197,11 +197,12 @@ class SeriesAssembler:
         """
         self._completed.clear()  # facts the rules did not take right after the last pass are not trusted later
         if settle is not None and now is None:
-            deadline = self.due_in = self.next_deadline()
-            if deadline is None or deadline > 0:
-                if deadline is not None:
-                    self.read_released_headers()
-                return []
+            with self.sessions() as session:
+                deadline, receiving, unread = self._deadline(session, utcnow())
+                self.due_in = deadline
+                if deadline is None or deadline > 0:
+                    self._read_released_headers(session, receiving, unread)
+                    return []
             settle()
         now = now or utcnow()
         done: list[str] = []
@@ -272,26 +273,15 @@ class SeriesAssembler:
                      uid, why, self.stable_seconds)
         return result
 
-    def read_released_headers(self) -> int:
-        """Read the headers of each receiving series whose associations were all released, while it waits out its
-        grace, so that its completion and the rules then read nothing; returns how many series were read."""
-        if self.release_grace_seconds is None:
-            return 0
-        read = 0
-        with self.sessions() as session:
-            rows = session.scalars(select(Series).where(Series.status == RECEIVING)).all()
-            receiving = {row.series_instance_uid for row in rows}
-            for uid in [uid for uid in self._headers if uid not in receiving]:  # decided elsewhere meanwhile
-                del self._headers[uid]
-            for row in rows:
-                cached = self._headers.get(row.series_instance_uid)
-                if cached is not None and cached.instance_count == row.instance_count:
-                    continue
-                if self._released_at(session, row.series_instance_uid) is None:
-                    continue
-                if self._contiguous(session, row) is not None:
-                    read += 1
-        return read
+    def _read_released_headers(self, session: Session, receiving: Sequence[Series], released: Sequence[Series]) -> None:
+        """Read the headers of the ``released`` series (every association that carried them was released, their
+        headers not read at their present count) while they wait out their grace, so that their completion and the
+        rules then read nothing; forget the reads of series no longer ``receiving`` (decided elsewhere)."""
+        uids = {row.series_instance_uid for row in receiving}
+        for uid in [uid for uid in self._headers if uid not in uids]:
+            del self._headers[uid]
+        for row in released:
+            self._contiguous(session, row)
 
     def facts_for(self, series_uid: str, paths: Sequence[Path]) -> SeriesFacts | None:
         """The facts read for a series this assembler completed, if they were read from exactly ``paths`` (taken
@@ -313,22 +303,30 @@ class SeriesAssembler:
 
     def next_deadline(self, now: dt.datetime | None = None) -> float | None:
         """Seconds until the earliest receiving series may become complete (None when there is none)."""
-        now = now or utcnow()
         with self.sessions() as session:
-            rows = session.scalars(select(Series).where(Series.status == RECEIVING)).all()
-            if not rows:
-                return None
-            waits = []
-            for row in rows:
-                quiet_since = self._quiet_since(row)
-                due = quiet_since + dt.timedelta(seconds=self.stable_seconds)
-                known = self._headers.get(row.series_instance_uid)
-                if known is not None and known.instance_count == row.instance_count and not known.ok:
-                    pass  # released but not whole: stable_seconds applies
-                elif self.release_grace_seconds is not None:
-                    released = self._released_at(session, row.series_instance_uid)
-                    if released is not None:  # the grace counts from the release too (as in _completion)
-                        grace = dt.timedelta(seconds=self.release_grace_seconds)
-                        due = min(due, max(quiet_since, released) + grace)
-                waits.append((due - now).total_seconds())
-        return max(0.0, min(waits))
+            return self._deadline(session, now or utcnow())[0]
+
+    def _deadline(self, session: Session, now: dt.datetime) -> tuple[float | None, list[Series], list[Series]]:
+        """:meth:`next_deadline`, the receiving series, and those of them whose associations were all released
+        and whose headers are not read at their present instance count."""
+        rows = list(session.scalars(select(Series).where(Series.status == RECEIVING)))
+        if not rows:
+            return None, rows, []
+        waits = []
+        unread: list[Series] = []
+        for row in rows:
+            quiet_since = self._quiet_since(row)
+            due = quiet_since + dt.timedelta(seconds=self.stable_seconds)
+            known = self._headers.get(row.series_instance_uid)
+            read = known is not None and known.instance_count == row.instance_count
+            if read and not known.ok:
+                pass  # released but not whole: stable_seconds applies
+            elif self.release_grace_seconds is not None:
+                released = self._released_at(session, row.series_instance_uid)
+                if released is not None:  # the grace counts from the release too (as in _completion)
+                    grace = dt.timedelta(seconds=self.release_grace_seconds)
+                    due = min(due, max(quiet_since, released) + grace)
+                    if not read:
+                        unread.append(row)
+            waits.append((due - now).total_seconds())
+        return max(0.0, min(waits)), rows, unread
